@@ -1,2 +1,204 @@
-def main():
-    pass
+"""The `fra` command line. Each stage's flags are generated from its config dataclass, and heavy
+imports (torch, transformer-lens, duckdb, streamlit) happen inside the commands, so that
+`fra --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+
+def _flag_type(tp):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is tuple:
+        return args[0], "+"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _flag_type(inner[0]) if inner else (str, None)
+    return tp, None
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field: `--field-name VALUE`, defaults from the dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, nargs = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=tp, nargs=nargs, default=default,
+                                help=f"default: {default}")
+
+
+def config_from_args(cls, args):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if value is not None and typing.get_origin(hints[f.name]) is tuple:
+            value = tuple(value)
+        if value is not None:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_corpus(args):
+    from fra.ingest.corpus import CorpusConfig, build_corpus, fetch_sources
+
+    cfg = config_from_args(CorpusConfig, args)
+    if args.action == "fetch":
+        fetch_sources(cfg.src_dir)
+        return
+    from fra.ingest.models import smollm2_hf
+
+    _, tok = smollm2_hf()
+    stats = build_corpus(cfg, tok)
+    print(json.dumps(stats, indent=1))
+
+
+def cmd_train_sae(args):
+    from fra.ingest.train_sae import SAETrainConfig, run
+
+    metrics = run(config_from_args(SAETrainConfig, args))
+    for layer, m in metrics["layers"].items():
+        print(f"layer {layer}: train FVE {m['final_train_fve']:.3f}, {m['train_seconds']:.0f} s")
+
+
+def cmd_eval_sae(args):
+    from fra.ingest.sae_eval import EvalConfig, run
+
+    print(json.dumps(run(config_from_args(EvalConfig, args)), indent=1))
+
+
+def cmd_census(args):
+    from fra.ingest.census import CensusConfig, run
+
+    run(config_from_args(CensusConfig, args))
+
+
+def cmd_ingest(args):
+    from fra.ingest.runner import IngestConfig, run
+
+    run(config_from_args(IngestConfig, args))
+
+
+def cmd_bench(args):
+    from fra.ingest.bench import BenchConfig, run
+
+    run(config_from_args(BenchConfig, args))
+
+
+def cmd_query(args):
+    from fra.queries import cli as qcli
+
+    qcli.main(args.rest)
+
+
+def cmd_sql(args):
+    from fra.queries import cli as qcli
+
+    qcli.sql_main(args.rest)
+
+
+def cmd_export(args):
+    from fra.queries import cli as qcli
+
+    qcli.export_main(args.rest)
+
+
+def cmd_app(args):
+    import subprocess
+
+    page = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    try:
+        import fra.app as app_pkg
+
+        page = Path(app_pkg.__file__).parent / "main.py"
+    except ImportError:
+        pass
+    cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
+           "--server.port", str(args.port), "--", "--index", str(args.index)]
+    raise SystemExit(subprocess.call(cmd))
+
+
+def cmd_report(args):
+    from fra.ingest.cih import CIHConfig, run
+
+    run(config_from_args(CIHConfig, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="fra", description="Feature-Resolved Attention: index attention scores by SAE feature pairs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_of(module, name):
+        # the config dataclasses import nothing heavy at module level
+        return getattr(importlib.import_module(f"fra.ingest.{module}"), name)
+
+    p = sub.add_parser("corpus", help="fetch the offline sources or build the corpus Parquet")
+    p.add_argument("action", choices=["fetch", "build"])
+    add_config_args(p, config_of("corpus", "CorpusConfig"))
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("train-sae", help="train TopK SAEs on SmolLM2 attention inputs")
+    add_config_args(p, config_of("train_sae", "SAETrainConfig"))
+    p.set_defaults(func=cmd_train_sae)
+
+    p = sub.add_parser("eval-sae", help="measure shipped SAEs on held-out text (model card numbers)")
+    add_config_args(p, config_of("sae_eval", "EvalConfig"))
+    p.set_defaults(func=cmd_eval_sae)
+
+    p = sub.add_parser("census", help="induction / previous-token / duplicate-token scores of every head")
+    add_config_args(p, config_of("census", "CensusConfig"))
+    p.set_defaults(func=cmd_census)
+
+    p = sub.add_parser("ingest", help="build the feature-pair index of a corpus")
+    add_config_args(p, config_of("runner", "IngestConfig"))
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("bench", help="throughput of the ingest inner loop versus the naive reference")
+    add_config_args(p, config_of("bench", "BenchConfig"))
+    p.set_defaults(func=cmd_bench)
+
+    for name, func, text in (
+        ("query", cmd_query, "common questions: top channels of a head, channels of a feature, ..."),
+        ("sql", cmd_sql, "run SQL over the index with the views defined (or open a shell)"),
+        ("export", cmd_export, "write a view or filtered rows to partitioned Parquet"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("app", help="serve the Streamlit explorer over an index")
+    p.add_argument("--index", type=Path, default=Path("runs/demo"))
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("report", help="reproducible studies; `fra report cih`")
+    p.add_argument("study", choices=["cih"])
+    add_config_args(p, config_of("cih", "CIHConfig"))
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

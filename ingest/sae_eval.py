@@ -1,0 +1,235 @@
+"""SAE quality on held-out text, and per-feature statistics and labels (no LLM).
+
+Measures, per layer: L0, fraction of variance explained, dead latents over the evaluated
+tokens, the loss increase (nats) and KL divergence when the reconstruction is spliced in at the
+hook, compared with zero-ablating the hook. Position 0 (the attention sink) is left out of every
+measure and left unchanged in the splices, as in training.
+
+Labels: for each feature, the most common tokens among its top activations and the most
+common preceding token, e.g. `"the" / "The" (prev: "of")`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train_sae import SAE_DIR, hook_name
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    corpus: Path = Path("data/corpus.parquet")
+    model: str = "smollm2-135m"
+    layers: tuple[int, ...] = (17, 18)
+    n_samples: int = 400  # held-out samples for loss, KL, FVE and L0
+    n_dead_tokens: int = 1_000_000  # held-out tokens scanned for dead latents and labels
+    batch_size: int = 16
+    top_n: int = 12  # top activations kept per feature
+    seed: int = 0
+    device: str = "cpu"
+    out: Path = SAE_DIR / "smollm2-135m" / "eval_metrics.json"
+
+    def __post_init__(self):
+        if self.n_samples <= 0 or self.n_dead_tokens <= 0:
+            raise ValueError("n_samples and n_dead_tokens must be positive")
+
+
+def _batches(token_lists, batch_size):
+    import torch
+
+    for start in range(0, len(token_lists), batch_size):
+        batch = token_lists[start : start + batch_size]
+        T = max(len(t) for t in batch)
+        toks = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.bool)
+        for i, t in enumerate(batch):
+            toks[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        yield start, toks, mask
+
+
+def splice_metrics(model, sae, layer, token_lists, batch_size, device):
+    """Clean loss, loss with the SAE reconstruction spliced in, loss with the hook zeroed; KL
+    of each from clean. Next-token loss over positions 1..T-1 of every sample."""
+    import torch
+    import torch.nn.functional as F
+
+    name = hook_name(layer)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
+    stats = {"sse": 0.0, "sum_x": 0.0, "sum_x2": 0.0, "l0": 0.0, "n": 0}
+    n_tok = 0
+    for _, toks, mask in _batches(token_lists, batch_size):
+        toks, mask = toks.to(device), mask.to(device)
+        keep = mask.clone()
+        keep[:, 0] = False
+
+        def splice(x, hook):
+            recon = sae.decode(sae.encode(x))
+            return torch.where(keep[..., None], recon, x)
+
+        def zero(x, hook):
+            return torch.where(keep[..., None], torch.zeros_like(x), x)
+
+        def record(x, hook):
+            acts = sae.encode(x[keep])
+            recon = sae.decode(acts)
+            xs = x[keep]
+            stats["sse"] += (xs - recon).pow(2).sum().item()
+            stats["sum_x"] = stats["sum_x"] + xs.double().sum(0)
+            stats["sum_x2"] += xs.double().pow(2).sum().item()
+            stats["l0"] += (acts > 0).sum().item()
+            stats["n"] += xs.shape[0]
+            return x
+
+        with torch.no_grad():
+            logp = {
+                "clean": model.run_with_hooks(toks, fwd_hooks=[(name, record)]).log_softmax(-1),
+                "spliced": model.run_with_hooks(toks, fwd_hooks=[(name, splice)]).log_softmax(-1),
+                "zero": model.run_with_hooks(toks, fwd_hooks=[(name, zero)]).log_softmax(-1),
+            }
+        tgt = toks[:, 1:]
+        valid = mask[:, 1:]
+        for key, lp in logp.items():
+            nll = -lp[:, :-1].gather(-1, tgt[..., None])[..., 0]
+            sums[key] += nll[valid].sum().item()
+        for key in ("spliced", "zero"):
+            kl = F.kl_div(logp[key][:, :-1], logp["clean"][:, :-1], log_target=True, reduction="none").sum(-1)
+            sums[f"kl_{key}"] += kl[valid].sum().item()
+        n_tok += int(valid.sum())
+    return {
+        "loss_clean": sums["clean"] / n_tok,
+        "loss_spliced": sums["spliced"] / n_tok,
+        "loss_zero_ablated": sums["zero"] / n_tok,
+        "loss_increase_spliced": (sums["spliced"] - sums["clean"]) / n_tok,
+        "loss_increase_zero_ablated": (sums["zero"] - sums["clean"]) / n_tok,
+        "kl_spliced": sums["kl_spliced"] / n_tok,
+        "kl_zero_ablated": sums["kl_zero"] / n_tok,
+        # total variance about the global mean: sum x^2 - n |mean|^2
+        "fve": 1 - stats["sse"] / (stats["sum_x2"] - stats["sum_x"].pow(2).sum().item() / stats["n"]),
+        "l0": stats["l0"] / stats["n"],
+        "n_eval_tokens": n_tok,
+    }
+
+
+def feature_scan(model, saes: dict, token_lists, batch_size, n_tokens, top_n, device, tokenizer):
+    """Firing counts, activation sums and top-`top_n` contexts of every feature, per layer."""
+    import torch
+    from tqdm import tqdm
+
+    layers = sorted(saes)
+    names = [hook_name(l) for l in layers]
+    d_sae = {l: saes[l].cfg.d_sae for l in layers}
+    count = {l: torch.zeros(d_sae[l], dtype=torch.long) for l in layers}
+    act_sum = {l: torch.zeros(d_sae[l], dtype=torch.float64) for l in layers}
+    top_val = {l: torch.full((d_sae[l], top_n), -1.0) for l in layers}
+    top_loc = {l: torch.zeros((d_sae[l], top_n), dtype=torch.long) for l in layers}
+    seen = 0
+    bar = tqdm(total=n_tokens, desc="feature scan", unit="tok")
+    for start, toks, mask in _batches(token_lists, batch_size):
+        mask[:, 0] = False
+        with torch.no_grad():
+            _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in names,
+                                            stop_at_layer=max(layers) + 1)
+        B, T = toks.shape
+        loc = (torch.arange(B)[:, None] + start) * 4096 + torch.arange(T)[None]  # sample*4096+pos
+        loc = loc[mask]
+        for l, n in zip(layers, names):
+            acts = saes[l].encode(cache[n][mask.to(device)]).cpu()
+            count[l] += (acts > 0).sum(0)
+            act_sum[l] += acts.sum(0).double()
+            v, i = acts.T.topk(min(top_n, acts.shape[0]), dim=-1)  # per feature, this batch
+            allv = torch.cat([top_val[l], v], 1)
+            alll = torch.cat([top_loc[l], loc[i]], 1)
+            best = allv.topk(top_n, dim=-1).indices
+            top_val[l], top_loc[l] = allv.gather(1, best), alll.gather(1, best)
+        seen += int(mask.sum())
+        bar.update(int(mask.sum()))
+        if seen >= n_tokens:
+            break
+    bar.close()
+    return {"n_tokens": seen, "count": count, "act_sum": act_sum, "top_val": top_val, "top_loc": top_loc}
+
+
+def context_string(tokens, pos, tokenizer, before=8, after=2) -> str:
+    lo = max(1, pos - before)
+    left = tokenizer.decode(tokens[lo:pos])
+    mid = tokenizer.decode(tokens[pos : pos + 1])
+    right = tokenizer.decode(tokens[pos + 1 : pos + 1 + after])
+    return f"{left}[[{mid}]]{right}".replace("\n", " ")
+
+
+def auto_label(tokens_at: list[str], prev_tokens: list[str]) -> str:
+    """Most common activating tokens (and the most common preceding token when it dominates)."""
+    if not tokens_at:
+        return "(dead)"
+    common = Counter(t.strip() or repr(t) for t in tokens_at).most_common(3)
+    label = " / ".join(f'"{t}"' for t, _ in common)
+    prev, n = Counter(p.strip() or repr(p) for p in prev_tokens).most_common(1)[0]
+    if n >= 0.5 * len(prev_tokens):
+        label += f' (prev: "{prev}")'
+    return label
+
+
+def feature_table(scan, layer, token_lists, tokenizer):
+    """Rows for features.parquet: layer, feature, frequency, mean activation, label, contexts."""
+    rows = []
+    n = scan["n_tokens"]
+    for f in range(scan["count"][layer].shape[0]):
+        c = int(scan["count"][layer][f])
+        vals = scan["top_val"][layer][f].tolist()
+        locs = scan["top_loc"][layer][f].tolist()
+        at, prev, ctx = [], [], []
+        for v, loc in zip(vals, locs):
+            if v <= 0:
+                continue
+            s, p = divmod(loc, 4096)
+            toks = token_lists[s]
+            at.append(tokenizer.decode(toks[p : p + 1]))
+            prev.append(tokenizer.decode(toks[p - 1 : p]))
+            ctx.append(context_string(toks, p, tokenizer))
+        rows.append({
+            "layer": layer, "feature": f, "frequency": c / n,
+            "mean_act_when_active": float(scan["act_sum"][layer][f]) / c if c else 0.0,
+            "max_act": max(vals) if vals and vals[0] > 0 else 0.0,
+            "label": auto_label(at, prev), "top_contexts": ctx,
+        })
+    return rows
+
+
+def run(cfg: EvalConfig) -> dict:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from .corpus import read_corpus, tokenize_samples
+    from .models import load_smollm2
+    from .train_sae import load_shipped_sae
+
+    lm = load_smollm2(device=cfg.device)
+    table = read_corpus(cfg.corpus, split="heldout")
+    idx = list(range(table.num_rows))
+    random.Random(cfg.seed).shuffle(idx)
+    texts = [table["text"][i].as_py() for i in idx]
+    n_scan = min(len(texts), cfg.n_dead_tokens // 60 + 64)
+    tokens = tokenize_samples(texts[:n_scan], lm.tokenizer, lm.bos_id, 128)
+    saes = {l: load_shipped_sae(cfg.model, l, cfg.device) for l in cfg.layers}
+    metrics = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "layers": {}}
+    scan = feature_scan(lm.model, saes, tokens, 32, cfg.n_dead_tokens, cfg.top_n, cfg.device, lm.tokenizer)
+    feature_rows = []
+    for l in cfg.layers:
+        m = splice_metrics(lm.model, saes[l], l, tokens[: cfg.n_samples], cfg.batch_size, cfg.device)
+        dead = int((scan["count"][l] == 0).sum())
+        m.update({"dead": dead, "dead_fraction": dead / saes[l].cfg.d_sae,
+                  "dead_scan_tokens": scan["n_tokens"], "d_sae": saes[l].cfg.d_sae, "k": saes[l].cfg.k})
+        metrics["layers"][str(l)] = m
+        feature_rows += feature_table(scan, l, tokens, lm.tokenizer)
+    out_dir = Path(cfg.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(feature_rows), out_dir / "features.parquet", compression="zstd")
+    Path(cfg.out).write_text(json.dumps(metrics, indent=1))
+    return metrics
