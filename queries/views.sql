@@ -1,0 +1,92 @@
+-- FRA views over an index. The base views rows, pairs, channels, samples, features are created
+-- by fra.queries.connect() over the index's hive-partitioned Parquet (layer, head columns).
+
+-- Per head and corpus: totals of the feature x feature terms (from the exact per-pair sums).
+CREATE OR REPLACE VIEW head_totals AS
+SELECT layer, head,
+       sum(ff) AS ff_total,
+       sum(ff_abs) AS ff_abs_total,
+       sum(kept_abs) AS kept_abs_total,
+       count(*) AS n_pairs
+FROM pairs
+GROUP BY layer, head;
+
+-- One row per channel (layer, head, feat_q, feat_k): mean-when-active and friends.
+CREATE OR REPLACE VIEW channel_stats AS
+SELECT c.layer, c.head, c.feat_q, c.feat_k, c.count,
+       c.sum / c.count AS mean,
+       sqrt(greatest(c.sumsq / c.count - (c.sum / c.count) ^ 2, 0)) AS std,
+       c.sum, c.min, c.max,
+       c.ind_count,
+       CASE WHEN c.ind_count > 0 THEN c.ind_sum / c.ind_count END AS ind_mean,
+       CASE WHEN c.count > c.ind_count THEN (c.sum - c.ind_sum) / (c.count - c.ind_count) END AS other_mean,
+       CASE WHEN c.ind_count > 0 AND c.count > c.ind_count
+            THEN c.ind_sum / c.ind_count - (c.sum - c.ind_sum) / (c.count - c.ind_count) END AS ind_diff,
+       c.sum / nullif(t.ff_total, 0) AS share_of_head,
+       abs(c.sum) / nullif(t.ff_abs_total, 0) AS abs_share_of_head,
+       c.feat_q = c.feat_k AS self_pair
+FROM channels c JOIN head_totals t USING (layer, head);
+
+-- Features flagged as BOS or punctuation (used by the optional filter of top_channels).
+CREATE OR REPLACE VIEW noise_features AS
+SELECT layer, feature FROM features WHERE punct_or_bos;
+
+-- Per head, channels ranked by |mean-when-active|.
+CREATE OR REPLACE MACRO top_channels(min_count, drop_noise, n) AS TABLE
+SELECT * FROM (
+  SELECT s.*, row_number() OVER (PARTITION BY s.layer, s.head ORDER BY abs(s.mean) DESC, s.feat_q, s.feat_k) AS rank
+  FROM channel_stats s
+  WHERE s.count >= min_count
+    AND NOT (drop_noise AND (
+      EXISTS (SELECT 1 FROM noise_features f WHERE f.layer = s.layer AND f.feature = s.feat_q) OR
+      EXISTS (SELECT 1 FROM noise_features f WHERE f.layer = s.layer AND f.feature = s.feat_k)))
+) WHERE rank <= n;
+
+-- Every channel in which a feature appears, on the query side or the key side.
+CREATE OR REPLACE MACRO feature_lookup(feat, lyr) AS TABLE
+SELECT CASE WHEN feat_q = feat AND feat_k = feat THEN 'both' WHEN feat_q = feat THEN 'query' ELSE 'key' END AS side, *
+FROM channel_stats
+WHERE (feat_q = feat OR feat_k = feat) AND (lyr IS NULL OR layer = lyr);
+
+-- The largest single kept contributions anywhere, with the tokens at q and k.
+CREATE OR REPLACE VIEW top_entries AS
+SELECT r.layer, r.head, r.sample, r.q, r.k, r.feat_q, r.feat_k, r.value, r.induction,
+       s.tokens[r.q + 1] AS token_q, s.tokens[r.k + 1] AS token_k
+FROM rows r JOIN samples s USING (sample)
+ORDER BY abs(r.value) DESC;
+
+-- Attention pattern over each query's causal keys (softmax of the exact scores).
+CREATE OR REPLACE VIEW pattern AS
+SELECT layer, head, sample, q, k, induction, score,
+       exp(score - smax) / sum(exp(score - smax)) OVER (PARTITION BY layer, head, sample, q) AS prob
+FROM (SELECT *, max(score) OVER (PARTITION BY layer, head, sample, q) AS smax FROM pairs);
+
+-- Per head: how the score splits into feature x feature, SAE-error/b_dec and bias terms (share of
+-- the summed absolute terms), and the head's induction behaviour on this corpus.
+CREATE OR REPLACE VIEW head_summary AS
+WITH terms AS (
+  SELECT layer, head,
+         avg(abs(ff)) AS ff_abs_mean,
+         avg(abs(f_bdec) + abs(bdec_f)) AS bdec_cross_abs_mean,
+         avg(abs(f_err) + abs(err_f)) AS err_cross_abs_mean,
+         avg(abs(resid_resid)) AS resid_resid_abs_mean,
+         avg(abs(bias)) AS bias_abs_mean,
+         avg(abs(score - (ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias))) AS completeness_err,
+         sum(kept_abs) / nullif(sum(ff_abs), 0) AS kept_abs_share
+  FROM pairs GROUP BY layer, head
+), ind AS (
+  SELECT layer, head,
+         avg(CASE WHEN induction THEN prob END) AS ind_attn,
+         avg(CASE WHEN induction THEN score END) - avg(CASE WHEN NOT induction THEN score END) AS ind_score_gap
+  FROM pattern
+  WHERE (layer, head, sample, q) IN (SELECT layer, head, sample, q FROM pairs WHERE induction)
+  GROUP BY layer, head
+)
+SELECT t.*,
+       ff_abs_mean / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS ff_share,
+       (err_cross_abs_mean) / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS err_share,
+       (bdec_cross_abs_mean + resid_resid_abs_mean) / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS bdec_resid_share,
+       bias_abs_mean / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS bias_share,
+       i.ind_attn, i.ind_score_gap
+FROM terms t LEFT JOIN ind i USING (layer, head)
+ORDER BY layer, head;
