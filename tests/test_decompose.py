@@ -19,7 +19,7 @@ from fra.ingest.decompose import (
 )
 from fra.ingest.testing import make_model, make_sae
 
-from .reference import naive_fa
+from fra.ingest.reference import naive_fa
 
 HOOKS = ("blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_pre")
 CASES = list(itertools.product(("gpt2", "llama"), HOOKS, (False, True)))

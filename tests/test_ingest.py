@@ -20,7 +20,7 @@ from fra.ingest.runner import IndexError_, IngestConfig, Inputs, run
 from fra.ingest.testing import make_model, make_sae
 from fra.queries import connect
 
-from .reference import naive_fa
+from fra.ingest.reference import naive_fa
 
 LAYERS = (0, 1)
 
