@@ -48,3 +48,12 @@ GROUP BY 1 ORDER BY 1;
 -- name: layers_heads
 SELECT DISTINCT layer, head FROM head_totals ORDER BY layer, head;
 
+-- name: n_features
+SELECT count(*) AS n FROM features WHERE layer = ?;
+
+-- name: pair_terms
+SELECT q, k, score, ff, kept, f_bdec, f_err, bdec_f, err_f, resid_resid, bias
+FROM pairs WHERE layer = ? AND head = ? AND sample = ?;
+
+-- name: channel_one
+SELECT * FROM channel_stats WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ?;

@@ -14,28 +14,12 @@ import pytest
 import torch
 
 from fra.ingest.decompose import run_hooks
-from fra.ingest.models import LoadedModel
 from fra.ingest.reduce import induction_mask
-from fra.ingest.runner import IndexError_, IngestConfig, Inputs, run
-from fra.ingest.testing import make_model, make_sae
+from fra.ingest.runner import IndexError_, IngestConfig, run
+from fra.ingest.testing import LAYERS, tiny_inputs
 from fra.queries import connect
 
 from fra.ingest.reference import naive_fa
-
-LAYERS = (0, 1)
-
-
-def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
-    model = make_model("llama", seed=model_seed)
-    saes = {l: make_sae(16, f"blocks.{l}.ln1.hook_normalized", d_sae=d_sae, k=3, seed=seed + l) for l in LAYERS}
-    g = torch.Generator().manual_seed(seed)
-    tokens = []
-    for n in (9, 12, 6, 10, 8)[:n_samples]:
-        r = torch.randint(1, 50, (n // 2,), generator=g).tolist()
-        tokens.append([0] + r + r[: n - n // 2])  # repeats, so that induction targets exist
-    return Inputs(LoadedModel("tiny", model, None, 0), saes, LAYERS, list(range(len(tokens))),
-                  [f"s{i}" for i in range(len(tokens))], tokens, f"corpus{seed}", {str(l): f"sae{seed}" for l in LAYERS})
-
 
 def brute_force(inp):
     """channel -> (count, sum, ind_count, ind_sum) per (layer, head), from the naive reference."""
@@ -125,7 +109,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from tests.test_ingest import tiny_inputs
+    from fra.ingest.testing import tiny_inputs
     from fra.ingest.runner import IngestConfig, run
     run(IngestConfig(out=Path({out!r}), model="tiny", min_count=1, top_m=6, progress=False), tiny_inputs())
 """)
