@@ -26,15 +26,16 @@ STATS = ("count", "sum", "sumsq", "min", "max")
 
 @dataclass
 class ChannelAccumulator:
-    """Exact channel statistics over a corpus for one layer: count is head-independent."""
+    """Exact channel statistics over a corpus for one layer, channel-major ([F*F, H]) so that
+    merging a sample touches each channel's heads in one cache line. Count is head-independent."""
 
     d_sae: int
     n_heads: int
     count_P: Tensor  # [F*F] int64
-    sum_HP: Tensor
-    sumsq_HP: Tensor
-    min_HP: Tensor
-    max_HP: Tensor
+    sum_PH: Tensor
+    sumsq_PH: Tensor
+    min_PH: Tensor
+    max_PH: Tensor
 
     @classmethod
     def zeros(cls, d_sae: int, n_heads: int, device="cpu", dtype=torch.float32):
@@ -42,19 +43,66 @@ class ChannelAccumulator:
         return cls(
             d_sae, n_heads,
             torch.zeros(P, dtype=torch.int64, device=device),
+            torch.zeros(P, n_heads, dtype=dtype, device=device),
+            torch.zeros(P, n_heads, dtype=dtype, device=device),
+            torch.full((P, n_heads), float("inf"), dtype=dtype, device=device),
+            torch.full((P, n_heads), float("-inf"), dtype=dtype, device=device),
+        )
+
+    def add_local(self, glob_keys_S: Tensor, local: "LocalAccumulator", sel_S: Tensor) -> None:
+        """Merge local slots `sel_S` (which map to global channel keys `glob_keys_S`)."""
+        self.count_P.index_add_(0, glob_keys_S, local.count_P[sel_S])
+        self.sum_PH.index_add_(0, glob_keys_S, local.sum_HP[:, sel_S].T)
+        self.sumsq_PH.index_add_(0, glob_keys_S, local.sumsq_HP[:, sel_S].T)
+        self.min_PH[glob_keys_S] = torch.minimum(self.min_PH[glob_keys_S], local.min_HP[:, sel_S].T)
+        self.max_PH[glob_keys_S] = torch.maximum(self.max_PH[glob_keys_S], local.max_HP[:, sel_S].T)
+
+    def add_entries(self, keys_N: Tensor, vals_HN: Tensor) -> None:
+        """Add raw entries straight into the global accumulators (for the few induction pairs)."""
+        vals_NH = vals_HN.T
+        self.count_P.index_add_(0, keys_N, torch.ones_like(keys_N))
+        self.sum_PH.index_add_(0, keys_N, vals_NH)
+        self.sumsq_PH.index_add_(0, keys_N, vals_NH * vals_NH)
+        idx = keys_N[:, None].expand_as(vals_NH)
+        self.min_PH.scatter_reduce_(0, idx, vals_NH, "amin")
+        self.max_PH.scatter_reduce_(0, idx, vals_NH, "amax")
+
+    def nonzero(self, min_count: int = 1):
+        """(feat_q, feat_k, count, sum_H, sumsq_H, min_H, max_H) of channels seen >= min_count;
+        per-head statistics come back head-major, [H, n]."""
+        keep = torch.nonzero(self.count_P >= min_count).flatten()
+        return (
+            keep // self.d_sae, keep % self.d_sae, self.count_P[keep],
+            self.sum_PH[keep].T, self.sumsq_PH[keep].T, self.min_PH[keep].T, self.max_PH[keep].T,
+        )
+
+    def n_seen(self) -> int:
+        return int((self.count_P > 0).sum())
+
+
+@dataclass
+class LocalAccumulator:
+    """One sample's channel statistics over its own U distinct features (U1 = U + 1 with a dummy
+    for dead slots) plus one trash slot, head-major so that a block of values adds in place."""
+
+    n_slots: int  # U1 * U1; slot n_slots is the trash
+    count_P: Tensor
+    sum_HP: Tensor
+    sumsq_HP: Tensor
+    min_HP: Tensor
+    max_HP: Tensor
+
+    @classmethod
+    def zeros(cls, n_slots: int, n_heads: int, device="cpu", dtype=torch.float32):
+        P = n_slots + 1
+        return cls(
+            n_slots,
+            torch.zeros(P, dtype=torch.int64, device=device),
             torch.zeros(n_heads, P, dtype=dtype, device=device),
             torch.zeros(n_heads, P, dtype=dtype, device=device),
             torch.full((n_heads, P), float("inf"), dtype=dtype, device=device),
             torch.full((n_heads, P), float("-inf"), dtype=dtype, device=device),
         )
-
-    def add_local(self, glob_keys_S: Tensor, local: "ChannelAccumulator", sel_S: Tensor) -> None:
-        """Merge local slots `sel_S` (which map to global channel keys `glob_keys_S`)."""
-        self.count_P.index_add_(0, glob_keys_S, local.count_P[sel_S])
-        self.sum_HP.index_add_(1, glob_keys_S, local.sum_HP[:, sel_S])
-        self.sumsq_HP.index_add_(1, glob_keys_S, local.sumsq_HP[:, sel_S])
-        self.min_HP[:, glob_keys_S] = torch.minimum(self.min_HP[:, glob_keys_S], local.min_HP[:, sel_S])
-        self.max_HP[:, glob_keys_S] = torch.maximum(self.max_HP[:, glob_keys_S], local.max_HP[:, sel_S])
 
     def add_entries(self, keys_N: Tensor, vals_HN: Tensor) -> None:
         self.count_P.index_add_(0, keys_N, torch.ones_like(keys_N))
@@ -64,16 +112,8 @@ class ChannelAccumulator:
         self.min_HP.scatter_reduce_(1, idx, vals_HN, "amin")
         self.max_HP.scatter_reduce_(1, idx, vals_HN, "amax")
 
-    def nonzero(self, min_count: int = 1):
-        """(feat_q, feat_k, count, sum_H, sumsq_H, min_H, max_H) of channels seen >= min_count."""
-        keep = torch.nonzero(self.count_P >= min_count).flatten()
-        return (
-            keep // self.d_sae, keep % self.d_sae, self.count_P[keep],
-            self.sum_HP[:, keep], self.sumsq_HP[:, keep], self.min_HP[:, keep], self.max_HP[:, keep],
-        )
-
-    def n_seen(self) -> int:
-        return int((self.count_P > 0).sum())
+    def used_slots(self) -> Tensor:
+        return torch.nonzero(self.count_P[: self.n_slots]).flatten()  # the trash slot is dropped
 
 
 @dataclass(frozen=True)
@@ -116,7 +156,7 @@ def reduce_sample(
     acc: ChannelAccumulator,
     ind_acc: ChannelAccumulator,
     top_m: int = 32,
-    q_block: int = 16,
+    q_block: int = 32,
 ) -> SampleResult:
     """Add one sample's exact channel statistics to `acc` (all causal pairs) and `ind_acc`
     (induction targets only); return its per-pair totals and top-`top_m` rows per (head, q)."""
@@ -128,40 +168,50 @@ def reduce_sample(
     U1 = U + 1  # slot U is the dummy for padded (dead) slots
     local_TA = torch.full((T, A), U, dtype=torch.long, device=dev)
     local_TA[live_TA] = inv
-    local = ChannelAccumulator.zeros(U1, H, device=dev, dtype=acc.sum_HP.dtype)
-    local_ind = ChannelAccumulator.zeros(U1, H, device=dev, dtype=acc.sum_HP.dtype)
-
     ff = torch.zeros(H, T, T, device=dev, dtype=qfeat_HTAE.dtype)
     ff_abs, kept, kept_abs = torch.zeros_like(ff), torch.zeros_like(ff), torch.zeros_like(ff)
+    # local accumulators get one extra "trash" slot that receives every non-causal or dead entry,
+    # so no entry is ever compacted out with a boolean mask (that copy dominated the run time)
+    trash = U1 * U1
+    local = LocalAccumulator.zeros(U1 * U1, H, device=dev, dtype=acc.sum_PH.dtype)
     rows = []
     kpos = torch.arange(T, device=dev)
     for q0 in range(0, T, q_block):
         q1 = min(T, q0 + q_block)
         nq, nk = q1 - q0, q1  # keys beyond the last query of the block are never causal
-        V = torch.einsum("hqae,hkbe->hqkab", qfeat_HTAE[:, q0:q1], kfeat_HTAE[:, :nk])
+        # V[h, q, a, k, b]: one batched matmul, laid out so that no copy is needed
+        V = torch.matmul(qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E),
+                         kfeat_HTAE[:, :nk].reshape(H, nk * A, E).transpose(1, 2)).view(H, nq, A, nk, A)
         causal = kpos[None, :nk] <= torch.arange(q0, q1, device=dev)[:, None]  # [nq, nk]
-        valid = causal[:, :, None, None] & live_TA[q0:q1, None, :, None] & live_TA[None, :nk, None, :]
-        V = V * valid  # exact zeros off the causal / live set
-        ff[:, q0:q1, :nk] = V.sum((-1, -2))
+        valid = causal[:, None, :, None] & live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :]
+        V.mul_(valid)  # exact zeros off the causal / live set
         absV = V.abs()
-        ff_abs[:, q0:q1, :nk] = absV.sum((-1, -2))
-        keys = local_TA[q0:q1, None, :, None] * U1 + local_TA[None, :nk, None, :]  # [nq,nk,A,A]
-        flat_valid = valid.flatten()
-        keys_N = keys.flatten()[flat_valid]
-        vals_HN = V.flatten(1)[:, flat_valid]
-        local.add_entries(keys_N, vals_HN)
-        ind = (ind_mask_QK[q0:q1, :nk][:, :, None, None] & valid).flatten()
-        if ind.any():
-            local_ind.add_entries(keys.flatten()[ind], V.flatten(1)[:, ind])
-        # top-m rows per (head, query) over all keys and feature pairs
+        ff[:, q0:q1, :nk] = V.sum((2, 4))
+        ff_abs[:, q0:q1, :nk] = absV.sum((2, 4))
+        keys = local_TA[q0:q1, :, None, None] * U1 + local_TA[None, None, :nk, :]  # [nq, A, nk, A]
+        keys_N = torch.where(valid, keys, trash).flatten()
+        local.add_entries(keys_N, V.view(H, -1))
+        ind = ind_mask_QK[q0:q1, :nk][:, None, :, None] & valid
+        if ind.any():  # few entries: straight into the global induction accumulators
+            ind = ind.flatten()
+            gkeys = feat_idx_TA[q0:q1, :, None, None] * F + feat_idx_TA[None, None, :nk, :]
+            ind_acc.add_entries(gkeys.flatten()[ind], V.view(H, -1)[:, ind])
+        # Top-m rows per (head, query) over all keys and feature pairs. Exact shortcut: the top-m
+        # entries lie in the m (q, k) blocks with the largest block maximum (any entry outside
+        # them is beaten by the m block maxima).
         m = min(top_m, nk * A * A)
-        top_abs, top_i = absV.flatten(2).topk(m, dim=-1)  # [H, nq, m]
-        top_val = V.flatten(2).gather(-1, top_i)
+        mb = min(m, nk)
+        blk_max = absV.amax(dim=(2, 4))  # [H, nq, nk]
+        top_blk = blk_max.topk(mb, dim=-1).indices  # [H, nq, mb]
+        cand = absV.gather(3, top_blk[:, :, None, :, None].expand(-1, -1, A, -1, A))  # [H, nq, A, mb, A]
+        top_abs, ci = cand.reshape(H, nq, A * mb * A).topk(m, dim=-1)  # [H, nq, m]
+        a_i, rem = ci // (mb * A), ci % (mb * A)
+        j_i, b_i = rem // A, rem % A
+        k_i = top_blk.gather(2, j_i)
+        h_i = torch.arange(H, device=dev)[:, None, None].expand_as(k_i)
+        q_i = torch.arange(q0, q1, device=dev)[None, :, None].expand_as(k_i)
+        top_val = V.view(-1)[(((h_i * nq + (q_i - q0)) * A + a_i) * nk + k_i) * A + b_i]
         nz = top_abs > 0
-        k_i, rem = top_i // (A * A), top_i % (A * A)
-        a_i, b_i = rem // A, rem % A
-        h_i = torch.arange(H, device=dev)[:, None, None].expand_as(top_i)
-        q_i = torch.arange(q0, q1, device=dev)[None, :, None].expand_as(top_i)
         fq = feat_idx_TA[q_i, a_i]
         fk = feat_idx_TA[k_i, b_i]
         rows.append(torch.stack([h_i[nz], q_i[nz], k_i[nz], fq[nz], fk[nz]]))
@@ -169,12 +219,12 @@ def reduce_sample(
         rows.append(rows_val)
         kept.index_put_((h_i[nz], q_i[nz], k_i[nz]), rows_val, accumulate=True)
         kept_abs.index_put_((h_i[nz], q_i[nz], k_i[nz]), rows_val.abs(), accumulate=True)
+        del V, absV
 
     # local -> global channel keys
-    for loc, glob in ((local, acc), (local_ind, ind_acc)):
-        sel = torch.nonzero(loc.count_P).flatten()
-        u, w = sel // U1, sel % U1
-        glob.add_local(uniq_U[u] * F + uniq_U[w], loc, sel)
+    sel = local.used_slots()
+    u, w = sel // U1, sel % U1
+    acc.add_local(uniq_U[u] * F + uniq_U[w], local, sel)
 
     ints = torch.cat(rows[0::2], 1)
     vals = torch.cat(rows[1::2])

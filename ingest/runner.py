@@ -51,7 +51,7 @@ class IngestConfig:
     batch_size: int = 8
     top_m: int = 32  # rows kept per (head, query): the largest |FA| over all keys and feature pairs
     min_count: int = 4  # channels co-active fewer times over the corpus are not written
-    q_block: int = 16
+    q_block: int = 32
     device: str | None = None  # default: cuda when available
     progress: bool = True
 
