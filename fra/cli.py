@@ -42,7 +42,7 @@ def config_from_args(cls, args):
     kwargs = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name)
-        if value is not None and typing.get_origin(hints[f.name]) is tuple:
+        if value is not None and _flag_type(hints[f.name])[1] == "+":
             value = tuple(value)
         if value is not None:
             kwargs[f.name] = value

@@ -50,7 +50,7 @@ class IngestConfig:
     shard: str = "0/1"  # i/n: samples with index % n == i
     batch_size: int = 8
     top_m: int = 32  # rows kept per (head, query): the largest |FA| over all keys and feature pairs
-    min_count: int = 4  # channels co-active fewer times over the corpus are not written
+    min_count: int = 64  # channels co-active in fewer (q, k) pairs over the corpus are not written
     q_block: int = 32
     device: str | None = None  # default: cuda when available
     progress: bool = True
