@@ -92,6 +92,12 @@ def cmd_ingest(args):
     run(config_from_args(IngestConfig, args))
 
 
+def cmd_merge(args):
+    from fra.ingest.merge import MergeConfig, run
+
+    print(f"merged index written to {run(config_from_args(MergeConfig, args))}")
+
+
 def cmd_bench(args):
     from fra.ingest.bench import BenchConfig, run
 
@@ -169,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="build the feature-pair index of a corpus")
     add_config_args(p, config_of("runner", "IngestConfig"))
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("merge", help="merge the indexes of `fra ingest --shard i/n` runs")
+    add_config_args(p, config_of("merge", "MergeConfig"))
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("bench", help="throughput of the ingest inner loop versus the naive reference")
     add_config_args(p, config_of("bench", "BenchConfig"))

@@ -232,4 +232,22 @@ def run(cfg: EvalConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(feature_rows), out_dir / "features.parquet", compression="zstd")
     Path(cfg.out).write_text(json.dumps(metrics, indent=1))
+    (out_dir / "features_sample.md").write_text(feature_sample_table(feature_rows, 20, cfg.seed))
     return metrics
+
+
+def feature_sample_table(rows: list[dict], n: int, seed: int) -> str:
+    """Markdown: `n` randomly chosen live features per layer, with label and top contexts."""
+    import random
+
+    out = []
+    for layer in sorted({r["layer"] for r in rows}):
+        live = [r for r in rows if r["layer"] == layer and r["frequency"] > 0]
+        pick = sorted(random.Random(seed + layer).sample(live, min(n, len(live))), key=lambda r: r["feature"])
+        out += [f"### Layer {layer}: {len(pick)} random live features", "",
+                "| feature | frequency | auto label | top-activating contexts (token in [[ ]]) |", "|---|---|---|---|"]
+        for r in pick:
+            ctx = " · ".join(c.replace("|", "\\|") for c in r["top_contexts"][:3])
+            out.append(f"| {r['feature']} | {r['frequency']:.4f} | {r['label'].replace('|', '/')} | {ctx} |")
+        out.append("")
+    return "\n".join(out)

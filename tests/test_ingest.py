@@ -181,3 +181,39 @@ def test_config_validation():
         IngestConfig(shard="2")
     with pytest.raises(ValueError, match="0 <= i < n"):
         IngestConfig(shard="3/2")
+
+
+def test_shards_merge_to_the_unsharded_index(tmp_path):
+    """--shard 0/2 and 1/2, merged, equal one run over all samples; merging twice is idempotent,
+    and a shard given twice is refused."""
+    from fra.ingest.merge import MergeConfig, run as merge
+    from fra.ingest.runner import select_shard
+
+    full = tiny_inputs(n_samples=5)
+    run(IngestConfig(out=tmp_path / "full", model="tiny", min_count=1, top_m=6, progress=False), full)
+    shards = []
+    for i in range(2):
+        cfg = IngestConfig(out=tmp_path / f"s{i}", model="tiny", min_count=1, top_m=6, progress=False, shard=f"{i}/2")
+        inp = tiny_inputs(n_samples=5)
+        keep = select_shard(len(inp.tokens), cfg)
+        inp.tokens = [inp.tokens[j] for j in keep]
+        inp.sample_ids = [inp.sample_ids[j] for j in keep]
+        inp.texts = [inp.texts[j] for j in keep]
+        run(cfg, inp)
+        shards.append(tmp_path / f"s{i}")
+    for _ in range(2):
+        merge(MergeConfig(out=tmp_path / "merged", shards=tuple(shards), min_count=1))
+        con_m, con_f = connect(tmp_path / "merged"), connect(tmp_path / "full")
+        for table, cols in (("rows", "*"), ("pairs", "*"), ("samples", "*"),
+                            ("channels", "layer, head, feat_q, feat_k, count, ind_count")):
+            a = con_m.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
+            b = con_f.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
+            assert a == b, table
+        sums = "SELECT layer, head, feat_q, feat_k, sum, min, max FROM channels ORDER BY layer, head, feat_q, feat_k"
+        for x, y in zip(con_m.execute(sums).fetchall(), con_f.execute(sums).fetchall()):
+            assert x[:4] == y[:4] and x[4:] == pytest.approx(y[4:], rel=1e-5, abs=1e-5)  # fp32 addition order
+        f = "SELECT layer, feature, index_frequency, bos_rate FROM features ORDER BY ALL"
+        for x, y in zip(con_m.execute(f).fetchall(), con_f.execute(f).fetchall()):
+            assert x == pytest.approx(y)
+    with pytest.raises(IndexError_, match="more than once"):
+        merge(MergeConfig(out=tmp_path / "bad", shards=(shards[0], shards[0])))
