@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .decompose import causal_mask
+
 STATS = ("count", "sum", "sumsq", "min", "max")
 
 
@@ -168,14 +170,18 @@ def reduce_sample(
     U1 = U + 1  # slot U is the dummy for padded (dead) slots
     local_TA = torch.full((T, A), U, dtype=torch.long, device=dev)
     local_TA[live_TA] = inv
-    ff = torch.zeros(H, T, T, device=dev, dtype=qfeat_HTAE.dtype)
-    ff_abs, kept, kept_abs = torch.zeros_like(ff), torch.zeros_like(ff), torch.zeros_like(ff)
+    ff_abs = torch.zeros(H, T, T, device=dev, dtype=qfeat_HTAE.dtype)
+    kept, kept_abs = torch.zeros_like(ff_abs), torch.zeros_like(ff_abs)
     # local accumulators get one extra "trash" slot that receives every non-causal or dead entry,
     # so no entry is ever compacted out with a boolean mask (that copy dominated the run time)
     trash = U1 * U1
     local = LocalAccumulator.zeros(U1 * U1, H, device=dev, dtype=acc.sum_PH.dtype)
     rows = []
     kpos = torch.arange(T, device=dev)
+    all_live = bool(live_TA.all())
+    # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
+    # of the summed feature vectors (dead slots hold zero vectors)
+    ff = torch.einsum("hqe,hke->hqk", qfeat_HTAE.sum(2), kfeat_HTAE.sum(2)) * causal_mask(T, dev)
     for q0 in range(0, T, q_block):
         q1 = min(T, q0 + q_block)
         nq, nk = q1 - q0, q1  # keys beyond the last query of the block are never causal
@@ -184,9 +190,12 @@ def reduce_sample(
                          kfeat_HTAE[:, :nk].reshape(H, nk * A, E).transpose(1, 2)).view(H, nq, A, nk, A)
         causal = kpos[None, :nk] <= torch.arange(q0, q1, device=dev)[:, None]  # [nq, nk]
         valid = causal[:, None, :, None] & live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :]
-        V.mul_(valid)  # exact zeros off the causal / live set
+        # exact zeros off the causal / live set; keys before q0 are causal for the whole block,
+        # so only the diagonal block needs the causal mask
+        V[:, :, :, q0:q1, :].mul_(causal[:, None, q0:q1, None])
+        if not all_live:
+            V.mul_(live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :])
         absV = V.abs()
-        ff[:, q0:q1, :nk] = V.sum((2, 4))
         ff_abs[:, q0:q1, :nk] = absV.sum((2, 4))
         keys = local_TA[q0:q1, :, None, None] * U1 + local_TA[None, None, :nk, :]  # [nq, A, nk, A]
         keys_N = torch.where(valid, keys, trash).flatten()
