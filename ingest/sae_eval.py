@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .corpus import padded_batches
 from .train_sae import SAE_DIR, hook_name
 
 
@@ -37,20 +38,6 @@ class EvalConfig:
             raise ValueError("n_samples and n_dead_tokens must be positive")
 
 
-def _batches(token_lists, batch_size):
-    import torch
-
-    for start in range(0, len(token_lists), batch_size):
-        batch = token_lists[start : start + batch_size]
-        T = max(len(t) for t in batch)
-        toks = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.bool)
-        for i, t in enumerate(batch):
-            toks[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = True
-        yield start, toks, mask
-
-
 def splice_metrics(model, sae, layer, token_lists, batch_size, device):
     """Clean loss, loss with the SAE reconstruction spliced in, loss with the hook zeroed; KL
     of each from clean. Next-token loss over positions 1..T-1 of every sample."""
@@ -61,7 +48,7 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
     stats = {"sse": 0.0, "sum_x": 0.0, "sum_x2": 0.0, "l0": 0.0, "n": 0}
     n_tok = 0
-    for _, toks, mask in _batches(token_lists, batch_size):
+    for _, toks, mask in padded_batches(token_lists, batch_size):
         toks, mask = toks.to(device), mask.to(device)
         keep = mask.clone()
         keep[:, 0] = False
@@ -128,7 +115,7 @@ def feature_scan(model, saes: dict, token_lists, batch_size, n_tokens, top_n, de
     top_loc = {l: torch.zeros((d_sae[l], top_n), dtype=torch.long) for l in layers}
     seen = 0
     bar = tqdm(total=n_tokens, desc="feature scan", unit="tok")
-    for start, toks, mask in _batches(token_lists, batch_size):
+    for start, toks, mask in padded_batches(token_lists, batch_size):
         mask[:, 0] = False
         with torch.no_grad():
             _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in names,

@@ -63,18 +63,14 @@ def collect_activations(model, token_lists, layers, n_tokens, device, batch_size
     import torch
     from tqdm import tqdm
 
+    from .corpus import padded_batches
+
     names = [hook_name(l) for l in layers]
     out = {l: [] for l in layers}
     got = 0
     bar = tqdm(total=n_tokens, desc="activations", unit="tok", disable=not progress)
-    for start in range(0, len(token_lists), batch_size):
-        batch = token_lists[start : start + batch_size]
-        T = max(len(t) for t in batch)
-        toks = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.bool)
-        for i, t in enumerate(batch):
-            toks[i, : len(t)] = torch.tensor(t)
-            mask[i, 1 : len(t)] = True
+    for _, toks, mask in padded_batches(token_lists, batch_size):
+        mask[:, 0] = False  # the attention sink is left out
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 toks.to(device), names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1
