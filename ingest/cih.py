@@ -315,25 +315,15 @@ def run(cfg: CIHConfig) -> dict:
         F, H = sae.cfg.d_sae, model.cfg.n_heads
         sets = sorted({p.set for p in prompts})
         sel_acc = {s: torch.zeros(H, F * F) for s in ("random", "natural", "concept")}
-        results = []
+        head_terms = {}  # prompt index -> per-measure head margins by term group
+        # pass 1, half A: accumulate every channel's margin per selection family
         with torch.no_grad():
-            for p, sh in tqdm(list(zip(prompts, shifted)), desc=f"CIH layer {layer}"):
-                r = analyse_prompt(model, sae, proj, p, sh, cfg.device)
-                fam = p.set.split(":")[0]
-                if p.half == 0 and fam in sel_acc:
+            for i in tqdm([i for i, p in enumerate(prompts) if p.half == 0], desc=f"CIH layer {layer}, half A"):
+                r = analyse_prompt(model, sae, proj, prompts[i], shifted[i], cfg.device)
+                fam = prompts[i].set.split(":")[0]
+                if fam in sel_acc:
                     sel_acc[fam].index_add_(1, r.keys, r.vals[0])
-                results.append(r)
-        layer_rep = {"heads": {}}
-        # head-level margins and their split into term groups, per set
-        for s in sets:
-            idx = [i for i, p in enumerate(prompts) if p.set == s]
-            for h in range(H):
-                hr = layer_rep["heads"].setdefault(str(h), {"sets": {}})
-                agg = {g: sum(results[i].head_terms["real"][g][h] for i in idx) / len(idx)
-                       for g in ("ff", "bdec", "err", "bias", "total")}
-                agg["shifted_total"] = sum(results[i].head_terms["shifted"]["total"][h] for i in idx) / len(idx)
-                hr["sets"][s] = agg
-        # selection on half A, tests on half B
+                head_terms[i] = r.head_terms
         tests = []
         for fam, acc in sel_acc.items():
             n_a = sum(1 for p in prompts if p.set.split(":")[0] == fam and p.half == 0)
@@ -344,26 +334,37 @@ def run(cfg: CIHConfig) -> dict:
                 for rank, key in enumerate(top.indices[h].tolist()):
                     tests.append({"family": fam, "head": h, "key": key, "feat_q": key // F, "feat_k": key % F,
                                   "rank_on_A": rank, "margin_A": float(top.values[h, rank])})
-        lookup = {}
-        for t in tests:
-            lookup.setdefault(t["key"], []).append(t)
-        per_prompt = {}  # (key, head, prompt index) -> (real, shifted)
-        for i, r in enumerate(results):
-            if prompts[i].half != 1:
-                continue
-            keys = r.keys.tolist()
-            for s_i, key in enumerate(keys):
-                if key in lookup:
-                    for t in lookup[key]:
-                        per_prompt[(key, t["head"], i)] = (float(r.vals[0, t["head"], s_i]), float(r.vals[1, t["head"], s_i]))
+        del sel_acc
+        sel_keys = torch.tensor(sorted({t["key"] for t in tests}), dtype=torch.long)
+        # pass 2, half B and its controls: keep only the selected channels' per-prompt margins
+        per_prompt = {}  # (key, prompt index) -> [M, H] margins under (real, shifted) targets
+        with torch.no_grad():
+            for i in tqdm([i for i, p in enumerate(prompts) if p.half == 1], desc=f"CIH layer {layer}, half B"):
+                r = analyse_prompt(model, sae, proj, prompts[i], shifted[i], cfg.device)
+                head_terms[i] = r.head_terms
+                hit = torch.isin(r.keys, sel_keys)
+                for key, v in zip(r.keys[hit].tolist(), r.vals[:, :, hit].unbind(-1)):
+                    per_prompt[(key, i)] = v
+        layer_rep = {"heads": {}}
+        # head-level margins and their split into term groups, per set
+        for s in sets:
+            idx = [i for i, p in enumerate(prompts) if p.set == s]
+            for h in range(H):
+                hr = layer_rep["heads"].setdefault(str(h), {"sets": {}})
+                agg = {g: sum(head_terms[i]["real"][g][h] for i in idx) / len(idx)
+                       for g in ("ff", "bdec", "err", "bias", "total")}
+                agg["shifted_total"] = sum(head_terms[i]["shifted"]["total"][h] for i in idx) / len(idx)
+                hr["sets"][s] = agg
+        zero = torch.zeros(2, H)
         for t in tests:
             fam = t["family"]
             evals = [i for i, p in enumerate(prompts) if p.half == 1 and p.set.split(":")[0] == fam]
             ctrl_set = {"random": "random_ctrl", "concept": "concept_ctrl"}.get(fam)
             ctrls = [i for i, p in enumerate(prompts) if p.half == 1 and ctrl_set and p.set.split(":")[0] == ctrl_set]
-            real = [per_prompt.get((t["key"], t["head"], i), (0.0, 0.0))[0] for i in evals]
-            null = [per_prompt.get((t["key"], t["head"], i), (0.0, 0.0))[1] for i in evals]
-            ctrl = [per_prompt.get((t["key"], t["head"], i), (0.0, 0.0))[0] for i in ctrls]
+            # a channel absent from a prompt contributes exactly 0 there
+            real = [float(per_prompt.get((t["key"], i), zero)[0, t["head"]]) for i in evals]
+            null = [float(per_prompt.get((t["key"], i), zero)[1, t["head"]]) for i in evals]
+            ctrl = [float(per_prompt.get((t["key"], i), zero)[0, t["head"]]) for i in ctrls]
             head_margin = sum(layer_rep["heads"][str(t["head"])]["sets"].get(s, {"total": 0})["total"]
                               for s in {prompts[i].set for i in evals}) / max(1, len({prompts[i].set for i in evals}))
             t.update({
@@ -412,7 +413,8 @@ def answers(report, cfg) -> dict:
                "holds": bool(tih_here) and all(v > 0 for v in h1.values())},
         "H2": {"non_tih_heads_with_cih": h2, "holds": bool(h2)},
         "summary": {
-            "H1 (every TIH has a CIH channel)": "yes" if tih_here and all(v > 0 for v in h1.values()) else "no",
+            "H1 (every TIH has a CIH channel)": ("not applicable: no TIH in these layers" if not tih_here
+                                                 else "yes" if all(v > 0 for v in h1.values()) else "no"),
             "TIH with >=1 CIH channel": f"{sum(v > 0 for v in h1.values())} of {len(h1)}",
             "H2 (some non-TIH head has one)": "yes" if h2 else "no",
             "non-TIH heads with CIH channels": sorted(h2),
