@@ -158,7 +158,7 @@ def page_head():
                     f"Kept rows carry {r.kept_abs_share:.1%} of |FA|. Induction attention on this corpus: "
                     f"{r.ind_attn if r.ind_attn == r.ind_attn else float('nan'):.3f}")
     st.markdown("**Top channels** (by |mean-when-active|, count >= 8, BOS/punctuation features dropped)")
-    top = q("top_channels", 8, True, 20, layer, head)
+    top = q("top_channels", layer, head, 8, True, 20)
     top["open"] = [link(page="Channel", layer=layer, head=head, fq=r.feat_q, fk=r.feat_k) for r in top.itertuples()]
     table(top, ["feat_q", "feat_k", "count", "mean", "std", "ind_diff", "share_of_head", "self_pair", "open"])
 

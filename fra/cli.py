@@ -122,6 +122,12 @@ def cmd_export(args):
     qcli.export_main(args.rest)
 
 
+def cmd_bench_views(args):
+    from fra.queries import bench
+
+    bench.main(args.rest)
+
+
 def cmd_app(args):
     import subprocess
 
@@ -179,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("query", cmd_query, "common questions: top channels of a head, channels of a feature, ..."),
         ("sql", cmd_sql, "run SQL over the index with the views defined (or open a shell)"),
         ("export", cmd_export, "write a view or filtered rows to partitioned Parquet"),
+        ("bench-views", cmd_bench_views, "latency of the views and app queries on a large (synthetic) index"),
     ):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -192,7 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"query": cmd_query, "sql": cmd_sql, "export": cmd_export, "bench-views": cmd_bench_views}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:  # these parse their own arguments (fra.queries.cli)
+        PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
+        return
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -109,9 +109,8 @@ def export(con, view, out, layer=None, head=None, feature=None, partition_by="la
         where.append("(feat_q = ? OR feat_k = ?)")
         params += [feature, feature]
     sql = f"SELECT * FROM {view}" + (" WHERE " + " AND ".join(where) if where else "")
-    table = con.execute(sql, params).arrow()
-    if hasattr(table, "read_all"):
-        table = table.read_all()
+    result = con.execute(sql, params)
+    table = result.to_arrow_table() if hasattr(result, "to_arrow_table") else result.fetch_arrow_table()
     parts = [c for c in partition_by.split(",") if c] if partition_by else []
     parts = [c for c in parts if c in table.column_names]
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ def run(con, name: str, params: list):
 
 
 def top_channels(con, layer, head, n=20, min_count=8, drop_noise=False):
-    return run(con, "top_channels", [min_count, drop_noise, n, layer, head])
+    return run(con, "top_channels", [layer, head, min_count, drop_noise, n])
 
 
 def feature_channels(con, feature, layer=None, n=30, min_count=1):

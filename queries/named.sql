@@ -4,7 +4,7 @@
 -- name: top_channels
 SELECT layer, head, feat_q, feat_k, count, mean, std, ind_count, ind_mean, other_mean, ind_diff,
        share_of_head, self_pair
-FROM top_channels(?, ?, ?) WHERE layer = ? AND head = ? ORDER BY rank;
+FROM top_channels(?, ?, ?, ?, ?) ORDER BY rank;
 
 -- name: feature_channels
 SELECT side, layer, head, feat_q, feat_k, count, mean, ind_diff, share_of_head

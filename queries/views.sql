@@ -31,15 +31,19 @@ FROM channels c JOIN head_totals t USING (layer, head);
 CREATE OR REPLACE VIEW noise_features AS
 SELECT layer, feature FROM features WHERE punct_or_bos;
 
--- Per head, channels ranked by |mean-when-active|.
-CREATE OR REPLACE MACRO top_channels(min_count, drop_noise, n) AS TABLE
+-- Per head, channels ranked by |mean-when-active|; lyr / hd NULL for every layer / head.
+CREATE OR REPLACE MACRO top_channels(lyr, hd, min_count, drop_noise, n) AS TABLE
+WITH cand AS (
+  SELECT s.* FROM channel_stats s
+  WHERE (lyr IS NULL OR s.layer = lyr) AND (hd IS NULL OR s.head = hd) AND s.count >= min_count
+), noise AS (
+  SELECT layer, feature FROM noise_features WHERE drop_noise AND (lyr IS NULL OR layer = lyr)
+)
 SELECT * FROM (
-  SELECT s.*, row_number() OVER (PARTITION BY s.layer, s.head ORDER BY abs(s.mean) DESC, s.feat_q, s.feat_k) AS rank
-  FROM channel_stats s
-  WHERE s.count >= min_count
-    AND NOT (drop_noise AND (
-      EXISTS (SELECT 1 FROM noise_features f WHERE f.layer = s.layer AND f.feature = s.feat_q) OR
-      EXISTS (SELECT 1 FROM noise_features f WHERE f.layer = s.layer AND f.feature = s.feat_k)))
+  SELECT c.*, row_number() OVER (PARTITION BY c.layer, c.head ORDER BY abs(c.mean) DESC, c.feat_q, c.feat_k) AS rank
+  FROM cand c
+  ANTI JOIN noise nq ON nq.layer = c.layer AND nq.feature = c.feat_q
+  ANTI JOIN noise nk ON nk.layer = c.layer AND nk.feature = c.feat_k
 ) WHERE rank <= n;
 
 -- Every channel in which a feature appears, on the query side or the key side.
