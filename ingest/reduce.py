@@ -159,6 +159,7 @@ def reduce_sample(
     ind_acc: ChannelAccumulator,
     top_m: int = 32,
     q_block: int = 32,
+    use_fused: bool = True,
 ) -> SampleResult:
     """Add one sample's exact channel statistics to `acc` (all causal pairs) and `ind_acc`
     (induction targets only); return its per-pair totals and top-`top_m` rows per (head, q)."""
@@ -179,6 +180,11 @@ def reduce_sample(
     rows = []
     kpos = torch.arange(T, device=dev)
     all_live = bool(live_TA.all())
+    kernel = None
+    if use_fused and dev.type == "cpu" and qfeat_HTAE.dtype == torch.float32:
+        from . import fused
+
+        kernel = fused.load()
     # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
     # of the summed feature vectors (dead slots hold zero vectors)
     ff = torch.einsum("hqe,hke->hqk", qfeat_HTAE.sum(2), kfeat_HTAE.sum(2)) * causal_mask(T, dev)
@@ -195,11 +201,20 @@ def reduce_sample(
         V[:, :, :, q0:q1, :].mul_(causal[:, None, q0:q1, None])
         if not all_live:
             V.mul_(live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :])
-        absV = V.abs()
-        ff_abs[:, q0:q1, :nk] = absV.sum((2, 4))
         keys = local_TA[q0:q1, :, None, None] * U1 + local_TA[None, None, :nk, :]  # [nq, A, nk, A]
-        keys_N = torch.where(valid, keys, trash).flatten()
-        local.add_entries(keys_N, V.view(H, -1))
+        keys_N = torch.where(valid, keys, trash)
+        if kernel is not None:  # one fused pass (ingest/fused.py)
+            ffa = torch.zeros(H, nq, nk, dtype=V.dtype)
+            blk_max = torch.zeros(H, nq, nk, dtype=V.dtype)
+            kernel.fused_block(V, keys_N.contiguous(), local.count_P, local.sum_HP, local.sumsq_HP,
+                               local.min_HP, local.max_HP, ffa, blk_max)
+            ff_abs[:, q0:q1, :nk] = ffa
+            absV = None
+        else:
+            absV = V.abs()
+            ff_abs[:, q0:q1, :nk] = absV.sum((2, 4))
+            blk_max = absV.amax(dim=(2, 4))  # [H, nq, nk]
+            local.add_entries(keys_N.flatten(), V.view(H, -1))
         ind = ind_mask_QK[q0:q1, :nk][:, None, :, None] & valid
         if ind.any():  # few entries: straight into the global induction accumulators
             ind = ind.flatten()
@@ -210,9 +225,8 @@ def reduce_sample(
         # them is beaten by the m block maxima).
         m = min(top_m, nk * A * A)
         mb = min(m, nk)
-        blk_max = absV.amax(dim=(2, 4))  # [H, nq, nk]
         top_blk = blk_max.topk(mb, dim=-1).indices  # [H, nq, mb]
-        cand = absV.gather(3, top_blk[:, :, None, :, None].expand(-1, -1, A, -1, A))  # [H, nq, A, mb, A]
+        cand = V.gather(3, top_blk[:, :, None, :, None].expand(-1, -1, A, -1, A)).abs_()  # [H, nq, A, mb, A]
         top_abs, ci = cand.reshape(H, nq, A * mb * A).topk(m, dim=-1)  # [H, nq, m]
         a_i, rem = ci // (mb * A), ci % (mb * A)
         j_i, b_i = rem // A, rem % A

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fra.ingest.reduce import ChannelAccumulator, induction_mask, reduce_sample
@@ -32,7 +33,12 @@ def test_induction_mask_hand_worked():
     assert not induction_mask(torch.tensor([0, 5, 5])).any()
 
 
-def test_reduce_sample_matches_brute_force():
+@pytest.mark.parametrize("use_fused", [False, True], ids=["torch", "fused"])
+def test_reduce_sample_matches_brute_force(use_fused):
+    from fra.ingest import fused
+
+    if use_fused and not fused.available():
+        pytest.skip("no C++ toolchain for the fused kernel")
     g = torch.Generator().manual_seed(0)
     H, T, A, E, F = 2, 9, 3, 4, 7
     qf = torch.randn(H, T, A, E, generator=g)
@@ -44,7 +50,7 @@ def test_reduce_sample_matches_brute_force():
     acc, ind_acc = ChannelAccumulator.zeros(F, H), ChannelAccumulator.zeros(F, H)
     # zero out dead slots like project_tokens does (activation 0)
     qf, kf = qf * live[None, :, :, None], kf * live[None, :, :, None]
-    res = reduce_sample(qf, kf, idx, live, ind, acc, ind_acc, top_m=5, q_block=4)
+    res = reduce_sample(qf, kf, idx, live, ind, acc, ind_acc, top_m=5, q_block=4, use_fused=use_fused)
 
     for accum, mask in ((acc, torch.ones(T, T, dtype=torch.bool)), (ind_acc, ind)):
         ref = brute_force(qf, kf, idx, live, F, mask)
