@@ -97,7 +97,9 @@ def page_feature():
     layers = sorted(q("layers_heads")["layer"].unique().tolist())
     c1, c2 = st.columns(2)
     raw = c1.text_input("feature ID", value=str(st.query_params.get("feature", "")), key="feature_id")
-    layer = c2.selectbox("layer", layers, key="feature_layer")
+    default_layer = qp_int("layer", layers[0])
+    layer = c2.selectbox("layer", layers, index=layers.index(default_layer) if default_layer in layers else 0,
+                         key="feature_layer")
     if not raw.strip():
         st.info("Type a feature ID (an integer) to see its label, contexts and channels.")
         return
@@ -149,8 +151,7 @@ def page_head():
     c1, c2 = st.columns(2)
     c1.plotly_chart(heatmap(prob, labels, labels, "attention pattern", "Blues", None), use_container_width=True)
     c2.plotly_chart(heatmap(ff, labels, labels, "feature x feature part of the score"), use_container_width=True)
-    summ = q("head_summary")
-    summ = summ[(summ["layer"] == layer) & (summ["head"] == head)]
+    summ = q("head_summary_one", layer, head)
     if len(summ):
         r = summ.iloc[0]
         st.markdown(f"**Score split (share of summed |terms|):** feature x feature {r.ff_share:.1%}, "
@@ -180,9 +181,13 @@ def page_channel():
                 f"vs {s['other_mean'] if s['other_mean'] == s['other_mean'] else float('nan'):.4g} elsewhere")
     ex = q("channel_examples", layer, head, int(fq), int(fk), 20)
     st.markdown("**Top examples across the corpus** (key token and query token in bold)")
+    def bold_last(context: str, token: str) -> str:
+        head = context[: len(context) - len(token)] if context.endswith(token) else context
+        return f"{head} **{token.strip()}**".replace("\n", " ")
+
     for r in ex.itertuples():
-        st.markdown(f"- {r.value:+.3f}  sample {r.sample}: …{r.context_k[:-len(r.token_k) or None]}**{r.token_k}** … "
-                    f"{r.context_q[:-len(r.token_q) or None]}**{r.token_q}**" + ("  (induction target)" if r.induction else ""))
+        st.markdown(f"- {r.value:+.3f}  sample {r.sample}: …{bold_last(r.context_k, r.token_k)} … "
+                    f"{bold_last(r.context_q, r.token_q)}" + ("  (induction target)" if r.induction else ""))
     sample = sample_picker("chan")
     toks = tokens_of(sample)
     import numpy as np

@@ -50,7 +50,7 @@ class IngestConfig:
     shard: str = "0/1"  # i/n: samples with index % n == i
     batch_size: int = 8
     top_m: int = 32  # rows kept per (head, query): the largest |FA| over all keys and feature pairs
-    min_count: int = 64  # channels co-active in fewer (q, k) pairs over the corpus are not written
+    min_count: int = 128  # channels co-active in fewer (q, k) pairs over the corpus are not written
     q_block: int = 32
     device: str | None = None  # default: cuda when available
     progress: bool = True
@@ -291,13 +291,13 @@ def _ingest_layer(cfg, lm, sae, layer, heads, sample_ids, tokens, work: Path, de
         rows_t = pa.concat_tables(rows[h]).sort_by([("feat_q", "ascending"), ("feat_k", "ascending")])
         pairs_t = pa.concat_tables(pairs[h]).sort_by([("sample", "ascending"), ("q", "ascending"), ("k", "ascending")])
         def at(t, fill):
-            v = np.full(len(keys), fill, dtype=np.float64)
+            v = np.full(len(keys), fill, dtype=np.float32)
             v[has_ind] = t[h].cpu().numpy()[pos[has_ind]]
             return v
         chan = pa.table({
             "feat_q": fq.cpu().numpy().astype(np.int32), "feat_k": fk.cpu().numpy().astype(np.int32),
             "count": count.cpu().numpy(),
-            "sum": s[h].double().cpu().numpy(), "sumsq": ss[h].double().cpu().numpy(),
+            "sum": s[h].cpu().numpy(), "sumsq": ss[h].cpu().numpy(),  # float32, as accumulated
             "min": mn[h].cpu().numpy(), "max": mx[h].cpu().numpy(),
             "ind_count": np.where(has_ind, icount.cpu().numpy()[pos] if len(ikeys) else 0, 0),
             "ind_sum": at(isum, 0.0), "ind_sumsq": at(issq, 0.0),

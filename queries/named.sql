@@ -57,3 +57,6 @@ FROM pairs WHERE layer = ? AND head = ? AND sample = ?;
 
 -- name: channel_one
 SELECT * FROM channel_stats WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ?;
+
+-- name: head_summary_one
+SELECT * FROM head_summary_at(?, ?);

@@ -66,9 +66,12 @@ SELECT layer, head, sample, q, k, induction, score,
 FROM (SELECT *, max(score) OVER (PARTITION BY layer, head, sample, q) AS smax FROM pairs);
 
 -- Per head: how the score splits into feature x feature, SAE-error/b_dec and bias terms (share of
--- the summed absolute terms), and the head's induction behaviour on this corpus.
-CREATE OR REPLACE VIEW head_summary AS
-WITH terms AS (
+-- the summed absolute terms), and the head's induction behaviour on this corpus. The macro takes
+-- one layer / head (NULL for all), so that a page showing one head reads only its partitions.
+CREATE OR REPLACE MACRO head_summary_at(lyr, hd) AS TABLE
+WITH p AS (
+  SELECT * FROM pairs WHERE (lyr IS NULL OR layer = lyr) AND (hd IS NULL OR head = hd)
+), terms AS (
   SELECT layer, head,
          avg(abs(ff)) AS ff_abs_mean,
          avg(abs(f_bdec) + abs(bdec_f)) AS bdec_cross_abs_mean,
@@ -77,20 +80,29 @@ WITH terms AS (
          avg(abs(bias)) AS bias_abs_mean,
          avg(abs(score - (ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias))) AS completeness_err,
          sum(kept_abs) / nullif(sum(ff_abs), 0) AS kept_abs_share
-  FROM pairs GROUP BY layer, head
+  FROM p GROUP BY layer, head
+), iq AS (  -- queries that have an induction target
+  SELECT DISTINCT layer, head, sample, q FROM p WHERE induction
+), mx AS (
+  SELECT p.*, max(p.score) OVER (PARTITION BY p.layer, p.head, p.sample, p.q) AS smax
+  FROM p SEMI JOIN iq USING (layer, head, sample, q)
+), pr AS (
+  SELECT layer, head, induction, score,
+         exp(score - smax) / sum(exp(score - smax)) OVER (PARTITION BY layer, head, sample, q) AS prob
+  FROM mx
 ), ind AS (
   SELECT layer, head,
          avg(CASE WHEN induction THEN prob END) AS ind_attn,
          avg(CASE WHEN induction THEN score END) - avg(CASE WHEN NOT induction THEN score END) AS ind_score_gap
-  FROM pattern
-  WHERE (layer, head, sample, q) IN (SELECT layer, head, sample, q FROM pairs WHERE induction)
-  GROUP BY layer, head
+  FROM pr GROUP BY layer, head
 )
 SELECT t.*,
        ff_abs_mean / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS ff_share,
-       (err_cross_abs_mean) / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS err_share,
+       err_cross_abs_mean / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS err_share,
        (bdec_cross_abs_mean + resid_resid_abs_mean) / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS bdec_resid_share,
        bias_abs_mean / (ff_abs_mean + bdec_cross_abs_mean + err_cross_abs_mean + resid_resid_abs_mean + bias_abs_mean) AS bias_share,
        i.ind_attn, i.ind_score_gap
 FROM terms t LEFT JOIN ind i USING (layer, head)
 ORDER BY layer, head;
+
+CREATE OR REPLACE VIEW head_summary AS SELECT * FROM head_summary_at(NULL, NULL);
