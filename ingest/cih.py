@@ -16,14 +16,15 @@ divided by the number of target queries), so every margin is sum_{q,k} W[q, k] *
 Prompt sets. (a) [BOS] + r + r, random tokens; (b) a held-out corpus span repeated;
 (c) conceptual repeats "... the A X ... the B" where B is a synonym, plural or capitalised form of
 A (never the same token), the query is B and the target X. Controls: (a') [BOS] + r1 + r2,
-(c') B an unrelated noun, and for every prompt a random target drawn from the same distance
+(c') A replaced by an unrelated noun (same B, same X), and for every prompt a random target drawn from the same distance
 distribution (the "shifted-target" null).
 
 Statistics. Prompts are split in halves. Channels are selected on half A by their margin; on
 half B each selected channel's per-prompt margin minus its shifted-target margin is tested with
 a sign-flip permutation test, and Benjamini-Hochberg controls the FDR over every (head, channel)
 tested. A channel is a CIH channel of a head when, on held-out conceptual prompts (c), it
-passes FDR 0.05, its margin is positive and it exceeds its margin on the unrelated control (c').
+passes FDR 0.05, its margin is positive and it exceeds its margin on the matched control (c')
+where A is replaced by an unrelated noun (sign-flip test on the paired prompts).
 
 Phases: prompts -> per-prompt factored projections (decompose) -> dense [H, F*F] margin
 accumulators on half A -> selection -> per-prompt margins of selected channels on half B and
@@ -121,21 +122,28 @@ def natural_prompts(n, L, tokenizer, bos, rng, corpus: Path):
 
 
 def concept_prompts(pairs, nouns, relation, n, tokenizer, bos, rng):
-    """Each prompt pairs with a control that differs only in B (an unrelated noun)."""
+    """Conceptual repeats "... the A X ... the B" and their controls "... the U X ... the B".
+
+    The control replaces A (not B) with an unrelated noun U, so the query token B and the filler
+    X are the same in both prompts and only the earlier word's relation to B differs: a channel
+    that fires because of B's own features (plural, capitalised, ...) cannot tell them apart."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = []
     for i, (a, b) in enumerate(pairs[:n]):
         x = rng.choice(nouns)
-        u = rng.choice([w for w in nouns[:2000] if w not in (a, b, x)])
+        u = rng.choice([w for w in nouns if w not in (a, b, x) and w[:4] != b.lower()[:4]])
         template = TEMPLATES[i % len(TEMPLATES)]
-        for set_name, bw in ((f"concept:{relation}", b), (f"concept_ctrl:{relation}", u)):
-            pre, post = template.split("{A}{X}")
-            ids = [bos] + enc(pre) + enc(" " + a) + enc(" " + x) + enc(post.replace("{B}", "")) + enc(" " + bw)
+        pre, post = template.split("{A}{X}")
+        pair = []
+        for set_name, aw in ((f"concept:{relation}", a), (f"concept_ctrl:{relation}", u)):
+            ids = [bos] + enc(pre) + enc(" " + aw) + enc(" " + x) + enc(post.replace("{B}", "")) + enc(" " + b)
             a_pos = 1 + len(enc(pre))
             q = len(ids) - 1
-            if ids[a_pos] != enc(" " + a)[0] or ids[q] == ids[a_pos]:
-                break  # tokenisation merged across the boundary, or B is A's token: skip the pair
-            out.append(Prompt(ids, {q: a_pos + 1}, set_name, i % 2, {"A": a, "B": bw, "X": x}))
+            if ids[a_pos] != enc(" " + aw)[0] or ids[a_pos + 1] != enc(" " + x)[0] or ids[q] == ids[a_pos]:
+                break  # tokenisation merged across a boundary, or B is A's token: skip the pair
+            pair.append(Prompt(ids, {q: a_pos + 1}, set_name, i % 2, {"A": aw, "B": b, "X": x}))
+        if len(pair) == 2:
+            out += pair
     return out
 
 
@@ -325,10 +333,15 @@ def run(cfg: CIHConfig) -> dict:
                     sel_acc[fam].index_add_(1, r.keys, r.vals[0])
                 head_terms[i] = r.head_terms
         tests = []
+        cancel = {}  # per head and family: how the feature x feature margin splits into + and - channels
         for fam, acc in sel_acc.items():
             n_a = sum(1 for p in prompts if p.set.split(":")[0] == fam and p.half == 0)
             if n_a == 0:
                 continue
+            for h in range(H):
+                cancel.setdefault(str(h), {})[fam] = {
+                    "positive": float(acc[h].clamp(min=0).sum()) / n_a, "negative": float(acc[h].clamp(max=0).sum()) / n_a,
+                    "n_channels": int((acc[h] != 0).sum()), "largest": float(acc[h].max()) / n_a}
             top = (acc / n_a).topk(cfg.n_select, dim=1)
             for h in range(H):
                 for rank, key in enumerate(top.indices[h].tolist()):
@@ -345,12 +358,12 @@ def run(cfg: CIHConfig) -> dict:
                 hit = torch.isin(r.keys, sel_keys)
                 for key, v in zip(r.keys[hit].tolist(), r.vals[:, :, hit].unbind(-1)):
                     per_prompt[(key, i)] = v
-        layer_rep = {"heads": {}}
+        layer_rep = {"heads": {h: {"sets": {}, "channel_sums_half_A": c} for h, c in cancel.items()}}
         # head-level margins and their split into term groups, per set
         for s in sets:
             idx = [i for i, p in enumerate(prompts) if p.set == s]
             for h in range(H):
-                hr = layer_rep["heads"].setdefault(str(h), {"sets": {}})
+                hr = layer_rep["heads"].setdefault(str(h), {"sets": {}, "channel_sums_half_A": {}})
                 agg = {g: sum(head_terms[i]["real"][g][h] for i in idx) / len(idx)
                        for g in ("ff", "bdec", "err", "bias", "total")}
                 agg["shifted_total"] = sum(head_terms[i]["shifted"]["total"][h] for i in idx) / len(idx)
@@ -376,15 +389,29 @@ def run(cfg: CIHConfig) -> dict:
             })
             if ctrl:  # the control pairs one-to-one with the concept prompts
                 t["p_vs_control"] = sign_flip_pvalue([a - b for a, b in zip(real, ctrl)], cfg.n_perm, rng)
+            if fam == "concept":  # per relation: is it only the surface relations (plural, case)?
+                t["by_relation"] = {}
+                for rel in cfg.relations:
+                    pairs_rel = [(r_, c_) for i, r_, c_ in zip(evals, real, ctrl) if prompts[i].set == f"concept:{rel}"]
+                    if pairs_rel:
+                        t["by_relation"][rel] = {
+                            "margin_B": sum(a for a, _ in pairs_rel) / len(pairs_rel),
+                            "control_B": sum(b for _, b in pairs_rel) / len(pairs_rel),
+                            "p_vs_control": sign_flip_pvalue([a - b for a, b in pairs_rel], cfg.n_perm, rng),
+                            "n": len(pairs_rel),
+                        }
         layer_rep["tests"] = tests
         report["layers"][str(layer)] = layer_rep
     # FDR over every test of the study
     all_tests = [t for lr in report["layers"].values() for t in lr["tests"]]
     for t, q in zip(all_tests, benjamini_hochberg([t["p"] for t in all_tests])):
         t["q"] = q
+    with_ctrl = [t for t in all_tests if "p_vs_control" in t]
+    for t, q in zip(with_ctrl, benjamini_hochberg([t["p_vs_control"] for t in with_ctrl])):
+        t["q_vs_control"] = q
     for t in all_tests:
         t["cih"] = (t["family"] == "concept" and t["q"] < cfg.fdr and t["margin_B"] > 0
-                    and t.get("p_vs_control", 1.0) < cfg.fdr)
+                    and t.get("q_vs_control", 1.0) < cfg.fdr)
         t.pop("key")
     report["answers"] = answers(report, cfg)
     report["seconds"] = time.time() - t_start
@@ -407,11 +434,23 @@ def answers(report, cfg) -> dict:
                 cih_by_head.setdefault(f"{l}.{t['head']}", []).append(t)
     tih_here = [h for h in heads_in_layers if h in tih]
     h1 = {h: len(cih_by_head.get(h, [])) for h in tih_here}
+    # the strictest reading: CIH channels whose effect over the matched control holds on the
+    # synonym prompts alone (BH over every CIH channel's synonym p-value)
+    cih_all = [(h, t) for h, ts in cih_by_head.items() for t in ts if "synonym" in t.get("by_relation", {})]
+    qs = benjamini_hochberg([t["by_relation"]["synonym"]["p_vs_control"] for _, t in cih_all]) if cih_all else []
+    syn = {}
+    for (h, t), q in zip(cih_all, qs):
+        t["by_relation"]["synonym"]["q_vs_control"] = q
+        if q < cfg.fdr and t["by_relation"]["synonym"]["margin_B"] > t["by_relation"]["synonym"]["control_B"]:
+            syn[h] = syn.get(h, 0) + 1
     h2 = {h: len(v) for h, v in cih_by_head.items() if h not in tih}
     return {
         "H1": {"tih_in_layers": tih_here, "cih_channels_per_tih": h1,
                "holds": bool(tih_here) and all(v > 0 for v in h1.values())},
         "H2": {"non_tih_heads_with_cih": h2, "holds": bool(h2)},
+        "synonyms_only": {"heads_with_cih_channels_on_synonyms": syn,
+                          "tih_with_one": sorted(h for h in syn if h in tih),
+                          "non_tih_with_one": sorted(h for h in syn if h not in tih)},
         "summary": {
             "H1 (every TIH has a CIH channel)": ("not applicable: no TIH in these layers" if not tih_here
                                                  else "yes" if all(v > 0 for v in h1.values()) else "no"),
@@ -419,6 +458,8 @@ def answers(report, cfg) -> dict:
             "H2 (some non-TIH head has one)": "yes" if h2 else "no",
             "non-TIH heads with CIH channels": sorted(h2),
             "tests": sum(len(lr["tests"]) for lr in report["layers"].values()),
+            "TIH with a CIH channel that also holds on synonyms alone": f"{sum(h in syn for h in tih_here)} of {len(tih_here)}",
+            "non-TIH heads with one on synonyms alone": sorted(h for h in syn if h not in tih),
         },
     }
 
@@ -447,7 +488,12 @@ def write_markdown(report, labels, out: Path) -> None:
              f"- Tests: {a['summary']['tests']} (head, channel) pairs, each selected on half A and tested on half B; "
              f"Benjamini-Hochberg FDR {report['config']['fdr']} over all of them. A CIH channel needs q < FDR on "
              "conceptual repeats against the shifted-target null, a positive held-out margin, and a margin above "
-             "the unrelated-noun control (sign-flip test, p < FDR).", "",
+             "the matched control in which A is replaced by an unrelated noun while B and X stay the same "
+             "(paired sign-flip test, BH-adjusted q < FDR over all tests with a control).", "",
+             f"- **Synonyms alone** (the strictest reading; plural and capitalised forms share a stem or "
+             f"spelling with A): TIH with a CIH channel whose effect over the control holds on synonym prompts "
+             f"(BH over those channels): {a['summary']['TIH with a CIH channel that also holds on synonyms alone']}; "
+             f"non-TIH heads: {', '.join(a['summary']['non-TIH heads with one on synonyms alone']) or 'none'}.", "",
              "Prompt counts: " + ", ".join(f"{k} {v}" for k, v in sorted(report["n_prompts"].items())), "",
              "## Token induction heads (census, all layers)", "",
              "TIH (induction >= 0.3 on repeats, < 0.05 on the non-repeating control): " + ", ".join(report["tih"]), "",
@@ -459,8 +505,8 @@ def write_markdown(report, labels, out: Path) -> None:
                 lines.append(f"| {l}.{h} | {s} | {v['total']:.2f} | {v['ff']:.2f} | {v['bdec']:.2f} | {v['err']:.2f} | "
                              f"{v['bias']:.2f} | {v['shifted_total']:.2f} |")
     lines += ["", "## Top held-out channels per family", "",
-              "| head | family | feat_q -> feat_k | labels | margin B | shifted B | control B | share of head margin | q | CIH |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| head | family | feat_q -> feat_k | labels | margin B | shifted B | control B | share of head margin | q (shifted) | q (control) | CIH | synonyms only: margin / control |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for l, lr in report["layers"].items():
         for t in sorted(lr["tests"], key=lambda t: (t["head"], t["family"], -t["margin_B"])):
             if t["rank_on_A"] >= 3 and not t["cih"]:
@@ -469,9 +515,31 @@ def write_markdown(report, labels, out: Path) -> None:
             lk = labels.get((int(l), t["feat_k"]), "")
             ctrl = "" if t["control_B"] is None else f"{t['control_B']:.3f}"
             share = "" if t["share_of_head_margin"] is None else f"{t['share_of_head_margin']:.3f}"
+            q_ctrl = f"{t['q_vs_control']:.3g}" if "q_vs_control" in t else ""
             lines.append(f"| {l}.{t['head']} | {t['family']} | {t['feat_q']} -> {t['feat_k']}"
                          f"{' (self)' if t['feat_q'] == t['feat_k'] else ''} | {lq} -> {lk} | {t['margin_B']:.3f} | "
-                         f"{t['shifted_B']:.3f} | {ctrl} | {share} | {t['q']:.3g} | {'yes' if t['cih'] else ''} |")
+                         f"{t['shifted_B']:.3f} | {ctrl} | {share} | {t['q']:.3g} | {q_ctrl} | "
+                         f"{'yes' if t['cih'] else ''} | {syn_cell(t)} |")
+    lines += ["", "## H2: how much of a head's feature x feature margin cancels across channels (half A)", "",
+              "| head | family | sum of positive channel margins | sum of negative | net | largest single channel | channels |",
+              "|---|---|---|---|---|---|---|"]
+    for l, lr in report["layers"].items():
+        for h, hr in lr["heads"].items():
+            for fam, c in sorted(hr.get("channel_sums_half_A", {}).items()):
+                lines.append(f"| {l}.{h} | {fam} | {c['positive']:.2f} | {c['negative']:.2f} | "
+                             f"{c['positive'] + c['negative']:.2f} | {c['largest']:.3f} | {c['n_channels']:,} |")
+    lines += ["", "## H3: the CIH channels as units", ""]
+    by_pair = {}
+    for l, lr in report["layers"].items():
+        for t in lr["tests"]:
+            if t["cih"]:
+                by_pair.setdefault((int(l), t["feat_q"], t["feat_k"]), []).append(f"{l}.{t['head']}")
+    lines += ["| layer | feat_q -> feat_k | query label | key label | key reads 'prev token was ...' | self-pair | heads where it is a CIH channel |",
+              "|---|---|---|---|---|---|---|"]
+    for (l, fq, fk), heads in sorted(by_pair.items(), key=lambda kv: -len(kv[1])):
+        lk = labels.get((l, fk), "")
+        lines.append(f"| {l} | {fq} -> {fk} | {labels.get((l, fq), '')} | {lk} | {'yes' if '(prev:' in lk else 'no'} | "
+                     f"{'yes' if fq == fk else 'no'} | {', '.join(heads)} |")
     lines += ["", "![channel margins](margins.png)", "",
               "## Caveats", "",
               "- The SAEs are the CPU-budget ones shipped with the repo (see MODEL_CARD.md); their error term carries "
@@ -479,6 +547,14 @@ def write_markdown(report, labels, out: Path) -> None:
               "- Only channels ranked in the top few on half A are tested; a head could still have CIH channels "
               "that rank lower."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def syn_cell(t) -> str:
+    r = t.get("by_relation", {}).get("synonym")
+    if not r:
+        return ""
+    q = f", q {r['q_vs_control']:.2g}" if "q_vs_control" in r else ""
+    return f"{r['margin_B']:.3f} / {r['control_B']:.3f}{q}"
 
 
 def figures(report, out: Path) -> None:
