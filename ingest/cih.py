@@ -176,6 +176,19 @@ def margin_weights(T: int, targets: dict[int, int]):
     return W
 
 
+def family(p: Prompt) -> str:
+    """Selection family of a prompt: random, natural, concept:<relation>, or a control."""
+    return p.set
+
+
+def control_of(fam: str) -> str | None:
+    return {"random": "random_ctrl"}.get(fam, fam.replace("concept:", "concept_ctrl:") if fam.startswith("concept:") else None)
+
+
+def distance_key(p: Prompt) -> str:
+    return p.set.split(":")[0].replace("_ctrl", "")
+
+
 # --------------------------------------------------------------------------------------------
 # Per-prompt margins
 
@@ -305,8 +318,8 @@ def run(cfg: CIHConfig) -> dict:
         prompts += concept_prompts(pairs[rel], pairs["nouns"], rel, cfg.n_concept, tok, lm.bos_id, rng)
     distances = {}
     for p in prompts:
-        distances.setdefault(p.set.split(":")[0].replace("_ctrl", ""), []).extend(q - k for q, k in p.targets.items())
-    shifted = [shifted_targets(p, distances[p.set.split(":")[0].replace("_ctrl", "")], rng) for p in prompts]
+        distances.setdefault(distance_key(p), []).extend(q - k for q, k in p.targets.items())
+    shifted = [shifted_targets(p, distances[distance_key(p)], rng) for p in prompts]
 
     report = {"config": {k: str(v) for k, v in asdict(cfg).items()},
               "census": {f"{l}.{h}": {"induction": float(ind[l, h]), "control": float(ctrl[l, h])}
@@ -322,20 +335,20 @@ def run(cfg: CIHConfig) -> dict:
         proj = build_projector(model, layer, sae)
         F, H = sae.cfg.d_sae, model.cfg.n_heads
         sets = sorted({p.set for p in prompts})
-        sel_acc = {s: torch.zeros(H, F * F) for s in ("random", "natural", "concept")}
+        sel_acc = {s: torch.zeros(H, F * F) for s in sets if control_of(s) is not None or s == "natural"}
         head_terms = {}  # prompt index -> per-measure head margins by term group
         # pass 1, half A: accumulate every channel's margin per selection family
         with torch.no_grad():
             for i in tqdm([i for i, p in enumerate(prompts) if p.half == 0], desc=f"CIH layer {layer}, half A"):
                 r = analyse_prompt(model, sae, proj, prompts[i], shifted[i], cfg.device)
-                fam = prompts[i].set.split(":")[0]
+                fam = family(prompts[i])
                 if fam in sel_acc:
                     sel_acc[fam].index_add_(1, r.keys, r.vals[0])
                 head_terms[i] = r.head_terms
         tests = []
         cancel = {}  # per head and family: how the feature x feature margin splits into + and - channels
         for fam, acc in sel_acc.items():
-            n_a = sum(1 for p in prompts if p.set.split(":")[0] == fam and p.half == 0)
+            n_a = sum(1 for p in prompts if family(p) == fam and p.half == 0)
             if n_a == 0:
                 continue
             for h in range(H):
@@ -371,9 +384,9 @@ def run(cfg: CIHConfig) -> dict:
         zero = torch.zeros(2, H)
         for t in tests:
             fam = t["family"]
-            evals = [i for i, p in enumerate(prompts) if p.half == 1 and p.set.split(":")[0] == fam]
-            ctrl_set = {"random": "random_ctrl", "concept": "concept_ctrl"}.get(fam)
-            ctrls = [i for i, p in enumerate(prompts) if p.half == 1 and ctrl_set and p.set.split(":")[0] == ctrl_set]
+            evals = [i for i, p in enumerate(prompts) if p.half == 1 and family(p) == fam]
+            ctrl_set = control_of(fam)
+            ctrls = [i for i, p in enumerate(prompts) if p.half == 1 and family(p) == ctrl_set]
             # a channel absent from a prompt contributes exactly 0 there
             real = [float(per_prompt.get((t["key"], i), zero)[0, t["head"]]) for i in evals]
             null = [float(per_prompt.get((t["key"], i), zero)[1, t["head"]]) for i in evals]
@@ -389,17 +402,6 @@ def run(cfg: CIHConfig) -> dict:
             })
             if ctrl:  # the control pairs one-to-one with the concept prompts
                 t["p_vs_control"] = sign_flip_pvalue([a - b for a, b in zip(real, ctrl)], cfg.n_perm, rng)
-            if fam == "concept":  # per relation: is it only the surface relations (plural, case)?
-                t["by_relation"] = {}
-                for rel in cfg.relations:
-                    pairs_rel = [(r_, c_) for i, r_, c_ in zip(evals, real, ctrl) if prompts[i].set == f"concept:{rel}"]
-                    if pairs_rel:
-                        t["by_relation"][rel] = {
-                            "margin_B": sum(a for a, _ in pairs_rel) / len(pairs_rel),
-                            "control_B": sum(b for _, b in pairs_rel) / len(pairs_rel),
-                            "p_vs_control": sign_flip_pvalue([a - b for a, b in pairs_rel], cfg.n_perm, rng),
-                            "n": len(pairs_rel),
-                        }
         layer_rep["tests"] = tests
         report["layers"][str(layer)] = layer_rep
     # FDR over every test of the study
@@ -410,7 +412,7 @@ def run(cfg: CIHConfig) -> dict:
     for t, q in zip(with_ctrl, benjamini_hochberg([t["p_vs_control"] for t in with_ctrl])):
         t["q_vs_control"] = q
     for t in all_tests:
-        t["cih"] = (t["family"] == "concept" and t["q"] < cfg.fdr and t["margin_B"] > 0
+        t["cih"] = (t["family"].startswith("concept:") and t["q"] < cfg.fdr and t["margin_B"] > 0
                     and t.get("q_vs_control", 1.0) < cfg.fdr)
         t.pop("key")
     report["answers"] = answers(report, cfg)
@@ -425,43 +427,35 @@ def run(cfg: CIHConfig) -> dict:
 
 
 def answers(report, cfg) -> dict:
+    """H1 and H2 for every relation on its own (selection, tests and controls per relation) and
+    for any relation; synonyms are the strictest reading, since plural and capitalised forms
+    share a stem or spelling with A."""
     tih = set(report["tih"])
     heads_in_layers = [f"{l}.{h}" for l, lr in report["layers"].items() for h in lr["heads"]]
-    cih_by_head = {}
+    tih_here = [h for h in heads_in_layers if h in tih]
+    per_rel = {}
     for l, lr in report["layers"].items():
         for t in lr["tests"]:
             if t["cih"]:
-                cih_by_head.setdefault(f"{l}.{t['head']}", []).append(t)
-    tih_here = [h for h in heads_in_layers if h in tih]
-    h1 = {h: len(cih_by_head.get(h, [])) for h in tih_here}
-    # the strictest reading: CIH channels whose effect over the matched control holds on the
-    # synonym prompts alone (BH over every CIH channel's synonym p-value)
-    cih_all = [(h, t) for h, ts in cih_by_head.items() for t in ts if "synonym" in t.get("by_relation", {})]
-    qs = benjamini_hochberg([t["by_relation"]["synonym"]["p_vs_control"] for _, t in cih_all]) if cih_all else []
-    syn = {}
-    for (h, t), q in zip(cih_all, qs):
-        t["by_relation"]["synonym"]["q_vs_control"] = q
-        if q < cfg.fdr and t["by_relation"]["synonym"]["margin_B"] > t["by_relation"]["synonym"]["control_B"]:
-            syn[h] = syn.get(h, 0) + 1
-    h2 = {h: len(v) for h, v in cih_by_head.items() if h not in tih}
-    return {
-        "H1": {"tih_in_layers": tih_here, "cih_channels_per_tih": h1,
-               "holds": bool(tih_here) and all(v > 0 for v in h1.values())},
-        "H2": {"non_tih_heads_with_cih": h2, "holds": bool(h2)},
-        "synonyms_only": {"heads_with_cih_channels_on_synonyms": syn,
-                          "tih_with_one": sorted(h for h in syn if h in tih),
-                          "non_tih_with_one": sorted(h for h in syn if h not in tih)},
-        "summary": {
-            "H1 (every TIH has a CIH channel)": ("not applicable: no TIH in these layers" if not tih_here
-                                                 else "yes" if all(v > 0 for v in h1.values()) else "no"),
-            "TIH with >=1 CIH channel": f"{sum(v > 0 for v in h1.values())} of {len(h1)}",
-            "H2 (some non-TIH head has one)": "yes" if h2 else "no",
-            "non-TIH heads with CIH channels": sorted(h2),
-            "tests": sum(len(lr["tests"]) for lr in report["layers"].values()),
-            "TIH with a CIH channel that also holds on synonyms alone": f"{sum(h in syn for h in tih_here)} of {len(tih_here)}",
-            "non-TIH heads with one on synonyms alone": sorted(h for h in syn if h not in tih),
-        },
-    }
+                rel = t["family"].split(":")[1]
+                per_rel.setdefault(rel, {}).setdefault(f"{l}.{t['head']}", 0)
+                per_rel[rel][f"{l}.{t['head']}"] += 1
+    rels = list(cfg.relations)
+    any_rel = {h: sum(per_rel.get(r, {}).get(h, 0) for r in rels) for h in heads_in_layers}
+
+    def verdict(counts):
+        if not tih_here:
+            return "not applicable: no TIH in these layers"
+        return "yes" if all(counts.get(h, 0) > 0 for h in tih_here) else "no"
+
+    out = {"tih_in_layers": tih_here, "cih_channels_per_head": {r: per_rel.get(r, {}) for r in rels}}
+    summary = {"tests": sum(len(lr["tests"]) for lr in report["layers"].values())}
+    for r in rels + ["any relation"]:
+        counts = any_rel if r == "any relation" else per_rel.get(r, {})
+        summary[f"H1 [{r}]"] = verdict(counts) + f" ({sum(counts.get(h, 0) > 0 for h in tih_here)} of {len(tih_here)} TIH)"
+        summary[f"H2 [{r}]: non-TIH heads with CIH channels"] = sorted(h for h, n in counts.items() if n and h not in tih)
+    out["summary"] = summary
+    return out
 
 
 def _feature_labels(model: str, layers) -> dict:
@@ -481,19 +475,16 @@ def write_markdown(report, labels, out: Path) -> None:
     lines = ["# Conceptual induction heads in SmolLM2-135M", "",
              f"Reproduce: `fra report cih` (seed {report['config']['seed']}); every number is in `cih.json`.", "",
              "## Answers", "",
-             f"- **H1, every token induction head has a CIH channel: {a['summary']['H1 (every TIH has a CIH channel)']}.** "
-             f"TIH in the SAE layers with at least one CIH channel: {a['summary']['TIH with >=1 CIH channel']}.",
-             f"- **H2, some non-TIH head has a CIH channel: {a['summary']['H2 (some non-TIH head has one)']}.** "
-             f"Heads: {', '.join(a['summary']['non-TIH heads with CIH channels']) or 'none'}.",
-             f"- Tests: {a['summary']['tests']} (head, channel) pairs, each selected on half A and tested on half B; "
+             "Each relation has its own selection (half A), tests (half B) and matched control; the answers are per "
+             "relation and for any relation. Synonyms are the strictest reading: plural and capitalised forms share "
+             "a stem or spelling with A, so sub-word features can match them without any concept.", "",
+             *[f"- **{k}:** {', '.join(v) if isinstance(v, list) else v}" + ("none" if v == [] else "")
+               for k, v in a["summary"].items() if k != "tests"], "",
+             f"Tests: {a['summary']['tests']} (head, channel) pairs, each selected on half A and tested on half B; "
              f"Benjamini-Hochberg FDR {report['config']['fdr']} over all of them. A CIH channel needs q < FDR on "
              "conceptual repeats against the shifted-target null, a positive held-out margin, and a margin above "
              "the matched control in which A is replaced by an unrelated noun while B and X stay the same "
              "(paired sign-flip test, BH-adjusted q < FDR over all tests with a control).", "",
-             f"- **Synonyms alone** (the strictest reading; plural and capitalised forms share a stem or "
-             f"spelling with A): TIH with a CIH channel whose effect over the control holds on synonym prompts "
-             f"(BH over those channels): {a['summary']['TIH with a CIH channel that also holds on synonyms alone']}; "
-             f"non-TIH heads: {', '.join(a['summary']['non-TIH heads with one on synonyms alone']) or 'none'}.", "",
              "Prompt counts: " + ", ".join(f"{k} {v}" for k, v in sorted(report["n_prompts"].items())), "",
              "## Token induction heads (census, all layers)", "",
              "TIH (induction >= 0.3 on repeats, < 0.05 on the non-repeating control): " + ", ".join(report["tih"]), "",
@@ -505,8 +496,8 @@ def write_markdown(report, labels, out: Path) -> None:
                 lines.append(f"| {l}.{h} | {s} | {v['total']:.2f} | {v['ff']:.2f} | {v['bdec']:.2f} | {v['err']:.2f} | "
                              f"{v['bias']:.2f} | {v['shifted_total']:.2f} |")
     lines += ["", "## Top held-out channels per family", "",
-              "| head | family | feat_q -> feat_k | labels | margin B | shifted B | control B | share of head margin | q (shifted) | q (control) | CIH | synonyms only: margin / control |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| head | family | feat_q -> feat_k | labels | margin B | shifted B | control B | share of head margin | q (shifted) | q (control) | CIH |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for l, lr in report["layers"].items():
         for t in sorted(lr["tests"], key=lambda t: (t["head"], t["family"], -t["margin_B"])):
             if t["rank_on_A"] >= 3 and not t["cih"]:
@@ -519,7 +510,7 @@ def write_markdown(report, labels, out: Path) -> None:
             lines.append(f"| {l}.{t['head']} | {t['family']} | {t['feat_q']} -> {t['feat_k']}"
                          f"{' (self)' if t['feat_q'] == t['feat_k'] else ''} | {lq} -> {lk} | {t['margin_B']:.3f} | "
                          f"{t['shifted_B']:.3f} | {ctrl} | {share} | {t['q']:.3g} | {q_ctrl} | "
-                         f"{'yes' if t['cih'] else ''} | {syn_cell(t)} |")
+                         f"{'yes' if t['cih'] else ''} |")
     lines += ["", "## H2: how much of a head's feature x feature margin cancels across channels (half A)", "",
               "| head | family | sum of positive channel margins | sum of negative | net | largest single channel | channels |",
               "|---|---|---|---|---|---|---|"]
@@ -549,14 +540,6 @@ def write_markdown(report, labels, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def syn_cell(t) -> str:
-    r = t.get("by_relation", {}).get("synonym")
-    if not r:
-        return ""
-    q = f", q {r['q_vs_control']:.2g}" if "q_vs_control" in r else ""
-    return f"{r['margin_B']:.3f} / {r['control_B']:.3f}{q}"
-
-
 def figures(report, out: Path) -> None:
     try:
         import matplotlib
@@ -565,7 +548,7 @@ def figures(report, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional; the numbers are in cih.json
         return
-    tests = [(l, t) for l, lr in report["layers"].items() for t in lr["tests"] if t["family"] == "concept"]
+    tests = [(l, t) for l, lr in report["layers"].items() for t in lr["tests"] if t["family"].startswith("concept:")]
     if not tests:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
