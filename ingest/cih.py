@@ -433,13 +433,18 @@ def answers(report, cfg) -> dict:
     tih = set(report["tih"])
     heads_in_layers = [f"{l}.{h}" for l, lr in report["layers"].items() for h in lr["heads"]]
     tih_here = [h for h in heads_in_layers if h in tih]
-    per_rel = {}
+    per_rel, effects = {}, {}
     for l, lr in report["layers"].items():
         for t in lr["tests"]:
             if t["cih"]:
                 rel = t["family"].split(":")[1]
                 per_rel.setdefault(rel, {}).setdefault(f"{l}.{t['head']}", 0)
                 per_rel[rel][f"{l}.{t['head']}"] += 1
+                # effect size: the channel's margin over the matched control, as a share of the
+                # head's own margin on these prompts
+                head_margin = lr["heads"][str(t["head"])]["sets"][t["family"]]["total"]
+                if head_margin > 0:
+                    effects.setdefault(rel, []).append((t["margin_B"] - t["control_B"]) / head_margin)
     rels = list(cfg.relations)
     any_rel = {h: sum(per_rel.get(r, {}).get(h, 0) for r in rels) for h in heads_in_layers}
 
@@ -454,6 +459,10 @@ def answers(report, cfg) -> dict:
         counts = any_rel if r == "any relation" else per_rel.get(r, {})
         summary[f"H1 [{r}]"] = verdict(counts) + f" ({sum(counts.get(h, 0) > 0 for h in tih_here)} of {len(tih_here)} TIH)"
         summary[f"H2 [{r}]: non-TIH heads with CIH channels"] = sorted(h for h, n in counts.items() if n and h not in tih)
+        eff = sorted(e for rr in (rels if r == "any relation" else [r]) for e in effects.get(rr, []))
+        if eff:
+            summary[f"effect [{r}]: CIH channel margin over control / head margin, median (max)"] = (
+                f"{eff[len(eff) // 2]:.4f} ({eff[-1]:.4f}) over {len(eff)} channels")
     out["summary"] = summary
     return out
 
