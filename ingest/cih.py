@@ -533,14 +533,17 @@ def write_markdown(report, labels, out: Path) -> None:
     for l, lr in report["layers"].items():
         for t in lr["tests"]:
             if t["cih"]:
-                by_pair.setdefault((int(l), t["feat_q"], t["feat_k"]), []).append(f"{l}.{t['head']}")
-    lines += ["| layer | feat_q -> feat_k | query label | key label | key reads 'prev token was ...' | self-pair | heads where it is a CIH channel |",
-              "|---|---|---|---|---|---|---|"]
-    for (l, fq, fk), heads in sorted(by_pair.items(), key=lambda kv: -len(kv[1])):
+                by_pair.setdefault((int(l), t["feat_q"], t["feat_k"]), []).append(
+                    (f"{l}.{t['head']}", t["family"].split(":")[1]))
+    lines += ["| layer | feat_q -> feat_k | query label | key label | key reads 'prev token was ...' | self-pair | "
+              "heads where it is a CIH channel | relations |", "|---|---|---|---|---|---|---|---|"]
+    for (l, fq, fk), hits in sorted(by_pair.items(), key=lambda kv: -len({h for h, _ in kv[1]})):
         lk = labels.get((l, fk), "")
+        heads = sorted({h for h, _ in hits}, key=lambda h: int(h.split(".")[1]))
+        rels = sorted({r for _, r in hits})
         lines.append(f"| {l} | {fq} -> {fk} | {labels.get((l, fq), '')} | {lk} | {'yes' if '(prev:' in lk else 'no'} | "
-                     f"{'yes' if fq == fk else 'no'} | {', '.join(heads)} |")
-    lines += ["", "![channel margins](margins.png)", "",
+                     f"{'yes' if fq == fk else 'no'} | {', '.join(heads)} | {', '.join(rels)} |")
+    lines += ["", "![channel margins](margins.png)", "", "![head margins](heads.png)", "",
               "## Caveats", "",
               "- The SAEs are the CPU-budget ones shipped with the repo (see MODEL_CARD.md); their error term carries "
               "a large share of every margin (table above), so a channel-level null result may reflect the SAE.",
@@ -550,6 +553,9 @@ def write_markdown(report, labels, out: Path) -> None:
 
 
 def figures(report, out: Path) -> None:
+    """margins.png: per relation, each tested channel's held-out margin against its matched
+    control (CIH channels in red); heads.png: each head's margin on conceptual repeats against
+    the matched control."""
     try:
         import matplotlib
 
@@ -557,19 +563,44 @@ def figures(report, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional; the numbers are in cih.json
         return
-    tests = [(l, t) for l, lr in report["layers"].items() for t in lr["tests"] if t["family"].startswith("concept:")]
-    if not tests:
+    fams = sorted({t["family"] for lr in report["layers"].values() for t in lr["tests"] if t["family"].startswith("concept:")})
+    if not fams:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [t["margin_B"] for _, t in tests]
-    ys = [t["shifted_B"] for _, t in tests]
-    colors = ["tab:red" if t["cih"] else ("tab:blue" if f"{l}.{t['head']}" in report["tih"] else "tab:gray") for l, t in tests]
-    ax.scatter(ys, xs, c=colors, s=12)
-    lim = max(map(abs, xs + ys)) * 1.05 or 1
-    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.5)
-    ax.set_xlabel("held-out margin with shifted targets (null)")
-    ax.set_ylabel("held-out margin, real targets")
-    ax.set_title("Selected channels on conceptual repeats (red: CIH, blue: TIH heads)")
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 4.2), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        pts = [(t["control_B"], t["margin_B"], t["cih"], f"{l}.{t['head']}" in report["tih"])
+               for l, lr in report["layers"].items() for t in lr["tests"] if t["family"] == fam]
+        for cih_flag, tih_flag, color, label in ((False, False, "tab:gray", "other heads"),
+                                                 (False, True, "tab:blue", "TIH"), (True, None, "tab:red", "CIH channel")):
+            sel = [(x, y) for x, y, c, t in pts if c == cih_flag and (tih_flag is None or t == tih_flag)]
+            if sel:
+                ax.scatter(*zip(*sel), s=10, c=color, label=label)
+        lim = max(max(abs(x), abs(y)) for x, y, *_ in pts) * 1.05 or 1
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.5)
+        ax.set_title(fam.replace("concept:", "") + " repeats")
+        ax.set_xlabel("held-out margin, matched control (A replaced)")
+        ax.set_ylabel("held-out margin, conceptual repeat")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "margins.png", dpi=120)
+    fig.savefig(out / "margins.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for fam, marker in zip(fams, "os^"):
+        xs, ys, cs = [], [], []
+        for l, lr in report["layers"].items():
+            for h, hr in lr["heads"].items():
+                st = hr["sets"]
+                ctrl = fam.replace("concept:", "concept_ctrl:")
+                if fam in st and ctrl in st:
+                    xs.append(st[ctrl]["total"]); ys.append(st[fam]["total"])
+                    cs.append("tab:blue" if f"{l}.{h}" in report["tih"] else "tab:gray")
+        ax.scatter(xs, ys, c=cs, marker=marker, s=18, label=fam.replace("concept:", ""))
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, "k--", lw=0.5)
+    ax.set_xlabel("head margin, matched control")
+    ax.set_ylabel("head margin, conceptual repeat")
+    ax.set_title("Heads of the SAE layers (blue: token induction heads)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "heads.png", dpi=110)
     plt.close(fig)
