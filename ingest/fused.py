@@ -61,7 +61,40 @@ void fused_block(torch::Tensor V, torch::Tensor keys, torch::Tensor count, torch
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("fused_block", &fused_block); }
+// Merge one sample's local accumulators into the global, channel-major ones. Local slot sel[s]
+// maps to global channel glob[s]; the global keys of one merge are distinct, so the loop over s
+// runs in parallel without races. Local stats are [H, P_local]; global [P, H].
+void fused_merge(torch::Tensor glob, torch::Tensor sel, torch::Tensor lcount, torch::Tensor lsum,
+                 torch::Tensor lsumsq, torch::Tensor lmin, torch::Tensor lmax, torch::Tensor gcount,
+                 torch::Tensor gsum, torch::Tensor gsumsq, torch::Tensor gmin, torch::Tensor gmax) {
+  const int64_t S = glob.size(0), H = lsum.size(0), PL = lsum.size(1);
+  const int64_t* g = glob.data_ptr<int64_t>();
+  const int64_t* sl = sel.data_ptr<int64_t>();
+  const int64_t* lc = lcount.data_ptr<int64_t>();
+  const float *ls = lsum.data_ptr<float>(), *lss = lsumsq.data_ptr<float>();
+  const float *lmn = lmin.data_ptr<float>(), *lmx = lmax.data_ptr<float>();
+  int64_t* gc = gcount.data_ptr<int64_t>();
+  float *gs = gsum.data_ptr<float>(), *gss = gsumsq.data_ptr<float>();
+  float *gmn = gmin.data_ptr<float>(), *gmx = gmax.data_ptr<float>();
+  at::parallel_for(0, S, 4096, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t key = g[s], loc = sl[s];
+      gc[key] += lc[loc];
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t li = h * PL + loc, gi = key * H + h;
+        gs[gi] += ls[li];
+        gss[gi] += lss[li];
+        if (lmn[li] < gmn[gi]) gmn[gi] = lmn[li];
+        if (lmx[li] > gmx[gi]) gmx[gi] = lmx[li];
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_block", &fused_block);
+  m.def("fused_merge", &fused_merge);
+}
 """
 
 _module = None

@@ -247,7 +247,12 @@ def reduce_sample(
     # local -> global channel keys
     sel = local.used_slots()
     u, w = sel // U1, sel % U1
-    acc.add_local(uniq_U[u] * F + uniq_U[w], local, sel)
+    glob = uniq_U[u] * F + uniq_U[w]
+    if kernel is not None and acc.sum_PH.dtype == torch.float32:
+        kernel.fused_merge(glob, sel, local.count_P, local.sum_HP, local.sumsq_HP, local.min_HP, local.max_HP,
+                           acc.count_P, acc.sum_PH, acc.sumsq_PH, acc.min_PH, acc.max_PH)
+    else:
+        acc.add_local(glob, local, sel)
 
     ints = torch.cat(rows[0::2], 1)
     vals = torch.cat(rows[1::2])
