@@ -101,7 +101,7 @@ def time_views(index: Path, repeats: int = 3) -> list[tuple[str, float]]:
             times.append(time.perf_counter() - t)
         out.append((name, min(times)))
     t = time.perf_counter()
-    con.execute("SELECT * FROM top_entries LIMIT 20").fetchall()
+    con.execute("SELECT * FROM top_entries_n(?)", [20]).fetchall()
     out.append(("top_entries (20 largest anywhere)", time.perf_counter() - t))
     return out
 

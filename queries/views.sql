@@ -52,12 +52,15 @@ SELECT CASE WHEN feat_q = feat AND feat_k = feat THEN 'both' WHEN feat_q = feat 
 FROM channel_stats
 WHERE (feat_q = feat OR feat_k = feat) AND (lyr IS NULL OR layer = lyr);
 
--- The largest single kept contributions anywhere, with the tokens at q and k.
-CREATE OR REPLACE VIEW top_entries AS
+-- The largest single kept contributions anywhere, with the tokens at q and k. The macro takes the
+-- number wanted, so that only that many rows are joined with the samples; the view holds 1000.
+CREATE OR REPLACE MACRO top_entries_n(n) AS TABLE
 SELECT r.layer, r.head, r.sample, r.q, r.k, r.feat_q, r.feat_k, r.value, r.induction,
        s.tokens[r.q + 1] AS token_q, s.tokens[r.k + 1] AS token_k
-FROM rows r JOIN samples s USING (sample)
+FROM (SELECT * FROM rows ORDER BY abs(value) DESC LIMIT n) r JOIN samples s USING (sample)
 ORDER BY abs(r.value) DESC;
+
+CREATE OR REPLACE VIEW top_entries AS SELECT * FROM top_entries_n(1000);
 
 -- Attention pattern over each query's causal keys (softmax of the exact scores).
 CREATE OR REPLACE VIEW pattern AS
