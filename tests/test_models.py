@@ -116,7 +116,7 @@ def test_census_scores_on_hand_built_patterns():
     for q in range(T):
         prev[..., q, max(q - 1, 0)] = 1.0
         induction[..., q, q - L + 1 if q > L else 0] = 1.0
-    s = head_scores(torch.cat([induction, prev], 1), L)  # layers: [induction head, prev head]
+    s = head_scores(torch.cat([induction, prev], 0), L)  # layers: [induction head, prev head]
     assert s["induction"][:, 0].tolist() == [1.0, 0.0]
     assert s["prev_token"][:, 0].tolist() == pytest.approx([1 / 6, 1.0])
     assert s["duplicate"][:, 0].tolist() == [0.0, 0.0]
