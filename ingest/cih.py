@@ -576,14 +576,9 @@ def figures(report, out: Path) -> None:
             if sel:
                 ax.scatter(*zip(*sel), s=10, c=color, label=label)
         lim = max(max(abs(x), abs(y)) for x, y, *_ in pts) * 1.05 or 1
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.5)
-        ax.set_title(fam.replace("concept:", "") + " repeats")
-        ax.set_xlabel("held-out margin, matched control (A replaced)")
-        ax.set_ylabel("held-out margin, conceptual repeat")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "margins.png", dpi=110)
-    plt.close(fig)
+        _diagonal_panel(ax, (-lim, lim), "held-out margin, matched control (A replaced)",
+                        "held-out margin, conceptual repeat", fam.replace("concept:", "") + " repeats")
+    _save(fig, out / "margins.png")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for fam, marker in zip(fams, "os^"):
         xs, ys, cs = [], [], []
@@ -595,12 +590,23 @@ def figures(report, out: Path) -> None:
                     xs.append(st[ctrl]["total"]); ys.append(st[fam]["total"])
                     cs.append("tab:blue" if f"{l}.{h}" in report["tih"] else "tab:gray")
         ax.scatter(xs, ys, c=cs, marker=marker, s=18, label=fam.replace("concept:", ""))
-    lim = ax.get_xlim()
+    _diagonal_panel(ax, ax.get_xlim(), "head margin, matched control", "head margin, conceptual repeat",
+                    "Heads of the SAE layers (blue: token induction heads)")
+    _save(fig, out / "heads.png")
+
+
+def _diagonal_panel(ax, lim, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, legend and the y = x line that marks 'no effect over the control'."""
     ax.plot(lim, lim, "k--", lw=0.5)
-    ax.set_xlabel("head margin, matched control")
-    ax.set_ylabel("head margin, conceptual repeat")
-    ax.set_title("Heads of the SAE layers (blue: token induction heads)")
-    ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(out / "heads.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
