@@ -202,19 +202,20 @@ def prompt_margins(qfeat_HTAE, kfeat_HTAE, feat_idx_TA, live_TA, W_MQK, d_sae):
     qs = torch.nonzero(W_MQK.abs().sum((0, 2)) > 0).flatten()
     uniq, inv = torch.unique(feat_idx_TA[live_TA], return_inverse=True)
     U1 = uniq.shape[0] + 1
-    local = torch.full((T, A), U1 - 1, dtype=torch.long)
+    dev = qfeat_HTAE.device
+    local = torch.full((T, A), U1 - 1, dtype=torch.long, device=dev)
     local[live_TA] = inv
     V = torch.einsum("hqae,hkbe->hqkab", qfeat_HTAE[:, qs], kfeat_HTAE)  # [H, nq, T, A, A]
     valid = live_TA[qs][:, None, :, None] & live_TA[None, :, None, :]
     keys = (local[qs][:, None, :, None] * U1 + local[None, :, None, :]).expand(len(qs), T, A, A)
-    acc = torch.zeros(M, H, U1 * U1)
+    acc = torch.zeros(M, H, U1 * U1, device=dev)
     for m in range(M):
         w = W_MQK[m][qs]  # [nq, T]
         contrib = (V * (w[None, :, :, None, None] * valid)).flatten(1)
         acc[m].index_add_(1, keys.flatten(), contrib)
     nz = torch.nonzero(acc.abs().sum((0, 1)) > 0).flatten()
     u, w_ = nz // U1, nz % U1
-    return uniq[u] * d_sae + uniq[w_], acc[:, :, nz]
+    return (uniq[u] * d_sae + uniq[w_]).cpu(), acc[:, :, nz].cpu()
 
 
 @dataclass
@@ -234,7 +235,7 @@ def analyse_prompt(model, sae, proj, prompt: Prompt, shifted: dict, device="cpu"
     acts = sae.encode(hooks.x_BTD)
     sparse, q, k, _ = project_tokens(proj, hooks.x_BTD, acts, sae.W_dec, sae.b_dec, hooks.norm_scale_BT)
     T = toks.shape[1]
-    W = torch.stack([margin_weights(T, prompt.targets), margin_weights(T, shifted)])
+    W = torch.stack([margin_weights(T, prompt.targets), margin_weights(T, shifted)]).to(toks.device)
     keys, vals = prompt_margins(q.feat_BHTAE[0], k.feat_BHTAE[0], sparse.feat_idx_BTA[0],
                                 sparse.acts_BTA[0] != 0, W, sae.cfg.d_sae)
     terms = pair_terms(q, k)[:, 0]  # [C, H, Q, K]
@@ -242,8 +243,8 @@ def analyse_prompt(model, sae, proj, prompt: Prompt, shifted: dict, device="cpu"
               "err": [t for t in TERM_NAMES if "err" in t and "bias" not in t],
               "bias": [t for t in TERM_NAMES if "bias" in t]}
     head_terms = {}
-    causal = torch.ones(T, T).tril().bool()
-    score = torch.where(causal, hooks.model_scores_BHQK[0], torch.zeros(()))
+    causal = torch.ones(T, T, device=toks.device).tril().bool()
+    score = torch.where(causal, hooks.model_scores_BHQK[0], torch.zeros((), device=toks.device))
     for m, name in enumerate(("real", "shifted")):
         head_terms[name] = {g: torch.einsum("chqk,qk->h", terms[[TERM_NAMES.index(t) for t in ts]], W[m]).tolist()
                             for g, ts in groups.items()}

@@ -169,8 +169,9 @@ def build_projector(model, layer: int, sae, dtype=torch.float32) -> LayerProject
     norm_type = cfg.normalization_type
     has_w = norm_type in ("LN", "RMS")
     ln = block.ln1
-    w_norm_D = (ln.w if has_w else torch.ones(d_model)).detach().to(dtype)
-    b_norm_D = (ln.b if norm_type == "LN" else torch.zeros(d_model)).detach().to(dtype)
+    dev = attn.W_Q.device
+    w_norm_D = (ln.w if has_w else torch.ones(d_model, device=dev)).detach().to(dtype)
+    b_norm_D = (ln.b if norm_type == "LN" else torch.zeros(d_model, device=dev)).detach().to(dtype)
     # hook_normalized is already centred and scaled; resid_pre still needs both.
     centre = kind == "resid_pre" and norm_type in ("LN", "LNPre")
 
@@ -181,7 +182,7 @@ def build_projector(model, layer: int, sae, dtype=torch.float32) -> LayerProject
     else:
         W_k_GDE, b_k_GE = attn.W_K.detach().to(dtype), attn.b_K.detach().to(dtype)
     n_heads, n_kv = W_q_HDE.shape[0], W_k_GDE.shape[0]
-    kv_of_head_H = torch.arange(n_heads) // (n_heads // n_kv)
+    kv_of_head_H = torch.arange(n_heads, device=dev) // (n_heads // n_kv)
     inv_scale = 1.0 / float(attn.attn_scale)
 
     W_dec_FD = sae.W_dec.detach().to(dtype)

@@ -139,8 +139,8 @@ def induction_mask(tokens_T: Tensor) -> Tensor:
     p < q - 1 (so k < q). Position 0 (BOS) is never a query with a target."""
     T = tokens_T.shape[0]
     same = tokens_T[:, None] == tokens_T[None, :]  # [q, p]
-    q = torch.arange(T)[:, None]
-    p = torch.arange(T)[None, :]
+    q = torch.arange(T, device=tokens_T.device)[:, None]
+    p = torch.arange(T, device=tokens_T.device)[None, :]
     prev_occ = same & (p < q - 1)
     mask = torch.zeros(T, T, dtype=torch.bool, device=tokens_T.device)
     mask[:, 1:] = prev_occ[:, :-1]
