@@ -116,3 +116,82 @@ def test_shifted_targets_never_hit_the_real_target():
     sh = shifted_targets(p, [q - k for q, k in p.targets.items()], rng)
     assert set(sh) == set(p.targets)
     assert all(sh[q] != p.targets[q] and 1 <= sh[q] < q for q in sh)
+
+
+A_TOK, M_TOK, BOS_TOK = 1, 2, 3  # the planted channel reads "query is A" x "key is M" (M follows A)
+
+
+def planted_transformer(planted: bool, seed: int = 0):
+    """A one-layer attention-only HookedTransformer whose residual stream is the one-hot token
+    (no positional embedding) and an SAE whose features are exactly the tokens. Planted: the query
+    vector of A and the key vector of M align (q_A . k_M = 4 x the largest other |q . k|). Not
+    planted: the same random weights with q_A . k_M set to exactly 0."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(d_model=16, d_head=8, n_heads=1, n_layers=1, n_ctx=32, d_vocab=12,
+                                  act_fn="relu", normalization_type="RMSPre", attn_only=True, device="cpu")
+    model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.W_E.copy_(torch.eye(16)[:12])
+        model.W_pos.zero_()
+        attn = model.blocks[0].attn
+        W_Q = 0.3 * torch.randn(16, 8, generator=g)
+        W_K = 0.3 * torch.randn(16, 8, generator=g)
+        k_M = W_K[M_TOK]
+        W_Q[A_TOK] -= (W_Q[A_TOK] @ k_M) / (k_M @ k_M) * k_M  # q_A . k_M = 0
+        if planted:
+            others = (W_Q @ W_K.T).abs().max()
+            W_Q[A_TOK] += 4 * others * k_M / (k_M @ k_M)
+        attn.W_Q.copy_(W_Q[None])
+        attn.W_K.copy_(W_K[None])
+        attn.b_Q.zero_()
+        attn.b_K.zero_()
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=12))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(16)[:12])
+        sae.W_enc.copy_(torch.eye(16)[:, :12])
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return model.eval(), sae.eval()
+
+
+def planted_prompts(n: int, seed: int = 0):
+    """[BOS] fillers A M fillers A: the final A's induction target is M."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        before, after = rng.randint(1, 4), rng.randint(2, 6)
+        toks = ([BOS_TOK] + [rng.randint(4, 11) for _ in range(before)] + [A_TOK, M_TOK]
+                + [rng.randint(4, 11) for _ in range(after)] + [A_TOK])
+        out.append(Prompt(toks, {len(toks) - 1: before + 2}, "concept:planted", i % 2, {}))
+    return out
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_study_finds_the_planted_channel_in_a_transformer(planted):
+    """Selection on half A, shifted-target null on half B, BH: the planted model yields exactly
+    the channel (A -> M); the same model without it yields none."""
+    model, sae = planted_transformer(planted)
+    proj = build_projector(model, 0, sae)
+    prompts = planted_prompts(24)
+    rng = random.Random(0)
+    dists = [q - k for p in prompts for q, k in p.targets.items()]
+    F = sae.cfg.d_sae
+    sums, per_prompt = torch.zeros(1, F * F), []
+    for p in prompts:
+        r = analyse_prompt(model, sae, proj, p, shifted_targets(p, dists, rng))
+        if p.half == 0:
+            sums.index_add_(1, r.keys, r.vals[0])
+        per_prompt.append(dict(zip(r.keys.tolist(), r.vals[:, 0].T.tolist())))
+    selected = sums[0].topk(5).indices.tolist()
+    pvals = []
+    for key in selected:
+        diffs = [d.get(key, [0, 0])[0] - d.get(key, [0, 0])[1] for p, d in zip(prompts, per_prompt) if p.half == 1]
+        pvals.append(sign_flip_pvalue(diffs, 2000, rng))
+    qvals = benjamini_hochberg(pvals)
+    found = {(selected[i] // F, selected[i] % F) for i, q in enumerate(qvals)
+             if q < 0.05 and sums[0, selected[i]] > 0}
+    assert found == ({(A_TOK, M_TOK)} if planted else set())
