@@ -280,7 +280,6 @@ def _ingest_layer(cfg, lm, sae, layer, heads, sample_ids, tokens, work: Path, de
 
     stats = {}
     fq, fk, count, s, ss, mn, mx = acc.nonzero(cfg.min_count)
-    ind_by_key = {}
     ifq, ifk, icount, isum, issq, imn, imx = ind_acc.nonzero(1)
     ikeys = (ifq * F + ifk).cpu().numpy()
     keys = (fq * F + fk).cpu().numpy()
