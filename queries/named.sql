@@ -56,7 +56,7 @@ SELECT q, k, score, ff, kept, f_bdec, f_err, bdec_f, err_f, resid_resid, bias
 FROM pairs WHERE layer = ? AND head = ? AND sample = ?;
 
 -- name: channel_one
-SELECT * FROM channel_stats WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ?;
+SELECT * FROM channel_stats_at(?, ?) WHERE feat_q = ? AND feat_k = ?;
 
 -- name: head_summary_one
 SELECT * FROM head_summary_at(?, ?);

@@ -11,8 +11,10 @@ SELECT layer, head,
 FROM pairs
 GROUP BY layer, head;
 
--- One row per channel (layer, head, feat_q, feat_k): mean-when-active and friends.
-CREATE OR REPLACE VIEW channel_stats AS
+-- One row per channel (layer, head, feat_q, feat_k): mean-when-active and friends. The macro takes
+-- one layer / head (NULL for all) and pushes it into both scans, so a question about one head
+-- reads only that head's partitions of channels and pairs.
+CREATE OR REPLACE MACRO channel_stats_at(lyr, hd) AS TABLE
 SELECT c.layer, c.head, c.feat_q, c.feat_k, c.count,
        c.sum / c.count AS mean,
        sqrt(greatest(c.sumsq / c.count - (c.sum / c.count) ^ 2, 0)) AS std,
@@ -25,7 +27,12 @@ SELECT c.layer, c.head, c.feat_q, c.feat_k, c.count,
        c.sum / nullif(t.ff_total, 0) AS share_of_head,
        abs(c.sum) / nullif(t.ff_abs_total, 0) AS abs_share_of_head,
        c.feat_q = c.feat_k AS self_pair
-FROM channels c JOIN head_totals t USING (layer, head);
+FROM (SELECT * FROM channels WHERE (lyr IS NULL OR layer = lyr) AND (hd IS NULL OR head = hd)) c
+JOIN (SELECT layer, head, sum(ff) AS ff_total, sum(ff_abs) AS ff_abs_total FROM pairs
+      WHERE (lyr IS NULL OR layer = lyr) AND (hd IS NULL OR head = hd) GROUP BY layer, head) t
+  USING (layer, head);
+
+CREATE OR REPLACE VIEW channel_stats AS SELECT * FROM channel_stats_at(NULL, NULL);
 
 -- Features flagged as BOS or punctuation (used by the optional filter of top_channels).
 CREATE OR REPLACE VIEW noise_features AS
@@ -34,8 +41,7 @@ SELECT layer, feature FROM features WHERE punct_or_bos;
 -- Per head, channels ranked by |mean-when-active|; lyr / hd NULL for every layer / head.
 CREATE OR REPLACE MACRO top_channels(lyr, hd, min_count, drop_noise, n) AS TABLE
 WITH cand AS (
-  SELECT s.* FROM channel_stats s
-  WHERE (lyr IS NULL OR s.layer = lyr) AND (hd IS NULL OR s.head = hd) AND s.count >= min_count
+  SELECT s.* FROM channel_stats_at(lyr, hd) s WHERE s.count >= min_count
 ), noise AS (
   SELECT layer, feature FROM noise_features WHERE drop_noise AND (lyr IS NULL OR layer = lyr)
 )
@@ -49,8 +55,8 @@ SELECT * FROM (
 -- Every channel in which a feature appears, on the query side or the key side.
 CREATE OR REPLACE MACRO feature_lookup(feat, lyr) AS TABLE
 SELECT CASE WHEN feat_q = feat AND feat_k = feat THEN 'both' WHEN feat_q = feat THEN 'query' ELSE 'key' END AS side, *
-FROM channel_stats
-WHERE (feat_q = feat OR feat_k = feat) AND (lyr IS NULL OR layer = lyr);
+FROM channel_stats_at(lyr, NULL)
+WHERE (feat_q = feat OR feat_k = feat);
 
 -- The largest single kept contributions anywhere, with the tokens at q and k. The macro takes the
 -- number wanted, so that only that many rows are joined with the samples; the view holds 1000.
