@@ -63,7 +63,7 @@ class CIHConfig:
     fdr: float = 0.05
     min_census_induction: float = 0.3
     max_census_control: float = 0.05
-    corpus: Path = Path("data/corpus.parquet")
+    corpus: Path = Path(__file__).parent / "assets" / "demo_corpus.parquet"  # held-out, ships in the repo
     seed: int = 0
     device: str = "cpu"
 
@@ -549,7 +549,9 @@ def write_markdown(report, labels, out: Path) -> None:
               "- The SAEs are the CPU-budget ones shipped with the repo (see MODEL_CARD.md); their error term carries "
               "a large share of every margin (table above), so a channel-level null result may reflect the SAE.",
               "- Only channels ranked in the top few on half A are tested; a head could still have CIH channels "
-              "that rank lower."]
+              "that rank lower.",
+              "- q-values between 0.01 and 0.05 are fragile: re-run with other seeds (`fra report cih --seed N`), "
+              "which redraws the fillers, controls and shifted targets, before trusting them."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
