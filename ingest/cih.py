@@ -34,7 +34,6 @@ controls -> tests -> report.md, figures and cih.json.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass

@@ -8,7 +8,6 @@ at import time; torch and transformers are imported inside the loaders.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -160,7 +159,3 @@ def get_entry(name: str) -> RegistryEntry:
 
 def load_model(name: str, device: str = "cpu") -> LoadedModel:
     return get_entry(name).load(device=device)
-
-
-def hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

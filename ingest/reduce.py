@@ -23,9 +23,6 @@ from torch import Tensor
 
 from .decompose import causal_mask
 
-STATS = ("count", "sum", "sumsq", "min", "max")
-
-
 @dataclass
 class ChannelAccumulator:
     """Exact channel statistics over a corpus for one layer, channel-major ([F*F, H]) so that

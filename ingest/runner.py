@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -48,7 +48,6 @@ class IngestConfig:
     max_samples: int | None = None
     max_tokens: int = 128
     shard: str = "0/1"  # i/n: samples with index % n == i
-    batch_size: int = 8
     top_m: int = 32  # rows kept per (head, query): the largest |FA| over all keys and feature pairs
     min_count: int = 128  # channels co-active in fewer (q, k) pairs over the corpus are not written
     q_block: int = 32
@@ -64,8 +63,8 @@ class IngestConfig:
             raise ValueError(f"--shard {self.shard}: need 0 <= i < n")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError("--max-samples must be positive")
-        if self.top_m < 1 or self.min_count < 1 or self.batch_size < 1:
-            raise ValueError("--top-m, --min-count and --batch-size must be at least 1")
+        if self.top_m < 1 or self.min_count < 1:
+            raise ValueError("--top-m and --min-count must be at least 1")
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -225,57 +224,54 @@ def _ingest_layer(cfg, lm, sae, layer, heads, sample_ids, tokens, work: Path, de
         "bias": [t for t in TERM_NAMES if "bias" in t],
     }
     term_idx = {k: [TERM_NAMES.index(t) for t in v] for k, v in other.items()}
-    # batches are sorted by length so that padding is rare; results are per sample anyway
     fires_F = torch.zeros(F, dtype=torch.long, device=device)  # tokens where each feature fires
     bos_F = torch.zeros(F, dtype=torch.long, device=device)  # samples where it fires at position 0
     order = sorted(range(len(tokens)), key=lambda s: len(tokens[s]))
     bar = tqdm(total=len(tokens), desc=f"layer {layer}", unit="sample", disable=not cfg.progress)
-    for start in range(0, len(order), cfg.batch_size):
-        batch = order[start : start + cfg.batch_size]
-        for s in batch:  # one sequence at a time through phases 2-3: no padding anywhere
-            toks = torch.tensor(tokens[s], device=device)[None]
-            hooks = run_hooks(model, layer, sae.cfg.metadata.hook_name, toks)
-            acts = sae.encode(hooks.x_BTD)
-            sparse, q, k, _ = project_tokens(proj, hooks.x_BTD, acts, sae.W_dec, sae.b_dec, hooks.norm_scale_BT)
-            live = sparse.acts_BTA[0] != 0
-            fires_F.index_add_(0, sparse.feat_idx_BTA[0][live], torch.ones_like(sparse.feat_idx_BTA[0][live]))
-            bos_F.index_add_(0, sparse.feat_idx_BTA[0, 0][live[0]], torch.ones_like(sparse.feat_idx_BTA[0, 0][live[0]]))
-            T = toks.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            ind = induction_mask(toks[0])
-            res = reduce_sample(
-                q.feat_BHTAE[0], k.feat_BHTAE[0], sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0,
-                ind, acc, ind_acc, cfg.top_m, cfg.q_block,
-            )
-            terms = pair_terms(q, k)[:, 0]  # [C, H, Q, K]
-            score = hooks.model_scores_BHQK[0]
-            qi, ki = torch.nonzero(causal, as_tuple=True)
-            sid = sample_ids[s]
-            for h in heads:
-                cols = {
-                    "sample": np.full(len(qi), sid, dtype=np.int32),
-                    "q": qi.cpu().numpy().astype(np.int16), "k": ki.cpu().numpy().astype(np.int16),
-                    "induction": ind[qi, ki].cpu().numpy(),
-                    "score": score[h, qi, ki].float().cpu().numpy(),
-                    "ff": res.ff_HQK[h, qi, ki].cpu().numpy(),
-                    "ff_abs": res.ff_abs_HQK[h, qi, ki].cpu().numpy(),
-                    "kept": res.kept_HQK[h, qi, ki].cpu().numpy(),
-                    "kept_abs": res.kept_abs_HQK[h, qi, ki].cpu().numpy(),
-                }
-                for name, idx in term_idx.items():
-                    cols[name] = terms[idx, h][:, qi, ki].sum(0).cpu().numpy()
-                pairs[h].append(pa.table(cols))
-                sel = res.rows_h == h
-                rq, rk = res.rows_q[sel], res.rows_k[sel]
-                rows[h].append(pa.table({
-                    "sample": np.full(int(sel.sum()), sid, dtype=np.int32),
-                    "q": rq.cpu().numpy().astype(np.int16), "k": rk.cpu().numpy().astype(np.int16),
-                    "feat_q": res.rows_fq[sel].cpu().numpy().astype(np.int32),
-                    "feat_k": res.rows_fk[sel].cpu().numpy().astype(np.int32),
-                    "value": res.rows_val[sel].cpu().numpy(),
-                    "induction": ind[rq, rk].cpu().numpy(),
-                }))
-        bar.update(len(batch))
+    for s in order:  # one sequence at a time, so nothing is ever padded
+        toks = torch.tensor(tokens[s], device=device)[None]
+        hooks = run_hooks(model, layer, sae.cfg.metadata.hook_name, toks)
+        acts = sae.encode(hooks.x_BTD)
+        sparse, q, k, _ = project_tokens(proj, hooks.x_BTD, acts, sae.W_dec, sae.b_dec, hooks.norm_scale_BT)
+        live = sparse.acts_BTA[0] != 0
+        fires_F.index_add_(0, sparse.feat_idx_BTA[0][live], torch.ones_like(sparse.feat_idx_BTA[0][live]))
+        bos_F.index_add_(0, sparse.feat_idx_BTA[0, 0][live[0]], torch.ones_like(sparse.feat_idx_BTA[0, 0][live[0]]))
+        T = toks.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        ind = induction_mask(toks[0])
+        res = reduce_sample(
+            q.feat_BHTAE[0], k.feat_BHTAE[0], sparse.feat_idx_BTA[0], live,
+            ind, acc, ind_acc, cfg.top_m, cfg.q_block,
+        )
+        terms = pair_terms(q, k)[:, 0]  # [C, H, Q, K]
+        score = hooks.model_scores_BHQK[0]
+        qi, ki = torch.nonzero(causal, as_tuple=True)
+        sid = sample_ids[s]
+        for h in heads:
+            cols = {
+                "sample": np.full(len(qi), sid, dtype=np.int32),
+                "q": qi.cpu().numpy().astype(np.int16), "k": ki.cpu().numpy().astype(np.int16),
+                "induction": ind[qi, ki].cpu().numpy(),
+                "score": score[h, qi, ki].float().cpu().numpy(),
+                "ff": res.ff_HQK[h, qi, ki].cpu().numpy(),
+                "ff_abs": res.ff_abs_HQK[h, qi, ki].cpu().numpy(),
+                "kept": res.kept_HQK[h, qi, ki].cpu().numpy(),
+                "kept_abs": res.kept_abs_HQK[h, qi, ki].cpu().numpy(),
+            }
+            for name, idx in term_idx.items():
+                cols[name] = terms[idx, h][:, qi, ki].sum(0).cpu().numpy()
+            pairs[h].append(pa.table(cols))
+            sel = res.rows_h == h
+            rq, rk = res.rows_q[sel], res.rows_k[sel]
+            rows[h].append(pa.table({
+                "sample": np.full(int(sel.sum()), sid, dtype=np.int32),
+                "q": rq.cpu().numpy().astype(np.int16), "k": rk.cpu().numpy().astype(np.int16),
+                "feat_q": res.rows_fq[sel].cpu().numpy().astype(np.int32),
+                "feat_k": res.rows_fk[sel].cpu().numpy().astype(np.int32),
+                "value": res.rows_val[sel].cpu().numpy(),
+                "induction": ind[rq, rk].cpu().numpy(),
+            }))
+        bar.update(1)
     bar.close()
 
     stats = {}

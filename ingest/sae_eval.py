@@ -191,7 +191,6 @@ def run(cfg: EvalConfig) -> dict:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from .corpus import read_corpus, tokenize_samples
     from .models import load_smollm2

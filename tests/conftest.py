@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fra.ingest.testing import make_cfg, make_model, make_sae  # noqa: F401  (re-exported)
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
