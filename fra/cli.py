@@ -30,11 +30,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         tp, nargs = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=tp, nargs=nargs, default=default,
-                                help=f"default: {default}")
+            shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+            parser.add_argument(flag, type=tp, nargs=nargs, default=default, metavar=f.name.upper(),
+                                help=text if "default:" in text else f"{text} (default: {shown})" if text else f"default: {shown}")
 
 
 def config_from_args(cls, args):
@@ -59,7 +61,7 @@ def cmd_corpus(args):
     if args.action == "fetch":
         fetch_sources(cfg.src_dir)
         return
-    from fra.ingest.models import smollm2_hf
+    from fra.ingest.registry import smollm2_hf
 
     _, tok = smollm2_hf()
     stats = build_corpus(cfg, tok)
@@ -67,7 +69,7 @@ def cmd_corpus(args):
 
 
 def cmd_train_sae(args):
-    from fra.ingest.train_sae import SAETrainConfig, run
+    from fra.ingest.sae.train import SAETrainConfig, run
 
     metrics = run(config_from_args(SAETrainConfig, args))
     for layer, m in metrics["layers"].items():
@@ -75,31 +77,31 @@ def cmd_train_sae(args):
 
 
 def cmd_eval_sae(args):
-    from fra.ingest.sae_eval import EvalConfig, run
+    from fra.ingest.sae.evaluate import EvalConfig, run
 
     print(json.dumps(run(config_from_args(EvalConfig, args)), indent=1))
 
 
 def cmd_census(args):
-    from fra.ingest.census import CensusConfig, run
+    from fra.ingest.studies.census import CensusConfig, run
 
     run(config_from_args(CensusConfig, args))
 
 
 def cmd_ingest(args):
-    from fra.ingest.runner import IngestConfig, run
+    from fra.ingest.index.build import IngestConfig, run
 
     run(config_from_args(IngestConfig, args))
 
 
 def cmd_merge(args):
-    from fra.ingest.merge import MergeConfig, run
+    from fra.ingest.index.merge import MergeConfig, run
 
     print(f"merged index written to {run(config_from_args(MergeConfig, args))}")
 
 
 def cmd_bench(args):
-    from fra.ingest.bench import BenchConfig, run
+    from fra.ingest.tools.bench import BenchConfig, run
 
     run(config_from_args(BenchConfig, args))
 
@@ -164,12 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     # (command, module, config class, function, help); the positional argument, if any, first
     staged = (
         ("corpus", "corpus", "CorpusConfig", cmd_corpus, "fetch the offline sources or build the corpus Parquet"),
-        ("train-sae", "train_sae", "SAETrainConfig", cmd_train_sae, "train TopK SAEs on SmolLM2 attention inputs"),
-        ("eval-sae", "sae_eval", "EvalConfig", cmd_eval_sae, "measure shipped SAEs on held-out text (model card numbers)"),
-        ("census", "census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
-        ("ingest", "runner", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
-        ("merge", "merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
-        ("bench", "bench", "BenchConfig", cmd_bench, "throughput of the ingest inner loop versus the naive reference"),
+        ("train-sae", "sae.train", "SAETrainConfig", cmd_train_sae, "train TopK SAEs on SmolLM2 attention inputs"),
+        ("eval-sae", "sae.evaluate", "EvalConfig", cmd_eval_sae, "measure shipped SAEs on held-out text (model card numbers)"),
+        ("census", "studies.census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
+        ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
+        ("merge", "index.merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
+        ("bench", "tools.bench", "BenchConfig", cmd_bench, "throughput of the ingest inner loop versus the naive reference"),
         ("report", "cih", "CIHConfig", cmd_report, "reproducible studies; `fra report cih`"),
     )
     for name, module, cls, func, text in staged:

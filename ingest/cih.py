@@ -227,7 +227,7 @@ class PromptResult:
 def analyse_prompt(model, sae, proj, prompt: Prompt, shifted: dict, device="cpu") -> PromptResult:
     import torch
 
-    from .decompose import TERM_NAMES, pair_terms, project_tokens, run_hooks
+    from .core.decompose import TERM_NAMES, pair_terms, project_tokens, run_hooks
 
     toks = torch.tensor(prompt.tokens, device=device)[None]
     hooks = run_hooks(model, proj.layer, sae.cfg.metadata.hook_name, toks)
@@ -289,10 +289,10 @@ def benjamini_hochberg(pvals: list[float]) -> list[float]:
 def run(cfg: CIHConfig) -> dict:
     import torch
 
-    from .census import census
-    from .decompose import build_projector
-    from .models import load_model
-    from .train_sae import load_shipped_sae
+    from .studies.census import census
+    from .core.decompose import build_projector
+    from .registry import load_model
+    from .registry import load_shipped_sae
 
     t_start = time.time()
     rng = random.Random(cfg.seed)
@@ -468,7 +468,7 @@ def answers(report, cfg) -> dict:
 
 
 def _feature_labels(model: str, layers) -> dict:
-    from .train_sae import SAE_DIR
+    from .registry import SAE_DIR
 
     path = SAE_DIR / model / "features.parquet"
     if not path.exists():

@@ -1,20 +1,17 @@
-"""DuckDB access to an FRA index: `connect(index)` defines the base views over the index's
-Parquet and the views of views.sql. Reads only; never imports torch."""
+"""DuckDB access to an FRA index: `connect(index)` validates the manifest and defines one view per
+table of the index (names and layouts from `fra.ingest.index.schema`) and the views of
+views.sql. Reads only; never imports torch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import duckdb
 
+from fra.ingest.index.schema import TABLES, IndexFormatError, Manifest, table_glob
+
 HERE = Path(__file__).parent
-TABLES = ("rows", "pairs", "channels", "samples", "features")
-PARTITIONED = ("rows", "pairs", "channels")
-
-
-class IndexNotFound(FileNotFoundError):
-    pass
+IndexNotFound = IndexFormatError  # the name the app and CLI catch
 
 
 def _literal(s: str) -> str:
@@ -29,19 +26,19 @@ def sql_file(name: str) -> str:
 def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with every view defined over `index` (read-only on the files)."""
     root = Path(index).resolve()
-    if not (root / "manifest.json").exists():
-        raise IndexNotFound(f"{index} is not an FRA index (no manifest.json); build one with `fra ingest`")
+    Manifest.read(root)  # raises IndexFormatError with the reason
     con = con or duckdb.connect(":memory:")
-    for table in TABLES:
-        hive = table in PARTITIONED
-        pattern = str(root / table / ("**/*.parquet" if hive else "*.parquet"))
+    for name, table in TABLES.items():
         con.execute(
-            f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({_literal(pattern)}"
-            f"{', hive_partitioning = true' if hive else ''})"
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_literal(table_glob(root, name))}"
+            f"{', hive_partitioning = true' if table.partitioned else ''})"
         )
     con.execute(sql_file("views"))
     return con
 
 
 def manifest(index: str | Path) -> dict:
-    return json.loads((Path(index) / "manifest.json").read_text())
+    """The validated manifest as a dict."""
+    import dataclasses
+
+    return dataclasses.asdict(Manifest.read(Path(index)))

@@ -11,12 +11,15 @@ SELECT side, layer, head, feat_q, feat_k, count, mean, ind_diff, share_of_head
 FROM feature_lookup(?, ?) WHERE count >= ? ORDER BY abs(mean) DESC LIMIT ?;
 
 -- name: channel_examples
-SELECT r.sample, r.q, r.k, r.value, r.induction, s.tokens[r.q + 1] AS token_q, s.tokens[r.k + 1] AS token_k,
-       array_to_string(s.tokens[greatest(r.k - 3, 1) : r.k + 1], '') AS context_k,
-       array_to_string(s.tokens[greatest(r.q - 3, 1) : r.q + 1], '') AS context_q
-FROM rows r JOIN samples s USING (sample)
-WHERE r.layer = ? AND r.head = ? AND r.feat_q = ? AND r.feat_k = ?
-ORDER BY abs(r.value) DESC LIMIT ?;
+-- The channel's stored examples (the strongest entry of each of its strongest samples).
+SELECT e.sample, e.q, e.k, e.value,
+       (e.k >= 1 AND e.k < e.q AND s.token_ids[e.k] = s.token_ids[e.q + 1]) AS induction,
+       s.tokens[e.q + 1] AS token_q, s.tokens[e.k + 1] AS token_k,
+       array_to_string(s.tokens[greatest(e.k - 3, 1) : e.k + 1], '') AS context_k,
+       array_to_string(s.tokens[greatest(e.q - 3, 1) : e.q + 1], '') AS context_q
+FROM examples e JOIN samples s USING (sample)
+WHERE e.layer = ? AND e.head = ? AND e.feat_q = ? AND e.feat_k = ?
+ORDER BY e.rank LIMIT ?;
 
 -- name: feature_info
 SELECT * FROM features WHERE feature = ? AND (? IS NULL OR layer = ?);
@@ -41,8 +44,10 @@ SELECT k, feat_q, feat_k, value FROM rows
 WHERE layer = ? AND head = ? AND sample = ? AND q = ? ORDER BY abs(value) DESC;
 
 -- name: channel_offsets
-SELECT q - k AS offset, count(*) AS n, avg(value) AS mean, sum(CASE WHEN induction THEN 1 ELSE 0 END) AS n_induction
-FROM rows WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ?
+SELECT e.q - e.k AS offset, count(*) AS n, avg(e.value) AS mean,
+       sum(CASE WHEN e.k >= 1 AND e.k < e.q AND s.token_ids[e.k] = s.token_ids[e.q + 1] THEN 1 ELSE 0 END) AS n_induction
+FROM examples e JOIN samples s USING (sample)
+WHERE e.layer = ? AND e.head = ? AND e.feat_q = ? AND e.feat_k = ?
 GROUP BY 1 ORDER BY 1;
 
 -- name: layers_heads

@@ -18,7 +18,7 @@ CREATE OR REPLACE MACRO channel_stats_at(lyr, hd) AS TABLE
 SELECT c.layer, c.head, c.feat_q, c.feat_k, c.count,
        c.sum / c.count AS mean,
        sqrt(greatest(c.sumsq / c.count - (c.sum / c.count) ^ 2, 0)) AS std,
-       c.sum, c.min, c.max,
+       c.sum,
        c.ind_count,
        CASE WHEN c.ind_count > 0 THEN c.ind_sum / c.ind_count END AS ind_mean,
        CASE WHEN c.count > c.ind_count THEN (c.sum - c.ind_sum) / (c.count - c.ind_count) END AS other_mean,

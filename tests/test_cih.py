@@ -17,8 +17,8 @@ from fra.ingest.cih import (
     shifted_targets,
     sign_flip_pvalue,
 )
-from fra.ingest.decompose import build_projector
-from fra.ingest.testing import make_model, make_sae
+from fra.ingest.core.decompose import build_projector
+from fra.ingest.tools.testing import make_model, make_sae
 
 
 def test_margin_weights_hand_worked():

@@ -25,7 +25,7 @@ def test_cli_flags_come_from_the_config():
 
     args = build_parser().parse_args(["ingest", "--layers", "17", "--heads", "1", "2", "--max-samples", "5"])
     from fra.cli import config_from_args
-    from fra.ingest.runner import IngestConfig
+    from fra.ingest.index.build import IngestConfig
 
     cfg = config_from_args(IngestConfig, args)
     assert cfg.layers == (17,) and cfg.heads == (1, 2) and cfg.max_samples == 5 and cfg.top_m == 32

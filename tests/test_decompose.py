@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from fra.ingest.decompose import (
+from fra.ingest.core.decompose import (
     TERM_NAMES,
     DecompositionInputError,
     build_projector,
@@ -17,9 +17,9 @@ from fra.ingest.decompose import (
     project_tokens,
     run_hooks,
 )
-from fra.ingest.testing import make_model, make_sae
+from fra.ingest.tools.testing import make_model, make_sae
 
-from fra.ingest.reference import naive_fa
+from fra.ingest.core.reference import naive_fa
 
 HOOKS = ("blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_pre")
 CASES = list(itertools.product(("gpt2", "llama"), HOOKS, (False, True)))

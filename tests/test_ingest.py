@@ -13,18 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from fra.ingest.decompose import run_hooks
-from fra.ingest.reduce import induction_mask
-from fra.ingest.runner import IndexError_, IngestConfig, run
-from fra.ingest.testing import LAYERS, tiny_inputs
+from fra.ingest.core.decompose import run_hooks
+from fra.ingest.core.reduce import induction_mask
+from fra.ingest.index.build import IngestConfig, Inputs, run
+from fra.ingest.index.schema import IndexFormatError
+from fra.ingest.tools.testing import LAYERS, tiny_inputs
 from fra.queries import connect
 
-from fra.ingest.reference import naive_fa
+from fra.ingest.core.reference import naive_fa
 
-def brute_force(inp):
-    """channel -> (count, sum, ind_count, ind_sum) per (layer, head), from the naive reference."""
+def brute_force(inp, n_examples=8):
+    """(layer, head, feat_q, feat_k) -> count, sum, sumsq, ind_count, ind_sum, ind_sumsq and the
+    top examples [(|value|, sample, q, k, value)], all from the naive per-pair reference."""
     model = inp.lm.model
-    out = {}
+    out, best = {}, {}
     for l in inp.layers:
         sae = inp.saes[l]
         for s, toks in enumerate(inp.tokens):
@@ -37,39 +39,83 @@ def brute_force(inp):
                         fq, fk, fa = naive_fa(model, l, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, q, k)
                         for a, i in enumerate(fq.tolist()):
                             for b, j in enumerate(fk.tolist()):
-                                c = out.setdefault((l, h, i, j), [0, 0.0, 0, 0.0])
+                                c = out.setdefault((l, h, i, j), [0, 0.0, 0.0, 0, 0.0, 0.0])
                                 v = fa[a, b].item()
-                                c[0] += 1; c[1] += v
+                                c[0] += 1; c[1] += v; c[2] += v * v
                                 if ind[q, k]:
-                                    c[2] += 1; c[3] += v
-    return out
+                                    c[3] += 1; c[4] += v; c[5] += v * v
+                                best.setdefault((l, h, i, j), {}).setdefault(inp.sample_ids[s], {})[q, k] = v
+    return out, best
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     inp = tiny_inputs()
     out = tmp_path_factory.mktemp("idx") / "index"
-    run(IngestConfig(out=out, model="tiny", min_count=1, top_m=6, progress=False), inp)
+    run(IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
+                     progress=False), inp)
     return inp, out
 
 
-def test_channel_aggregates_match_brute_force(built):
+def check_against_brute_force(index, ref, examples, min_count=1):
+    con = connect(index)
+    got = {(l, h, i, j): v for l, h, i, j, *v in con.execute(
+        "SELECT layer, head, feat_q, feat_k, count, sum, sumsq, ind_count, ind_sum, ind_sumsq FROM channels").fetchall()}
+    assert set(got) == {key for key, v in ref.items() if v[0] >= min_count}
+    for key, (c, s, ss, ic, isum, issq) in got.items():
+        rc, rs, rss, ric, risum, rissq = ref[key]
+        assert (c, ic) == (rc, ric), key
+        # float32 entries summed in float64, against float64 naive values: float32 rounding of each entry
+        assert (s, ss, isum, issq) == pytest.approx((rs, rss, risum, rissq), abs=1e-4, rel=1e-5)
+    ex = {}
+    for l, h, i, j, r, smp, q, k, v in con.execute(
+            "SELECT layer, head, feat_q, feat_k, rank, sample, q, k, value FROM examples ORDER BY ALL").fetchall():
+        ex.setdefault((l, h, i, j), []).append((r, smp, q, k, v))
+    assert set(ex) == set(got)
+    E = connect(index).execute("SELECT max(rank) + 1 FROM examples").fetchone()[0]
+    tol = 1e-5  # float32 values against the float64 reference; closer ties may go either way
+    for key, rows in ex.items():
+        per_sample = {smp: max(abs(v) for v in e.values()) for smp, e in examples[key].items()}
+        ranked = sorted(per_sample.items(), key=lambda x: (-x[1], x[0]))
+        assert [r for r, *_ in rows] == list(range(min(E, len(ranked))))
+        for _, smp, q, k, v in rows:  # each example is a real entry, the strongest of its sample
+            assert examples[key][smp][q, k] == pytest.approx(v, abs=tol)
+            assert abs(v) == pytest.approx(per_sample[smp], abs=tol)
+        assert [abs(v) for *_, v in rows] == pytest.approx([a for _, a in ranked[:E]], abs=tol)
+        if len(ranked) <= E or ranked[E - 1][1] - ranked[E][1] > tol:
+            assert {smp for _, smp, *_ in rows} == {smp for smp, _ in ranked[:E]}, key
+
+
+def test_channels_and_examples_match_brute_force(built):
     inp, out = built
-    ref = brute_force(inp)
-    con = connect(out)
-    got = {
-        (l, h, i, j): (c, s, ic, isum)
-        for l, h, i, j, c, s, ic, isum in con.execute(
-            "SELECT layer, head, feat_q, feat_k, count, sum, ind_count, ind_sum FROM channels").fetchall()
-    }
-    assert set(got) == set(ref)
-    for key, (c, s, ic, isum) in ref.items():
-        gc, gs, gic, gisum = got[key]
-        assert gc == c and gic == ic, key
-        # fp32 accumulation of O(1) values over a few dozen entries against float64
-        assert gs == pytest.approx(s, abs=1e-4, rel=1e-4)
-        assert gisum == pytest.approx(isum, abs=1e-4, rel=1e-4)
-    assert any(v[2] > 0 for v in ref.values())  # the fixture has induction targets
+    ref, examples = brute_force(inp, n_examples=4)
+    assert any(v[3] > 0 for v in ref.values())  # the fixture has induction targets
+    check_against_brute_force(out, ref, examples)
+
+
+def test_out_of_core_equals_in_memory(tmp_path):
+    """A memory budget so small that the count pass spills runs to Parquet (aggregated by DuckDB)
+    and the statistics take several sweeps gives the same index, checked against the brute force."""
+    inp = tiny_inputs()
+    out = tmp_path / "index"
+    run(IngestConfig(out=out, model="tiny", min_count=2, top_keys=2, top_pairs=3, examples_per_channel=4,
+                     memory_budget_gb=2e-5, progress=False), inp)
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert all(stats[str(l)]["count_runs_spilled"] >= 1 and stats[str(l)]["sweeps"] >= 2 for l in LAYERS)
+    ref, examples = brute_force(inp, n_examples=4)
+    check_against_brute_force(out, ref, examples, min_count=2)
+
+
+def test_refuses_a_model_the_decomposition_refuses(tmp_path):
+    """`fra ingest` runs the same validation as decompose(): a softcapped model is refused."""
+    from fra.ingest.core.decompose import DecompositionInputError
+    from fra.ingest.tools.testing import make_model
+
+    inp = tiny_inputs()
+    inp.lm = type(inp.lm)("tiny", make_model("llama", attn_scores_soft_cap=30.0), None, 0)
+    with pytest.raises(DecompositionInputError, match="soft_cap"):
+        run(IngestConfig(out=tmp_path / "i", model="tiny", progress=False), inp)
+    assert not (tmp_path / "i").exists() and not (tmp_path / "i.staging").exists()
 
 
 def test_pair_totals_match_model_and_channels(built):
@@ -91,7 +137,7 @@ def test_pair_totals_match_model_and_channels(built):
     b = con.execute("SELECT layer, head, sum(sum) FROM channels GROUP BY ALL ORDER BY ALL").fetchall()
     for (l1, h1, x), (l2, h2, y) in zip(a, b):
         assert (l1, h1) == (l2, h2) and x == pytest.approx(y, rel=1e-4, abs=1e-3)
-    # kept rows sum to the pairs' kept column
+    # rows sum to the pairs' kept column
     k1 = con.execute("SELECT sum(value) FROM rows").fetchone()[0]
     k2 = con.execute("SELECT sum(kept) FROM pairs").fetchone()[0]
     assert k1 == pytest.approx(k2, rel=1e-5)
@@ -101,7 +147,7 @@ def _tables(index: Path) -> dict:
     con = connect(index)
     return {
         t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-        for t in ("rows", "pairs", "channels", "samples", "features")
+        for t in ("rows", "pairs", "channels", "examples", "samples", "features")
     }
 
 
@@ -109,9 +155,10 @@ SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from fra.ingest.testing import tiny_inputs
-    from fra.ingest.runner import IngestConfig, run
-    run(IngestConfig(out=Path({out!r}), model="tiny", min_count=1, top_m=6, progress=False), tiny_inputs())
+    from fra.ingest.tools.testing import tiny_inputs
+    from fra.ingest.index.build import IngestConfig, run
+    run(IngestConfig(out=Path({out!r}), model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
+                     progress=False), tiny_inputs())
 """)
 
 
@@ -137,7 +184,8 @@ def test_resume_after_kill_gives_identical_index(built, tmp_path, kill_at):
 def test_rerun_replaces_partitions_without_duplicates(built, tmp_path):
     out = tmp_path / "index"
     for _ in range(2):
-        run(IngestConfig(out=out, model="tiny", min_count=1, top_m=6, progress=False), tiny_inputs())
+        run(IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
+                         progress=False), tiny_inputs())
     assert _tables(out) == _tables(built[1])
 
 
@@ -146,7 +194,7 @@ def test_refuses_another_models_index(built, tmp_path):
     run(IngestConfig(out=out, model="tiny", min_count=1, progress=False), tiny_inputs())
     before = _tables(out)
     other = tiny_inputs(seed=1)  # different SAEs
-    with pytest.raises(IndexError_, match="holds an index of model tiny with SAEs"):
+    with pytest.raises(IndexFormatError, match="holds an index of model tiny with SAEs"):
         run(IngestConfig(out=out, model="tiny", progress=False), other)
     assert _tables(out) == before
 
@@ -158,8 +206,9 @@ def test_refuses_another_models_index(built, tmp_path):
 def test_bad_layer_or_head(tmp_path, kwargs, match):
     inp = tiny_inputs()
     if "layers" in kwargs:
-        inp.layers = kwargs.pop("layers")
-    with pytest.raises(IndexError_, match=match):
+        inp = Inputs(inp.lm, {5: inp.saes[0]}, inp.sample_ids, inp.texts, inp.tokens, "c", {"5": "x"})
+        kwargs.pop("layers")
+    with pytest.raises(ValueError, match=match):
         run(IngestConfig(out=tmp_path / "i", model="tiny", progress=False, **kwargs), inp)
     assert not (tmp_path / "i").exists()
 
@@ -186,14 +235,14 @@ def test_config_validation():
 def test_shards_merge_to_the_unsharded_index(tmp_path):
     """--shard 0/2 and 1/2, merged, equal one run over all samples; merging twice is idempotent,
     and a shard given twice is refused."""
-    from fra.ingest.merge import MergeConfig, run as merge
-    from fra.ingest.runner import select_shard
+    from fra.ingest.index.merge import MergeConfig, run as merge
+    from fra.ingest.index.build import select_shard
 
     full = tiny_inputs(n_samples=5)
-    run(IngestConfig(out=tmp_path / "full", model="tiny", min_count=1, top_m=6, progress=False), full)
+    run(IngestConfig(out=tmp_path / "full", model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False), full)
     shards = []
     for i in range(2):
-        cfg = IngestConfig(out=tmp_path / f"s{i}", model="tiny", min_count=1, top_m=6, progress=False, shard=f"{i}/2")
+        cfg = IngestConfig(out=tmp_path / f"s{i}", model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False, shard=f"{i}/2")
         inp = tiny_inputs(n_samples=5)
         keep = select_shard(len(inp.tokens), cfg)
         inp.tokens = [inp.tokens[j] for j in keep]
@@ -204,16 +253,16 @@ def test_shards_merge_to_the_unsharded_index(tmp_path):
     for _ in range(2):
         merge(MergeConfig(out=tmp_path / "merged", shards=tuple(shards), min_count=1))
         con_m, con_f = connect(tmp_path / "merged"), connect(tmp_path / "full")
-        for table, cols in (("rows", "*"), ("pairs", "*"), ("samples", "*"),
+        for table, cols in (("rows", "*"), ("pairs", "*"), ("samples", "*"), ("examples", "*"),
                             ("channels", "layer, head, feat_q, feat_k, count, ind_count")):
             a = con_m.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
             b = con_f.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
             assert a == b, table
-        sums = "SELECT layer, head, feat_q, feat_k, sum, min, max FROM channels ORDER BY layer, head, feat_q, feat_k"
+        sums = "SELECT layer, head, feat_q, feat_k, sum, sumsq FROM channels ORDER BY layer, head, feat_q, feat_k"
         for x, y in zip(con_m.execute(sums).fetchall(), con_f.execute(sums).fetchall()):
-            assert x[:4] == y[:4] and x[4:] == pytest.approx(y[4:], rel=1e-5, abs=1e-5)  # fp32 addition order
+            assert x[:4] == y[:4] and x[4:] == pytest.approx(y[4:], rel=1e-9, abs=1e-9)  # float64 addition order
         f = "SELECT layer, feature, index_frequency, bos_rate FROM features ORDER BY ALL"
         for x, y in zip(con_m.execute(f).fetchall(), con_f.execute(f).fetchall()):
             assert x == pytest.approx(y)
-    with pytest.raises(IndexError_, match="more than once"):
+    with pytest.raises(IndexFormatError, match="more than once"):
         merge(MergeConfig(out=tmp_path / "bad", shards=(shards[0], shards[0])))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fra.ingest import models
-from fra.ingest.census import head_scores
+from fra.ingest import registry as models
+from fra.ingest.studies.census import head_scores
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 def test_shipped_saes_load_and_reconstruct(smollm2):
-    from fra.ingest.train_sae import load_shipped_sae
+    from fra.ingest.registry import load_shipped_sae
 
     text = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
     ids = torch.tensor([[0] + smollm2.tokenizer(text)["input_ids"]])
@@ -70,8 +70,8 @@ def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-    from fra.ingest.runner import IngestConfig, run
-    from fra.ingest.testing import make_model, make_sae
+    from fra.ingest.index.build import IngestConfig, run
+    from fra.ingest.tools.testing import make_model, make_sae
     from fra.queries import connect
 
     tiny = make_model("gpt2", processed=True, d_vocab=300, n_ctx=64)

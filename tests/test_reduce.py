@@ -5,23 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fra.ingest.reduce import ChannelAccumulator, induction_mask, reduce_sample
+from fra.ingest.core.reduce import POS_SHIFT, cooccurrence, induction_mask, reduce_sample
 
 
-def brute_force(qf, kf, idx, live, F, mask):
-    """Dict channel -> per-head list of values, over causal (q, k) pairs where mask holds."""
+def brute_force(qf, kf, idx, live, mask):
+    """channel -> [(q, a, k, b, values_H)] over causal (q, k) where mask holds, in scan order."""
     H, T, A, _ = qf.shape
     out = {}
     for q in range(T):
-        for k in range(q + 1):
-            if not mask[q, k]:
-                continue
-            for a in range(A):
+        for a in range(A):
+            for k in range(q + 1):
                 for b in range(A):
-                    if live[q, a] and live[k, b]:
+                    if mask[q, k] and live[q, a] and live[k, b]:
                         key = (int(idx[q, a]), int(idx[k, b]))
-                        out.setdefault(key, []).append((qf[:, q, a] * kf[:, k, b]).sum(-1))
-    return {key: torch.stack(v, 1) for key, v in out.items()}  # [H, n]
+                        out.setdefault(key, []).append((q, k, (qf[:, q, a] * kf[:, k, b]).sum(-1)))
+    return out
 
 
 def test_induction_mask_hand_worked():
@@ -33,57 +31,84 @@ def test_induction_mask_hand_worked():
     assert not induction_mask(torch.tensor([0, 5, 5])).any()
 
 
-@pytest.mark.parametrize("use_fused", [False, True], ids=["torch", "fused"])
-def test_reduce_sample_matches_brute_force(use_fused):
-    from fra.ingest import fused
+def test_cooccurrence_hand_worked():
+    # positions 0, 1, 2 hold features {2}, {2, 5}, {5}; causal pairs (q, k) with k <= q:
+    # 2 at q and 2 at k: (0,0) (1,0) (1,1) -> 3;   2 at q, 5 at k: (1,1) -> 1
+    # 5 at q and 2 at k: (1,0) (1,1) (2,0) (2,1) -> 4;   5 at q, 5 at k: (1,1) (2,1) (2,2) -> 3
+    idx = torch.tensor([[2, 0], [2, 5], [5, 0]])
+    live = torch.tensor([[True, False], [True, True], [True, False]])
+    co = cooccurrence(idx, live)
+    assert co.feats_U.tolist() == [2, 5]
+    assert co.count_UU.tolist() == [[3, 1], [4, 3]]
+    keys, counts = co.channel_keys(10)
+    assert keys.tolist() == [22, 25, 52, 55] and counts.tolist() == [3, 1, 4, 3]
 
-    if use_fused and not fused.available():
-        pytest.skip("no C++ toolchain for the fused kernel")
-    g = torch.Generator().manual_seed(0)
-    H, T, A, E, F = 2, 9, 3, 4, 7
+
+def _sample(seed=0, H=2, T=9, A=3, E=4, F=7):
+    g = torch.Generator().manual_seed(seed)
     qf = torch.randn(H, T, A, E, generator=g)
     kf = torch.randn(H, T, A, E, generator=g)
     idx = torch.stack([torch.randperm(F, generator=g)[:A] for _ in range(T)])
     live = torch.rand(T, A, generator=g) > 0.2
+    # dead slots carry activation 0, as project_tokens makes them
+    qf, kf = qf * live[None, :, :, None], kf * live[None, :, :, None]
+    attn = torch.rand(H, T, T, generator=g).tril()
+    return qf, kf, idx, live, attn, F
+
+
+@pytest.mark.parametrize("use_fused", [False, True], ids=["torch", "fused"])
+@pytest.mark.parametrize("subset", [False, True], ids=["all-channels", "kept-subset"])
+def test_reduce_sample_matches_brute_force(use_fused, subset):
+    from fra.ingest.core import fused
+
+    if use_fused and not fused.available():
+        pytest.skip("no C++ toolchain for the fused kernel")
+    qf, kf, idx, live, attn, F = _sample()
+    H, T, A, _ = qf.shape
     tokens = torch.tensor([0, 1, 2, 3, 1, 2, 3, 4, 1])
     ind = induction_mask(tokens)
-    acc, ind_acc = ChannelAccumulator.zeros(F, H), ChannelAccumulator.zeros(F, H)
-    # zero out dead slots like project_tokens does (activation 0)
-    qf, kf = qf * live[None, :, :, None], kf * live[None, :, :, None]
-    res = reduce_sample(qf, kf, idx, live, ind, acc, ind_acc, top_m=5, q_block=4, use_fused=use_fused)
+    ref = brute_force(qf, kf, idx, live, torch.ones(T, T, dtype=torch.bool))
+    kept = None
+    if subset:  # every other channel present
+        kept = torch.tensor(sorted(i * F + j for i, j in ref))[::2]
+    res = reduce_sample(qf, kf, idx, live, ind, attn, F, kept, top_keys=2, top_pairs=3, q_block=4,
+                        use_fused=use_fused)
+    want = set(ref) if kept is None else {(int(x) // F, int(x) % F) for x in kept}
+    got = {(int(x) // F, int(x) % F): s for s, x in enumerate(res.slot_keys_S)}
+    assert set(got) == want
+    for key, s in got.items():
+        entries = ref[key]
+        vals = torch.stack([v for _, _, v in entries], 1)  # [H, n]
+        torch.testing.assert_close(res.sum_HS[:, s], vals.sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.sumsq_HS[:, s], (vals**2).sum(1), atol=1e-5, rtol=1e-5)
+        for h in range(H):
+            i = int(vals[h].abs().argmax())  # first maximum in scan order
+            q, k, _ = entries[i]
+            assert res.best_HS[h, s] == pytest.approx(vals[h, i].item(), abs=1e-6)
+            assert int(res.best_pos_HS[h, s]) == (q << POS_SHIFT) | k
+        ind_vals = [v for q, k, v in entries if ind[q, k]]
+        assert int(res.ind_count_S[s]) == len(ind_vals)
+        if ind_vals:
+            torch.testing.assert_close(res.ind_sum_HS[:, s], torch.stack(ind_vals, 1).sum(1), atol=1e-5, rtol=1e-5)
+    assert ind.any() and int(res.ind_count_S.sum()) > 0
 
-    for accum, mask in ((acc, torch.ones(T, T, dtype=torch.bool)), (ind_acc, ind)):
-        ref = brute_force(qf, kf, idx, live, F, mask)
-        fq, fk, count, s, ss, mn, mx = accum.nonzero()
-        got = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(fq, fk))}
-        assert set(got) == set(ref)
-        for key, vals in ref.items():
-            i = got[key]
-            assert count[i] == vals.shape[1]
-            torch.testing.assert_close(s[:, i], vals.sum(1), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(ss[:, i], (vals**2).sum(1), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(mn[:, i], vals.min(1).values)
-            torch.testing.assert_close(mx[:, i], vals.max(1).values)
-    assert ind.any() and ind_acc.n_seen() > 0
-
-    # per-pair totals and kept rows
+    # per-pair totals, and the rows: top pairs at each query's most-attended keys
     for h in range(H):
         for q in range(T):
-            vals = []
             for k in range(q + 1):
                 block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :])
                 torch.testing.assert_close(res.ff_HQK[h, q, k], block.sum(), atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(res.ff_abs_HQK[h, q, k], block.abs().sum(), atol=1e-5, rtol=1e-5)
-                vals += [(block[a, b].abs().item(), k, int(idx[q, a]), int(idx[k, b]), block[a, b].item())
-                         for a in range(A) for b in range(A) if block[a, b] != 0]
-            top = sorted(vals, reverse=True)[:5]
+            keys = attn[h, q, : q + 1].topk(min(2, q + 1)).indices.tolist()
+            want_rows = []
+            for k in keys:
+                block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :])
+                top = sorted(((block[a, b].abs().item(), int(idx[q, a]), int(idx[k, b]))
+                              for a in range(A) for b in range(A) if block[a, b] != 0), reverse=True)[:3]
+                want_rows += [(k, i, j) for _, i, j in top]
             sel = (res.rows_h == h) & (res.rows_q == q)
-            got = sorted(zip(res.rows_val[sel].abs().tolist(), res.rows_k[sel].tolist(),
-                             res.rows_fq[sel].tolist(), res.rows_fk[sel].tolist(), res.rows_val[sel].tolist()),
-                         reverse=True)
-            assert [(k, a, b) for _, k, a, b, _ in got] == [(k, a, b) for _, k, a, b, _ in top]
-            torch.testing.assert_close(torch.tensor([v for *_, v in got]), torch.tensor([v for *_, v in top]))
-    # kept totals are the sums of the kept rows
-    kept = torch.zeros(H, T, T)
-    kept.index_put_((res.rows_h, res.rows_q, res.rows_k), res.rows_val, accumulate=True)
-    torch.testing.assert_close(res.kept_HQK, kept)
+            got_rows = list(zip(res.rows_k[sel].tolist(), res.rows_fq[sel].tolist(), res.rows_fk[sel].tolist()))
+            assert sorted(got_rows) == sorted(want_rows)
+    kept_t = torch.zeros(H, T, T)
+    kept_t.index_put_((res.rows_h, res.rows_q, res.rows_k), res.rows_val, accumulate=True)
+    torch.testing.assert_close(res.kept_HQK, kept_t)

@@ -89,8 +89,8 @@ def validate_model(model) -> None:
         )
 
 
-def validate_inputs(model, layer: int, sae, tokens: Tensor) -> str:
-    """Check everything `decompose` needs; return the hook kind."""
+def validate_layer_sae(model, layer: int, sae) -> str:
+    """Check that `sae` at `layer` of `model` can be decomposed exactly; return the hook kind."""
     validate_model(model)
     n_layers = model.cfg.n_layers
     if not isinstance(layer, int) or not 0 <= layer < n_layers:
@@ -110,6 +110,10 @@ def validate_inputs(model, layer: int, sae, tokens: Tensor) -> str:
         raise DecompositionInputError(
             "SAE rescale_acts_by_decoder_norm=True is not supported; call sae.fold_W_dec_norm()"
         )
+    return kind
+
+
+def validate_tokens(model, tokens: Tensor) -> None:
     if tokens.ndim != 2:
         raise DecompositionInputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     if tokens.numel() == 0:
@@ -120,6 +124,12 @@ def validate_inputs(model, layer: int, sae, tokens: Tensor) -> str:
         )
     if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
         raise DecompositionInputError(f"token ids must lie in [0, {model.cfg.d_vocab})")
+
+
+def validate_inputs(model, layer: int, sae, tokens: Tensor) -> str:
+    """Check everything `decompose` needs; return the hook kind."""
+    kind = validate_layer_sae(model, layer, sae)
+    validate_tokens(model, tokens)
     return kind
 
 
@@ -390,32 +400,67 @@ def run_hooks(model, layer: int, hook_name: str, tokens_BT: Tensor) -> HookActiv
     return HookActivations(cache[names[0]], cache[names[1]][..., 0], cache[names[2]])
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Prepared:
+    """One batch of tokens at one layer, validated and projected: what every user of the
+    decomposition (ingest, studies, bench) starts from."""
+
+    tokens_BT: Tensor
+    hooks: HookActivations
+    sparse: SparseActs
+    q: SideVectors
+    k: SideVectors
+    err_BTD: Tensor
+
+    @property
+    def live_BTA(self) -> Tensor:
+        return self.sparse.acts_BTA != 0
+
+
+class Decomposer:
+    """The one validated entry into the decomposition: model + layer + SAE, checked and mapped
+    through the weights once (`validate_layer_sae`, `build_projector`), then tokens -> `Prepared`
+    (tokens checked by `validate_tokens`) or -> the full `AttentionDecomposition`."""
+
+    def __init__(self, model, layer: int, sae, dtype=torch.float32):
+        self.kind = validate_layer_sae(model, layer, sae)
+        self.model, self.layer, self.sae, self.dtype = model, layer, sae, dtype
+        self.proj = build_projector(model, layer, sae, dtype)
+
+    @torch.no_grad()
+    def prepare(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> Prepared:
+        tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
+        validate_tokens(self.model, tokens_BT)
+        sae = self.sae
+        hooks = run_hooks(self.model, self.layer, sae.cfg.metadata.hook_name, tokens_BT)
+        acts_BTF = sae.encode(hooks.x_BTD.to(sae.W_dec.dtype))
+        sparse, q, k, err_BTD = project_tokens(
+            self.proj, hooks.x_BTD, acts_BTF, sae.W_dec.detach(), sae.b_dec.detach(), hooks.norm_scale_BT
+        )
+        return Prepared(tokens_BT, hooks, sparse, q, k, err_BTD)
+
+    @torch.no_grad()
+    def decompose(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> AttentionDecomposition:
+        """Every head's causal attention scores at this layer, split into component-pair terms."""
+        p = self.prepare(tokens)
+        T = p.tokens_BT.shape[1]
+        mask_QK = causal_mask(T, p.tokens_BT.device)
+        zero = torch.zeros((), dtype=self.dtype)
+        return AttentionDecomposition(
+            layer=self.layer,
+            hook_name=self.sae.cfg.metadata.hook_name,
+            sparse=p.sparse,
+            q=p.q,
+            k=p.k,
+            terms_CBHQK=pair_terms(p.q, p.k) * mask_QK,
+            model_scores_BHQK=torch.where(mask_QK, p.hooks.model_scores_BHQK.to(self.dtype), zero),
+            err_BTD=p.err_BTD,
+            x_BTD=p.hooks.x_BTD.to(self.dtype),
+        )
+
+
 def decompose(
     model, layer: int, sae, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"], dtype=torch.float32,
-    projector: LayerProjector | None = None,
 ) -> AttentionDecomposition:
     """Decompose every head's causal attention scores at `layer` into component-pair terms."""
-    tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
-    validate_inputs(model, layer, sae, tokens_BT)
-    proj = projector or build_projector(model, layer, sae, dtype)
-    hooks = run_hooks(model, layer, sae.cfg.metadata.hook_name, tokens_BT)
-    acts_BTF = sae.encode(hooks.x_BTD.to(sae.W_dec.dtype))
-    sparse, q, k, err_BTD = project_tokens(
-        proj, hooks.x_BTD, acts_BTF, sae.W_dec.detach(), sae.b_dec.detach(), hooks.norm_scale_BT
-    )
-    T = tokens_BT.shape[1]
-    mask_QK = causal_mask(T, tokens_BT.device)
-    terms = pair_terms(q, k) * mask_QK
-    scores = torch.where(mask_QK, hooks.model_scores_BHQK.to(dtype), torch.zeros((), dtype=dtype))
-    return AttentionDecomposition(
-        layer=layer,
-        hook_name=sae.cfg.metadata.hook_name,
-        sparse=sparse,
-        q=q,
-        k=k,
-        terms_CBHQK=terms,
-        model_scores_BHQK=scores,
-        err_BTD=err_BTD,
-        x_BTD=hooks.x_BTD.to(dtype),
-    )
+    return Decomposer(model, layer, sae, dtype).decompose(tokens)

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SAE_DIR = Path(__file__).parent / "assets" / "saes"
+from ..registry import SAE_DIR, shipped_hook as hook_name
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,12 @@ class SAETrainConfig:
             raise ValueError("n_tokens must be at least one batch")
 
 
-def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.ln1.hook_normalized"
-
-
 def collect_activations(model, token_lists, layers, n_tokens, device, batch_size=32, progress=True):
     """[n_tokens, d_model] fp16 activations per layer, position 0 excluded."""
     import torch
     from tqdm import tqdm
 
-    from .corpus import padded_batches
+    from ..corpus import padded_batches
 
     names = [hook_name(l) for l in layers]
     out = {l: [] for l in layers}
@@ -198,25 +194,12 @@ def save_sae(sae, path: Path, dtype="float16") -> None:
     tmp.rename(path)
 
 
-def load_shipped_sae(model_name: str, layer: int, device: str = "cpu"):
-    """A shipped SAE (fp16 on disk), in float32."""
-    from sae_lens import SAE
-
-    path = SAE_DIR / model_name / hook_name(layer)
-    if not path.exists():
-        available = sorted(p.name for p in (SAE_DIR / model_name).glob("blocks.*")) if (SAE_DIR / model_name).exists() else []
-        raise FileNotFoundError(
-            f"no shipped SAE for {model_name} layer {layer} at {path}; available: {available or 'none'}"
-        )
-    return SAE.load_from_disk(path, device=device, dtype="float32").eval()
-
-
 def run(cfg: SAETrainConfig, progress: bool = True) -> dict:
     """Collect activations, train and save one SAE per layer. Returns the training metrics."""
     import torch
 
-    from .corpus import read_corpus, tokenize_samples
-    from .models import load_smollm2
+    from ..corpus import read_corpus, tokenize_samples
+    from ..registry import load_smollm2
 
     torch.manual_seed(cfg.seed)
     lm = load_smollm2(device=cfg.device, n_layers=max(cfg.layers) + 1)

@@ -83,10 +83,10 @@ LAYERS = (0, 1)
 
 
 def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
-    """Inputs for `fra.ingest.runner.run`: a tiny llama-style model, one SAE per layer and a few
+    """Inputs for `fra.ingest.index.build.run`: a tiny llama-style model, one SAE per layer and a few
     samples whose second half repeats the first (so induction targets exist)."""
-    from .models import LoadedModel
-    from .runner import Inputs
+    from ..index.build import Inputs
+    from ..registry import LoadedModel
 
     model = make_model("llama", seed=model_seed)
     saes = {l: make_sae(16, f"blocks.{l}.ln1.hook_normalized", d_sae=d_sae, k=3, seed=seed + l) for l in LAYERS}
@@ -95,5 +95,5 @@ def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
     for n in (9, 12, 6, 10, 8)[:n_samples]:
         r = torch.randint(1, 50, (n // 2,), generator=g).tolist()
         tokens.append([0] + r + r[: n - n // 2])  # repeats, so that induction targets exist
-    return Inputs(LoadedModel("tiny", model, None, 0), saes, LAYERS, list(range(len(tokens))),
+    return Inputs(LoadedModel("tiny", model, None, 0), saes, list(range(len(tokens))),
                   [f"s{i}" for i in range(len(tokens))], tokens, f"corpus{seed}", {str(l): f"sae{seed}" for l in LAYERS})

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import padded_batches
-from .train_sae import SAE_DIR, hook_name
+from ..corpus import padded_batches
+from ..registry import SAE_DIR, FeatureLabel, shipped_hook as hook_name
 
 
 @dataclass(frozen=True)
@@ -148,16 +148,13 @@ def context_string(tokens, pos, tokenizer, before=8, after=2) -> str:
     return f"{left}[[{mid}]]{right}".replace("\n", " ")
 
 
-def auto_label(tokens_at: list[str], prev_tokens: list[str]) -> str:
+def auto_label(tokens_at: list[str], prev_tokens: list[str]) -> FeatureLabel:
     """Most common activating tokens (and the most common preceding token when it dominates)."""
     if not tokens_at:
-        return "(dead)"
+        return FeatureLabel(())
     common = Counter(t.strip() or repr(t) for t in tokens_at).most_common(3)
-    label = " / ".join(f'"{t}"' for t, _ in common)
     prev, n = Counter(p.strip() or repr(p) for p in prev_tokens).most_common(1)[0]
-    if n >= 0.5 * len(prev_tokens):
-        label += f' (prev: "{prev}")'
-    return label
+    return FeatureLabel(tuple(t for t, _ in common), prev if n >= 0.5 * len(prev_tokens) else None)
 
 
 def feature_table(scan, layer, token_lists, tokenizer):
@@ -177,11 +174,13 @@ def feature_table(scan, layer, token_lists, tokenizer):
             at.append(tokenizer.decode(toks[p : p + 1]))
             prev.append(tokenizer.decode(toks[p - 1 : p]))
             ctx.append(context_string(toks, p, tokenizer))
+        label = auto_label(at, prev)
         rows.append({
             "layer": layer, "feature": f, "frequency": c / n,
             "mean_act_when_active": float(scan["act_sum"][layer][f]) / c if c else 0.0,
             "max_act": max(vals) if vals and vals[0] > 0 else 0.0,
-            "label": auto_label(at, prev), "top_contexts": ctx,
+            "label": str(label), "top_tokens": list(label.top_tokens), "prev_token": label.prev_token,
+            "top_contexts": ctx,
         })
     return rows
 
@@ -192,9 +191,8 @@ def run(cfg: EvalConfig) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .corpus import read_corpus, tokenize_samples
-    from .models import load_smollm2
-    from .train_sae import load_shipped_sae
+    from ..corpus import read_corpus, tokenize_samples
+    from ..registry import load_shipped_sae, load_smollm2
 
     lm = load_smollm2(device=cfg.device)
     table = read_corpus(cfg.corpus, split="heldout")

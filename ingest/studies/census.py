@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+from ..registry import ASSETS
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def census(model, seq_len, n_seqs, bos_id, seed, device="cpu") -> dict:
 
 
 def run(cfg: CensusConfig) -> dict:
-    from .models import load_model
+    from ..registry import load_model
 
     lm = load_model(cfg.model, device=cfg.device)
     res = census(lm.model, cfg.seq_len, cfg.n_seqs, lm.bos_id, cfg.seed, cfg.device)

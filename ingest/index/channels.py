@@ -1,0 +1,194 @@
+"""Channel statistics whose memory is set by a budget, not by d_sae^2 or the corpus size.
+
+The keep-policy is decided from exact quantities, in two passes over a layer:
+
+1. Counts. A channel's count does not depend on the head or on any FA value: each sample's
+   exact co-activation counts (`reduce.cooccurrence`) go into a `CountAggregator`, an
+   in-memory buffer of (key, count) that is combined (sorted and summed by key) when it
+   outgrows its share of the budget, and written as a run to Parquet when combining no longer
+   makes it fit. At the end the runs are summed out of core by DuckDB (memory_limit = the same
+   share, spilling to disk), which gives the same counts as an all-in-memory sum. Channels
+   with count >= min_count are kept.
+2. Statistics. The kept keys are cut into chunks whose accumulators (`ChannelChunk`) fit the
+   budget; each chunk is one sweep over the corpus (usually there is one chunk). Per channel and
+   head it holds the sum and sum of squares (float64), the same on induction targets, and the
+   top examples: the strongest entry of each sample, of which the largest
+   `examples_per_channel` are kept.
+
+Channel keys are feat_q * d_sae + feat_k (int64), so sorted keys are sorted (feat_q, feat_k).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..core.reduce import POS_SHIFT, SampleReduction
+
+COUNT_ROW_BYTES = 16  # an int64 key and an int64 count
+
+
+class CountAggregator:
+    """Exact (key -> summed count) over a corpus, in at most `budget_bytes` of memory."""
+
+    def __init__(self, budget_bytes: int, spill_dir: Path):
+        # combining needs the buffer plus its sorted copy, so the buffer gets a third of the share
+        self.max_rows = max(budget_bytes // (3 * COUNT_ROW_BYTES), 16)
+        self.spill_dir = Path(spill_dir)
+        self.keys: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self.n_rows = 0
+        self.runs: list[Path] = []
+        self.budget_bytes = budget_bytes
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.keys.append(keys.astype(np.int64, copy=False))
+        self.counts.append(counts.astype(np.int64, copy=False))
+        self.n_rows += len(keys)
+        if self.n_rows > self.max_rows:
+            self._combine()
+            if self.n_rows > self.max_rows // 2:  # combining did not free enough: spill
+                self._spill()
+
+    def _combine(self) -> None:
+        keys, counts = combine(np.concatenate(self.keys), np.concatenate(self.counts))
+        self.keys, self.counts, self.n_rows = [keys], [counts], len(keys)
+
+    def _spill(self) -> None:
+        import pyarrow.parquet as pq
+
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"run-{len(self.runs):05d}.parquet"
+        pq.write_table(pa.table({"key": self.keys[0], "count": self.counts[0]}), path)
+        self.runs.append(path)
+        self.keys, self.counts, self.n_rows = [], [], 0
+
+    def finish(self, min_count: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(kept keys ascending, their counts, number of distinct channels seen)."""
+        if not self.runs:
+            if not self.keys:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+            self._combine()
+            keys, counts = self.keys[0], self.counts[0]
+            keep = counts >= min_count
+            return keys[keep], counts[keep], len(keys)
+        if self.keys:
+            self._combine()
+            self._spill()
+        return self._finish_out_of_core(min_count)
+
+    def _finish_out_of_core(self, min_count: int):
+        import duckdb
+
+        tmp = self.spill_dir / "duckdb_tmp"
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit = '{max(self.budget_bytes // 2**20, 64)}MB'")
+        con.execute("SET temp_directory = ?", [str(tmp)])
+        con.execute("SET preserve_insertion_order = false")
+        files = [str(p) for p in self.runs]
+        con.execute("CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count "
+                    "FROM read_parquet(?) GROUP BY key", [files])
+        n_seen = con.execute("SELECT count(*) FROM agg").fetchone()[0]
+        kept = con.execute("SELECT key, count FROM agg WHERE count >= ? ORDER BY key", [min_count]).fetchnumpy()
+        con.close()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        return kept["key"].astype(np.int64), kept["count"].astype(np.int64), int(n_seen)
+
+
+def combine(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum counts by key; keys come back sorted and distinct."""
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
+
+
+class ChannelChunk:
+    """Exact statistics and top examples of a sorted chunk of kept channels, for every head."""
+
+    def __init__(self, keys: torch.Tensor, n_heads: int, n_examples: int):
+        n, H, E = len(keys), n_heads, n_examples
+        f64 = torch.float64
+        self.keys = keys
+        self.sum_NH, self.sumsq_NH = torch.zeros(n, H, dtype=f64), torch.zeros(n, H, dtype=f64)
+        self.ind_count_N = torch.zeros(n, dtype=torch.long)
+        self.ind_sum_NH, self.ind_sumsq_NH = torch.zeros(n, H, dtype=f64), torch.zeros(n, H, dtype=f64)
+        self.ex_val_NHE = torch.zeros(n, H, E)
+        self.ex_sample_NHE = torch.full((n, H, E), -1, dtype=torch.int32)
+        self.ex_pos_NHE = torch.zeros(n, H, E, dtype=torch.long)
+
+    @staticmethod
+    def bytes_per_channel(n_heads: int, n_examples: int) -> int:
+        # key + 4 float64 sums per head + induction count + per example value, sample, position
+        return 8 + 32 * n_heads + 8 + n_heads * n_examples * (4 + 4 + 8)
+
+    def add(self, red: SampleReduction, sample: int, use_fused: bool = True) -> None:
+        """Merge one sample's slots (all of which belong to this chunk)."""
+        row_S = torch.searchsorted(self.keys, red.slot_keys_S.cpu())
+        from ..core import fused
+
+        kernel = fused.load() if use_fused else None
+        if kernel is not None:
+            kernel.fused_merge(row_S, red.sum_HS.cpu().contiguous(), red.sumsq_HS.cpu().contiguous(),
+                               red.best_HS.cpu().contiguous(), red.best_pos_HS.cpu().contiguous(),
+                               self.sum_NH, self.sumsq_NH, self.ex_val_NHE, self.ex_sample_NHE,
+                               self.ex_pos_NHE, sample)
+        else:
+            self.sum_NH.index_add_(0, row_S, red.sum_HS.T.cpu().double())
+            self.sumsq_NH.index_add_(0, row_S, red.sumsq_HS.T.cpu().double())
+            self._add_examples(row_S, red.best_HS.T.cpu(), red.best_pos_HS.T.cpu(), sample)
+        self.ind_count_N.index_add_(0, row_S, red.ind_count_S.cpu())
+        self.ind_sum_NH.index_add_(0, row_S, red.ind_sum_HS.T.cpu().double())
+        self.ind_sumsq_NH.index_add_(0, row_S, red.ind_sumsq_HS.T.cpu().double())
+
+    def _add_examples(self, row_S, best_SH, pos_SH, sample: int) -> None:
+        """Each (channel, head) keeps its top examples by |value| descending, then sample
+        ascending (so the result does not depend on the order samples come in): a candidate
+        replaces the worst kept one (an empty slot is the worst) when it ranks above it."""
+        cur = self.ex_val_NHE[row_S].abs()  # [S, H, E]
+        eff = self.ex_sample_NHE[row_S].long()
+        eff = torch.where(eff < 0, torch.iinfo(torch.int32).max, eff)
+        worst = cur.min(-1, keepdim=True).values
+        lo = torch.where(cur == worst, eff, -1).argmax(-1)  # among the smallest, the largest sample
+        al = worst[..., 0]
+        ab = best_SH.abs()
+        better = (ab > al) | ((ab == al) & (ab > 0) & (sample < eff.gather(2, lo[..., None])[..., 0]))
+        s_i, h_i = torch.nonzero(better, as_tuple=True)
+        r, e = row_S[s_i], lo[s_i, h_i]
+        self.ex_val_NHE[r, h_i, e] = best_SH[s_i, h_i]
+        self.ex_sample_NHE[r, h_i, e] = sample
+        self.ex_pos_NHE[r, h_i, e] = pos_SH[s_i, h_i]
+
+    def tables(self, h: int, counts: np.ndarray, d_sae: int) -> tuple[pa.Table, pa.Table]:
+        """(channels, examples) of head index `h` (position in the job's heads)."""
+        keys = self.keys.numpy()
+        fq, fk = (keys // d_sae).astype(np.int32), (keys % d_sae).astype(np.int32)
+        channels = pa.table({
+            "feat_q": fq, "feat_k": fk, "count": counts,
+            "sum": self.sum_NH[:, h].numpy(), "sumsq": self.sumsq_NH[:, h].numpy(),
+            "ind_count": self.ind_count_N.numpy(),
+            "ind_sum": self.ind_sum_NH[:, h].numpy(), "ind_sumsq": self.ind_sumsq_NH[:, h].numpy(),
+        })
+        val = self.ex_val_NHE[:, h]  # [n, E]
+        smp = self.ex_sample_NHE[:, h]
+        order = torch.sort(smp.long(), dim=-1, stable=True).indices  # sample ascending, then
+        order = order.gather(1, torch.sort(val.abs().gather(1, order), dim=-1, descending=True, stable=True).indices)
+        val = val.gather(1, order)
+        smp = smp.gather(1, order)
+        pos = self.ex_pos_NHE[:, h].gather(1, order)
+        n, E = val.shape
+        have = (smp >= 0) & (val != 0)
+        idx = have.flatten().numpy()
+        examples = pa.table({
+            "feat_q": np.repeat(fq, E)[idx], "feat_k": np.repeat(fk, E)[idx],
+            "rank": np.tile(np.arange(E, dtype=np.int8), n)[idx],
+            "sample": smp.flatten().numpy()[idx],
+            "q": (pos >> POS_SHIFT).flatten().numpy().astype(np.int16)[idx],
+            "k": (pos & ((1 << POS_SHIFT) - 1)).flatten().numpy().astype(np.int16)[idx],
+            "value": val.flatten().numpy()[idx],
+        })
+        return channels, examples

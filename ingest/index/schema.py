@@ -1,0 +1,226 @@
+"""The index format: one place that says what every table holds (Arrow schemas with a sentence
+per column), what the manifest holds (`Manifest`), and which code version wrote it.
+
+Everything that writes or reads an index (the ingest, merge, the views, the app, the bench)
+takes its table names, columns and manifest from here. `docs/INDEX_SCHEMA.md` is generated
+from this module (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`, checked by a test).
+Imports pyarrow only, so the query side and the app can use it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 2
+
+
+class IndexFormatError(ValueError):
+    """An index directory, or a job's input, is unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    partitioned: bool  # hive-partitioned by layer and head
+    about: str
+    columns: tuple[tuple[str, pa.DataType, str], ...]  # name, type, meaning
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([(n, t) for n, t, _ in self.columns])
+
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("channels", True,
+          "Exact statistics of every kept channel (layer, head, feat_q, feat_k) over the whole corpus, "
+          "from all FA entries before any pruning. Kept: channels whose `count` is at least "
+          "`policy.min_count` (decided by an exact count pass before the statistics pass).",
+          (("feat_q", pa.int32(), "SAE feature active at the query position"),
+           ("feat_k", pa.int32(), "SAE feature active at the key position"),
+           ("count", pa.int64(), "causal (q, k) pairs with feat_q active at q and feat_k at k (the same for every head)"),
+           ("sum", pa.float64(), "sum of FA[q, k, feat_q, feat_k] over those pairs"),
+           ("sumsq", pa.float64(), "sum of squares of the same"),
+           ("ind_count", pa.int64(), "count restricted to induction targets (see pairs.induction)"),
+           ("ind_sum", pa.float64(), "sum restricted to induction targets"),
+           ("ind_sumsq", pa.float64(), "sum of squares restricted to induction targets"))),
+    Table("examples", True,
+          "The strongest entries of every channel in `channels`: per sample the entry of largest "
+          "|FA| (the first in scan order on ties), then the `policy.examples_per_channel` samples "
+          "where that entry is largest (the smaller sample id on ties). So a channel's examples "
+          "come from distinct samples, and do not depend on the order samples are processed in.",
+          (("feat_q", pa.int32(), "query-side feature"),
+           ("feat_k", pa.int32(), "key-side feature"),
+           ("rank", pa.int8(), "0 for the largest |value|"),
+           ("sample", pa.int32(), "sample id (samples.sample)"),
+           ("q", pa.int16(), "query position"),
+           ("k", pa.int16(), "key position"),
+           ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"))),
+    Table("rows", True,
+          "What drives the attention: for every (head, sample, query) the `policy.top_keys` keys "
+          "with the largest attention probability, and for each of those (q, k) the "
+          "`policy.top_pairs` feature pairs of largest |FA|. `pairs.kept` sums them per (q, k).",
+          (("sample", pa.int32(), "sample id"),
+           ("q", pa.int16(), "query position"),
+           ("k", pa.int16(), "key position (one of the query's most-attended keys)"),
+           ("feat_q", pa.int32(), "query-side feature"),
+           ("feat_k", pa.int32(), "key-side feature"),
+           ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"),
+           ("induction", pa.bool_(), "k is an induction target of q"))),
+    Table("pairs", True,
+          "One row per causal (sample, q, k): the exact split of the model's score. "
+          "`score = ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias` up to float32 rounding.",
+          (("sample", pa.int32(), "sample id"),
+           ("q", pa.int16(), "query position"),
+           ("k", pa.int16(), "key position, k <= q"),
+           ("induction", pa.bool_(), "k = p + 1 where token[p] == token[q] and p < q - 1"),
+           ("score", pa.float32(), "the model's own blocks.L.attn.hook_attn_scores"),
+           ("ff", pa.float32(), "sum of all feature x feature terms (exact, before pruning)"),
+           ("ff_abs", pa.float32(), "sum of |FA| over all feature pairs"),
+           ("kept", pa.float32(), "sum of this (q, k)'s rows (0 when k is not a most-attended key)"),
+           ("kept_abs", pa.float32(), "sum of |value| of the same rows"),
+           ("f_bdec", pa.float32(), "query features x key b_dec"),
+           ("f_err", pa.float32(), "query features x key SAE error"),
+           ("bdec_f", pa.float32(), "query b_dec x key features"),
+           ("err_f", pa.float32(), "query SAE error x key features"),
+           ("resid_resid", pa.float32(), "(b_dec + error) x (b_dec + error)"),
+           ("bias", pa.float32(), "every term with the norm bias or b_Q / b_K (0 for Llama-style models)"))),
+    Table("samples", False, "The indexed samples.",
+          (("sample", pa.int32(), "sample id (the corpus' sample_id, else its row number)"),
+           ("text", pa.string(), "the sample's text"),
+           ("token_ids", pa.list_(pa.int32()), "token ids, BOS first"),
+           ("tokens", pa.list_(pa.string()), "each token decoded on its own"),
+           ("n_tokens", pa.int16(), "number of tokens"))),
+    Table("features", False,
+          "Per (layer, feature): statistics on the indexed corpus, joined with the SAE's own "
+          "feature table when it ships one (labels from held-out text).",
+          (("layer", pa.int64(), "layer"),
+           ("feature", pa.int64(), "SAE latent"),
+           ("index_frequency", pa.float64(), "share of indexed tokens where the feature fires"),
+           ("bos_rate", pa.float64(), "share of samples where it fires on position 0 (BOS)"),
+           ("label", pa.string(), "automatic label: the most common activating tokens (NULL without a feature table)"),
+           ("top_tokens", pa.list_(pa.string()), "those tokens, structured"),
+           ("prev_token", pa.string(), "the dominant preceding token, when one dominates"),
+           ("frequency", pa.float64(), "firing rate on held-out text (NULL without a feature table)"),
+           ("mean_act_when_active", pa.float64(), "mean activation when firing, on held-out text"),
+           ("max_act", pa.float64(), "largest activation on held-out text"),
+           ("top_contexts", pa.list_(pa.string()), "top-activating held-out contexts, the token in [[ ]]"),
+           ("punct_or_bos", pa.bool_(), "fires on BOS in most samples, or its label holds no letter or digit"))),
+)}
+PARTITIONED = tuple(name for name, t in TABLES.items() if t.partitioned)
+
+
+def table_glob(root: Path, name: str) -> str:
+    """The Parquet glob of one table under an index root."""
+    return str(Path(root) / name / ("**/*.parquet" if TABLES[name].partitioned else "*.parquet"))
+
+
+def code_version() -> str:
+    """Hash of the code that computes an index: the FRA core and the index package."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in sorted([*here.glob("*.py"), *(here.parent / "core").glob("*.py")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json: what an index holds and how it was built."""
+
+    model: str  # preset or TransformerLens name
+    sae: dict  # layer (str) -> SAE identity: weights hash of a local directory, or RELEASE:ID
+    corpus: str  # sha256 prefix of the corpus file, or a caller-given identity
+    policy: dict  # the keep-policy: min_count, top_keys, top_pairs, examples_per_channel, ...
+    layers: list
+    heads: list
+    n_samples: int
+    shard: str  # "i/n" (samples with index % n == i), or "a+b/n" after a merge
+    stats: dict = field(default_factory=dict)
+    code_version: str = field(default_factory=code_version)
+    created: str = field(default_factory=lambda: now())
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.model, "sae": self.sae, "corpus": self.corpus}
+
+    def write(self, root: Path) -> None:
+        path = Path(root) / "manifest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, root: Path) -> "Manifest":
+        path = Path(root) / "manifest.json"
+        if not path.exists():
+            raise IndexFormatError(f"{root} is not an FRA index (no manifest.json); build one with `fra ingest`")
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise IndexFormatError(f"{path} is not valid JSON ({exc})") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(m) - names, names - set(m)
+        if unknown or missing:
+            raise IndexFormatError(f"manifest of {root}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+        if m["schema_version"] != SCHEMA_VERSION:
+            raise IndexFormatError(
+                f"{root} has schema_version {m['schema_version']}; this code reads {SCHEMA_VERSION}. "
+                "Rebuild the index with this version's `fra ingest`."
+            )
+        return cls(**m)
+
+
+def markdown() -> str:
+    """docs/INDEX_SCHEMA.md."""
+    out = [
+        f"# FRA index schema (schema_version {SCHEMA_VERSION})", "",
+        "Generated from `ingest/index/schema.py` (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`).",
+        "", "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
+        "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.", "",
+        "```", "manifest.json",
+        *[f"{t.name}/" + ("layer=L/head=H/part-*.parquet" if t.partitioned else "part-0.parquet") for t in TABLES.values()],
+        "```", "",
+        "Notation: FA[q, k, i, j] = <a_i(q) Q_i(q), a_j(k) K_j(k)> with rotary, norm scale and 1/sqrt(d_head)",
+        "folded in (`ingest/core/decompose.py`). Positions count from 0; position 0 is the prepended BOS.", "",
+        "## manifest.json", "", "| key | meaning |", "|---|---|",
+    ]
+    about = {
+        "model": "preset name or TransformerLens model name",
+        "sae": "per layer: sha256 prefix of the SAE weights file, or `RELEASE:ID` of a sae-lens release",
+        "corpus": "sha256 prefix of the corpus Parquet (or the caller's identity for in-memory samples)",
+        "policy": "the keep-policy and job options: `min_count`, `top_keys`, `top_pairs`, "
+                  "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `memory_budget_gb`",
+        "layers": "indexed layers", "heads": "indexed heads", "n_samples": "number of samples",
+        "shard": "`i/n`: the samples whose position in the corpus is i mod n (`a+b/n` after a merge)",
+        "stats": "per layer: seconds, samples/s, channels seen / kept / spilled runs; per head the "
+                 "rows kept and `kept_abs_share`",
+        "code_version": "sha256 prefix of `ingest/core/*.py` and `ingest/index/*.py`",
+        "created": "UTC time", "schema_version": str(SCHEMA_VERSION),
+    }
+    out += [f"| {f.name} | {about[f.name]} |" for f in dataclasses.fields(Manifest)]
+    out += ["", "Unknown or missing keys, or another schema_version, are an error when reading (`Manifest.read`)."]
+    for t in TABLES.values():
+        out += ["", f"## {t.name}" + (" (partitioned by layer, head)" if t.partitioned else ""), "", t.about, "",
+                "| column | type | meaning |", "|---|---|---|"]
+        out += [f"| {n} | {ty} | {m} |" for n, ty, m in t.columns]
+    out += ["", "Signed min and max per channel are not stored: `examples` holds each channel's largest",
+            "|FA| entries (so the largest |value| is exact there), and the two extra scatter passes per",
+            "entry were the most expensive part of the old statistics pass while no view read them."]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
