@@ -117,7 +117,7 @@ def page_feature():
     st.subheader(f"Feature {feature} (layer {layer}): {row.get('label') or 'no label'}")
     st.caption(f"fires on {row['index_frequency']:.3%} of indexed tokens; on BOS in {row['bos_rate']:.0%} of samples")
     contexts = row.get("top_contexts")
-    if contexts is not None and len(contexts):
+    if isinstance(contexts, (list, tuple)) or hasattr(contexts, "tolist"):
         st.markdown("**Top-activating contexts** (held-out text; the activating token in **bold**)")
         for c in list(contexts)[:8]:
             st.markdown("- " + c.replace("[[", "**").replace("]]", "**"))

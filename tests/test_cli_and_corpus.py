@@ -28,7 +28,7 @@ def test_cli_flags_come_from_the_config():
     from fra.ingest.index.build import IngestConfig
 
     cfg = config_from_args(IngestConfig, args)
-    assert cfg.layers == (17,) and cfg.heads == (1, 2) and cfg.max_samples == 5 and cfg.top_m == 32
+    assert cfg.layers == (17,) and cfg.heads == (1, 2) and cfg.max_samples == 5 and cfg.top_keys == 4
 
 
 def test_paragraphs_drop_short_and_non_text():

@@ -58,8 +58,12 @@ def test_gpt2_offline_error_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(HookedTransformer, "from_pretrained", offline)
     with pytest.raises(models.ModelUnavailableError, match="needs the Hugging Face hub"):
         models.load_model("gpt2")
-    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
-        models.get_entry("gpt3")
+    with pytest.raises(models.ModelUnavailableError, match="'pythia-14m' could not be loaded"):
+        models.load_model("pythia-14m")  # any TransformerLens name goes the same way
+    with pytest.raises(ValueError, match="give its SAEs with --sae"):
+        models.sae_source("pythia-14m", None)
+    with pytest.raises(ValueError, match="neither an existing sae-lens directory nor RELEASE:ID"):
+        models.SAESource.parse("no-such-dir")
 
 
 def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
@@ -91,8 +95,8 @@ def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
     monkeypatch.setattr(HookedTransformer, "from_pretrained", lambda name, **k: requested.append(name) or tiny)
     monkeypatch.setattr(SAE, "from_pretrained", lambda release, sae_id, **k: requested.append((release, sae_id))
                         or make_sae(16, sae_id, d_sae=32, k=4))
-    monkeypatch.setitem(models.REGISTRY, "gpt2", models.RegistryEntry(
-        models.load_gpt2, "gpt2-small-res-jb", "blocks.{layer}.hook_resid_pre", (1,)))
+    monkeypatch.setitem(models.PRESETS, "gpt2", models.Preset(
+        models.load_gpt2, "gpt2-small-res-jb:blocks.{layer}.hook_resid_pre", (1,)))
     corpus = tmp_path / "c.parquet"
     pq.write_table(pa.table({"sample_id": [0, 1], "text": ["hello hello world", "abc abc abd"]}), corpus)
     run(IngestConfig(out=tmp_path / "idx", model="gpt2", corpus=corpus, min_count=1, progress=False))
@@ -102,6 +106,41 @@ def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
                       "FROM pairs").fetchone()[0]
     assert err < 1e-4  # exact up to fp32 rounding, with LayerNorm, biases and absolute positions
     assert con.execute("SELECT max(abs(bias)) FROM pairs").fetchone()[0] > 0  # GPT-2 has b_Q, b_K
+    assert con.execute("SELECT count(*) FROM examples").fetchone()[0] > 0
+
+
+def test_any_model_and_sae_through_the_cli(monkeypatch, tmp_path):
+    """`fra ingest --model NAME --sae RELEASE:ID --hook ...` and `--sae DIR` on a tiny random GPT-2
+    (downloads monkeypatched); a --hook that disagrees with the SAE is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+    from fra.cli import main
+    from fra.ingest.index.schema import IndexFormatError, Manifest
+    from fra.ingest.tools.testing import make_model, make_sae
+
+    tiny = make_model("gpt2", processed=True, d_vocab=300, n_ctx=64)
+    tiny.tokenizer = None
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", lambda name, **k: tiny)
+    monkeypatch.setattr(SAE, "from_pretrained", lambda release, sae_id, **k: make_sae(16, sae_id, d_sae=40, k=3))
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"token_ids": [[1, 5, 6, 7, 5, 6]], "text": ["x"]}), corpus)
+    monkeypatch.setattr("fra.ingest.corpus.tokenize_samples", lambda texts, tok, bos, n: [[0, 5, 6, 7, 5, 6, 7]])
+    args = ["ingest", "--model", "some-tl-model", "--corpus", str(corpus), "--min-count", "1", "--no-progress"]
+    main(args + ["--out", str(tmp_path / "a"), "--sae", "my-release:blocks.{layer}.hook_resid_pre",
+                 "--layers", "0", "1", "--hook", "blocks.{layer}.hook_resid_pre"])
+    m = Manifest.read(tmp_path / "a")
+    assert m.model == "some-tl-model" and m.layers == [0, 1]
+    assert m.sae == {"0": "my-release:blocks.0.hook_resid_pre", "1": "my-release:blocks.1.hook_resid_pre"}
+    with pytest.raises(IndexFormatError, match="--hook blocks.0.ln1.hook_normalized but the layer-0 SAE reads"):
+        main(args + ["--out", str(tmp_path / "b"), "--sae", "r:blocks.{layer}.hook_resid_pre", "--layers", "0",
+                     "--hook", "blocks.{layer}.ln1.hook_normalized"])
+    # a local sae-lens directory: the layer comes from the SAE's own hook name
+    make_sae(16, "blocks.1.hook_resid_pre", d_sae=40, k=3).save_model(tmp_path / "sae_dir")
+    main(args + ["--out", str(tmp_path / "c"), "--sae", str(tmp_path / "sae_dir")])
+    assert Manifest.read(tmp_path / "c").layers == [1]
 
 
 def test_census_scores_on_hand_built_patterns():

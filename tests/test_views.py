@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fra.ingest.index.schema import Manifest
 from fra.queries import connect
 from fra.queries.cli import export
 from fra.queries.lib import feature_channels, top_channels
@@ -36,9 +37,13 @@ def index(tmp_path_factory):
     write(root / "channels/layer=5/head=0/part-0.parquet", pa.table({
         "feat_q": pa.array([1, 3, 2], pa.int32()), "feat_k": pa.array([2, 2, 1], pa.int32()),
         "count": [4, 10, 2], "sum": [8.0, -30.0, 1.0], "sumsq": [20.0, 100.0, 1.0],
-        "min": [1.0, -5.0, 0.0], "max": [3.0, -1.0, 1.0],
-        "ind_count": [2, 0, 0], "ind_sum": [6.0, 0.0, 0.0], "ind_sumsq": [18.0, 0.0, 0.0],
-        "ind_min": pa.array([3.0, None, None]), "ind_max": pa.array([3.0, None, None])}))
+        "ind_count": [2, 0, 0], "ind_sum": [6.0, 0.0, 0.0], "ind_sumsq": [18.0, 0.0, 0.0]}))
+    # examples: the strongest entries of channel (1, 2)
+    write(root / "examples/layer=5/head=0/part-0.parquet", pa.table({
+        "feat_q": pa.array([1, 1], pa.int32()), "feat_k": pa.array([2, 2], pa.int32()),
+        "rank": pa.array([0, 1], pa.int8()), "sample": pa.array([0, 0], pa.int32()),
+        "q": pa.array([3, 4], pa.int16()), "k": pa.array([2, 0], pa.int16()),
+        "value": pa.array([3.0, 0.5], pa.float32())}))
     # rows: the kept entries
     write(root / "rows/layer=5/head=0/part-0.parquet", pa.table({
         "sample": pa.array([0, 0, 0], pa.int32()), "q": pa.array([3, 4, 4], pa.int16()),
@@ -55,7 +60,8 @@ def index(tmp_path_factory):
     t = pa.table(pairs).cast(pa.schema([("sample", pa.int32()), ("q", pa.int16()), ("k", pa.int16())]
                                        + [(c, pa.float64()) for c in list(pairs)[3:-1]] + [("induction", pa.bool_())]))
     write(root / "pairs/layer=5/head=0/part-0.parquet", t)
-    (root / "manifest.json").write_text(json.dumps({"model": "fixture", "layers": [5], "n_samples": 1}))
+    Manifest(model="fixture", sae={"5": "x"}, corpus="c", policy={}, layers=[5], heads=[0], n_samples=1,
+             shard="0/1").write(root)
     return root
 
 
