@@ -7,11 +7,11 @@ hours of ingest on a CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from . import connect
 from .lib import run
@@ -21,8 +21,9 @@ SYNTH_LAYERS, SYNTH_HEADS, D_SAE = (17, 18), 9, 4096
 
 def synthetic_index(root: Path, n_rows: int, n_samples: int = 512, seq: int = 128, n_channels: int = 300_000,
                     seed: int = 0) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Random values in the real schema (`fra.ingest.index.schema`), clearly not a result."""
+    from fra.ingest.index.schema import Manifest
+    from fra.ingest.index.store import conform, write_parquet
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -32,49 +33,53 @@ def synthetic_index(root: Path, n_rows: int, n_samples: int = 512, seq: int = 12
     qs = np.repeat(np.arange(seq), np.arange(1, seq + 1))
     ks = np.concatenate([np.arange(q + 1) for q in range(seq)])
     n_pair_samples = max(1, min(n_samples, 2_000_000 // (parts * len(qs))))
+
+    def put(name, layer, head, cols):
+        write_parquet(conform(name, pa.table(cols)), root / name / f"layer={layer}" / f"head={head}" / "part-00000.parquet")
+
     for layer in SYNTH_LAYERS:
         for head in range(SYNTH_HEADS):
-            d = root / "{}" / f"layer={layer}" / f"head={head}"
             q = rng.integers(1, seq, per).astype(np.int16)
-            rows = pa.table({
+            put("rows", layer, head, {
                 "sample": rng.integers(0, n_samples, per).astype(np.int32), "q": q,
                 "k": (q * rng.random(per)).astype(np.int16), "feat_q": zipf(per), "feat_k": zipf(per),
-                "value": rng.normal(0, 1, per).astype(np.float32), "induction": rng.random(per) < 0.02,
-            }).sort_by([("feat_q", "ascending"), ("feat_k", "ascending")])
-            Path(str(d).format("rows")).mkdir(parents=True)
-            pq.write_table(rows, Path(str(d).format("rows")) / "part-0.parquet", row_group_size=65536)
+                "value": rng.normal(0, 1, per).astype(np.float32), "induction": rng.random(per) < 0.02})
             n_p = n_pair_samples * len(qs)
             pairs = {"sample": np.repeat(np.arange(n_pair_samples, dtype=np.int32), len(qs)),
                      "q": np.tile(qs, n_pair_samples).astype(np.int16), "k": np.tile(ks, n_pair_samples).astype(np.int16),
                      "induction": rng.random(n_p) < 0.01}
             for c in ("score", "ff", "ff_abs", "kept", "kept_abs", "f_bdec", "f_err", "bdec_f", "err_f", "resid_resid", "bias"):
                 pairs[c] = rng.normal(0, 1, n_p).astype(np.float32)
-            Path(str(d).format("pairs")).mkdir(parents=True)
-            pq.write_table(pa.table(pairs), Path(str(d).format("pairs")) / "part-0.parquet")
+            put("pairs", layer, head, pairs)
             key = np.unique(rng.integers(0, D_SAE * D_SAE, n_channels))
             cnt = rng.integers(64, 5000, len(key))
             s = rng.normal(0, 1, len(key)) * cnt
-            chan = pa.table({"feat_q": (key // D_SAE).astype(np.int32), "feat_k": (key % D_SAE).astype(np.int32),
-                             "count": cnt, "sum": s, "sumsq": np.abs(s) * 3, "min": -np.ones(len(key)),
-                             "max": np.ones(len(key)), "ind_count": cnt // 50, "ind_sum": s / 50,
-                             "ind_sumsq": np.abs(s) / 10, "ind_min": -np.ones(len(key)), "ind_max": np.ones(len(key))})
-            Path(str(d).format("channels")).mkdir(parents=True)
-            pq.write_table(chan, Path(str(d).format("channels")) / "part-0.parquet")
-    (root / "samples").mkdir()
+            fq, fk = (key // D_SAE).astype(np.int32), (key % D_SAE).astype(np.int32)
+            put("channels", layer, head, {"feat_q": fq, "feat_k": fk, "count": cnt, "sum": s, "sumsq": np.abs(s) * 3,
+                                          "ind_count": cnt // 50, "ind_sum": s / 50, "ind_sumsq": np.abs(s) / 10})
+            E = 8
+            q_e = rng.integers(1, seq, len(key) * E).astype(np.int16)
+            put("examples", layer, head, {
+                "feat_q": np.repeat(fq, E), "feat_k": np.repeat(fk, E), "rank": np.tile(np.arange(E, dtype=np.int8), len(key)),
+                "sample": rng.integers(0, n_samples, len(key) * E).astype(np.int32), "q": q_e,
+                "k": (q_e * rng.random(len(key) * E)).astype(np.int16),
+                "value": rng.normal(0, 1, len(key) * E).astype(np.float32)})
     toks = [[f"t{i}" for i in range(seq)] for _ in range(n_samples)]
-    pq.write_table(pa.table({"sample": np.arange(n_samples, dtype=np.int32), "text": ["synthetic"] * n_samples,
-                             "token_ids": [list(range(seq))] * n_samples, "tokens": toks,
-                             "n_tokens": np.full(n_samples, seq, dtype=np.int16)}), root / "samples" / "part-0.parquet")
-    (root / "features").mkdir()
+    write_parquet(conform("samples", pa.table({
+        "sample": np.arange(n_samples, dtype=np.int32), "text": ["synthetic"] * n_samples,
+        "token_ids": [list(range(seq))] * n_samples, "tokens": toks,
+        "n_tokens": np.full(n_samples, seq, dtype=np.int16)})), root / "samples" / "part-0.parquet")
     L = np.repeat(SYNTH_LAYERS, D_SAE)
-    pq.write_table(pa.table({"layer": L, "feature": np.tile(np.arange(D_SAE), len(SYNTH_LAYERS)),
-                             "index_frequency": rng.random(len(L)) / 100, "bos_rate": rng.random(len(L)) / 10,
-                             "label": ["synthetic"] * len(L), "top_contexts": [["x [[y]] z"]] * len(L),
-                             "punct_or_bos": rng.random(len(L)) < 0.02}), root / "features" / "part-0.parquet")
-    (root / "manifest.json").write_text(json.dumps({
-        "schema_version": 1, "model": "synthetic", "sae": {}, "corpus": "synthetic", "code_version": "synthetic",
-        "policy": {}, "layers": list(SYNTH_LAYERS), "heads": list(range(SYNTH_HEADS)), "n_samples": n_samples,
-        "shard": "0/1", "stats": {"synthetic": True}, "created": ""}))
+    n = len(L)
+    write_parquet(conform("features", pa.table({
+        "layer": L, "feature": np.tile(np.arange(D_SAE), len(SYNTH_LAYERS)),
+        "index_frequency": rng.random(n) / 100, "bos_rate": rng.random(n) / 10, "label": ['"synthetic"'] * n,
+        "top_tokens": [["synthetic"]] * n, "prev_token": pa.nulls(n, pa.string()), "frequency": rng.random(n) / 100,
+        "mean_act_when_active": rng.random(n), "max_act": rng.random(n) * 3, "top_contexts": [["x [[y]] z"]] * n,
+        "punct_or_bos": rng.random(n) < 0.02})), root / "features" / "part-0.parquet")
+    Manifest(model="synthetic", sae={}, corpus="synthetic", policy={}, layers=list(SYNTH_LAYERS),
+             heads=list(range(SYNTH_HEADS)), n_samples=n_samples, shard="0/1",
+             stats={"synthetic": True}).write(root)
     return root
 
 

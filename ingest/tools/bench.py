@@ -1,121 +1,204 @@
-"""`fra bench`: throughput of the ingest inner loop on the default model, against the naive
-per-pair reference measured in the same run, with a breakdown of where the time goes.
+"""`fra bench`: what a full `fra ingest` costs per SAE width, against the schema-1 dense path.
 
-Workload: SmolLM2-135M, layers 17-18, all 9 heads, 128-token samples (random tokens after BOS,
-so every sample has exactly 128 positions), the shipped SAEs.
+Workload: SmolLM2-135M-Instruct, one layer (17), all 9 heads, `n_samples` samples of exactly
+`seq_len` tokens (BOS + consecutive windows of the shipped demo corpus). SAEs: synthetic TopK
+SAEs (random unit-norm decoder rows, encoder = decoder transposed, zero biases, k = 32) of each
+width. For memory and channel counts a random SAE needs no download and spreads its features
+widely; they are not results about any real SAE.
+
+Each width runs in its own process, so that its peak RSS is its own. Per width: samples/s of
+the whole ingest (both passes and the writing, model loading excluded), peak RSS, bytes on
+disk per sample, channels seen and kept. The dense path of schema 1 (commit `baseline`, a
+[d_sae^2, heads] accumulator) runs on the same workload at the first width, in the same
+`fra bench` call, from a temporary git worktree of this repository (skipped with a message
+when that is not possible, e.g. outside a git checkout).
 """
 
 from __future__ import annotations
 
-import resource
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..config import opt
+
+BASELINE_COMMIT = "c06acfe"  # the last commit with the dense [d_sae^2, heads] channel accumulators
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = "smollm2-135m"
-    layers: tuple[int, ...] = (17, 18)
-    n_samples: int = 8
-    seq_len: int = 128
-    naive_pairs: int = 12  # (head, q, k) pairs timed with the naive reference, then extrapolated
-    top_m: int = 32
-    device: str | None = None
-    seed: int = 0
+    widths: tuple[int, ...] = opt((4096, 24576, 65536), "SAE widths (d_sae) to measure")
+    k: int = opt(32, "TopK k of the synthetic SAEs")
+    layer: int = opt(17, "the layer indexed")
+    n_samples: int = opt(64, "samples indexed per width")
+    seq_len: int = opt(128, "tokens per sample, BOS included")
+    min_count: int = opt(128, "the ingest's keep-policy (as in the README's main job)")
+    memory_budget_gb: float = opt(1.0, "the ingest's memory budget")
+    baseline: str | None = opt(BASELINE_COMMIT, "git commit of the dense path to compare with at the first width; '' to skip")
+    device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
+    seed: int = opt(0, "seed of the synthetic SAEs")
 
     def __post_init__(self):
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise ValueError("n_samples >= 1 and seq_len >= 2")
+        if self.n_samples < 1 or self.seq_len < 2 or not self.widths:
+            raise ValueError("need n_samples >= 1, seq_len >= 2 and at least one width")
 
 
-def _sync(device):
+def synthetic_sae(d_in: int, d_sae: int, k: int, hook: str, seed: int):
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    sae.cfg.metadata.hook_name = hook
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_sae, d_in, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        sae.W_dec.copy_(W)
+        sae.W_enc.copy_(W.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def bench_tokens(tokenizer, bos_id: int, n: int, seq_len: int) -> list[list[int]]:
+    """`n` samples of BOS + `seq_len - 1` consecutive tokens of the demo corpus (cycled)."""
+    from ..corpus import DEMO_CORPUS, read_corpus
+
+    texts = read_corpus(DEMO_CORPUS).column("text").to_pylist()
+    stream = [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
+    w = seq_len - 1
+    return [[bos_id] + [stream[(i * w + j) % len(stream)] for j in range(w)] for i in range(n)]
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def measure(args: dict) -> dict:
+    """One width, in this process: the new ingest, or the schema-1 runner when `baseline`."""
+    import time
+
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    hook = f"blocks.{args['layer']}.ln1.hook_normalized"
+    out = Path(args["out"])
+    if args.get("baseline"):  # the old package, imported from the baseline worktree
+        from fra.ingest.models import load_model
+        from fra.ingest.runner import IngestConfig, Inputs, run
+    else:
+        from ..index.build import IngestConfig, Inputs, run
+        from ..registry import load_model
+    lm = load_model("smollm2-135m", device=device)
+    sae = synthetic_sae(lm.model.cfg.d_model, args["width"], args["k"], hook, args["seed"]).to(device)
+    tokens = bench_tokens(lm.tokenizer, lm.bos_id, args["n_samples"], args["seq_len"])
+    ids, texts, saes = list(range(len(tokens))), [""] * len(tokens), {args["layer"]: sae}
+    sae_id = {str(args["layer"]): f"synthetic-{args['width']}"}
+    common = dict(out=out, model="smollm2-135m", layers=(args["layer"],), min_count=args["min_count"],
+                  progress=False, device=device)
+    if args.get("baseline"):
+        inp = Inputs(lm, saes, (args["layer"],), ids, texts, tokens, "bench", sae_id)
+        cfg = IngestConfig(**common)
+    else:
+        inp = Inputs(lm, saes, ids, texts, tokens, "bench", sae_id)
+        cfg = IngestConfig(**common, memory_budget_gb=args["memory_budget_gb"])
+    t = time.perf_counter()
+    run(cfg, inp)
+    seconds = time.perf_counter() - t
+    manifest = json.loads((out / "manifest.json").read_text())
+    st = manifest["stats"][str(args["layer"])]
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {
+        "width": args["width"], "samples_per_s": len(tokens) / seconds, "seconds": seconds,
+        "peak_rss_gb": _peak_rss_gb(), "bytes_per_sample": size / len(tokens),
+        "channels_seen": st["channels_seen"],
+        "channels_kept": st.get("channels_kept", st.get("channels_written")),
+        "sweeps": st.get("sweeps", 1), "count_runs_spilled": st.get("count_runs_spilled", 0),
+    }
+
+
+def _child(args: dict, pythonpath: str | None = None) -> dict:
+    """`measure(args)` in a fresh interpreter (its own peak RSS)."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import json, sys; from fra.ingest.tools.bench import measure; "
+            "print('RESULT' + json.dumps(measure(json.loads(sys.argv[1]))))")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    if p.returncode != 0 or not line:
+        raise RuntimeError(f"bench child failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT"):])
+
+
+def _baseline_tree(commit: str, tmp: Path) -> str | None:
+    """A PYTHONPATH under which `import fra` is the package of `commit`, or None (with a message)."""
+    repo = Path(__file__).resolve().parents[2]
+    wt = tmp / "baseline"
+    p = subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(wt), commit],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"dense baseline skipped: cannot check out {commit} ({p.stderr.strip()[:200]})")
+        return None
+    # this file (and the config helper it imports) go into the throwaway worktree, so that the
+    # child imports the same measure() next to the old package
+    (wt / "ingest" / "tools").mkdir(exist_ok=True)
+    (wt / "ingest" / "tools" / "__init__.py").touch()
+    shutil.copy(__file__, wt / "ingest" / "tools" / "bench.py")
+    shutil.copy(Path(__file__).parents[1] / "config.py", wt / "ingest" / "config.py")
+    shim = tmp / "shim" / "fra"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("")
+    for sub in ("ingest", "queries"):
+        (shim / sub).symlink_to(wt / sub)
+    return str(tmp / "shim")
+
+
+def _remove_worktree(tmp: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline")],
+                   capture_output=True)
 
 
 def run(cfg: BenchConfig) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="fra-bench-"))
+    base = {k: v for k, v in asdict(cfg).items() if k not in ("widths", "baseline")}
+    rows = []
+    try:
+        for width in cfg.widths:
+            print(f"measuring d_sae = {width} ...", flush=True)
+            rows.append({"path": "two-pass", **_child({**base, "width": width, "out": str(tmp / f"w{width}")})})
+            shutil.rmtree(tmp / f"w{width}", ignore_errors=True)
+        if cfg.baseline:
+            path = _baseline_tree(cfg.baseline, tmp)
+            if path is not None:
+                print(f"measuring the dense path of {cfg.baseline} at d_sae = {cfg.widths[0]} ...", flush=True)
+                args = {**base, "width": cfg.widths[0], "out": str(tmp / "dense"), "baseline": True}
+                rows.append({"path": f"dense ({cfg.baseline})", **_child(args, path)})
+    finally:
+        _remove_worktree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print(cfg, rows)
+    return {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows}
+
+
+def _print(cfg: BenchConfig, rows: list[dict]) -> None:
     import torch
 
-    from .decompose import build_projector, pair_terms, project_tokens, run_hooks
-    from .models import load_model
-    from .reduce import ChannelAccumulator, induction_mask, reduce_sample
-    from .reference import naive_fa
-    from .runner import IngestConfig, Inputs, run as ingest
-    from .train_sae import load_shipped_sae
-
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm = load_model(cfg.model, device=device)
-    model = lm.model
-    g = torch.Generator().manual_seed(cfg.seed)
-    samples = [[lm.bos_id] + torch.randint(100, model.cfg.d_vocab, (cfg.seq_len - 1,), generator=g).tolist()
-               for _ in range(cfg.n_samples)]
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-               "layers": {}}
-    for layer in cfg.layers:
-        sae = load_shipped_sae(cfg.model, layer, device)
-        proj = build_projector(model, layer, sae)
-        F, H = sae.cfg.d_sae, model.cfg.n_heads
-        acc, ind_acc = ChannelAccumulator.zeros(F, H, device=device), ChannelAccumulator.zeros(F, H, device=device)
-        phases = dict.fromkeys(("forward", "sae_encode", "project", "reduce", "pair_terms"), 0.0)
-        with torch.no_grad():
-            for i, toks in enumerate(samples):
-                t = torch.tensor(toks, device=device)[None]
-                marks = [time.perf_counter()]
-                hooks = run_hooks(model, layer, sae.cfg.metadata.hook_name, t); _sync(device); marks.append(time.perf_counter())
-                acts = sae.encode(hooks.x_BTD); _sync(device); marks.append(time.perf_counter())
-                sparse, q, k, _ = project_tokens(proj, hooks.x_BTD, acts, sae.W_dec, sae.b_dec, hooks.norm_scale_BT)
-                _sync(device); marks.append(time.perf_counter())
-                reduce_sample(q.feat_BHTAE[0], k.feat_BHTAE[0], sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0,
-                              induction_mask(t[0]), acc, ind_acc, cfg.top_m)
-                _sync(device); marks.append(time.perf_counter())
-                pair_terms(q, k); _sync(device); marks.append(time.perf_counter())
-                if i == 0:
-                    continue  # warm-up
-                for name, a, b in zip(phases, marks, marks[1:]):
-                    phases[name] += b - a
-        n = cfg.n_samples - 1 or 1
-        per_sample = sum(phases.values()) / n
-        # naive reference: a few (h, q, k) pairs of the first sample, extrapolated to all causal pairs
-        hooks = run_hooks(model, layer, sae.cfg.metadata.hook_name, torch.tensor(samples[0], device=device)[None])
-        T = cfg.seq_len
-        pairs = [(int(torch.randint(0, H, (1,), generator=g)), q, int(torch.randint(0, q + 1, (1,), generator=g)))
-                 for q in torch.randint(0, T, (cfg.naive_pairs,), generator=g).tolist()]
-        t0 = time.perf_counter()
-        for h, qq, kk in pairs:
-            naive_fa(model, layer, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, qq, kk)
-        naive_per_sample = (time.perf_counter() - t0) / len(pairs) * H * T * (T + 1) / 2
-        results["layers"][str(layer)] = {
-            "samples_per_s": 1 / per_sample,
-            "naive_s_per_sample": naive_per_sample,
-            "speedup_vs_naive": naive_per_sample / per_sample,
-            "phase_ms_per_sample": {k: 1000 * v / n for k, v in phases.items()},
-        }
-    # bytes written per sample: a real ingest of the same samples into a temporary index
-    tmp = Path(tempfile.mkdtemp())
-    saes = {l: load_shipped_sae(cfg.model, l, device) for l in cfg.layers}
-    inp = Inputs(lm, saes, tuple(cfg.layers), list(range(len(samples))), ["" for _ in samples], samples, "bench",
-                 {str(l): "bench" for l in cfg.layers})
-    ingest(IngestConfig(out=tmp / "index", model=cfg.model, top_m=cfg.top_m, progress=False, device=device), inp)
-    size = sum(p.stat().st_size for p in (tmp / "index").rglob("*") if p.is_file())
-    shutil.rmtree(tmp)
-    results["bytes_written_per_sample"] = size / len(samples)
-    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    if device == "cuda":
-        results["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    _print(results)
-    return results
-
-
-def _print(r: dict) -> None:
-    print(f"\nfra bench on {r['device']}: 128-token samples, all heads, per layer")
-    print(f"{'layer':>5} {'samples/s':>10} {'naive s/sample':>15} {'speed-up':>9}   time per sample (ms)")
-    for layer, m in r["layers"].items():
-        ph = "  ".join(f"{k} {v:.0f}" for k, v in m["phase_ms_per_sample"].items())
-        print(f"{layer:>5} {m['samples_per_s']:10.2f} {m['naive_s_per_sample']:15.0f} {m['speedup_vs_naive']:8.0f}x   {ph}")
-    print(f"bytes written per sample (all layers): {r['bytes_written_per_sample'] / 1e6:.2f} MB")
-    print(f"peak RSS: {r['peak_rss_gb']:.2f} GB" + (f", peak GPU memory {r['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in r else ""))
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads")
+    print(f"\nfra bench ({dev}): layer {cfg.layer}, 9 heads, {cfg.n_samples} samples x {cfg.seq_len} tokens, "
+          f"synthetic TopK SAEs k={cfg.k}, min_count {cfg.min_count}, budget {cfg.memory_budget_gb} GB")
+    print(f"{'path':>18} {'d_sae':>6} {'samples/s':>10} {'peak RSS GB':>12} {'MB/sample':>10} "
+          f"{'channels seen':>14} {'kept':>10} {'sweeps':>7} {'spilled runs':>13}")
+    for r in rows:
+        print(f"{r['path']:>18} {r['width']:>6} {r['samples_per_s']:10.2f} {r['peak_rss_gb']:12.2f} "
+              f"{r['bytes_per_sample'] / 1e6:10.2f} {r['channels_seen']:14,} {r['channels_kept']:10,} "
+              f"{r['sweeps']:7} {r['count_runs_spilled']:13}")
+    print("Goals (issue 10): peak RSS <= 8 GB at 24,576 and <= 16 GB at 65,536; at 4,096 no slower than the dense path.")
