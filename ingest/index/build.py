@@ -169,9 +169,10 @@ def check_heads(model, heads) -> None:
             raise IndexFormatError(f"head {h} out of range: the model has heads 0..{n_heads - 1}")
 
 
-def ingest(model, saes: dict, samples: list, out: Path, tokenizer=None, **options) -> Path:
+def ingest(model, saes: dict, samples: list, out: Path, *, tokenizer=None, name: str = "custom", **options) -> Path:
     """Python API: index `samples` (token id lists, or strings when the model has a tokenizer)
-    with a HookedTransformer and {layer: SAE} already in memory. `options` are IngestConfig's."""
+    with a HookedTransformer and {layer: SAE} already in memory; `name` is recorded as the
+    manifest's model. `options` are IngestConfig's fields."""
     if samples and isinstance(samples[0], str):
         from ..corpus import tokenize_samples
 
@@ -181,7 +182,7 @@ def ingest(model, saes: dict, samples: list, out: Path, tokenizer=None, **option
         tokens = tokenize_samples(texts, tok, bos, min(options.get("max_tokens", 128), model.cfg.n_ctx))
     else:
         texts, tokens = None, [list(map(int, s)) for s in samples]
-    cfg = IngestConfig(out=Path(out), model=options.pop("model", "custom"), **options)
+    cfg = IngestConfig(out=Path(out), model=name, **options)
     return run(cfg, Inputs.of(model, saes, tokens, texts, tokenizer, name=cfg.model))
 
 

@@ -1,0 +1,64 @@
+"""The index format's one owner (fra.ingest.index.schema): the generated doc, the manifest's
+validation, and the Python API path into the same writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fra.ingest.index.schema import SCHEMA_VERSION, TABLES, IndexFormatError, Manifest, markdown
+from fra.ingest.index.store import conform
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schema_doc_is_generated_from_the_schema():
+    assert (ROOT / "docs" / "INDEX_SCHEMA.md").read_text() == markdown(), (
+        "docs/INDEX_SCHEMA.md is stale: python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md")
+
+
+def test_manifest_round_trip_and_validation(tmp_path):
+    m = Manifest(model="m", sae={"3": "abc"}, corpus="c", policy={"min_count": 2}, layers=[3], heads=[0, 1],
+                 n_samples=4, shard="0/1", stats={"3": {"x": 1}})
+    m.write(tmp_path)
+    assert Manifest.read(tmp_path) == m
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for bad, match in (({**raw, "extra": 1}, r"unknown keys \['extra'\]"),
+                       ({k: v for k, v in raw.items() if k != "heads"}, r"missing \['heads'\]"),
+                       ({**raw, "schema_version": SCHEMA_VERSION - 1}, "Rebuild the index")):
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(IndexFormatError, match=match):
+            Manifest.read(tmp_path)
+    with pytest.raises(IndexFormatError, match="not an FRA index"):
+        Manifest.read(tmp_path / "nowhere")
+
+
+def test_conform_orders_casts_and_refuses_missing_columns():
+    t = pa.table({"feat_k": [1], "feat_q": [2], "count": [3], "sum": [1.0], "sumsq": [1.0],
+                  "ind_count": [0], "ind_sum": [0.0], "ind_sumsq": [0.0], "extra": ["dropped"]})
+    out = conform("channels", t)
+    assert out.schema == TABLES["channels"].schema and out["feat_q"].to_pylist() == [2]
+    with pytest.raises(IndexFormatError, match=r"lacks columns \['sumsq'\]"):
+        conform("channels", t.drop(["sumsq"]))
+
+
+def test_python_api_writes_the_same_index(tmp_path):
+    """ingest(model, saes, token lists) with objects the user holds = run() from Inputs."""
+    from fra.ingest.index.build import IngestConfig, ingest, run
+    from fra.ingest.tools.testing import tiny_inputs
+    from fra.queries import connect
+
+    inp = tiny_inputs()
+    ingest(inp.lm.model, inp.saes, inp.tokens, tmp_path / "api", name="tiny", min_count=1, progress=False)
+    run(IngestConfig(out=tmp_path / "run", model="tiny", min_count=1, progress=False), tiny_inputs())
+    a, b = connect(tmp_path / "api"), connect(tmp_path / "run")
+    for table in ("channels", "examples", "rows", "pairs"):
+        q = f"SELECT * FROM {table} ORDER BY ALL"
+        assert a.execute(q).fetchall() == b.execute(q).fetchall(), table
+    m = Manifest.read(tmp_path / "api")
+    assert set(m.sae) == {"0", "1"} and all(len(v) == 16 for v in m.sae.values())  # weights hashes
+    assert dataclasses.asdict(m)["policy"]["min_count"] == 1
