@@ -428,6 +428,14 @@ class Decomposer:
         self.proj = build_projector(model, layer, sae, dtype)
 
     @torch.no_grad()
+    def encode(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> SparseActs:
+        """Only the active features (no projections), for passes that need no FA value."""
+        tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
+        validate_tokens(self.model, tokens_BT)
+        x_BTD = run_hooks(self.model, self.layer, self.sae.cfg.metadata.hook_name, tokens_BT).x_BTD
+        return sparsify(self.sae.encode(x_BTD.to(self.sae.W_dec.dtype)))
+
+    @torch.no_grad()
     def prepare(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> Prepared:
         tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
         validate_tokens(self.model, tokens_BT)

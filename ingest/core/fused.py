@@ -59,7 +59,8 @@ void fused_block(torch::Tensor V, torch::Tensor slots, torch::Tensor sum, torch:
 
 // Merge one sample's local slots into a chunk of global channels. Local slot s maps to chunk row
 // rowof[s] (-1: not in this chunk); rows of one merge are distinct, so the loop over s runs in
-// parallel. Local stats are [H, P]; global sums [n, H] float64; examples [n, H, E].
+// parallel. Local stats are [H, P]; global sums [n, H] float64; examples [n, H, E] (value float32,
+// sample int32, position int32).
 void fused_merge(torch::Tensor rowof, torch::Tensor lsum, torch::Tensor lsumsq, torch::Tensor lbest,
                  torch::Tensor lbpos, torch::Tensor gsum, torch::Tensor gsumsq, torch::Tensor exval,
                  torch::Tensor exsample, torch::Tensor expos, int64_t sample) {
@@ -70,7 +71,7 @@ void fused_merge(torch::Tensor rowof, torch::Tensor lsum, torch::Tensor lsumsq, 
   double *gs = gsum.data_ptr<double>(), *gss = gsumsq.data_ptr<double>();
   float* ev = exval.data_ptr<float>();
   int32_t* es = exsample.data_ptr<int32_t>();
-  int64_t* ep = expos.data_ptr<int64_t>();
+  int32_t* ep = expos.data_ptr<int32_t>();
   at::parallel_for(0, S, 1024, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t row = r[s];
@@ -93,7 +94,7 @@ void fused_merge(torch::Tensor rowof, torch::Tensor lsum, torch::Tensor lsumsq, 
         }
         const float al = std::fabs(e[lo]);
         if (ax > al || (ax == al && sample < eff(lo))) {
-          e[lo] = x; es_g[lo] = (int32_t)sample; ep[gi * E + lo] = lp[li];
+          e[lo] = x; es_g[lo] = (int32_t)sample; ep[gi * E + lo] = (int32_t)lp[li];
         }
       }
     }

@@ -64,8 +64,8 @@ class IngestConfig:
         for name in ("min_count", "top_keys", "top_pairs", "examples_per_channel", "q_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_tokens < 2:
-            raise ValueError("--max-tokens must be at least 2 (BOS and one token)")
+        if not 2 <= self.max_tokens <= 32768:
+            raise ValueError("--max-tokens must be in [2, 32768] (positions are stored as int16)")
         if self.memory_budget_gb <= 0:
             raise ValueError("--memory-budget-gb must be positive")
 
@@ -251,15 +251,15 @@ def _ingest_layer(cfg: IngestConfig, dec, heads, inp: Inputs, writer: IndexWrite
     fires_F = torch.zeros(F, dtype=torch.long)
     bos_F = torch.zeros(F, dtype=torch.long)
 
-    def prepared(desc):
+    def samples(desc):
         for s in tqdm(order, desc=f"layer {layer}: {desc}", unit="sample", disable=not cfg.progress):
-            toks = torch.tensor(inp.tokens[s], device=device)
-            yield s, toks, dec.prepare(toks)
+            yield s, torch.tensor(inp.tokens[s], device=device)
 
     # pass 1: exact counts (a quarter of the budget)
     counts = CountAggregator(budget // 4, writer.work_dir(layer) / "_count_runs")
-    for _, toks, p in prepared("count pass"):
-        idx, live = p.sparse.feat_idx_BTA[0], p.live_BTA[0]
+    for _, toks in samples("count pass"):
+        sparse = dec.encode(toks)
+        idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
         co = cooccurrence(idx, live)
         keys, n = co.channel_keys(F)
         counts.add(keys.cpu().numpy(), n.cpu().numpy())
@@ -267,6 +267,7 @@ def _ingest_layer(cfg: IngestConfig, dec, heads, inp: Inputs, writer: IndexWrite
         bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
     n_runs = len(counts.runs)
     kept_keys, kept_counts, n_seen = counts.finish(cfg.min_count)
+    del counts
 
     # pass 2: statistics, one sweep per chunk of kept channels (half the budget)
     per_channel = ChannelChunk.bytes_per_channel(len(heads), cfg.examples_per_channel)
@@ -278,7 +279,8 @@ def _ingest_layer(cfg: IngestConfig, dec, heads, inp: Inputs, writer: IndexWrite
         keys = torch.from_numpy(kept_keys[lo : lo + chunk])
         acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
         first = c == 0
-        for s, toks, p in prepared(f"statistics sweep {c + 1}/{len(starts)}"):
+        for s, toks in samples(f"statistics sweep {c + 1}/{len(starts)}"):
+            p = dec.prepare(toks)
             T = toks.shape[0]
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             scores = p.hooks.model_scores_BHQK[0][head_pos].float()

@@ -119,12 +119,12 @@ class ChannelChunk:
         self.ind_sum_NH, self.ind_sumsq_NH = torch.zeros(n, H, dtype=f64), torch.zeros(n, H, dtype=f64)
         self.ex_val_NHE = torch.zeros(n, H, E)
         self.ex_sample_NHE = torch.full((n, H, E), -1, dtype=torch.int32)
-        self.ex_pos_NHE = torch.zeros(n, H, E, dtype=torch.long)
+        self.ex_pos_NHE = torch.zeros(n, H, E, dtype=torch.int32)  # (q << 16) | k, q < 32768
 
     @staticmethod
     def bytes_per_channel(n_heads: int, n_examples: int) -> int:
         # key + 4 float64 sums per head + induction count + per example value, sample, position
-        return 8 + 32 * n_heads + 8 + n_heads * n_examples * (4 + 4 + 8)
+        return 8 + 32 * n_heads + 8 + n_heads * n_examples * (4 + 4 + 4)
 
     def add(self, red: SampleReduction, sample: int, use_fused: bool = True) -> None:
         """Merge one sample's slots (all of which belong to this chunk)."""
@@ -161,7 +161,7 @@ class ChannelChunk:
         r, e = row_S[s_i], lo[s_i, h_i]
         self.ex_val_NHE[r, h_i, e] = best_SH[s_i, h_i]
         self.ex_sample_NHE[r, h_i, e] = sample
-        self.ex_pos_NHE[r, h_i, e] = pos_SH[s_i, h_i]
+        self.ex_pos_NHE[r, h_i, e] = pos_SH[s_i, h_i].int()
 
     def tables(self, h: int, counts: np.ndarray, d_sae: int) -> tuple[pa.Table, pa.Table]:
         """(channels, examples) of head index `h` (position in the job's heads)."""
@@ -187,7 +187,7 @@ class ChannelChunk:
             "feat_q": np.repeat(fq, E)[idx], "feat_k": np.repeat(fk, E)[idx],
             "rank": np.tile(np.arange(E, dtype=np.int8), n)[idx],
             "sample": smp.flatten().numpy()[idx],
-            "q": (pos >> POS_SHIFT).flatten().numpy().astype(np.int16)[idx],
+            "q": (pos.long() >> POS_SHIFT).flatten().numpy().astype(np.int16)[idx],
             "k": (pos & ((1 << POS_SHIFT) - 1)).flatten().numpy().astype(np.int16)[idx],
             "value": val.flatten().numpy()[idx],
         })
