@@ -193,7 +193,7 @@ def cut_samples(paras: list[str], count_tokens, max_tokens: int) -> list[str]:
             samples.append(" ".join(cur)); cur, cur_n = [], 0
         for sent in _SENTENCE_END.split(para):
             n = count_tokens(" " + sent)
-            if n > budget:  # a sentence longer than a sample: keep its first part only
+            if n > budget:  # a sentence longer than a sample becomes a sample of its own (tokenisation truncates it)
                 if cur:
                     samples.append(" ".join(cur)); cur, cur_n = [], 0
                 samples.append(sent)

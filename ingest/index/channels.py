@@ -16,6 +16,12 @@ The keep-policy is decided from exact quantities, in two passes over a layer:
    `examples_per_channel` are kept.
 
 Channel keys are feat_q * d_sae + feat_k (int64), so sorted keys are sorted (feat_q, feat_k).
+
+Where the heads share work: the count is head-independent and is computed once (pass 1).
+Without RoPE a channel's per-head sum also factorises (a weight-only coefficient per head times
+a head-independent co-activation sum), and with RoPE it does per rotary frequency; but the sum
+of squares and the examples do not factorise, so pass 2 still forms the values per head, and
+the factorised sums would only save the cheapest of its reductions.
 """
 
 from __future__ import annotations
