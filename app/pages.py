@@ -12,6 +12,7 @@ import streamlit as st
 
 from fra.app import ui
 from fra.app.glossary import HELP
+from fra.app.state import pick_int
 from fra.app.text import md_context, md_text, md_tokens, visible
 
 MIN_COUNT = 8  # channels seen fewer times are too noisy to rank
@@ -33,11 +34,9 @@ def page_home(meta: dict) -> None:
         "(query feature, key feature) pair of one head. Start from a channel below, search a feature by id, "
         f"label or token text on [Feature search]({ui.link('Feature search')}), or open a head's attention map "
         f"on [Head]({ui.link('Head')}).")
-    c1, c2, c3, c4 = st.columns(4)
-    c1.metric("model", str(meta.get("model")))
-    c2.metric("layers", ", ".join(str(l) for l in meta.get("layers", [])))
-    c3.metric("heads per layer", str(meta.get("heads") if isinstance(meta.get("heads"), int) else len(meta.get("heads") or [])))
-    c4.metric("samples", str(meta.get("n_samples")))
+    heads = meta.get("heads")
+    st.markdown(f"**Index**: model `{meta.get('model')}`, layers {', '.join(str(l) for l in meta.get('layers', []))}, "
+                f"{heads if isinstance(heads, int) else len(heads or [])} heads per layer, {meta.get('n_samples')} samples.")
     st.subheader("Strongest channels across heads")
     st.caption(f"By |mean-when-active| over channels seen at least {MIN_COUNT} times, BOS and punctuation "
                "features dropped; at most 5 per head.")
@@ -117,7 +116,7 @@ def page_feature() -> None:
     if contexts is not None and len(contexts):
         st.markdown("**Top-activating contexts** (held-out text; the activating token in bold)")
         st.markdown("\n".join("- " + md_context(c) for c in list(contexts)[:10]), unsafe_allow_html=True)
-    chans = ui.q("feature_channels", feature, layer, 1, 500)
+    chans = ui.q("feature_channels", feature, layer, 1, 20000)
     if chans.empty:
         st.info("This feature appears in no stored channel of this index (it may be rare in the indexed corpus, "
                 "or its channels were seen fewer times than the index's min_count).")
@@ -135,14 +134,20 @@ def page_feature() -> None:
                 f"{min(MIN_COUNT, int(chans['count'].max()))} times), with this feature on the query side and on the key side")
     ui.show_table(best, ["side", "head", "feat_q", "feat_k", "partner_label", "count", "mean", "ind_diff", "open"],
                   f"feature_{layer}_{feature}_per_head", layer="layer")
-    with st.expander(f"All {len(chans)} channels of this feature (by |mean|)"):
-        ui.show_table(chans.sort_values("abs_mean", ascending=False),
+    with st.expander(f"All {len(chans)} channels of this feature (by |mean|, the first 500 shown)"):
+        ui.show_table(chans.sort_values("abs_mean", ascending=False).head(500),
                       ["side", "head", "feat_q", "feat_k", "partner_label", "count", "mean", "ind_diff", "share_of_head",
                        "open"], f"feature_{layer}_{feature}_channels", layer="layer")
     ui.glossary("Feature search")
 
 
 # ------------------------------------------------------------------------------ Head (attention map)
+
+
+def default_query(pat: pd.DataFrame, T: int) -> int:
+    """The query that attends most to an induction target (the clearest case to look at), else the last."""
+    ind = pat[pat["induction"]]
+    return int(ind.sort_values("prob", ascending=False)["q"].iloc[0]) if len(ind) else T - 1
 
 
 def _explain(layer: int, head: int, sample: int, qpos: int, kpos: int, toks: list[str], pairs: pd.DataFrame) -> None:
@@ -200,8 +205,7 @@ def page_head() -> None:
     T = len(toks)
     pat = ui.q("pattern", layer, head, sample)
     pairs = ui.q("pair_terms", layer, head, sample)
-    ind_q = sorted(set(pat.loc[pat["induction"], "q"].astype(int)))
-    qpos = ui.select_int(c2, "query position", "q", range(T), ind_q[-1] if ind_q else T - 1,
+    qpos = ui.select_int(c2, "query position", "q", range(T), default_query(pat, T),
                          f"positions of sample {sample}", "head_q", fmt=lambda i: f"{i}: {toks[i]}")
     at_q = pat[pat["q"] == qpos].sort_values("prob", ascending=False)
     non_bos = at_q[at_q["k"] > 0]
@@ -254,6 +258,15 @@ def page_channel() -> None:
     dq, dk = (int(top["feat_q"].iloc[0]), int(top["feat_k"].iloc[0])) if len(top) else (0, 0)
     c1, c2 = st.columns(2)
     fallback = f"showing the top channel of head {layer}.{head}"
+    if "chan_fq" not in st.session_state and "chan_fk" not in st.session_state:
+        # one bad feature id replaces both: half of the top channel is not a channel anyone asked for
+        picks = [pick_int(st.query_params.get(p), p, range(n), d, f"features of layer {layer}", fallback)
+                 for p, d in (("fq", dq), ("fk", dk))]
+        for pk in picks:
+            if pk.problem:
+                st.warning(pk.problem)
+        bad = any(pk.problem for pk in picks)
+        st.session_state["chan_fq"], st.session_state["chan_fk"] = (dq, dk) if bad else (picks[0].value, picks[1].value)
     fq = ui.number_int(c1, "feat_q (query-side feature)", "fq", n, dq, f"features of layer {layer}", "chan_fq", fallback)
     fk = ui.number_int(c2, "feat_k (key-side feature)", "fk", n, dk, f"features of layer {layer}", "chan_fk", fallback)
     st.markdown(f"Query feature {_feature_ref(layer, fq)} → key feature {_feature_ref(layer, fk)}")
@@ -268,7 +281,7 @@ def page_channel() -> None:
     c = st.columns(6)
     for col, name in zip(c, ("count", "mean", "std", "ind_mean", "other_mean", "ind_diff")):
         v = s[name]
-        col.metric(name, "n/a" if v is None or v != v else (f"{int(v)}" if name == "count" else f"{v:.4g}"), help=HELP[name])
+        col.metric(name, "n/a" if v is None or v != v else (f"{int(v)}" if name == "count" else f"{v:.3g}"), help=HELP[name])
     st.caption(f"{int(s['ind_count'])} of the {int(s['count'])} pairs are induction targets; the channel carries "
                f"{s['share_of_head']:.3%} of the head's summed feature x feature part.")
     st.subheader("Strongest examples")
@@ -287,7 +300,9 @@ def page_channel() -> None:
         ex["open"] = [ui.attention_link(layer, head, r.sample, r.q, r.k) for r in ex.itertuples()]
         st.caption("Each 'open' shows the head's attention map of that sample with the query and key marked, and "
                    "the feature pairs that explain that score.")
-        ui.show_table(ex, ["value", "sample", "q", "k", "context_k", "context_q", "induction", "open"],
+        ex["token_k"] = [visible(t) for t in ex["token_k"]]
+        ex["token_q"] = [visible(t) for t in ex["token_q"]]
+        ui.show_table(ex, ["value", "sample", "q", "k", "token_k", "token_q", "context_k", "context_q", "induction", "open"],
                       f"examples_{layer}_{head}_{fq}_{fk}")
     off = ui.q("channel_offsets", layer, head, fq, fk)
     if len(off):
@@ -312,14 +327,15 @@ def page_sample() -> None:
     toks = ui.sample_tokens(sample)
     T = len(toks)
     pat = ui.q("pattern", layer, head, sample)
-    ind_q = sorted(set(pat.loc[pat["induction"], "q"].astype(int)))
-    qpos = ui.select_int(c2, "query position", "q", range(T), ind_q[-1] if ind_q else T - 1,
+    qpos = ui.select_int(c2, "query position", "q", range(T), default_query(pat, T),
                          f"positions of sample {sample}", "samp_q", fmt=lambda i: f"{i}: {toks[i]}")
     at_q = pat[pat["q"] == qpos].sort_values("k")
     targets = set(at_q.loc[at_q["induction"], "k"].astype(int))
     st.markdown(md_tokens(toks, {qpos: "query", **{k: "induction target" for k in targets}}), unsafe_allow_html=True)
     st.caption("Bold: the query and its induction targets (subscript: position). ⏎ is a newline; x[1/3] is the "
                "first of three tokens that spell the character x.")
+    yscale = ui.choose(st, "attention axis", "yscale", ["log", "linear"], "log", "samp_yscale",
+                       help="log: so that the BOS sink does not hide the other keys.")
     colors = ["#999999" if k == 0 else "#ff7f0e" if k in targets else "#1f77b4" for k in at_q["k"]]
     fig = go.Figure(go.Bar(x=at_q["k"], y=at_q["prob"], marker_color=colors,
                            customdata=[toks[int(k)] for k in at_q["k"]],
@@ -328,9 +344,8 @@ def page_sample() -> None:
                             "grey: BOS, orange: induction target", height=340, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis=dict(title="key", tickvals=list(at_q["k"])[:: max(1, T // 40)],
                                  ticktext=[f"{k}:{toks[int(k)]}" for k in at_q["k"]][:: max(1, T // 40)], tickangle=-60),
-                      yaxis=dict(title="attention", type="log" if st.session_state.get("samp_log") else "linear"))
+                      yaxis=dict(title="attention", type=yscale))
     st.plotly_chart(fig, width="stretch")
-    st.checkbox("log y axis (so the BOS sink does not hide the rest)", key="samp_log")
     top = at_q.sort_values("prob", ascending=False).head(10).copy()
     top["token_k"] = [toks[int(k)] for k in top["k"]]
     top["open"] = [ui.attention_link(layer, head, sample, qpos, k) for k in top["k"]]
@@ -432,5 +447,5 @@ def page_cih() -> None:
                 st.dataframe(t, hide_index=True, width="stretch")
     for fig in ("heads.png", "margins.png"):
         if (path.parent / fig).exists():
-            st.image(str(path.parent / fig), caption=fig)
+            st.image(str(path.parent / fig), caption=fig, width=900)
     ui.glossary("CIH")

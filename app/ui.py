@@ -224,6 +224,8 @@ def show_table(df: pd.DataFrame, columns: Sequence[str], key: str, feature_cols=
             cfg[c] = st.column_config.LinkColumn(c, help=h, display_text=r"feature=(\d+)")
         elif c == open_col or c == "open":
             cfg[c] = st.column_config.LinkColumn(c, help=h or HELP["open"], display_text="open")
+        elif "share" in c and pd.api.types.is_float_dtype(data[c]):
+            cfg[c] = st.column_config.NumberColumn(c, help=h, format="percent")
         elif h:
             cfg[c] = st.column_config.Column(c, help=h)
     st.dataframe(view, hide_index=True, column_config=cfg, width="stretch", height=height or "auto")
