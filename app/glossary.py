@@ -76,6 +76,8 @@ HELP = {
     "relation": "The relation between the earlier token A and the later token B in the CIH prompts.",
     "heads": "Heads in which the finding holds (layer.head).",
     "kind": "matching: the channel matches related features at q and k; gated query: the query feature gates it.",
+    "term": "A part of the score: feature x feature, a feature side times b_dec or error, or biases.",
+    "meaning": "What the term is.",
     "open": "Open this row on its own page.",
     "n_tokens": "Number of tokens in the sample (with BOS).",
     "text": "Start of the sample's text.",

@@ -13,7 +13,7 @@ import streamlit as st
 from fra.app import ui
 from fra.app.glossary import HELP
 from fra.app.state import pick_int
-from fra.app.text import md_context, md_text, md_tokens, visible
+from fra.app.text import md_context, md_text, md_tokens
 
 MIN_COUNT = 8  # channels seen fewer times are too noisy to rank
 
@@ -295,13 +295,14 @@ def page_channel() -> None:
                 "corpus, but individual (q, k) entries are kept only where they are among the largest terms of a "
                 "query. Indexes built with per-channel examples list them here.")
     else:
-        ex["context_k"] = [visible(c) for c in ex["context_k"]]
-        ex["context_q"] = [visible(c) for c in ex["context_q"]]
+        # contexts from the sample's readable tokens (byte tokens aligned with the text), not the raw ones
+        for side in ("k", "q"):
+            toks = [ui.sample_tokens(int(s_)) for s_ in ex["sample"]]
+            ex[f"token_{side}"] = [t[int(i)] if int(i) < len(t) else "" for t, i in zip(toks, ex[side])]
+            ex[f"context_{side}"] = ["".join(t[max(int(i) - 3, 0): int(i) + 1]) for t, i in zip(toks, ex[side])]
         ex["open"] = [ui.attention_link(layer, head, r.sample, r.q, r.k) for r in ex.itertuples()]
         st.caption("Each 'open' shows the head's attention map of that sample with the query and key marked, and "
                    "the feature pairs that explain that score.")
-        ex["token_k"] = [visible(t) for t in ex["token_k"]]
-        ex["token_q"] = [visible(t) for t in ex["token_q"]]
         ui.show_table(ex, ["value", "sample", "q", "k", "token_k", "token_q", "context_k", "context_q", "induction", "open"],
                       f"examples_{layer}_{head}_{fq}_{fk}")
     off = ui.q("channel_offsets", layer, head, fq, fk)

@@ -45,6 +45,8 @@ def readable_tokens(tokens: list[str], text: str | None) -> list[str]:
         if BROKEN in tok:
             run.append(i)
             continue
+        if tok and text.find(tok, cursor) < 0 and tok.lstrip():
+            tok = tok.lstrip()  # the first token's leading space is often not in the text
         pos = text.find(tok, cursor) if tok else -1
         # a token far ahead of the cursor is not where we are (BOS, or a text that was cleaned up)
         if pos < 0 or (not run and pos - cursor > 8):
@@ -77,8 +79,9 @@ _MD_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+\-.!|~<>$&:^=\"']")
 
 
 def md_text(s: str) -> str:
-    """Plain text that Markdown (and Streamlit's LaTeX, links and HTML) leaves exactly as written."""
-    s = visible(s)
+    """Plain text that Markdown (and Streamlit's LaTeX, links and HTML) leaves exactly as written;
+    a lone byte token (U+FFFD, no text to align with) is named ‹byte›."""
+    s = visible(s).replace(BROKEN, BYTE)
     return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group())};", s)
 
 

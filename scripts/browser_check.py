@@ -3,7 +3,7 @@
     python scripts/browser_check.py --index runs/demo [--issue-urls] [--screenshots docs/screenshots]
 
 Starts `fra app` over the index (its own process group, stopped at the end), starts Chromium with
-a DevTools port, and drives it over the DevTools protocol with tornado's websocket client (tornado
+a DevTools port, and drives it over the DevTools protocol with the `websockets` client (it
 comes with streamlit, so nothing else is installed). For every URL it waits until the Streamlit
 script has finished, then fails the URL if the page shows a traceback or an exception box, has no
 header, is empty, lacks an expected text, or its address bar lacks an expected parameter (the URL
@@ -123,21 +123,18 @@ class CDP:
 
     @classmethod
     async def open(cls, devtools_port: int) -> "CDP":
-        from tornado.websocket import websocket_connect
+        from websockets.asyncio.client import connect
 
         with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/list", timeout=10) as r:
             targets = [t for t in json.loads(r.read()) if t.get("type") == "page"]
-        ws = await websocket_connect(targets[0]["webSocketDebuggerUrl"], max_message_size=256 * 2**20)
+        ws = await connect(targets[0]["webSocketDebuggerUrl"], max_size=256 * 2**20, ping_interval=None)
         return cls(ws)
 
     async def call(self, method: str, **params):
         self.n += 1
-        await self.ws.write_message(json.dumps({"id": self.n, "method": method, "params": params}))
+        await self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
         while True:
-            msg = await asyncio.wait_for(self.ws.read_message(), 60)
-            if msg is None:
-                raise RuntimeError("DevTools connection closed")
-            data = json.loads(msg)
+            data = json.loads(await asyncio.wait_for(self.ws.recv(), 60))
             if data.get("id") == self.n:
                 if "error" in data:
                     raise RuntimeError(f"{method}: {data['error']}")
@@ -152,7 +149,7 @@ class CDP:
         t0, last, stable = time.time(), None, 0
         st = {}
         while time.time() - t0 < timeout:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.2)
             st = await self.state()
             done = (st["script"] == "notRunning" and st["connection"] == "CONNECTED" and st["main"].strip()
                     and st["plotsDrawn"] >= st["plots"])
@@ -179,6 +176,10 @@ def judge(c: Check, st: dict) -> list[str]:
         problems.append("no header: the page is empty or did not render")
     if len(st["main"].strip()) < 40:
         problems.append(f"the page is (nearly) empty: {st['main'][:80]!r}")
+    if "**" in st["main"]:
+        problems.append("literal ** in the page (Markdown bold that did not render)")
+    if "\ufffd" in st["main"]:
+        problems.append("a raw U+FFFD byte token in the page")
     for text in c.expect:
         if text.lower() not in st["main"].lower():
             problems.append(f"expected text missing: {text!r}")
@@ -324,7 +325,8 @@ def main(argv=None) -> int:
     finally:
         stop(app)
     app_log = log.read_text(errors="replace")
-    noise = [l for l in app_log.splitlines() if "deprecat" in l.lower() or "Traceback" in l]
+    noise = [l for l in app_log.splitlines()
+             if any(w in l.lower() for w in ("deprecat", "please replace", "will be removed", "traceback", "warning"))]
     report = dict(results=results, app_log_noise=noise[:20], ok=all(r["ok"] for r in results) and not noise)
     for r in results:
         print(json.dumps(r))
