@@ -341,7 +341,7 @@ def page_sample() -> None:
     fig = go.Figure(go.Bar(x=at_q["k"], y=at_q["prob"], marker_color=colors,
                            customdata=[toks[int(k)] for k in at_q["k"]],
                            hovertemplate="key %{x}: %{customdata}<br>attention %{y:.4f}<extra></extra>"))
-    fig.update_layout(title=f"Attention of query {qpos} `{toks[qpos]}` over its keys (head {layer}.{head}); "
+    fig.update_layout(title=f"Attention of query {qpos} '{toks[qpos]}' over its keys (head {layer}.{head}); "
                             "grey: BOS, orange: induction target", height=340, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis=dict(title="key", tickvals=list(at_q["k"])[:: max(1, T // 40)],
                                  ticktext=[f"{k}:{toks[int(k)]}" for k in at_q["k"]][:: max(1, T // 40)], tickangle=-60),
@@ -419,8 +419,9 @@ def page_cih() -> None:
         summary = rep.get("answers", {}).get("summary")
         if isinstance(summary, dict):
             st.subheader("Answers")
-            st.table(pd.DataFrame({"question": list(summary), "answer": [", ".join(map(str, v)) if isinstance(v, list)
-                                                                         else str(v) for v in summary.values()]}))
+            st.table(pd.DataFrame({"question": list(summary), "answer": [(", ".join(map(str, v)) or "none")
+                                                                         if isinstance(v, list) else str(v)
+                                                                         for v in summary.values()]}))
         tests = [dict(layer=int(l), head=int(t["head"]), **{k: v for k, v in t.items() if k != "head"})
                  for l, lr in (rep.get("layers") or {}).items() if isinstance(lr, dict) for t in lr.get("tests", [])]
         if tests:
@@ -448,5 +449,5 @@ def page_cih() -> None:
                 st.dataframe(t, hide_index=True, width="stretch")
     for fig in ("heads.png", "margins.png"):
         if (path.parent / fig).exists():
-            st.image(str(path.parent / fig), caption=fig, width=900)
+            st.image(str(path.parent / fig), caption=fig, width=640)
     ui.glossary("CIH")

@@ -64,6 +64,8 @@ class Check:
     expect_url: list[str] = field(default_factory=list)  # substrings the address bar must hold after load
     click_sidebar: str | None = None  # then click this page in the sidebar ...
     expect_url_after_click: list[str] = field(default_factory=list)  # ... and the address must follow
+    click_open_in_table: int | None = None  # click the first row's 'open' link (last column) of this table ...
+    expect_new_tab: list[str] = field(default_factory=list)  # ... and a tab with these in its address must open
     screenshot: str | None = None
 
 
@@ -189,6 +191,42 @@ def judge(c: Check, st: dict) -> list[str]:
     return problems
 
 
+def _pages(devtools_port: int) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/list", timeout=10) as r:
+        return {t["id"]: t["url"] for t in json.loads(r.read()) if t.get("type") == "page"}
+
+
+async def click_open(cdp: CDP, devtools_port: int, table: int, expect: list[str]) -> list[str]:
+    """Click the 'open' link of a table's first row (tables are drawn on a canvas, so by position)."""
+    js = f"JSON.stringify(document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}].getBoundingClientRect())"
+    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
+    if "value" not in r["result"]:
+        return [f"no table {table} to click"]
+    rect = json.loads(r["result"]["value"])
+    await cdp.call("Runtime.evaluate", expression=f"document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}]"
+                                                  ".scrollIntoView({block: 'center'})")
+    await asyncio.sleep(0.5)
+    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
+    rect = json.loads(r["result"]["value"])
+    x, y = rect["right"] - 40, rect["top"] + 35 + 17  # header row, then the middle of the first row
+    before = _pages(devtools_port)
+    await cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x - 5, y=y)
+    await asyncio.sleep(0.5)
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+        await cdp.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        new = {i: u for i, u in _pages(devtools_port).items() if i not in before}
+        if new:
+            break
+    if not new:
+        return ["clicking the first 'open' link opened no tab"]
+    url = next(iter(new.values()))
+    for i in new:
+        urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/close/{i}", timeout=10).read()
+    return [f"the 'open' link went to {url}, which lacks {part!r}" for part in expect if part not in url]
+
+
 async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path | None) -> list[dict]:
     profile = tempfile.mkdtemp(prefix="fra-chromium-")
     browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
@@ -201,7 +239,8 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
             if port_file.exists() and port_file.read_text().strip():
                 break
             time.sleep(0.1)
-        cdp = await CDP.open(int(port_file.read_text().split()[0]))
+        devtools_port = int(port_file.read_text().split()[0])
+        cdp = await CDP.open(devtools_port)
         await cdp.call("Page.enable")
         await cdp.call("Runtime.enable")
         for c in checks:
@@ -221,7 +260,7 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
                 for part in c.expect_url_after_click:
                     if part not in st["search"]:
                         problems.append(f"after clicking {c.click_sidebar!r} the address bar lacks {part!r}: {st['search']}")
-            if shots is not None and c.screenshot:
+            if shots is not None and c.screenshot and not problems:  # never photograph a broken page
                 h = int(min(max(st.get("mainHeight", 1000) + 40, 900), 6000))
                 await cdp.call("Emulation.setDeviceMetricsOverride", width=1400, height=h, deviceScaleFactor=1, mobile=False)
                 await asyncio.sleep(1.0)
@@ -231,6 +270,8 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
 
                 (shots / f"{c.screenshot}.png").write_bytes(base64.b64decode(png["data"]))
                 await cdp.call("Emulation.clearDeviceMetricsOverride")
+            if c.click_open_in_table is not None and not problems:
+                problems += await click_open(cdp, devtools_port, c.click_open_in_table, c.expect_new_tab)
             results.append(dict(name=c.name, url=f"?{c.query}", ok=not problems, problems=problems,
                                 seconds=round(time.time() - t0, 2), warnings=st.get("warnings", []),
                                 headers=st.get("headers", [])[:2], address=st.get("search")))
@@ -250,7 +291,9 @@ def index_facts(index: Path) -> dict:
 
     con = connect(index)
     layer, head = con.execute("SELECT layer, head FROM head_totals ORDER BY layer DESC, head LIMIT 1").fetchone()
-    fq, fk = con.execute("SELECT feat_q, feat_k FROM top_channels(?, ?, 1, false, 1)", [layer, head]).fetchone()
+    # a channel with stored examples (rows), so that its page has an 'open' link to click
+    fq, fk = con.execute("SELECT feat_q, feat_k FROM rows WHERE layer = ? AND head = ? GROUP BY ALL "
+                         "ORDER BY count(*) DESC, feat_q, feat_k LIMIT 1", [layer, head]).fetchone()
     sample, k, qpos = con.execute("SELECT sample, k, q FROM rows WHERE layer = ? AND head = ? ORDER BY abs(value) DESC "
                                   "LIMIT 1", [layer, head]).fetchone()
     n_feat = con.execute("SELECT count(*) FROM features WHERE layer = ?", [layer]).fetchone()[0]
@@ -267,6 +310,8 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
     H0 = 0 if issue_urls else f["head"]
     feat = 1372 if issue_urls else f["fq"]
     chan = f"page=Channel&layer={L}&head={H}"
+    # the channel page shown (and clicked through): on the demo, the first 'open' link of head 18.6
+    cl, ch, cq, ck = (18, 6, 316, 316) if issue_urls else (f["layer"], f["head"], f["fq"], f["fk"])
     return [
         Check("home", "", ["Strongest channels across heads"], ["page=Home"], screenshot="home"),
         Check("feature", f"page=Feature+search&feature={feat}&layer={L}", [f"Feature {feat}"],
@@ -276,8 +321,9 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
         Check("head with q and k", f"page=Head&layer={f['layer']}&head={f['head']}&sample={f['sample']}&q={f['q']}&k={f['k']}",
               [f"Why query {f['q']}"], [f"q={f['q']}", f"k={f['k']}"]),
         Check("channel default", f"page=Channel&layer={L}&head={H}", ["Strongest examples"], ["fq=", "fk="]),
-        Check("channel", f"page=Channel&layer={f['layer']}&head={f['head']}&fq={f['fq']}&fk={f['fk']}",
-              ["mean", "Strongest examples"], [f"fq={f['fq']}"], screenshot="channel"),
+        Check("channel", f"page=Channel&layer={cl}&head={ch}&fq={cq}&fk={ck}",
+              ["mean", "Strongest examples"], [f"fq={cq}"], screenshot="channel",
+              click_open_in_table=0, expect_new_tab=["page=Head", "sample=", "&q=", "&k="]),
         Check("sample", f"page=Sample&layer={L}&head={H}", ["Most-attended keys"], ["q="], screenshot="sample"),
         Check("cih", "page=CIH", ["CIH"], ["page=CIH"], screenshot="cih"),
         # issue 15, bug 1: numbers out of range

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "browser_check.py"
 
 
-def test_every_page_and_every_bad_url_in_chromium(tiny_index, tmp_path):
+def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("chromium is not installed: run `FRA_BROWSER_TESTS=1 bash scripts/setup.sh` "
                     "(apt-get install -y chromium) to run the real-browser test")
+    tiny_index = request.getfixturevalue("tiny_index")  # built only when the test runs
     cih = tmp_path / "cih.json"  # the new report format, so that the browser sees its linked table
     cih.write_text(json.dumps({"findings": [{"relation": "synonym", "layer": 1, "feat_q": 3, "feat_k": 4,
                                              "heads": "1.2,0.3", "kind": "matching", "margin": 0.5}]}))
