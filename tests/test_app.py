@@ -367,3 +367,55 @@ def test_killing_fra_app_stops_the_server(tiny_index, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # only our own process group, whatever happened
         except ProcessLookupError:
             pass
+
+
+# ------------------------------------------------------------------------------ the coming schema (issue 10)
+
+
+@pytest.fixture
+def examples_query(monkeypatch):
+    """Replace the named query `channel_examples` (as issue 10 will), and empty the app's caches."""
+    import streamlit as st
+
+    from fra.queries import lib
+
+    def use(sql: str):
+        monkeypatch.setitem(lib.QUERIES, "channel_examples", sql)
+        st.cache_data.clear()
+
+    yield use
+    st.cache_data.clear()
+
+
+def test_channel_examples_come_only_from_the_named_query(open_app, con, tiny_index, tmp_path, examples_query):
+    """A channel with no kept rows but with stored examples (the `examples/` table of issue 10) lists
+    them, each linked to the attention of its own sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels c ANTI JOIN rows r "
+                               "USING (layer, head, feat_q, feat_k) ORDER BY count DESC LIMIT 1").fetchone()
+    part = tmp_path / "examples" / f"layer={l}" / f"head={h}"
+    part.mkdir(parents=True)
+    pq.write_table(pa.table({"feat_q": [fq, fq], "feat_k": [fk, fk], "rank": [0, 1], "sample": [3, 1],
+                             "q": [5, 4], "k": [2, 1], "value": [0.7, -0.2]}), part / "part-0.parquet")
+    examples_query(f"""
+        SELECT e.sample, e.q, e.k, e.value, false AS induction, s.tokens[e.q + 1] AS token_q, s.tokens[e.k + 1] AS token_k,
+               '' AS context_k, '' AS context_q
+        FROM read_parquet('{tmp_path}/examples/**/*.parquet', hive_partitioning = true) e JOIN samples s USING (sample)
+        WHERE e.layer = ? AND e.head = ? AND e.feat_q = ? AND e.feat_k = ? ORDER BY e.rank LIMIT ?""")
+    at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
+    assert not errors(at)
+    ex = at.dataframe[0].value
+    assert ex["open"].tolist() == [f"?page=Head&layer={l}&head={h}&sample=3&q=5&k=2",
+                                   f"?page=Head&layer={l}&head={h}&sample=1&q=4&k=1"]
+    assert ex["value"].tolist() == pytest.approx([0.7, -0.2])
+
+
+def test_an_index_without_examples_is_a_message_not_a_traceback(open_app, con, examples_query):
+    examples_query("SELECT * FROM examples WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ? LIMIT ?")
+    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM rows LIMIT 1").fetchone()
+    at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
+    assert not errors(at)
+    assert "This index cannot list examples of a channel" in warnings(at)
+    assert any("mean" == m.label for m in at.metric)  # the exact statistics are still shown
