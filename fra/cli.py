@@ -139,7 +139,8 @@ def cmd_app(args):
     except ImportError:
         pass
     cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--index", str(args.index)]
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+           "--", "--index", str(args.index)]
     # exec, not a child process: `fra app` becomes the server, so a signal to it reaches streamlit
     # and nothing is left running when it is killed
     os.execv(sys.executable, cmd)
