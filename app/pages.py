@@ -127,8 +127,10 @@ def page_feature() -> None:
     chans = ui.with_labels(chans, "layer", cols=("partner",))
     chans["abs_mean"] = chans["mean"].abs()
     strong = chans[chans["count"] >= min(MIN_COUNT, chans["count"].max())]
-    best = (strong.sort_values("abs_mean", ascending=False)
-            .assign(side=lambda d: d["side"].replace({"both": "query"}))
+    # a self pair ('both') competes on both sides
+    sided = pd.concat([strong[strong["side"] != "key"].assign(side="query"),
+                       strong[strong["side"] != "query"].assign(side="key")])
+    best = (sided.sort_values("abs_mean", ascending=False)
             .groupby(["head", "side"], as_index=False).head(1).sort_values(["side", "head"]))
     st.markdown("**Strongest channel per head** (largest |mean|, seen at least "
                 f"{min(MIN_COUNT, int(chans['count'].max()))} times), with this feature on the query side and on the key side")
@@ -152,7 +154,7 @@ def default_query(pat: pd.DataFrame, T: int) -> int:
 
 def _explain(layer: int, head: int, sample: int, qpos: int, kpos: int, toks: list[str], pairs: pd.DataFrame) -> None:
     """Which feature pairs explain score(q, k), and what share of the score they cover."""
-    st.subheader(f"Why query {qpos} `{toks[qpos]}` attends to key {kpos} `{toks[kpos]}`")
+    st.subheader(f"Why query {qpos} «{md_text(toks[qpos])}» attends to key {kpos} «{md_text(toks[kpos])}»")
     p = pairs[(pairs["q"] == qpos) & (pairs["k"] == kpos)]
     if p.empty:
         st.info(f"The index holds no score for (q={qpos}, k={kpos}) of sample {sample} (k must be at most q).")

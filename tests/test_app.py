@@ -419,3 +419,15 @@ def test_an_index_without_examples_is_a_message_not_a_traceback(open_app, con, e
     assert not errors(at)
     assert "This index cannot list examples of a channel" in warnings(at)
     assert any("mean" == m.label for m in at.metric)  # the exact statistics are still shown
+
+
+def test_typing_a_feature_and_changing_the_head_map_update_the_address(open_app):
+    at = open_app(page="Feature search")
+    at.text_input(key="feature_id").set_value("5").run()
+    at.selectbox(key="feature_layer").set_value(1).run()
+    assert (at.query_params["feature"], at.query_params["layer"]) == ("5", "1")
+    assert at.subheader[0].value.startswith("Feature 5 (layer 1)")
+    at = open_app(page="Head", layer=0, head=1)
+    at.radio(key="head_scale").set_value("clipped").run()
+    at.selectbox(key="head_w").set_value(16).run()
+    assert (at.query_params["scale"], at.query_params["w"]) == ("clipped", "16")
