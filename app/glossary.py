@@ -79,6 +79,7 @@ HELP = {
     "term": "A part of the score: feature x feature, a feature side times b_dec or error, or biases.",
     "meaning": "What the term is.",
     "open": "Open this row on its own page.",
+    "token_hits": "How many of the feature's top-activating contexts have the searched text as the activating token.",
     "n_tokens": "Number of tokens in the sample (with BOS).",
     "text": "Start of the sample's text.",
 }

@@ -141,13 +141,18 @@ def test_every_page_renders_from_its_url(open_app, page):
     assert at.query_params["page"] == page
 
 
-@pytest.mark.parametrize("page", PAGES[1:])
-def test_every_table_has_help_on_every_column(open_app, page):
-    at = open_app(page=page)
+@pytest.mark.parametrize("params", [
+    dict(), dict(page="Feature search", layer=0, feature=5), dict(page="Feature search", layer=0, feature="the"),
+    dict(page="Head"), dict(page="Channel"), dict(page="Sample"), dict(page="CIH")])
+def test_every_table_has_help_on_every_column(labelled_index, monkeypatch, tmp_path, params):
+    (tmp_path / "cih.json").write_text(json.dumps({"findings": [
+        {"relation": "plural", "layer": 0, "feat_q": 5, "feat_k": 7, "heads": "0.1", "kind": "gated query", "margin": 1.0}]}))
+    at = make_app(labelled_index, monkeypatch, tmp_path / "cih.json", **params)
+    assert at.dataframe, "no table to check"
     for df in at.dataframe:
         cfg = json.loads(df.proto.columns or "{}")
         missing = [c for c in df.value.columns if not cfg.get(c, {}).get("help")]
-        assert not missing, f"{page}: no help for {missing}"
+        assert not missing, f"{params}: no help for {missing}"
 
 
 def test_home_lists_the_strongest_channels_with_links(open_app, con):
