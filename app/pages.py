@@ -448,7 +448,9 @@ def page_cih() -> None:
             if isinstance(t, str):
                 st.markdown(md_text(t))
             else:
-                st.dataframe(t, hide_index=True, width="stretch")
+                st.dataframe(t, hide_index=True, width="stretch", column_config={
+                    str(c): st.column_config.Column(str(c), help=HELP.get(str(c), f"{c} as the CIH report gives it "
+                                                                              "(reports/cih/report.md explains it).")) for c in t.columns})
     for fig in ("heads.png", "margins.png"):
         if (path.parent / fig).exists():
             st.image(str(path.parent / fig), caption=fig, width=640)
