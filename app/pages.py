@@ -384,6 +384,9 @@ def _flat_tables(obj, title: str = "") -> list[tuple[str, pd.DataFrame | str]]:
     return out
 
 
+CIH_HELP = {"q": HELP["q_value"], "heads": HELP["heads"]}
+
+
 def _findings(df: pd.DataFrame) -> None:
     df = df.copy()
     first = df["heads"].astype(str).str.split(",").str[0].str.strip()
@@ -394,7 +397,7 @@ def _findings(df: pd.DataFrame) -> None:
     cols = ["relation", "kind", "layer", "heads", "feat_q", "label_q", "feat_k", "label_k"]
     cols += [c for c in df.columns if c not in cols + ["open", "head_of_link"] and pd.api.types.is_numeric_dtype(df[c])]
     ui.show_table(df, cols + [c for c in df.columns if c not in cols + ["open", "head_of_link"]] + ["open"],
-                  "cih_findings", layer="layer")
+                  "cih_findings", layer="layer", helps=CIH_HELP)
     st.caption("'open' shows the channel in the first head listed.")
 
 
@@ -438,7 +441,8 @@ def page_cih() -> None:
             df["open"] = [ui.channel_link(r.layer, r.head, r.feat_q, r.feat_k) for r in df.itertuples()]
             df = ui.with_labels(df, "layer")
             ui.show_table(df.head(100), ["layer", "head", "family", "feat_q", "label_q", "feat_k", "label_k", "margin_B",
-                                         "shifted_B", "control_B", "q", "cih", "open"], "cih_tests", layer="layer")
+                                         "shifted_B", "control_B", "q", "cih", "open"], "cih_tests", layer="layer",
+                          helps=CIH_HELP)
         rest.pop("layers", None)
         if isinstance(rest.get("answers"), dict):
             rest["answers"] = {k: v for k, v in rest["answers"].items() if k != "summary"}

@@ -209,15 +209,16 @@ def with_labels(df: pd.DataFrame, layer_col_or_value, cols=("feat_q", "feat_k"))
 
 
 def show_table(df: pd.DataFrame, columns: Sequence[str], key: str, feature_cols=("feat_q", "feat_k", "feature", "partner"),
-               layer: int | str | None = None, open_col: str | None = None, height: int | None = None) -> None:
-    """A table with help on every column, feature ids as links to their pages, an optional 'open'
-    link column, and visible CSV / Parquet downloads of the data shown."""
+               layer: int | str | None = None, open_col: str | None = None, height: int | None = None,
+               helps: dict[str, str] | None = None) -> None:
+    """A table with help on every column (`helps` overrides the glossary), feature ids as links to
+    their pages, an optional 'open' link column, and visible CSV / Parquet downloads of the data shown."""
     columns = [c for c in columns if c in df.columns]
     data = df[columns].reset_index(drop=True)
     view = data.copy()
     cfg = {}
     for c in columns:
-        h = HELP.get(c)
+        h = (helps or {}).get(c) or HELP.get(c)
         if c in feature_cols and layer is not None:
             layers = df[layer].tolist() if isinstance(layer, str) else [layer] * len(df)
             view[c] = [feature_link(l, f) for l, f in zip(layers, data[c])]
