@@ -397,7 +397,9 @@ def _findings(df: pd.DataFrame) -> None:
     cols = ["relation", "kind", "layer", "heads", "feat_q", "label_q", "feat_k", "label_k"]
     cols += [c for c in df.columns if c not in cols + ["open", "head_of_link"] and pd.api.types.is_numeric_dtype(df[c])]
     ui.show_table(df, cols + [c for c in df.columns if c not in cols + ["open", "head_of_link"]] + ["open"],
-                  "cih_findings", layer="layer", helps=CIH_HELP)
+                  "cih_findings", layer="layer",
+                  helps={**{c: f"{c} as the CIH report gives it (reports/cih/report.md explains it)." for c in df.columns
+                            if c not in HELP}, **CIH_HELP})
     st.caption("'open' shows the channel in the first head listed.")
 
 
