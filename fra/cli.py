@@ -131,7 +131,7 @@ def cmd_bench_views(args):
 
 
 def cmd_app(args):
-    import subprocess
+    import os
 
     page = Path(__file__).resolve().parent.parent / "app" / "main.py"
     try:
@@ -141,8 +141,11 @@ def cmd_app(args):
     except ImportError:
         pass
     cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
-           "--server.port", str(args.port), "--", "--index", str(args.index)]
-    raise SystemExit(subprocess.call(cmd))
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+           "--", "--index", str(args.index)]
+    # exec, not a child process: `fra app` becomes the server, so a signal to it reaches streamlit
+    # and nothing is left running when it is killed
+    os.execv(sys.executable, cmd)
 
 
 def cmd_report(args):

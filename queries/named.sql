@@ -65,3 +65,10 @@ SELECT * FROM channel_stats_at(?, ?) WHERE feat_q = ? AND feat_k = ?;
 
 -- name: head_summary_one
 SELECT * FROM head_summary_at(?, ?);
+
+-- explorer
+-- name: explorer_features
+SELECT * FROM features WHERE layer = ? ORDER BY feature;
+
+-- name: explorer_strongest_channels
+SELECT * FROM top_channels(NULL, NULL, ?, ?, ?) ORDER BY abs(mean) DESC, layer, head LIMIT ?;

