@@ -59,16 +59,21 @@ def page_home(meta: dict) -> None:
 # ------------------------------------------------------------------------------ Feature search
 
 
+def _is_list(v) -> bool:
+    """A list cell from DuckDB (list or numpy array); NULL comes back as None or pd.NA."""
+    return isinstance(v, (list, tuple)) or hasattr(v, "tolist")
+
+
 def _search(layer: int, text: str) -> None:
     f = ui.features(layer)
     needle = text.strip().lower()
-    if f["label"].isna().all() and "top_contexts" not in f:
+    if f["label"].isna().all() and ("top_contexts" not in f or f["top_contexts"].isna().all()):
         st.warning(f"{text!r} is not a feature ID, and this index has no feature labels or contexts to search "
                    f"(its SAE shipped none). Type a feature ID from 0 to {len(f) - 1}.")
         return
     in_label = f["label"].fillna("").str.lower().str.contains(needle, regex=False)
     tokens = f["top_contexts"].apply(
-        lambda cs: sum(1 for c in (cs if cs is not None else []) if f"[[{needle}]]" in str(c).lower().replace("[[ ", "[["))
+        lambda cs: sum(1 for c in (cs if _is_list(cs) else []) if f"[[{needle}]]" in str(c).lower().replace("[[ ", "[["))
     ) if "top_contexts" in f else pd.Series(0, index=f.index)
     hits = f[in_label | (tokens > 0)].assign(token_hits=tokens[in_label | (tokens > 0)])
     hits = hits.sort_values(["token_hits", "index_frequency"], ascending=False)
@@ -113,7 +118,7 @@ def page_feature() -> None:
         if name in row and row[name] == row[name]:
             c.metric(name, fmt.format(row[name]), help=HELP.get(name))
     contexts = row.get("top_contexts") if "top_contexts" in row else None
-    if contexts is not None and len(contexts):
+    if _is_list(contexts) and len(contexts):
         st.markdown("**Top-activating contexts** (held-out text; the activating token in bold)")
         st.markdown("\n".join("- " + md_context(c) for c in list(contexts)[:10]), unsafe_allow_html=True)
     chans = ui.q("feature_channels", feature, layer, 1, 20000)

@@ -137,7 +137,7 @@ def test_every_page_renders_from_its_url(open_app, page):
     at = open_app(page=page)
     assert not errors(at) and not at.warning
     assert at.sidebar.radio(key="page").value == page
-    assert at.header[0].value.split(":")[0] in (page, "CIH")
+    assert at.header[0].value.split(":")[0] == page
     assert at.query_params["page"] == page
 
 
@@ -217,19 +217,27 @@ def test_default_channel_is_the_heads_top_channel(open_app, con):
 
 
 def test_channel_examples_link_to_the_attention_of_their_sample(open_app, con):
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM rows GROUP BY ALL ORDER BY count(*) DESC "
-                               "LIMIT 1").fetchone()
+    l, h, fq, fk, smp, q, k = con.execute(
+        "SELECT layer, head, feat_q, feat_k, sample, q, k FROM examples WHERE rank = 0 "
+        "ORDER BY abs(value) DESC LIMIT 1").fetchone()
     at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
     ex = at.dataframe[0].value
-    want = con.execute("SELECT sample, q, k FROM rows WHERE layer=? AND head=? AND feat_q=? AND feat_k=? "
-                       "ORDER BY abs(value) DESC LIMIT 1", [l, h, fq, fk]).fetchone()
-    assert ex["open"].iloc[0] == f"?page=Head&layer={l}&head={h}&sample={want[0]}&q={want[1]}&k={want[2]}"
+    assert ex["open"].iloc[0] == f"?page=Head&layer={l}&head={h}&sample={smp}&q={q}&k={k}"
 
 
-def test_channel_without_examples_says_so(open_app, con):
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels c ANTI JOIN rows r "
-                               "USING (layer, head, feat_q, feat_k) ORDER BY count DESC LIMIT 1").fetchone()
-    at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
+def test_every_stored_channel_has_examples(con):
+    missing = con.execute("SELECT count(*) FROM channels c ANTI JOIN examples e "
+                          "USING (layer, head, feat_q, feat_k)").fetchone()[0]
+    assert missing == 0
+
+
+def test_channel_without_examples_says_so(open_app, con, tiny_index, tmp_path):
+    """An index whose examples of a head are missing (a partial copy) gets a message, not a blank."""
+    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels ORDER BY count DESC LIMIT 1").fetchone()
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_index, partial)
+    shutil.rmtree(partial / "examples" / f"layer={l}" / f"head={h}")
+    at = open_app(index=partial, page="Channel", layer=l, head=h, fq=fq, fk=fk)
     assert not errors(at) and any("mean" in m.label for m in at.metric)
     assert any("no stored examples of this channel" in i.value for i in at.info)
 
@@ -295,13 +303,29 @@ def test_bad_feature_id_is_a_friendly_message(open_app, bad):
 
 
 @pytest.mark.parametrize("evil", ["1; DROP TABLE rows; --", "1 OR 1=1", "'); DELETE FROM channels; --"])
-def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, evil):
+def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch, evil):
+    """Typed text reaches the index only as a bound parameter of a fixed named query: every SQL
+    statement the page runs is one of queries/named.sql, and the app never calls execute itself."""
+    import fra.app.ui as ui
+    from fra.queries import connect
+    from fra.queries.lib import QUERIES
+
+    executed = []
+    real = ui.run
+    monkeypatch.setattr(ui, "run", lambda c, name, params: executed.append((name, list(params))) or real(c, name, params))
+    import streamlit as st
+
+    st.cache_data.clear()  # so the queries of this page really run
     before = con.execute("SELECT count(*) FROM channels").fetchone()[0]
     at = open_app(page="Feature search", feature=evil)
     assert not errors(at)
     assert "is not a feature ID" in warnings(at) + all_text(at)
-    from fra.queries import connect
-
+    assert executed and all(name in QUERIES for name, _ in executed)
+    assert not any(evil in QUERIES[name] for name, _ in executed)
+    for path in (ROOT / "app").glob("*.py"):
+        calls = [n.func.attr for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+        assert "execute" not in calls and "sql" not in calls, path
     assert connect(tiny_index).execute("SELECT count(*) FROM channels").fetchone()[0] == before
 
 
@@ -372,58 +396,6 @@ def test_killing_fra_app_stops_the_server(tiny_index, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # only our own process group, whatever happened
         except ProcessLookupError:
             pass
-
-
-# ------------------------------------------------------------------------------ the coming schema (issue 10)
-
-
-@pytest.fixture
-def examples_query(monkeypatch):
-    """Replace the named query `channel_examples` (as issue 10 will), and empty the app's caches."""
-    import streamlit as st
-
-    from fra.queries import lib
-
-    def use(sql: str):
-        monkeypatch.setitem(lib.QUERIES, "channel_examples", sql)
-        st.cache_data.clear()
-
-    yield use
-    st.cache_data.clear()
-
-
-def test_channel_examples_come_only_from_the_named_query(open_app, con, tiny_index, tmp_path, examples_query):
-    """A channel with no kept rows but with stored examples (the `examples/` table of issue 10) lists
-    them, each linked to the attention of its own sample."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels c ANTI JOIN rows r "
-                               "USING (layer, head, feat_q, feat_k) ORDER BY count DESC LIMIT 1").fetchone()
-    part = tmp_path / "examples" / f"layer={l}" / f"head={h}"
-    part.mkdir(parents=True)
-    pq.write_table(pa.table({"feat_q": [fq, fq], "feat_k": [fk, fk], "rank": [0, 1], "sample": [3, 1],
-                             "q": [5, 4], "k": [2, 1], "value": [0.7, -0.2]}), part / "part-0.parquet")
-    examples_query(f"""
-        SELECT e.sample, e.q, e.k, e.value, false AS induction, s.tokens[e.q + 1] AS token_q, s.tokens[e.k + 1] AS token_k,
-               '' AS context_k, '' AS context_q
-        FROM read_parquet('{tmp_path}/examples/**/*.parquet', hive_partitioning = true) e JOIN samples s USING (sample)
-        WHERE e.layer = ? AND e.head = ? AND e.feat_q = ? AND e.feat_k = ? ORDER BY e.rank LIMIT ?""")
-    at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
-    assert not errors(at)
-    ex = at.dataframe[0].value
-    assert ex["open"].tolist() == [f"?page=Head&layer={l}&head={h}&sample=3&q=5&k=2",
-                                   f"?page=Head&layer={l}&head={h}&sample=1&q=4&k=1"]
-    assert ex["value"].tolist() == pytest.approx([0.7, -0.2])
-
-
-def test_an_index_without_examples_is_a_message_not_a_traceback(open_app, con, examples_query):
-    examples_query("SELECT * FROM examples WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ? LIMIT ?")
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM rows LIMIT 1").fetchone()
-    at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
-    assert not errors(at)
-    assert "This index cannot list examples of a channel" in warnings(at)
-    assert any("mean" == m.label for m in at.metric)  # the exact statistics are still shown
 
 
 def test_typing_a_feature_and_changing_the_head_map_update_the_address(open_app):
