@@ -269,9 +269,10 @@ def _ingest_layer(cfg: IngestConfig, dec, heads, inp: Inputs, writer: IndexWrite
     kept_keys, kept_counts, n_seen = counts.finish(cfg.min_count)
     del counts
 
-    # pass 2: statistics, one sweep per chunk of kept channels (half the budget)
+    # pass 2: statistics, one sweep per chunk of kept channels (three quarters of the budget; the
+    # count pass's quarter is free again, and the rows and pairs buffer takes an eighth)
     per_channel = ChannelChunk.bytes_per_channel(len(heads), cfg.examples_per_channel)
-    chunk = max(1, (budget // 2) // per_channel)
+    chunk = max(1, (budget * 3 // 4) // per_channel)
     starts = list(range(0, len(kept_keys), chunk)) or [0]
     head_pos = torch.tensor(heads)
     tables = _RowsAndPairs(heads, writer, layer, flush_bytes=budget // 8)
