@@ -316,11 +316,11 @@ def page_channel() -> None:
     if len(off):
         fig = go.Figure(go.Bar(x=off["offset"], y=off["mean"], customdata=off["n"],
                                hovertemplate="q - k = %{x}<br>mean %{y:.4g}<br>n = %{customdata}<extra></extra>"))
-        fig.update_layout(title="Kept entries by offset q - k (mean value)", height=300, xaxis_title="q - k",
+        fig.update_layout(title="The stored examples by offset q - k (value)", height=300, xaxis_title="q - k",
                           yaxis_title="mean value", margin=dict(l=10, r=10, t=40, b=10))
         st.plotly_chart(fig, width="stretch")
     else:
-        st.caption("No kept entries of this channel, so no offset chart.")
+        st.caption("No stored examples of this channel, so no offset chart.")
     ui.glossary("Channel")
 
 

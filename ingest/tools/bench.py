@@ -131,7 +131,9 @@ def _child(args: dict, pythonpath: str | None = None) -> dict:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import json, sys; from fra.ingest.tools.bench import measure; "
             "print('RESULT' + json.dumps(measure(json.loads(sys.argv[1]))))")
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True)
+    # cwd: not the repository, whose fra/ folder would shadow the baseline's package on sys.path
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True,
+                       cwd=Path(args["out"]).parent)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     if p.returncode != 0 or not line:
         raise RuntimeError(f"bench child failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -175,13 +177,18 @@ def run(cfg: BenchConfig) -> dict:
         for width in cfg.widths:
             print(f"measuring d_sae = {width} ...", flush=True)
             rows.append({"path": "two-pass", **_child({**base, "width": width, "out": str(tmp / f"w{width}")})})
+            print("  " + json.dumps(rows[-1]), flush=True)
             shutil.rmtree(tmp / f"w{width}", ignore_errors=True)
         if cfg.baseline:
             path = _baseline_tree(cfg.baseline, tmp)
             if path is not None:
                 print(f"measuring the dense path of {cfg.baseline} at d_sae = {cfg.widths[0]} ...", flush=True)
                 args = {**base, "width": cfg.widths[0], "out": str(tmp / "dense"), "baseline": True}
-                rows.append({"path": f"dense ({cfg.baseline})", **_child(args, path)})
+                try:
+                    rows.append({"path": f"dense ({cfg.baseline})", **_child(args, path)})
+                    print("  " + json.dumps(rows[-1]), flush=True)
+                except RuntimeError as exc:
+                    print(f"dense baseline failed: {exc}")
     finally:
         _remove_worktree(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
