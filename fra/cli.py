@@ -144,7 +144,7 @@ def cmd_app(args):
 
 
 def cmd_report(args):
-    from fra.ingest.cih import CIHConfig, run
+    from fra.ingest.studies.cih import CIHConfig, run
 
     run(config_from_args(CIHConfig, args))
 
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("ingest", "runner", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
         ("merge", "merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
         ("bench", "bench", "BenchConfig", cmd_bench, "throughput of the ingest inner loop versus the naive reference"),
-        ("report", "cih", "CIHConfig", cmd_report, "reproducible studies; `fra report cih`"),
+        ("report", "studies.cih.config", "CIHConfig", cmd_report,
+         "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)"),
     )
     for name, module, cls, func, text in staged:
         p = sub.add_parser(name, help=text)

@@ -1,0 +1,126 @@
+"""The query row of one prompt, decomposed: per-head term groups and per-channel contributions.
+
+Only the query B's row of each head's score matrix matters to the study. For that row the
+component-pair terms of `decompose` group into four parts that sum exactly to
+``hook_attn_scores[h, q, :]``:
+
+    ff    feat x feat                      (resolved further into channels (i, j))
+    bdec  feat x bdec, bdec x feat, bdec x bdec
+    err   every term with the SAE error and no bias
+    bias  every term with a bias (zero for SmolLM2)
+
+A channel (i, j) contributes FA[h, q, k, i, j] at every key k where j is active (i active at q);
+`row_channels` returns these contributions as a dense [H, S, T] block over the S channels present
+in the row, so a margin or contrast is one matmul with a weight vector over keys, and removing a
+channel from the scores is one subtraction.
+
+Shape key: H heads, T key positions, A active-feature slots, E d_head, S channels in the row,
+U selected units, G term groups, R random draws.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+GROUPS = ("ff", "bdec", "err", "bias")
+
+
+def margin_weights(T: int, x_pos: int, q_pos: int) -> Float[Tensor, " T"]:
+    """+1 at the target X, -1/q at each of the q other causal keys 0..q (q = q_pos)."""
+    w = torch.zeros(T)
+    w[: q_pos + 1] = -1.0 / q_pos
+    w[x_pos] = 1.0
+    return w
+
+
+def contrast_weights(T: int, x_pos: int, others) -> Float[Tensor, " T"]:
+    """+1 at X, minus the mean over the positions `others` (A, or the other nouns N)."""
+    w = torch.zeros(T)
+    others = list(others)
+    w[others] -= 1.0 / len(others)
+    w[x_pos] += 1.0
+    return w
+
+
+def row_groups(q_side, k_side, b: int, q_pos: int) -> Float[Tensor, "G H T"]:
+    """The four term groups of the query row of prompt b; they sum to hook_attn_scores[b, :, q]."""
+    comps = ("feat", "bdec", "err", "bias")
+    qv = {c: q_side.component(c)[b, :, q_pos] for c in comps}  # [H, E]
+    kv = {c: k_side.component(c)[b] for c in comps}  # [H, T, E]
+    term = {(cq, ck): torch.einsum("he,hte->ht", qv[cq], kv[ck]) for cq in comps for ck in comps}
+    group = {
+        "ff": [("feat", "feat")],
+        "bdec": [("feat", "bdec"), ("bdec", "feat"), ("bdec", "bdec")],
+        "err": [t for t in term if "err" in t and "bias" not in t],
+        "bias": [t for t in term if "bias" in t],
+    }
+    return torch.stack([sum(term[t] for t in group[g]) for g in GROUPS])
+
+
+def row_channels(
+    qf_HAE: Float[Tensor, "H A E"],
+    kf_HTAE: Float[Tensor, "H T A E"],
+    idx_q_A: Int[Tensor, " A"],
+    live_q_A: Bool[Tensor, " A"],
+    idx_TA: Int[Tensor, "T A"],
+    live_TA: Bool[Tensor, "T A"],
+    d_sae: int,
+) -> tuple[Int[Tensor, " S"], Float[Tensor, "H S T"]]:
+    """Channel keys i * d_sae + j present in the row, and each one's contribution at every key."""
+    H, T = kf_HTAE.shape[:2]
+    V_HATA = torch.einsum("hae,htbe->hatb", qf_HAE, kf_HTAE)
+    keys_ATA = idx_q_A[:, None, None] * d_sae + idx_TA[None]
+    valid_ATA = live_q_A[:, None, None] & live_TA[None]
+    uniq_S, inv = torch.unique(keys_ATA[valid_ATA], return_inverse=True)
+    t_pos = torch.arange(T, device=idx_TA.device)[None, :, None].expand_as(keys_ATA)[valid_ATA]
+    contrib = torch.zeros(H, uniq_S.shape[0] * T, dtype=V_HATA.dtype, device=V_HATA.device)
+    contrib.index_add_(1, inv * T + t_pos, V_HATA[:, valid_ATA])
+    return uniq_S, contrib.view(H, uniq_S.shape[0], T)
+
+
+def gather_units(keys_S: Tensor, contrib_HST: Tensor, unit_keys_U: Tensor) -> Float[Tensor, "U H T"]:
+    """Contributions of the selected units (zero where a unit is absent from the row)."""
+    H, S, T = contrib_HST.shape
+    out = torch.zeros(unit_keys_U.shape[0], H, T, dtype=contrib_HST.dtype)
+    if S == 0 or unit_keys_U.numel() == 0:
+        return out
+    pos = torch.searchsorted(keys_S, unit_keys_U).clamp(max=S - 1)
+    hit = keys_S[pos] == unit_keys_U
+    out[hit] = contrib_HST[:, pos[hit]].permute(1, 0, 2)
+    return out
+
+
+def p_target(row_HT: Float[Tensor, "... H T"], x_pos: int) -> Float[Tensor, "... H"]:
+    """Attention probability on X of the query row (the query is the last position, so every key
+    is causal)."""
+    return row_HT.softmax(-1)[..., x_pos]
+
+
+def random_matched_removal(
+    row_HT: Float[Tensor, "H T"],
+    contrib_HST: Float[Tensor, "H S T"],
+    target_UH: Float[Tensor, "U H"],
+    x_pos: int,
+    n_draws: int,
+    generator: torch.Generator,
+) -> Float[Tensor, "U H"]:
+    """Mean attention on X after removing random channels of the row whose total magnitude
+    (sum over keys of |contribution|) first reaches each unit's own magnitude `target_UH`.
+
+    Each draw walks one random order of the row's channels; the removed set for a target is the
+    shortest prefix of that order whose cumulative magnitude reaches it."""
+    H, S, T = contrib_HST.shape
+    out = torch.zeros_like(target_UH)
+    for h in range(H):
+        mag_S = contrib_HST[h].abs().sum(-1)
+        acc = torch.zeros(target_UH.shape[0])
+        for _ in range(n_draws):
+            perm = torch.randperm(S, generator=generator)
+            cum_mag = mag_S[perm].cumsum(0)
+            cum_rows = contrib_HST[h, perm].cumsum(0)  # [S, T]
+            i = torch.searchsorted(cum_mag, target_UH[:, h]).clamp(max=S - 1)
+            acc += (row_HT[h][None] - cum_rows[i]).softmax(-1)[:, x_pos]
+        out[:, h] = acc / n_draws
+    return out

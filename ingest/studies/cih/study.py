@@ -1,0 +1,220 @@
+"""Runs the CIH study: prompts -> model -> decomposed query rows -> selection -> tests -> report.
+
+Per seed and relation: the selection half (selection pairs x selection templates) ranks every
+channel of every head by its mean conceptual-minus-control margin contrast and keeps the top
+`n_select` per head; their union is the set of units (layer, feat_q, feat_k). The test half
+(the other pairs x the test-only templates) measures each unit in every head of its layer, each
+head's own contrast, the causal removals and the gating activations (analysis.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .analysis import PromptRow, aggregate, answers, head_stats, pairs_of, seed_findings, unit_tests, with_bh
+from .config import CIHConfig
+from .measure import gather_units, margin_weights, random_matched_removal, row_channels, row_groups
+from .prompts import TEMPLATES, load_lexicon, split_templates, study_prompts
+from .results import SeedResult
+
+
+class Setup:
+    """Model, SAEs and projectors, loaded once."""
+
+    def __init__(self, cfg: CIHConfig):
+        from fra.ingest.decompose import build_projector
+        from fra.ingest.models import load_model
+        from fra.ingest.train_sae import load_shipped_sae
+
+        self.lm = load_model(cfg.model, device=cfg.device)
+        self.model = self.lm.model
+        tok = self.lm.tokenizer
+        self.encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+        self.saes = {L: load_shipped_sae(cfg.model, L, cfg.device) for L in cfg.layers}
+        self.projs = {L: build_projector(self.model, L, self.saes[L]) for L in cfg.layers}
+        self.layers = tuple(cfg.layers)
+
+
+def batches(prompts, size: int):
+    """Prompts of one template have one length: batch them together (pairs stay adjacent)."""
+    by = defaultdict(list)
+    for p in prompts:
+        by[p.template].append(p)
+    for ps in by.values():
+        for i in range(0, len(ps), size):
+            yield ps[i: i + size]
+
+
+@torch.no_grad()
+def measure_batch(setup: Setup, prompts, unit_keys: dict | None, n_draws: int, gen: torch.Generator):
+    """Selection mode (unit_keys None): per layer, a list of (prompt, keys_S, margin_HS).
+    Test mode: per layer, a list of PromptRow. Also returns the largest |groups - scores|."""
+    model = setup.model
+    toks = torch.tensor([p.tokens for p in prompts], device=model.cfg.device)
+    names = {n for L in setup.layers for n in (setup.saes[L].cfg.metadata.hook_name, f"blocks.{L}.attn.hook_attn_scores")}
+    _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names, stop_at_layer=max(setup.layers) + 1)
+    from fra.ingest.decompose import project_tokens
+
+    out, resid = {}, 0.0
+    for L in setup.layers:
+        sae, proj = setup.saes[L], setup.projs[L]
+        F = sae.cfg.d_sae
+        x = cache[sae.cfg.metadata.hook_name]
+        acts = sae.encode(x)
+        sparse, q, k, _ = project_tokens(proj, x, acts, sae.W_dec, sae.b_dec)
+        scores_BHQK = cache[f"blocks.{L}.attn.hook_attn_scores"].float()
+        live_BTA = sparse.acts_BTA != 0
+        rows = []
+        for b, p in enumerate(prompts):
+            qp, T = p.q_pos, len(p.tokens)
+            keys, contrib = row_channels(q.feat_BHTAE[b, :, qp], k.feat_BHTAE[b], sparse.feat_idx_BTA[b, qp],
+                                         live_BTA[b, qp], sparse.feat_idx_BTA[b], live_BTA[b], F)
+            groups = row_groups(q, k, b, qp)
+            scores = scores_BHQK[b, :, qp, :T]
+            resid = max(resid, float((groups.sum(0) - scores).abs().max()))
+            if unit_keys is None:
+                rows.append((p, keys, contrib @ margin_weights(T, p.x_pos, qp)))
+                continue
+            uk = unit_keys[L]
+            units = gather_units(keys, contrib, uk)
+            if p.role == "concept" and len(uk):
+                rand_p = random_matched_removal(scores, contrib, units.abs().sum(-1), p.x_pos, n_draws, gen)
+            else:
+                rand_p = torch.full((len(uk), scores.shape[0]), float("nan"))
+            dense_TF = torch.zeros(T, F).scatter_add_(1, sparse.feat_idx_BTA[b], sparse.acts_BTA[b].float())
+            fq, fk = uk // F, uk % F
+            others = [t for t in range(1, qp + 1) if t != p.x_pos]
+            rows.append(PromptRow(p, L, groups, scores, units, rand_p, dense_TF[qp, fq], dense_TF[p.x_pos, fk],
+                                  (dense_TF[others][:, fk] > 0).float().mean(0)))
+        out[L] = rows
+    return out, resid
+
+
+def select_units(sel_rows, n_heads: int, n_select: int) -> tuple[torch.Tensor, dict]:
+    """Top n_select channels per head by mean conceptual-minus-control margin on the selection half.
+    Returns the sorted unit keys and, per key, head -> its mean selection contrast."""
+    by_pair = defaultdict(dict)
+    for p, keys, margin in sel_rows:
+        by_pair[p.pair_id][p.role] = (keys, margin)
+    keys_all, vals_all, n = [], [], 0
+    for d in by_pair.values():
+        if len(d) != 2:
+            continue
+        n += 1
+        for role, sign in (("concept", 1.0), ("control", -1.0)):
+            keys_all.append(d[role][0])
+            vals_all.append(sign * d[role][1])
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), {}
+    keys = torch.cat(keys_all)
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    acc = torch.zeros(n_heads, uniq.shape[0], dtype=torch.float64)
+    acc.index_add_(1, inv, torch.cat(vals_all, 1).double())
+    acc /= n
+    top = acc.topk(min(n_select, uniq.shape[0]), dim=1)
+    selected = defaultdict(dict)
+    for h in range(n_heads):
+        for v, i in zip(top.values[h].tolist(), top.indices[h].tolist()):
+            selected[int(uniq[i])][h] = v
+    return torch.tensor(sorted(selected), dtype=torch.long), dict(selected)
+
+
+def run_seed(setup: Setup, cfg: CIHConfig, lex, relations, tih: set, seed: int, progress: bool = True) -> SeedResult:
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    H = setup.model.cfg.n_heads
+    heads, tests, n_pairs, resid = [], [], [], 0.0
+    for rel in relations:
+        prompts = study_prompts(rel, lex, cfg.n_pairs, setup.encode, setup.lm.bos_id, seed)
+        sel_rows, test_rows = defaultdict(list), defaultdict(list)
+        for batch in batches([p for p in prompts if p.half == 0], cfg.batch_size):
+            rows, r = measure_batch(setup, batch, None, cfg.n_random_draws, gen)
+            resid = max(resid, r)
+            for L, rs in rows.items():
+                sel_rows[L] += rs
+        units = {L: select_units(sel_rows[L], H, cfg.n_select) for L in setup.layers}
+        del sel_rows
+        unit_keys = {L: u[0] for L, u in units.items()}
+        for batch in batches([p for p in prompts if p.half == 1], cfg.batch_size):
+            rows, r = measure_batch(setup, batch, unit_keys, cfg.n_random_draws, gen)
+            resid = max(resid, r)
+            for L, rs in rows.items():
+                test_rows[L] += rs
+        rel_heads, rel_tests = [], []
+        for L in setup.layers:
+            pairs = pairs_of(test_rows[L])
+            hs = head_stats(pairs, rel, L, tih, cfg.n_perm, seed)
+            rel_heads += hs
+            rel_tests += unit_tests(pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs,
+                                    cfg.n_perm, seed + 1)
+        rel_heads = with_bh(rel_heads)
+        hq = {(h.layer, h.head): h for h in rel_heads}
+        rel_tests = [replace(t, share=t.contrast / hq[(t.layer, t.head)].contrast) for t in with_bh(rel_tests)]
+        heads += rel_heads
+        tests += rel_tests
+        n_sel = len({p.pair_id for p in prompts if p.half == 0})
+        n_pairs.append((rel, n_sel, len({p.pair_id for p in prompts if p.half == 1})))
+        if progress:
+            n_found = len({(t.layer, t.feat_q, t.feat_k) for t in rel_tests if t.q < cfg.fdr})
+            print(f"  seed {seed} {rel}: {n_pairs[-1][1]}+{n_pairs[-1][2]} pairs, "
+                  f"{sum(len(v) for v in unit_keys.values())} units, {n_found} with q < fdr, "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    sel_t, test_t = split_templates(len(TEMPLATES), random.Random(seed))
+    return SeedResult(seed, sel_t, test_t, tuple(n_pairs), tuple(heads), tuple(tests),
+                      tuple(seed_findings(tests, heads, cfg.fdr, cfg.gate_ratio)), resid, time.time() - t0)
+
+
+def feature_labels(model: str) -> dict:
+    from fra.ingest.train_sae import SAE_DIR
+
+    path = SAE_DIR / model / "features.parquet"
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    return {(r["layer"], r["feature"]): r["label"]
+            for r in pq.read_table(path, columns=["layer", "feature", "label"]).to_pylist()}
+
+
+def run(cfg: CIHConfig, progress: bool = True):
+    """The whole study; writes report.md, cih.json and the figures into cfg.out."""
+    from fra.ingest.census import load_census
+
+    from .report import write_report
+
+    t0 = time.time()
+    run_cfg = cfg.effective()
+    torch.manual_seed(0)
+    setup = Setup(run_cfg)
+    census = load_census(run_cfg.model)
+    tih = set(census["token_induction_heads"])
+    lex = load_lexicon()
+    skipped = {r: len(lex.relations.get(r, [])) for r in run_cfg.relations
+               if r != "placebo" and len(lex.relations.get(r, [])) < run_cfg.min_pairs_relation}
+    relations = [r for r in run_cfg.relations if r not in skipped]
+    seeds = []
+    for seed in run_cfg.seeds:
+        seeds.append(run_seed(setup, run_cfg, lex, relations, tih, seed, progress))
+    labels = feature_labels(run_cfg.model)
+    kinds = lex.kinds
+    findings = aggregate(seeds, kinds, run_cfg.min_pass, labels)
+    tih_here = sorted(h for h in tih if int(h.split(".")[0]) in run_cfg.layers)
+    ans = answers(seeds, findings, tih_here, relations, kinds, run_cfg.min_pass, run_cfg.fdr)
+    out = Path(cfg.out)
+    write_report(out, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, ans, time.time() - t0)
+    if progress:
+        print(f"CIH report written to {out}/report.md in {time.time() - t0:.0f} s")
+    return seeds, findings, ans
+
+
+def save_json(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.rename(path)
