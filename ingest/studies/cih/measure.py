@@ -80,16 +80,19 @@ def row_channels(
     return uniq_S, contrib.view(H, uniq_S.shape[0], T)
 
 
-def gather_units(keys_S: Tensor, contrib_HST: Tensor, unit_keys_U: Tensor) -> Float[Tensor, "U H T"]:
-    """Contributions of the selected units (zero where a unit is absent from the row)."""
+def gather_units(keys_S: Tensor, contrib_HST: Tensor, unit_keys_U: Tensor) -> tuple[Float[Tensor, "U H T"], Tensor]:
+    """Contributions of the selected units (zero where a unit is absent from the row), and each
+    unit's index into the row's channels (-1 where absent)."""
     H, S, T = contrib_HST.shape
     out = torch.zeros(unit_keys_U.shape[0], H, T, dtype=contrib_HST.dtype)
+    idx = torch.full((unit_keys_U.shape[0],), -1, dtype=torch.long)
     if S == 0 or unit_keys_U.numel() == 0:
-        return out
+        return out, idx
     pos = torch.searchsorted(keys_S, unit_keys_U).clamp(max=S - 1)
     hit = keys_S[pos] == unit_keys_U
     out[hit] = contrib_HST[:, pos[hit]].permute(1, 0, 2)
-    return out
+    idx[hit] = pos[hit]
+    return out, idx
 
 
 def p_target(row_HT: Float[Tensor, "... H T"], x_pos: int) -> Float[Tensor, "... H"]:
@@ -101,26 +104,40 @@ def p_target(row_HT: Float[Tensor, "... H T"], x_pos: int) -> Float[Tensor, "...
 def random_matched_removal(
     row_HT: Float[Tensor, "H T"],
     contrib_HST: Float[Tensor, "H S T"],
-    target_UH: Float[Tensor, "U H"],
+    unit_idx_U: Int[Tensor, " U"],
     x_pos: int,
     n_draws: int,
     generator: torch.Generator,
 ) -> Float[Tensor, "U H"]:
-    """Mean attention on X after removing random channels of the row whose total magnitude
-    (sum over keys of |contribution|) first reaches each unit's own magnitude `target_UH`.
+    """Mean attention on X after removing, instead of unit u, random other channels of the row
+    whose total magnitude (sum over keys of |contribution|) first reaches unit u's own.
 
-    Each draw walks one random order of the row's channels; the removed set for a target is the
-    shortest prefix of that order whose cumulative magnitude reaches it."""
+    Each draw walks one random order of the row's channels with unit u's own channel taken out;
+    the removed set is the shortest prefix of that order whose cumulative magnitude reaches the
+    target (all other channels, if they never do). Absent units (index -1) get NaN."""
     H, S, T = contrib_HST.shape
-    out = torch.zeros_like(target_UH)
+    U = unit_idx_U.shape[0]
+    out = torch.full((U, H), float("nan"))
+    present = unit_idx_U >= 0
+    if S == 0 or not present.any():
+        return out
+    u_idx = unit_idx_U[present]
     for h in range(H):
         mag_S = contrib_HST[h].abs().sum(-1)
-        acc = torch.zeros(target_UH.shape[0])
+        target_U = mag_S[u_idx]
+        acc = torch.zeros(u_idx.shape[0])
         for _ in range(n_draws):
             perm = torch.randperm(S, generator=generator)
-            cum_mag = mag_S[perm].cumsum(0)
+            rank_S = torch.empty_like(perm)
+            rank_S[perm] = torch.arange(S)
+            cum_mag = mag_S[perm].cumsum(0)  # [S]
             cum_rows = contrib_HST[h, perm].cumsum(0)  # [S, T]
-            i = torch.searchsorted(cum_mag, target_UH[:, h]).clamp(max=S - 1)
-            acc += (row_HT[h][None] - cum_rows[i]).softmax(-1)[:, x_pos]
-        out[:, h] = acc / n_draws
+            r_U = rank_S[u_idx]
+            # the unit's own channel taken out of the order: subtract it from every prefix that holds it
+            after_US = torch.arange(S)[None] >= r_U[:, None]
+            cum_mag_US = cum_mag[None] - after_US * target_U[:, None]
+            i = torch.searchsorted(cum_mag_US, target_U[:, None]).clamp(max=S - 1)[:, 0]
+            removed = cum_rows[i] - (i >= r_U)[:, None] * contrib_HST[h, u_idx]
+            acc += (row_HT[h][None] - removed).softmax(-1)[:, x_pos]
+        out[present, h] = acc / n_draws
     return out

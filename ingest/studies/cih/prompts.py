@@ -26,7 +26,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TEMPLATES = (
     "I saw the {A} {X} near the old {N}. Much later that evening, I kept thinking about the {B}",
     "She bought a {A} {X} at the {N} on Monday. By the time winter came, she had forgotten the {B}",
-    "The report mentioned one {A} {X} in its first section, and at the very end it described the {B}",
+    "The report mentioned one {A} {X} in its first section and a {N} in the second; at the very end it described the {B}",
     "Yesterday my uncle found a {A} {X} behind the {N}. Today he asked me about the {B}",
     "In the story, a {A} {X} sits beside a {N}. At the end of the chapter, the hero returns to the {B}",
     "Q: Where did you leave the {A} {X}? A: Next to the {N}. Q: And where is the {B}",

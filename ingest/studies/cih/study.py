@@ -83,9 +83,9 @@ def measure_batch(setup: Setup, prompts, unit_keys: dict | None, n_draws: int, g
                 rows.append((p, keys, contrib @ margin_weights(T, p.x_pos, qp)))
                 continue
             uk = unit_keys[L]
-            units = gather_units(keys, contrib, uk)
+            units, unit_idx = gather_units(keys, contrib, uk)
             if p.role == "concept" and len(uk):
-                rand_p = random_matched_removal(scores, contrib, units.abs().sum(-1), p.x_pos, n_draws, gen)
+                rand_p = random_matched_removal(scores, contrib, unit_idx, p.x_pos, n_draws, gen)
             else:
                 rand_p = torch.full((len(uk), scores.shape[0]), float("nan"))
             dense_TF = torch.zeros(T, F).scatter_add_(1, sparse.feat_idx_BTA[b], sparse.acts_BTA[b].float())
@@ -126,45 +126,53 @@ def select_units(sel_rows, n_heads: int, n_select: int) -> tuple[torch.Tensor, d
     return torch.tensor(sorted(selected), dtype=torch.long), dict(selected)
 
 
+def run_relation(setup, cfg: CIHConfig, prompts, rel: str, tih: set, seed: int, gen: torch.Generator):
+    """Selection on half 0, then every test on half 1, for one relation. Returns the head
+    stats and unit tests (BH applied over this relation) and the largest decomposition residual."""
+    H = setup.model.cfg.n_heads
+    sel_rows, test_rows, resid = defaultdict(list), defaultdict(list), 0.0
+    for batch in batches([p for p in prompts if p.half == 0], cfg.batch_size):
+        rows, r = measure_batch(setup, batch, None, cfg.n_random_draws, gen)
+        resid = max(resid, r)
+        for L, rs in rows.items():
+            sel_rows[L] += rs
+    units = {L: select_units(sel_rows[L], H, cfg.n_select) for L in setup.layers}
+    del sel_rows
+    unit_keys = {L: u[0] for L, u in units.items()}
+    for batch in batches([p for p in prompts if p.half == 1], cfg.batch_size):
+        rows, r = measure_batch(setup, batch, unit_keys, cfg.n_random_draws, gen)
+        resid = max(resid, r)
+        for L, rs in rows.items():
+            test_rows[L] += rs
+    heads, tests = [], []
+    for L in setup.layers:
+        pairs = pairs_of(test_rows[L])
+        hs = head_stats(pairs, rel, L, tih, cfg.n_perm, seed)
+        heads += hs
+        tests += unit_tests(pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs,
+                            cfg.n_perm, seed + 1)
+    heads = with_bh(heads)
+    hq = {(h.layer, h.head): h for h in heads}
+    tests = [replace(t, share=t.contrast / hq[(t.layer, t.head)].contrast) for t in with_bh(tests)]
+    return heads, tests, resid
+
+
 def run_seed(setup: Setup, cfg: CIHConfig, lex, relations, tih: set, seed: int, progress: bool = True) -> SeedResult:
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
-    H = setup.model.cfg.n_heads
     heads, tests, n_pairs, resid = [], [], [], 0.0
     for rel in relations:
         prompts = study_prompts(rel, lex, cfg.n_pairs, setup.encode, setup.lm.bos_id, seed)
-        sel_rows, test_rows = defaultdict(list), defaultdict(list)
-        for batch in batches([p for p in prompts if p.half == 0], cfg.batch_size):
-            rows, r = measure_batch(setup, batch, None, cfg.n_random_draws, gen)
-            resid = max(resid, r)
-            for L, rs in rows.items():
-                sel_rows[L] += rs
-        units = {L: select_units(sel_rows[L], H, cfg.n_select) for L in setup.layers}
-        del sel_rows
-        unit_keys = {L: u[0] for L, u in units.items()}
-        for batch in batches([p for p in prompts if p.half == 1], cfg.batch_size):
-            rows, r = measure_batch(setup, batch, unit_keys, cfg.n_random_draws, gen)
-            resid = max(resid, r)
-            for L, rs in rows.items():
-                test_rows[L] += rs
-        rel_heads, rel_tests = [], []
-        for L in setup.layers:
-            pairs = pairs_of(test_rows[L])
-            hs = head_stats(pairs, rel, L, tih, cfg.n_perm, seed)
-            rel_heads += hs
-            rel_tests += unit_tests(pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs,
-                                    cfg.n_perm, seed + 1)
-        rel_heads = with_bh(rel_heads)
-        hq = {(h.layer, h.head): h for h in rel_heads}
-        rel_tests = [replace(t, share=t.contrast / hq[(t.layer, t.head)].contrast) for t in with_bh(rel_tests)]
+        rel_heads, rel_tests, r = run_relation(setup, cfg, prompts, rel, tih, seed, gen)
+        resid = max(resid, r)
         heads += rel_heads
         tests += rel_tests
-        n_sel = len({p.pair_id for p in prompts if p.half == 0})
-        n_pairs.append((rel, n_sel, len({p.pair_id for p in prompts if p.half == 1})))
+        n_pairs.append((rel, len({p.pair_id for p in prompts if p.half == 0}),
+                        len({p.pair_id for p in prompts if p.half == 1})))
         if progress:
-            n_found = len({(t.layer, t.feat_q, t.feat_k) for t in rel_tests if t.q < cfg.fdr})
+            n_found = len(seed_findings(rel_tests, rel_heads, cfg.fdr, cfg.gate_ratio))
             print(f"  seed {seed} {rel}: {n_pairs[-1][1]}+{n_pairs[-1][2]} pairs, "
-                  f"{sum(len(v) for v in unit_keys.values())} units, {n_found} with q < fdr, "
+                  f"{len({(t.layer, t.feat_q, t.feat_k) for t in rel_tests})} units, {n_found} findings, "
                   f"{time.time() - t0:.0f} s", flush=True)
     sel_t, test_t = split_templates(len(TEMPLATES), random.Random(seed))
     return SeedResult(seed, sel_t, test_t, tuple(n_pairs), tuple(heads), tuple(tests),
