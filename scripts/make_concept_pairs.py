@@ -118,9 +118,20 @@ def main() -> None:
         return len(ids(" " + w)) == 1
 
     @torch.no_grad()
-    def prob(prompt: str, word: str) -> float:
-        x = torch.tensor([[0] + ids(prompt)])  # BOS, as in every FRA sample
-        return float(model(x).logits[0, -1].softmax(-1)[ids(" " + word)[0]])
+    def probs(items: list[tuple[str, str]], batch: int = 64) -> list[float]:
+        """P(" word" | BOS + prompt) for each (prompt, word), batched with right padding."""
+        out = []
+        for i in range(0, len(items), batch):
+            chunk = items[i: i + batch]
+            seqs = [[0] + ids(p) for p, _ in chunk]  # BOS, as in every FRA sample
+            T = max(map(len, seqs))
+            x = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+            mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+            logits = model(input_ids=x, attention_mask=mask).logits
+            last = torch.tensor([len(s) - 1 for s in seqs])
+            p = logits[torch.arange(len(seqs)), last].softmax(-1)
+            out += [float(p[j, ids(" " + w)[0]]) for j, (_, w) in enumerate(chunk)]
+        return out
 
     def synsets(pos: str):
         for line in (WN / f"data.{pos}").read_text().splitlines():
@@ -144,23 +155,19 @@ def main() -> None:
             ss = [w for w in ss if w in pools[pos] and pools[pos][w] >= MIN_ZIPF]
             cands |= {(a, b, pos) for a in ss for b in ss
                       if a != b and a[:4] != b[:4] and a not in b and b not in a}
-    synonym = []
-    for a, b, pos in sorted(cands):
-        p = max(prob(f"Another word for {a} is", b), prob(f"A synonym of {a} is", b))
-        if p >= P_MIN:
-            synonym.append({"A": a, "B": b, "pos": pos, "p_model": round(p, 4)})
+    cands = sorted(cands)
+    p1 = probs([(f"Another word for {a} is", b) for a, b, _ in cands])
+    p2 = probs([(f"A synonym of {a} is", b) for a, b, _ in cands])
+    synonym = [{"A": a, "B": b, "pos": pos, "p_model": round(max(x, y), 4)}
+               for (a, b, pos), x, y in zip(cands, p1, p2) if max(x, y) >= P_MIN]
     print(f"synonym: {len(synonym)} of {len(cands)} candidates pass p >= {P_MIN}")
 
-    translation, n_tr = [], 0
-    for lang, table in TRANSLATIONS.items():
-        for a, b in table.items():
-            if not (single(a) and single(b)):
-                continue
-            n_tr += 1
-            p = prob(f"The {lang} word for {a} is", b)
-            if p >= P_MIN:
-                translation.append({"A": a, "B": b, "pos": "noun" if a in pools["noun"] else "adj",
-                                    "lang": lang, "p_model": round(p, 4)})
+    tr_cands = [(lang, a, b) for lang, table in TRANSLATIONS.items() for a, b in table.items()
+                if single(a) and single(b)]
+    n_tr = len(tr_cands)
+    pt = probs([(f"The {lang} word for {a} is", b) for lang, a, b in tr_cands])
+    translation = [{"A": a, "B": b, "pos": "noun" if a in pools["noun"] else "adj", "lang": lang, "p_model": round(p, 4)}
+                   for (lang, a, b), p in zip(tr_cands, pt) if p >= P_MIN]
     print(f"translation: {len(translation)} of {n_tr} single-token candidates pass")
 
     common = {w: z for w, z in pools["noun"].items() if z >= MIN_ZIPF}

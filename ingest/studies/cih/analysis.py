@@ -4,7 +4,9 @@ The combined criterion. A unit (layer, feat_q, feat_k) is a finding of a relatio
 one seed when, on the test half (held-out pairs and held-out templates):
 - its conceptual-minus-control margin contrast has BH q < fdr (sign-flip test over test pairs,
   BH over every (unit, head) test of that relation and seed) and a positive mean;
-- its contribution at X exceeds its contribution at A (it points at the token after A, not at A);
+- it raises the score on X itself more after A than after the control word (x_contrast > 0), and
+  its contribution at X exceeds its contribution at A (it points at the token after A; a channel
+  that only pushes attention away from A is not induction);
 - the head's own conceptual-minus-control contrast has BH q < fdr and a positive mean.
 So a head with a negative or non-significant margin of its own never counts, whatever its
 channels do. The headline keeps the findings that pass in at least `min_pass` seeds.
@@ -91,18 +93,19 @@ def unit_tests(pairs, relation: str, layer: int, unit_keys: list[int], selected:
     selection-half contrast for the heads where the unit was selected."""
     if not pairs or not unit_keys:
         return []
-    d, xa, xn, drop, drop_r, present = [], [], [], [], [], []
+    d, dx, xa, xn, drop, drop_r, present = [], [], [], [], [], [], []
     for c, u in pairs:
         w, w_xa, w_xn = _weights(c.prompt)
         x = c.prompt.x_pos
         d.append((c.units_UHT - u.units_UHT) @ w)  # [U, H]
+        dx.append(c.units_UHT[..., x] - u.units_UHT[..., x])
         xa.append(c.units_UHT @ w_xa)
         xn.append(c.units_UHT @ w_xn)
         p0 = p_target(c.scores_HT, x)
         drop.append(p0[None] - p_target(c.scores_HT[None] - c.units_UHT, x))
         drop_r.append(p0[None] - c.rand_p_UH)
         present.append(c.units_UHT.abs().sum((1, 2)) > 0)
-    d, xa, xn = torch.stack(d), torch.stack(xa), torch.stack(xn)  # [J, U, H]
+    d, dx, xa, xn = torch.stack(d), torch.stack(dx), torch.stack(xa), torch.stack(xn)  # [J, U, H]
     drop, drop_r, present = torch.stack(drop), torch.stack(drop_r), torch.stack(present)
     J, U, H = d.shape
     p = sign_flip_pvalues(d.reshape(J, U * H), n_perm, seed).reshape(U, H)
@@ -120,7 +123,7 @@ def unit_tests(pairs, relation: str, layer: int, unit_keys: list[int], selected:
             out.append(UnitTest(
                 relation, layer, key // d_sae, key % d_sae, h, h in selected.get(key, {}),
                 float(selected.get(key, {}).get(h, float("nan"))), mean, lo, hi, float(p[i, h]), 1.0,
-                float(xa[:, i, h].mean()), float(xn[:, i, h].mean()), share, n_pres,
+                float(dx[:, i, h].mean()), float(xa[:, i, h].mean()), float(xn[:, i, h].mean()), share, n_pres,
                 float(drop[pres, i, h].mean()) if n_pres else 0.0,
                 float(drop_r[pres, i, h].mean()) if n_pres else 0.0,
                 float(gate["q_act_U"][:, i].mean()), float(q_ctrl[:, i].mean()),
@@ -143,7 +146,7 @@ def gating_label(q_act: float, q_act_control: float, gate_ratio: float) -> str:
 
 def passes(t: UnitTest, h: HeadStat, fdr: float) -> bool:
     """The combined criterion of the module docstring."""
-    return (t.q < fdr and t.contrast > 0 and t.x_minus_a > 0 and h.q < fdr and h.contrast > 0
+    return (t.q < fdr and t.contrast > 0 and t.x_contrast > 0 and t.x_minus_a > 0 and h.q < fdr and h.contrast > 0
             and (t.relation, t.layer, t.head) == (h.relation, h.layer, h.head))
 
 

@@ -49,6 +49,7 @@ class UnitTest:
     ci_hi: float
     p: float
     q: float  # BH over every unit test of this relation and seed
+    x_contrast: float  # the channel's contribution at X itself, conceptual minus control
     x_minus_a: float  # the channel's contribution at X minus at A, conceptual test prompts
     x_minus_n: float
     share: float  # contrast / the head's contrast

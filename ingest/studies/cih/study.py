@@ -13,7 +13,6 @@ import json
 import random
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -151,10 +150,7 @@ def run_relation(setup, cfg: CIHConfig, prompts, rel: str, tih: set, seed: int, 
         heads += hs
         tests += unit_tests(pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs,
                             cfg.n_perm, seed + 1)
-    heads = with_bh(heads)
-    hq = {(h.layer, h.head): h for h in heads}
-    tests = [replace(t, share=t.contrast / hq[(t.layer, t.head)].contrast) for t in with_bh(tests)]
-    return heads, tests, resid
+    return with_bh(heads), with_bh(tests), resid
 
 
 def run_seed(setup: Setup, cfg: CIHConfig, lex, relations, tih: set, seed: int, progress: bool = True) -> SeedResult:
