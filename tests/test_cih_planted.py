@@ -149,3 +149,29 @@ def test_planted_placebo_finds_nothing():
     _, heads, tests, _, found = run_planted("placebo")
     assert tests  # units were selected and tested
     assert found == []
+
+
+def test_logprob_check_edits_the_planted_head_at_b_and_matches_the_analytic_removal():
+    from fra.ingest.studies.cih.causal import logprob_effects
+    from fra.ingest.studies.cih.results import Finding
+
+    setup = planted_setup("matching")
+    prompts = planted_prompts("matching")
+    f = Finding("matching", "", 0, B, XA, "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0,
+                "", "")
+    e = logprob_effects(setup, CFG, f, prompts)
+    test = [p for p in prompts if p.half == 1 and p.role == "concept"]
+    assert e.n_prompts == len(test) and e.head == 0
+    assert e.delta_error == 0.0  # identity SAE: the error terms are exactly zero, removing them changes nothing
+    # reference: the same edit by hand (score at (B, X) set to 0 in head 0), through the model's own softmax
+    p = test[0]
+
+    def edit(scores, hook):
+        scores[:, 0, p.q_pos, p.x_pos] = 0.0
+        return scores
+
+    toks = torch.tensor([p.tokens])
+    lp = lambda lg: float(lg[0, -1].log_softmax(-1)[p.tokens[p.x_pos]])  # noqa: E731
+    ref = lp(setup.model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_attn_scores", edit)])) - lp(setup.model(toks))
+    one = logprob_effects(setup, CFG, f, [p] + [q for q in prompts if q.pair_id == p.pair_id and q.role == "control"])
+    assert one.delta_channel == pytest.approx(ref, abs=1e-5) and ref != 0.0

@@ -46,7 +46,7 @@ def _fmt(x, nd=3):
 
 
 def write_report(out: Path, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, answers,
-                 seconds: float) -> None:
+                 seconds: float, logprob=()) -> None:
     from .study import save_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +65,7 @@ def write_report(out: Path, cfg, run_cfg, setup, census, lex, relations, skipped
         "templates": list(TEMPLATES),
         "answers": [asdict(a) for a in answers],
         "findings": [asdict(f) for f in findings],
+        "logprob_effects": [asdict(e) for e in logprob],
         "seeds": [{
             "seed": s.seed, "selection_templates": s.selection_templates, "test_templates": s.test_templates,
             "n_pairs": s.n_pairs, "max_abs_residual": s.max_abs_residual, "seconds": s.seconds,
@@ -76,7 +77,8 @@ def write_report(out: Path, cfg, run_cfg, setup, census, lex, relations, skipped
     }
     save_json(out / "cih.json", doc)
     figures(out, seeds, findings, relations, run_cfg)
-    (out / "report.md").write_text(markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census))
+    (out / "report.md").write_text(markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census,
+                                            logprob))
 
 
 def _head_summary(seeds, rel, fdr):
@@ -89,7 +91,7 @@ def _head_summary(seeds, rel, fdr):
     return by
 
 
-def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census) -> str:
+def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census, logprob=()) -> str:
     fdr, n_seeds, min_pass = run_cfg.fdr, len(seeds), run_cfg.min_pass
     quick = " --quick" if cfg.quick else ""
     tih_here = sorted(h for h in census["token_induction_heads"] if int(h.split(".")[0]) in run_cfg.layers)
@@ -178,6 +180,16 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
                 L.append(f"| {f.relation} | {f.layer} | {f.feat_q} -> {f.feat_k} | {m('q_act'):.2f} | {m('q_act_control'):.2f} | "
                          f"{m('k_act_x'):.2f} | {m('k_act_x_control'):.2f} | {m('k_rate_elsewhere'):.3f} |")
     L += ["", "![causal test](causal.png)", ""]
+    if logprob:
+        L += ["Downstream: log P(X) at B (the induction continuation) on the first seed's conceptual test prompts, "
+              "with the finding's channel removed from its head's scores at B inside the forward pass (the model "
+              "re-applies its softmax and runs on), against removing that head's SAE-error terms instead.", "",
+              "| relation | layer | feat_q -> feat_k | head | prompts | log P(X) | change, channel removed | "
+              "change, SAE error removed |", "|---|---|---|---|---|---|---|---|"]
+        for e in logprob:
+            L.append(f"| {e.relation} | {e.layer} | {e.feat_q} -> {e.feat_k} | {e.layer}.{e.head} | {e.n_prompts} | "
+                     f"{e.logp_x:.3f} | {e.delta_channel:+.4f} | {e.delta_error:+.4f} |")
+        L.append("")
     L += ["## Placebo", "",
           "The placebo relation pairs each synonym B with a frequency-matched word unrelated to it, and goes "
           "through the whole pipeline (selection, test, BH, criterion, seeds). It must come out empty.", ""]
@@ -212,9 +224,9 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           "above), so a null at channel level may reflect the SAE, not the model.",
           "- Only the top channels per head on the selection half are tested; a relation could be carried by many "
           "small channels that no single-channel test resolves (the head-level contrast is the evidence for that).",
-          "- The causal test edits one head's scores at the query row and re-applies the softmax; it measures the "
-          "attention the channel carries, not the downstream effect on the next-token log-probability "
-          "(not measured in this version).",
+          "- The attention causal test edits one head's scores at the query row and re-applies the softmax; the "
+          "downstream log P(X) check (when there are headline findings) uses the first seed's prompts only and "
+          "has no random-channel baseline.",
           "- Word frequencies are wordfreq's (general English), not the SmolLM2 training corpus's.",
           f"- Pass rates over {n_seeds} seeds are coarse (Wilson intervals above); a seed redraws the pair split, the "
           "template split, X, N and the control words."]

@@ -211,8 +211,16 @@ def run(cfg: CIHConfig, progress: bool = True):
     findings = aggregate(seeds, kinds, run_cfg.min_pass, labels)
     tih_here = sorted(h for h in tih if int(h.split(".")[0]) in run_cfg.layers)
     ans = answers(seeds, findings, tih_here, relations, kinds, run_cfg.min_pass, run_cfg.fdr)
+    # downstream check of the headline findings (at most 12, largest share first), first seed's prompts
+    from .causal import logprob_effects
+
+    logprob = []
+    for f in sorted([f for f in findings if f.headline], key=lambda f: -f.share)[:12]:
+        prompts = study_prompts(f.relation, lex, run_cfg.n_pairs, setup.encode, setup.lm.bos_id, run_cfg.seeds[0])
+        logprob.append(logprob_effects(setup, run_cfg, f, prompts))
     out = Path(cfg.out)
-    write_report(out, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, ans, time.time() - t0)
+    write_report(out, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, ans, time.time() - t0,
+                 logprob)
     if progress:
         print(f"CIH report written to {out}/report.md in {time.time() - t0:.0f} s")
     return seeds, findings, ans
