@@ -22,7 +22,7 @@ class CIHConfig:
     gate_ratio: float = 0.5  # query feature's mean activation at B, control / conceptual, below which: gated
     min_pairs_relation: int = 20  # a relation with fewer validated pairs is skipped (and reported)
     batch_size: int = 16
-    quick: bool = False  # 1 seed, 40 pairs, 2000 permutations: a smoke run of the whole pipeline
+    quick: bool = False  # 1 seed, 40 pairs, 10000 permutations: a smoke run of the whole pipeline
     device: str = "cpu"
 
     def __post_init__(self):
@@ -43,5 +43,5 @@ class CIHConfig:
         """The config that actually runs: `quick` shrinks seeds, pairs and permutations."""
         if not self.quick:
             return self
-        return replace(self, seeds=self.seeds[:1], n_pairs=min(self.n_pairs, 40), n_perm=2000,
+        return replace(self, seeds=self.seeds[:1], n_pairs=min(self.n_pairs, 40), n_perm=10000,
                        n_random_draws=5, min_pass=1, quick=False)
