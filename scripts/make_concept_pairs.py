@@ -9,8 +9,8 @@ Spanish list (below). Every word is a single token with a leading space.
 
 Relations and how a pair is admitted:
 - synonym: two lemmas of one WordNet noun or adjective synset, no shared 4-letter stem, both
-  Zipf >= MIN_ZIPF, and the model completes "Another word for A is" or "A synonym of A is" with
-  " B" at probability >= P_MIN (the larger of the two is stored).
+  Zipf >= MIN_ZIPF, and the model completes "Another word for A is" with " B" at probability
+  >= P_MIN.
 - translation: EN -> FR/DE/ES from the hand list; the model completes "The French word for A
   is" (German, Spanish) with " B" at probability >= P_MIN.
 - plural (A -> A+s) and capitalised (A -> A.capitalize()): orthographic relations, not
@@ -20,7 +20,7 @@ Relations and how a pair is admitted:
   induction channel when one exists.
 The placebo relation is built at run time (ingest/studies/cih/prompts.py).
 
-Run: python scripts/make_concept_pairs.py   (about 3 minutes on 2 CPU cores)
+Run: python scripts/make_concept_pairs.py   (about 10 minutes on 2 busy CPU cores)
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ from wordfreq import zipf_frequency
 from fra.ingest.models import smollm2_hf
 
 P_MIN = 0.05  # the model's probability of B after the validation prompt
-MIN_ZIPF = 3.5  # "common": at least ~3 per million words (wordfreq Zipf scale)
+MIN_ZIPF = 4.0  # "common": at least ~10 per million words (wordfreq Zipf scale)
+# One-shot-style prompts: two worked examples set the format, so the probability measures whether
+# the model knows the word, not whether it guesses the format. Pairs using the example words are dropped.
+SYNONYM_PROMPT = "Another word for quick is fast. Another word for happy is glad. Another word for {A} is"
+TRANSLATION_PROMPT = "The {lang} word for cat is {cat}. The {lang} word for {A} is"
+EXAMPLE_WORDS = {"quick", "fast", "happy", "glad", "cat"}
+N_SYNONYM_CANDIDATES = 2500  # a seeded random subset of the candidates (CPU budget)
 FILLER_ZIPF = 3.0
 WN = Path("/usr/share/wordnet")
 NAMES = {"sue", "will", "mark", "bill", "rose", "may", "june", "april", "august", "jack", "pat",
@@ -127,9 +133,9 @@ def main() -> None:
             T = max(map(len, seqs))
             x = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
-            logits = model(input_ids=x, attention_mask=mask).logits
+            hidden = model.model(input_ids=x, attention_mask=mask).last_hidden_state
             last = torch.tensor([len(s) - 1 for s in seqs])
-            p = logits[torch.arange(len(seqs)), last].softmax(-1)
+            p = model.lm_head(hidden[torch.arange(len(seqs)), last]).softmax(-1)  # the unembedding at B only
             out += [float(p[j, ids(" " + w)[0]]) for j, (_, w) in enumerate(chunk)]
         return out
 
@@ -147,7 +153,7 @@ def main() -> None:
         words = sorted({w.lower() for ss in synsets(pos) for w in ss if w.isalpha() and w.islower()})
         pools[pos] = {w: round(zipf_frequency(w, "en"), 2) for w in words
                       if 3 <= len(w) <= 10 and single(w) and zipf_frequency(w, "en") >= FILLER_ZIPF}
-    print({k: len(v) for k, v in pools.items()})
+    print({k: len(v) for k, v in pools.items()}, flush=True)
 
     cands = set()
     for pos in ("noun", "adj"):
@@ -155,17 +161,20 @@ def main() -> None:
             ss = [w for w in ss if w in pools[pos] and pools[pos][w] >= MIN_ZIPF]
             cands |= {(a, b, pos) for a in ss for b in ss
                       if a != b and a[:4] != b[:4] and a not in b and b not in a}
-    cands = sorted(cands)
-    p1 = probs([(f"Another word for {a} is", b) for a, b, _ in cands])
-    p2 = probs([(f"A synonym of {a} is", b) for a, b, _ in cands])
-    synonym = [{"A": a, "B": b, "pos": pos, "p_model": round(max(x, y), 4)}
-               for (a, b, pos), x, y in zip(cands, p1, p2) if max(x, y) >= P_MIN]
-    print(f"synonym: {len(synonym)} of {len(cands)} candidates pass p >= {P_MIN}")
+    cands = sorted(c for c in cands if not {c[0], c[1]} & EXAMPLE_WORDS)
+    n_all = len(cands)
+    random.Random(0).shuffle(cands)
+    cands = cands[:N_SYNONYM_CANDIDATES]
+    print(f"{len(cands)} of {n_all} synonym candidates", flush=True)
+    p1 = probs([(SYNONYM_PROMPT.format(A=a), b) for a, b, _ in cands])
+    synonym = [{"A": a, "B": b, "pos": pos, "p_model": round(x, 4)} for (a, b, pos), x in zip(cands, p1) if x >= P_MIN]
+    print(f"synonym: {len(synonym)} of {len(cands)} candidates pass p >= {P_MIN}; "
+          f"p >= 0.01: {sum(x >= 0.01 for x in p1)}, p >= 0.1: {sum(x >= 0.1 for x in p1)}", flush=True)
 
     tr_cands = [(lang, a, b) for lang, table in TRANSLATIONS.items() for a, b in table.items()
-                if single(a) and single(b)]
+                if single(a) and single(b) and a not in EXAMPLE_WORDS and a.lower() != b.lower()]  # table/table is a repeat
     n_tr = len(tr_cands)
-    pt = probs([(f"The {lang} word for {a} is", b) for lang, a, b in tr_cands])
+    pt = probs([(TRANSLATION_PROMPT.format(lang=lang, cat=TRANSLATIONS[lang]["cat"], A=a), b) for lang, a, b in tr_cands])
     translation = [{"A": a, "B": b, "pos": "noun" if a in pools["noun"] else "adj", "lang": lang, "p_model": round(p, 4)}
                    for (lang, a, b), p in zip(tr_cands, pt) if p >= P_MIN]
     print(f"translation: {len(translation)} of {n_tr} single-token candidates pass")
@@ -184,9 +193,10 @@ def main() -> None:
                    "and without fee or royalty is hereby granted, provided that the above copyright notice and "
                    "this statement appear on all copies.",
         "validation": {"p_min": P_MIN, "min_zipf": MIN_ZIPF, "filler_zipf": FILLER_ZIPF,
-                       "synonym_prompts": ["Another word for {A} is", "A synonym of {A} is"],
-                       "translation_prompt": "The {lang} word for {A} is",
-                       "synonym_candidates": len(cands), "translation_candidates": n_tr},
+                       "synonym_prompt": SYNONYM_PROMPT,
+                       "translation_prompt": TRANSLATION_PROMPT,
+                       "synonym_candidates": f"{len(cands)} (seeded random subset of {n_all})",
+                       "translation_candidates": f"{n_tr} single-token pairs of {sum(map(len, TRANSLATIONS.values()))}"},
         "relations": {"identity": identity[:150], "synonym": synonym, "translation": translation,
                       "plural": plural[:150], "capitalised": capitalised[:150]},
         "kinds": {"identity": "positive control", "synonym": "conceptual", "translation": "conceptual",
