@@ -128,15 +128,19 @@ def random_matched_removal(
         acc = torch.zeros(u_idx.shape[0])
         for _ in range(n_draws):
             perm = torch.randperm(S, generator=generator)
-            rank_S = torch.empty_like(perm)
-            rank_S[perm] = torch.arange(S)
             cum_mag = mag_S[perm].cumsum(0)  # [S]
-            cum_rows = contrib_HST[h, perm].cumsum(0)  # [S, T]
-            r_U = rank_S[u_idx]
+            # only a prefix can be needed: once 2 x the largest target is reached, every unit's
+            # target is reached even with the unit's own channel taken out
+            K = min(S, int(torch.searchsorted(cum_mag, 2 * target_U.max())) + 2)
+            perm, cum_mag = perm[:K], cum_mag[:K]
+            rank_S = torch.full((S,), K, dtype=torch.long)
+            rank_S[perm] = torch.arange(K)
+            cum_rows = contrib_HST[h, perm].cumsum(0)  # [K, T]
+            r_U = rank_S[u_idx]  # K when the unit is beyond the prefix
             # the unit's own channel taken out of the order: subtract it from every prefix that holds it
-            after_US = torch.arange(S)[None] >= r_U[:, None]
-            cum_mag_US = cum_mag[None] - after_US * target_U[:, None]
-            i = torch.searchsorted(cum_mag_US, target_U[:, None]).clamp(max=S - 1)[:, 0]
+            after_UK = torch.arange(K)[None] >= r_U[:, None]
+            cum_mag_UK = cum_mag[None] - after_UK * target_U[:, None]
+            i = torch.searchsorted(cum_mag_UK, target_U[:, None]).clamp(max=K - 1)[:, 0]
             removed = cum_rows[i] - (i >= r_U)[:, None] * contrib_HST[h, u_idx]
             acc += (row_HT[h][None] - removed).softmax(-1)[:, x_pos]
         out[present, h] = acc / n_draws
