@@ -115,6 +115,7 @@ TRANSLATIONS = {
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads ran a forward pass 35x slower
     model, tok = smollm2_hf()
 
     def ids(s):

@@ -195,6 +195,7 @@ def run(cfg: CIHConfig, progress: bool = True):
 
     t0 = time.time()
     run_cfg = cfg.effective()
+    torch.set_num_threads(run_cfg.threads)
     torch.manual_seed(0)
     setup = Setup(run_cfg)
     census = load_census(run_cfg.model)
