@@ -79,7 +79,8 @@ def test_aggregate_and_answers_on_hand_made_seeds():
     assert a.h1 == "no" and a.h1_detail.startswith("1 of 2 TIH")
     assert a.h2_heads == ()  # 17.1 has a negative margin and must not count
     assert a.contrast_heads == ("17.3", "18.6")
-    assert a.findings_per_seed == (2, 1, 1, 1, 0) and a.n_headline_findings == 1  # seed 0: both units
+    assert a.findings_per_seed == (2, 1, 1, 1, 0) and a.n_headline_matching == 1  # seed 0: both units
+    assert a.matching_per_seed == a.findings_per_seed and a.n_headline_gated == 0
     # shares over TIH contrasts (2.0 each), both TIH and all 5 seeds: findings 0.2 / 2.0 in 17.3 (the
     # headline unit is tested there) and 0 in 18.6 -> mean 0.05; error 1.0 / 2.0 = 0.5; b_dec 0.1
     assert a.share_findings == pytest.approx(0.05)
@@ -89,6 +90,12 @@ def test_aggregate_and_answers_on_hand_made_seeds():
                           [head(17, 3), head(18, 6)]) for s in range(5)]
     fs2 = aggregate(seeds2, {}, 4, {})
     assert answers(seeds2, fs2, tih, ["synonym"], {}, 4, 0.05)[0].h1 == "yes"
+    # ... but not when its finding in 18.6 is a gated query: gated findings do not count for H1/H2
+    seeds3 = [seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0,
+                                                  q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
+              for s in range(5)]
+    a3 = answers(seeds3, aggregate(seeds3, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
+    assert (a3.h1, a3.gated_heads, a3.n_headline_gated) == ("no", ("18.6",), 1)
 
 
 def test_sign_flip_pvalues_null_and_effect():

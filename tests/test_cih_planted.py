@@ -157,7 +157,7 @@ def test_logprob_check_edits_the_planted_head_at_b_and_matches_the_analytic_remo
 
     setup = planted_setup("matching")
     prompts = planted_prompts("matching")
-    f = Finding("matching", "", 0, B, XA, "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0,
+    f = Finding("matching", "", 0, B, XA, "0.0", "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0,
                 "", "")
     e = logprob_effects(setup, CFG, f, prompts)
     test = [p for p in prompts if p.half == 1 and p.role == "concept"]

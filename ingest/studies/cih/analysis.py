@@ -9,7 +9,8 @@ one seed when, on the test half (held-out pairs and held-out templates):
   that only pushes attention away from A is not induction);
 - the head's own conceptual-minus-control contrast has BH q < fdr and a positive mean.
 So a head with a negative or non-significant margin of its own never counts, whatever its
-channels do. The headline keeps the findings that pass in at least `min_pass` seeds.
+channels do. The headline keeps the findings that pass in at least `min_pass` seeds, and H1/H2
+count only "matching" findings (the query feature also fires at B without A).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def seed_findings(tests: list[UnitTest], heads: list[HeadStat], fdr: float, gate
     out = []
     for (rel, layer, fq, fk), hits in sorted(by.items()):
         best, bh = max(hits, key=lambda th: th[0].share)
-        out.append(SeedFinding(rel, layer, fq, fk, tuple(sorted(t.head for t, _ in hits)),
+        out.append(SeedFinding(rel, layer, fq, fk, tuple(sorted(t.head for t, _ in hits)), best.head,
                                gating_label(best.q_act, best.q_act_control, gate_ratio), best.share,
                                min(t.q for t, _ in hits), best.attn_drop, best.attn_drop_random,
                                bh.attn_x - bh.attn_x_no_error))
@@ -182,10 +183,11 @@ def aggregate(seeds: list[SeedResult], kinds: dict, min_pass: int, labels: dict)
                 head_count[h] += 1
         heads = sorted(head_count, key=lambda h: (-head_count[h], h))
         kinds_seen = [f.kind for f in fs]
+        bests = [f.best_head for f in fs]
         lo, hi = wilson(len(fs), n)
         out.append(Finding(
             rel, kinds.get(rel, ""), layer, fq, fk, ",".join(f"{layer}.{h}" for h in heads),
-            max(set(kinds_seen), key=kinds_seen.count), len(fs), n, len(fs) / n, lo, hi, len(fs) >= min_pass,
+            f"{layer}.{max(sorted(set(bests)), key=bests.count)}", max(sorted(set(kinds_seen)), key=kinds_seen.count), len(fs), n, len(fs) / n, lo, hi, len(fs) >= min_pass,
             statistics.mean(f.share for f in fs), statistics.median(f.q_value for f in fs),
             statistics.mean(f.attn_drop for f in fs), statistics.mean(f.attn_drop_random for f in fs),
             statistics.mean(f.attn_drop_error for f in fs), labels.get((layer, fq), ""), labels.get((layer, fk), "")))
@@ -194,44 +196,52 @@ def aggregate(seeds: list[SeedResult], kinds: dict, min_pass: int, labels: dict)
 
 def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str], relations, kinds: dict,
             min_pass: int, fdr: float) -> list[Answer]:
-    """H1: every token induction head of the studied layers carries a headline finding of the
-    relation (and so has a significant contrast of its own). H2: heads outside the TIH set that do.
-    Counts are per seed; 'holds' means in at least min_pass seeds."""
+    """H1: every token induction head of the studied layers carries a "matching" finding of the
+    relation in at least min_pass seeds (so it also has a significant contrast of its own). H2:
+    heads outside the TIH set that do. "gated query" findings are reported but do not count: the
+    A -> B match they show happens upstream, in what switches the query feature on."""
     out = []
     for rel in relations:
-        carried = defaultdict(int)  # head -> seeds in which it carries a finding
+        carried = {"matching": defaultdict(int), "gated query": defaultdict(int)}
         sig = defaultdict(int)
-        per_seed = []
-        shares = defaultdict(list)
+        per_seed, per_seed_m = [], []
         for s in seeds:
             fs = [f for f in s.findings if f.relation == rel]
             per_seed.append(len(fs))
-            for h in {f"{f.layer}.{h}" for f in fs for h in f.heads}:
-                carried[h] += 1
+            per_seed_m.append(sum(f.kind == "matching" for f in fs))
+            for kind in carried:
+                for h in {f"{f.layer}.{h}" for f in fs if f.kind == kind for h in f.heads}:
+                    carried[kind][h] += 1
             for h in s.heads:
                 if h.relation == rel and h.q < fdr and h.contrast > 0:
                     sig[f"{h.layer}.{h.head}"] += 1
         headline = [f for f in findings if f.relation == rel and f.headline]
-        # shares of the TIH contrast: headline findings together, error and b_dec terms
+        # shares of the contrast of TIH whose own contrast is significant: headline findings
+        # together (both kinds), error and b_dec terms
+        shares = defaultdict(list)
         for s in seeds:
             tests = {(t.layer, t.feat_q, t.feat_k, t.head): t for t in s.tests if t.relation == rel}
             for h in s.heads:
-                if h.relation != rel or f"{h.layer}.{h.head}" not in tih_here or h.contrast <= 0:
+                if (h.relation != rel or f"{h.layer}.{h.head}" not in tih_here or h.contrast <= 0 or h.q >= fdr):
                     continue
                 tot = sum(tests[(f.layer, f.feat_q, f.feat_k, h.head)].contrast for f in headline
-                          if f.layer == h.layer and (f.layer, f.feat_q, f.feat_k, h.head) in tests)
+                          if (f.layer, f.feat_q, f.feat_k, h.head) in tests)
                 shares["findings"].append(tot / h.contrast)
                 shares["err"].append(h.err / h.contrast)
                 shares["bdec"].append(h.bdec / h.contrast)
-        holding = sorted(h for h, n in carried.items() if n >= min_pass)
+        holding = sorted(h for h, n in carried["matching"].items() if n >= min_pass)
+        gated = sorted(h for h, n in carried["gated query"].items() if n >= min_pass and h not in holding)
         with_head = [h for h in tih_here if h in holding]
         if not tih_here:
             h1, detail = "not applicable", "no token induction head in the studied layers"
         else:
             h1 = "yes" if len(with_head) == len(tih_here) else "no"
-            detail = f"{len(with_head)} of {len(tih_here)} TIH carry a finding in >= {min_pass} of {len(seeds)} seeds"
+            detail = (f"{len(with_head)} of {len(tih_here)} TIH carry a matching finding in >= {min_pass} of "
+                      f"{len(seeds)} seeds")
         mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
         out.append(Answer(rel, kinds.get(rel, ""), h1, detail, tuple(h for h in holding if h not in tih_here),
-                          tuple(sorted(h for h, n in sig.items() if n >= min_pass)), len(headline), tuple(per_seed),
-                          mean(shares["findings"]), mean(shares["err"]), mean(shares["bdec"])))
+                          tuple(gated), tuple(sorted(h for h, n in sig.items() if n >= min_pass)),
+                          sum(f.kind == "matching" for f in headline), sum(f.kind == "gated query" for f in headline),
+                          tuple(per_seed), tuple(per_seed_m), mean(shares["findings"]), mean(shares["err"]),
+                          mean(shares["bdec"])))
     return out

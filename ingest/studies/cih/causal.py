@@ -48,7 +48,7 @@ def logprob_effects(setup, cfg, finding, prompts) -> LogProbEffect:
     """`finding`: an aggregated Finding; `prompts`: the relation's prompts of one seed."""
     from .study import batches, measure_batch
 
-    layer, head = finding.layer, int(finding.heads.split(",")[0].split(".")[1])
+    layer, head = finding.layer, int(finding.best_head.split(".")[1])
     key = torch.tensor([finding.feat_q * setup.saes[layer].cfg.d_sae + finding.feat_k])
     gen = torch.Generator().manual_seed(0)
     base, d_ch, d_err = [], [], []

@@ -118,14 +118,19 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           f"of {n_seeds} seeds. H2: heads outside the TIH set that do. A head counts only when its own held-out "
           "conceptual-minus-control contrast is significant and positive (BH q < "
           f"{fdr}).", "",
-          "| relation | kind | H1 | H2: non-TIH heads | heads with a significant own contrast (>= min seeds) | "
-          "headline findings | findings per seed | share of TIH contrast: findings / SAE error / b_dec |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| relation | kind | H1 (matching findings) | H2: non-TIH heads (matching) | heads with gated-query findings "
+          "only | heads with a significant own contrast (>= min seeds) | headline findings: matching / gated | "
+          "findings per seed (matching) | share of TIH contrast: findings / SAE error / b_dec |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
         L.append(f"| {a.relation} | {a.relation_kind} | {a.h1} ({a.h1_detail}) | {', '.join(a.h2_heads) or 'none'} | "
-                 f"{', '.join(a.contrast_heads) or 'none'} | {a.n_headline_findings} | "
-                 f"{', '.join(map(str, a.findings_per_seed))} | {_fmt(a.share_findings)} / {_fmt(a.share_err)} / "
-                 f"{_fmt(a.share_bdec)} |")
+                 f"{', '.join(a.gated_heads) or 'none'} | {', '.join(a.contrast_heads) or 'none'} | "
+                 f"{a.n_headline_matching} / {a.n_headline_gated} | "
+                 f"{', '.join(f'{n} ({m})' for n, m in zip(a.findings_per_seed, a.matching_per_seed))} | "
+                 f"{_fmt(a.share_findings)} / {_fmt(a.share_err)} / {_fmt(a.share_bdec)} |")
+    L += ["", "Shares are over the TIH whose own contrast is significant and positive (mean over those heads and "
+          "the seeds); 'findings' sums the headline findings of both kinds; the rest of the contrast is in "
+          "feature x feature channels that no single test resolves.", ""]
     L += ["", "## Head contrasts (held-out pairs and templates)", "",
           "contrast = mean over test pairs of margin(conceptual) - margin(control); margin = score on X minus the mean "
           "score on the other causal keys. It splits exactly into feature x feature (ff), b_dec, SAE-error and bias "
@@ -161,21 +166,21 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
     if not findings:
         L += ["**No unit passes the criterion in any seed for any relation.**", ""]
     else:
-        L += ["| relation | layer | feat_q -> feat_k | labels (q -> k) | heads | kind | seeds passed [95% CI] | "
+        L += ["| relation | layer | feat_q -> feat_k | labels (q -> k) | heads (best) | kind | seeds passed [95% CI] | "
               "headline | share | q | attn drop | random channels | SAE error |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in findings:
             L.append(f"| {f.relation} | {f.layer} | {f.feat_q} -> {f.feat_k}{' (self)' if f.feat_q == f.feat_k else ''} | "
-                     f"{f.label_q} -> {f.label_k} | {f.heads} | {f.kind} | {f.n_pass}/{f.n_seeds} "
+                     f"{f.label_q} -> {f.label_k} | {f.heads} ({f.best_head}) | {f.kind} | {f.n_pass}/{f.n_seeds} "
                      f"[{f.pass_ci_lo:.2f}, {f.pass_ci_hi:.2f}] | {'yes' if f.headline else ''} | {f.share:.3f} | "
                      f"{f.q_value:.2g} | {f.attn_drop:.4f} | {f.attn_drop_random:.4f} | {f.attn_drop_error:.4f} |")
         L += ["", "Gating and the key side on its own (test half, mean over the seeds in which the finding "
-              "passed): feat_q's activation at B with and without A, feat_k's activation at X with and without A, "
+              "passed, in the best head): feat_q's activation at B with and without A, feat_k's activation at X with and without A, "
               "and the fraction of other positions where feat_k fires.", "",
               "| relation | layer | feat_q -> feat_k | q act at B | ... on control | k act at X | ... on control | "
               "k fires elsewhere |", "|---|---|---|---|---|---|---|---|"]
         for f in findings:
             ts = [t for s in seeds for t in s.tests if (t.relation, t.layer, t.feat_q, t.feat_k) ==
-                  (f.relation, f.layer, f.feat_q, f.feat_k) and t.head == int(f.heads.split(",")[0].split(".")[1])]
+                  (f.relation, f.layer, f.feat_q, f.feat_k) and f"{t.layer}.{t.head}" == f.best_head]
             if ts:
                 m = lambda a: statistics.mean(getattr(t, a) for t in ts)  # noqa: E731
                 L.append(f"| {f.relation} | {f.layer} | {f.feat_q} -> {f.feat_k} | {m('q_act'):.2f} | {m('q_act_control'):.2f} | "
@@ -198,7 +203,7 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
     if pl:
         a = pl[0]
         L.append(f"- Placebo findings per seed: {', '.join(map(str, a.findings_per_seed))}; headline findings: "
-                 f"{a.n_headline_findings}; heads with a significant own contrast in >= {min_pass} seeds: "
+                 f"{a.n_headline_matching + a.n_headline_gated}; heads with a significant own contrast in >= {min_pass} seeds: "
                  f"{', '.join(a.contrast_heads) or 'none'}.")
     L += ["", "![placebo and p-values](placebo.png)", ""]
     L += ["## Relations and prompts", "",
@@ -240,13 +245,14 @@ def _headline_line(a, findings, seeds, min_pass, n_seeds, fdr) -> str:
     fs = [f for f in findings if f.relation == a.relation and f.headline]
     causal = ""
     if fs:
-        causal = (f"; removing them drops attention on X by {statistics.mean(f.attn_drop for f in fs):.4f} on average "
-                  f"(random channels of equal magnitude: {statistics.mean(f.attn_drop_random for f in fs):.4f}; "
-                  f"SAE error: {statistics.mean(f.attn_drop_error for f in fs):.4f})")
+        causal = (f" Removing one headline finding's channel drops attention on X by {statistics.mean(f.attn_drop for f in fs):.4f} "
+                  f"on average (random channels of equal magnitude: {statistics.mean(f.attn_drop_random for f in fs):.4f}; "
+                  f"the head's SAE-error terms: {statistics.mean(f.attn_drop_error for f in fs):.4f}).")
     return (f"- **{a.relation}** ({a.relation_kind}): H1 **{a.h1}** ({a.h1_detail}); H2: "
-            f"{', '.join(a.h2_heads) or 'none'}; {a.n_headline_findings} finding(s) hold in >= {min_pass}/{n_seeds} seeds"
-            f"{causal}. Share of the TIH contrast carried by these findings {_fmt(a.share_findings)}, by SAE-error "
-            f"terms {_fmt(a.share_err)}, by b_dec terms {_fmt(a.share_bdec)}.")
+            f"{', '.join(a.h2_heads) or 'none'}. Headline findings (>= {min_pass}/{n_seeds} seeds): "
+            f"{a.n_headline_matching} matching, {a.n_headline_gated} gated query."
+            f"{causal} Of the contrast of significant TIH, headline findings carry {_fmt(a.share_findings)}, "
+            f"SAE-error terms {_fmt(a.share_err)}, b_dec terms {_fmt(a.share_bdec)}.")
 
 
 def figures(out: Path, seeds, findings, relations, run_cfg) -> None:

@@ -72,6 +72,7 @@ class SeedFinding:
     feat_q: int
     feat_k: int
     heads: tuple[int, ...]
+    best_head: int  # the passing head where its share is largest
     kind: str  # "matching" or "gated query"
     share: float  # largest share among its passing heads
     q_value: float  # smallest q among its passing heads
@@ -102,7 +103,8 @@ class Finding:
     layer: int
     feat_q: int
     feat_k: int
-    heads: str  # "18.6,17.3"
+    heads: str  # "18.6,17.3": heads where it passes, most seeds first
+    best_head: str  # the head where its share is largest, most often over the passing seeds
     kind: str
     n_pass: int
     n_seeds: int
@@ -125,12 +127,15 @@ class Answer:
 
     relation: str
     relation_kind: str
-    h1: str  # "yes", "no" or "not applicable"
+    h1: str  # "yes", "no" or "not applicable"; counts "matching" findings only
     h1_detail: str
-    h2_heads: tuple[str, ...]  # non-TIH heads that carry a finding in >= min_pass seeds
+    h2_heads: tuple[str, ...]  # non-TIH heads that carry a matching finding in >= min_pass seeds
+    gated_heads: tuple[str, ...]  # heads that carry only "gated query" findings in >= min_pass seeds
     contrast_heads: tuple[str, ...]  # heads whose own contrast is significant in >= min_pass seeds
-    n_headline_findings: int
-    findings_per_seed: tuple[int, ...]
-    share_findings: float  # all headline findings together / head contrast, mean over TIH and seeds
-    share_err: float  # error terms / head contrast, same heads
+    n_headline_matching: int
+    n_headline_gated: int
+    findings_per_seed: tuple[int, ...]  # all kinds
+    matching_per_seed: tuple[int, ...]
+    share_findings: float  # all headline findings together / head contrast: mean over TIH with a
+    share_err: float  # significant positive contrast, and seeds; error terms / head contrast
     share_bdec: float
