@@ -173,6 +173,14 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
                      f"{f.label_q} -> {f.label_k} | {f.heads} ({f.best_head}) | {f.kind} | {f.n_pass}/{f.n_seeds} "
                      f"[{f.pass_ci_lo:.2f}, {f.pass_ci_hi:.2f}] | {'yes' if f.headline else ''} | {f.share:.3f} | "
                      f"{f.q_value:.2g} | {f.attn_drop:.4f} | {f.attn_drop_random:.4f} | {f.attn_drop_error:.4f} |")
+        for kind in ("matching", "gated query"):
+            fq = defaultdict(set)
+            for f in findings:
+                if f.kind == kind:
+                    fq[(f.layer, f.feat_q, f.label_q)].add(f.relation)
+            if fq:
+                L += ["", f"Query features of the {kind} findings: " + "; ".join(
+                    f"{l}:{q} {lab} ({', '.join(sorted(r))})" for (l, q, lab), r in sorted(fq.items())) + "."]
         L += ["", "Gating and the key side on its own (test half, mean over the seeds in which the finding "
               "passed, in the best head): feat_q's activation at B with and without A, feat_k's activation at X with and without A, "
               "and the fraction of other positions where feat_k fires.", "",
@@ -206,8 +214,16 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
                  f"{a.n_headline_matching + a.n_headline_gated}; heads with a significant own contrast in >= {min_pass} seeds: "
                  f"{', '.join(a.contrast_heads) or 'none'}.")
     L += ["", "![placebo and p-values](placebo.png)", ""]
+    v = lex.validation
     L += ["## Relations and prompts", "",
-          f"Pairs are validated by the model itself: {lex.validation}.", "",
+          f"Synonyms: pairs of lemmas of one WordNet noun or adjective synset, both common (Zipf >= {v.get('min_zipf')}) "
+          f"single tokens with no shared stem; {v.get('synonym_candidates')} candidates, of which "
+          f"{len(lex.relations.get('synonym', []))} pass the model's own check P(' B' | \"{v.get('synonym_prompt')}\") "
+          f">= {v.get('p_min')}. Translations (a hand list, English to French, German, Spanish): "
+          f"{v.get('translation_candidates')}; {len(lex.relations.get('translation', []))} pass P(' B' | "
+          f"\"{v.get('translation_prompt')}\") >= {v.get('p_min')}. Plural and capitalised pairs are orthographic "
+          "relations (B shares A's spelling), not conceptual ones; capitalised pairs exclude words whose capitalised "
+          "form is a WordNet proper noun or a common name. Identity (B = A) is the token-repeat positive control.", "",
           "| relation | kind | pairs available | pairs per seed (selection + test) |", "|---|---|---|---|"]
     for rel in relations:
         n = next((f"{a}+{b}" for r, a, b in seeds[0].n_pairs if r == rel), "")
