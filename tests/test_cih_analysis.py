@@ -19,9 +19,10 @@ def head(layer=17, h=3, contrast=2.0, q=0.001, tih=True, rel="synonym", err=1.0,
 
 
 def unit(layer=17, h=3, fq=10, fk=20, contrast=0.2, q=0.001, x_contrast=0.2, x_minus_a=0.3, rel="synonym",
-         q_act=2.0, q_act_control=1.8, head_contrast=2.0):
+         q_act=2.0, q_act_control=1.8, head_contrast=2.0, k_act_x=1.0, k_act_x_control=0.2):
     return UnitTest(rel, layer, fq, fk, h, True, 0.25, contrast, contrast - 0.1, contrast + 0.1, q, q, x_contrast,
-                    x_minus_a, 0.2, contrast / head_contrast, 30, 0.05, 0.005, q_act, q_act_control, 1.0, 0.2, 0.01)
+                    x_minus_a, 0.2, contrast / head_contrast, 30, 0.05, 0.005, q_act, q_act_control, k_act_x,
+                    k_act_x_control, 0.01)
 
 
 def test_passes_needs_every_part_of_the_criterion():
@@ -46,11 +47,15 @@ def test_a_head_with_a_negative_margin_never_counts():
 
 
 def test_gating_label():
-    assert gating_label(2.0, 1.8, 0.5) == "matching"
-    assert gating_label(2.0, 0.0, 0.5) == "gated query"
-    assert gating_label(2.0, 0.99, 0.5) == "gated query"  # 0.99 < 0.5 x 2.0
+    # query fires at B either way, key at X only after A: the pair matches
+    assert gating_label(2.0, 1.8, 0.5, 1.0, 0.2) == "matching"
+    assert gating_label(2.0, 0.0, 0.5, 1.0, 0.2) == "gated query"
+    assert gating_label(2.0, 0.99, 0.5, 1.0, 1.0) == "gated query"  # 0.99 < 0.5 x 2.0
+    assert gating_label(2.0, 1.8, 0.5, 1.0, 0.9) == "ungated"  # neither side depends on A
     found = seed_findings([unit(q_act=2.0, q_act_control=0.1)], [head()], 0.05, 0.5)
     assert found[0].kind == "gated query"
+    found = seed_findings([unit(q_act=2.0, q_act_control=1.9, k_act_x=1.0, k_act_x_control=0.95)], [head()], 0.05, 0.5)
+    assert found[0].kind == "ungated"
 
 
 def seed_result(seed, tests, heads):

@@ -139,10 +139,18 @@ def with_bh(items: list, attr: str = "q"):
     return [replace(it, **{attr: q}) for it, q in zip(items, qs)]
 
 
-def gating_label(q_act: float, q_act_control: float, gate_ratio: float) -> str:
-    """'gated query' when the query feature fires at B much less without A (the A->B match then
-    happens upstream, in what switches the query feature on); otherwise 'matching'."""
-    return "gated query" if q_act_control < gate_ratio * q_act else "matching"
+def gating_label(q_act: float, q_act_control: float, gate_ratio: float, k_act: float = 0.0,
+                 k_act_control: float = 0.0) -> str:
+    """'gated query' when the query feature fires at B much less without A (the A -> B match then
+    happens upstream, in what switches the query feature on); 'matching' when the query feature
+    fires at B either way and the key feature at X depends on A (fires much less after the control
+    word): the pair itself does the matching; 'ungated' when both features fire either way and the
+    contrast is only a change in their activation sizes."""
+    if q_act_control < gate_ratio * q_act:
+        return "gated query"
+    if k_act_control < gate_ratio * k_act:
+        return "matching"
+    return "ungated"
 
 
 def passes(t: UnitTest, h: HeadStat, fdr: float) -> bool:
@@ -162,7 +170,8 @@ def seed_findings(tests: list[UnitTest], heads: list[HeadStat], fdr: float, gate
     for (rel, layer, fq, fk), hits in sorted(by.items()):
         best, bh = max(hits, key=lambda th: th[0].share)
         out.append(SeedFinding(rel, layer, fq, fk, tuple(sorted(t.head for t, _ in hits)), best.head,
-                               gating_label(best.q_act, best.q_act_control, gate_ratio), best.share,
+                               gating_label(best.q_act, best.q_act_control, gate_ratio, best.k_act_x,
+                                            best.k_act_x_control), best.share,
                                min(t.q for t, _ in hits), best.attn_drop, best.attn_drop_random,
                                bh.attn_x - bh.attn_x_no_error))
     return out
@@ -198,11 +207,12 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
             min_pass: int, fdr: float) -> list[Answer]:
     """H1: every token induction head of the studied layers carries a "matching" finding of the
     relation in at least min_pass seeds (so it also has a significant contrast of its own). H2:
-    heads outside the TIH set that do. "gated query" findings are reported but do not count: the
-    A -> B match they show happens upstream, in what switches the query feature on."""
+    heads outside the TIH set that do. "gated query" findings are reported but do not count (the
+    A -> B match happens upstream, in what switches the query feature on), nor do "ungated" ones
+    (neither feature depends on A; only activation sizes do)."""
     out = []
     for rel in relations:
-        carried = {"matching": defaultdict(int), "gated query": defaultdict(int)}
+        carried = {"matching": defaultdict(int), "gated query": defaultdict(int), "ungated": defaultdict(int)}
         sig = defaultdict(int)
         per_seed, per_seed_m = [], []
         for s in seeds:
@@ -230,7 +240,8 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
                 shares["err"].append(h.err / h.contrast)
                 shares["bdec"].append(h.bdec / h.contrast)
         holding = sorted(h for h, n in carried["matching"].items() if n >= min_pass)
-        gated = sorted(h for h, n in carried["gated query"].items() if n >= min_pass and h not in holding)
+        gated = sorted(h for h, n in (carried["gated query"] | carried["ungated"]).items()
+                       if n >= min_pass and h not in holding)
         with_head = [h for h in tih_here if h in holding]
         if not tih_here:
             h1, detail = "not applicable", "no token induction head in the studied layers"
@@ -241,7 +252,7 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
         mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
         out.append(Answer(rel, kinds.get(rel, ""), h1, detail, tuple(h for h in holding if h not in tih_here),
                           tuple(gated), tuple(sorted(h for h, n in sig.items() if n >= min_pass)),
-                          sum(f.kind == "matching" for f in headline), sum(f.kind == "gated query" for f in headline),
+                          sum(f.kind == "matching" for f in headline), sum(f.kind != "matching" for f in headline),
                           tuple(per_seed), tuple(per_seed_m), mean(shares["findings"]), mean(shares["err"]),
                           mean(shares["bdec"])))
     return out

@@ -114,12 +114,12 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           f"{census.get('config', {}).get('tih_min', '?')} on repeats, < {census.get('config', {}).get('tih_control_max', '?')}"
           f" on the control): {', '.join(tih_here) or 'none'}.", ""]
     L += ["## Answers per relation", "",
-          f"H1: every TIH of layers {', '.join(map(str, run_cfg.layers))} carries a finding of the relation in >= {min_pass} "
+          f"H1: every TIH of layers {', '.join(map(str, run_cfg.layers))} carries a matching finding of the relation in >= {min_pass} "
           f"of {n_seeds} seeds. H2: heads outside the TIH set that do. A head counts only when its own held-out "
           "conceptual-minus-control contrast is significant and positive (BH q < "
           f"{fdr}).", "",
-          "| relation | kind | H1 (matching findings) | H2: non-TIH heads (matching) | heads with gated-query findings "
-          "only | heads with a significant own contrast (>= min seeds) | headline findings: matching / gated | "
+          "| relation | kind | H1 (matching findings) | H2: non-TIH heads (matching) | heads with gated-query or ungated "
+          "findings only | heads with a significant own contrast (>= min seeds) | headline findings: matching / gated | "
           "findings per seed (matching) | share of TIH contrast: findings / SAE error / b_dec |",
           "|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
@@ -162,7 +162,11 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           "contributions from the head's scores and re-applying the softmax; drop in attention on X (conceptual "
           "test prompts where the channel is present), against random channels of the same row with the same total "
           "magnitude, and against removing the SAE-error terms. kind: 'gated query' when feat_q's mean activation "
-          f"at B on the control is below {run_cfg.gate_ratio} x its activation on the conceptual prompt.", ""]
+          f"at B on the control is below {run_cfg.gate_ratio} x its activation on the conceptual prompt (the match "
+          "happened upstream); otherwise 'matching' when feat_k's activation at X on the control is below "
+          f"{run_cfg.gate_ratio} x its conceptual activation (the key depends on A, the query does not: the pair "
+          "matches), and 'ungated' when neither side depends on A (only activation sizes change). H1 and H2 count "
+          "matching findings only.", ""]
     if not findings:
         L += ["**No unit passes the criterion in any seed for any relation.**", ""]
     else:
@@ -173,7 +177,7 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
                      f"{f.label_q} -> {f.label_k} | {f.heads} ({f.best_head}) | {f.kind} | {f.n_pass}/{f.n_seeds} "
                      f"[{f.pass_ci_lo:.2f}, {f.pass_ci_hi:.2f}] | {'yes' if f.headline else ''} | {f.share:.3f} | "
                      f"{f.q_value:.2g} | {f.attn_drop:.4f} | {f.attn_drop_random:.4f} | {f.attn_drop_error:.4f} |")
-        for kind in ("matching", "gated query"):
+        for kind in ("matching", "gated query", "ungated"):
             fq = defaultdict(set)
             for f in findings:
                 if f.kind == kind:
@@ -266,7 +270,7 @@ def _headline_line(a, findings, seeds, min_pass, n_seeds, fdr) -> str:
                   f"the head's SAE-error terms: {statistics.mean(f.attn_drop_error for f in fs):.4f}).")
     return (f"- **{a.relation}** ({a.relation_kind}): H1 **{a.h1}** ({a.h1_detail}); H2: "
             f"{', '.join(a.h2_heads) or 'none'}. Headline findings (>= {min_pass}/{n_seeds} seeds): "
-            f"{a.n_headline_matching} matching, {a.n_headline_gated} gated query."
+            f"{a.n_headline_matching} matching, {a.n_headline_gated} gated query or ungated."
             f"{causal} Of the contrast of significant TIH, headline findings carry {_fmt(a.share_findings)}, "
             f"SAE-error terms {_fmt(a.share_err)}, b_dec terms {_fmt(a.share_bdec)}.")
 

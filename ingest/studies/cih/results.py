@@ -73,7 +73,7 @@ class SeedFinding:
     feat_k: int
     heads: tuple[int, ...]
     best_head: int  # the passing head where its share is largest
-    kind: str  # "matching" or "gated query"
+    kind: str  # "matching", "gated query" or "ungated" (analysis.gating_label)
     share: float  # largest share among its passing heads
     q_value: float  # smallest q among its passing heads
     attn_drop: float  # in the head with the largest share
@@ -130,10 +130,10 @@ class Answer:
     h1: str  # "yes", "no" or "not applicable"; counts "matching" findings only
     h1_detail: str
     h2_heads: tuple[str, ...]  # non-TIH heads that carry a matching finding in >= min_pass seeds
-    gated_heads: tuple[str, ...]  # heads that carry only "gated query" findings in >= min_pass seeds
+    gated_heads: tuple[str, ...]  # heads that carry only gated-query / ungated findings in >= min_pass seeds
     contrast_heads: tuple[str, ...]  # heads whose own contrast is significant in >= min_pass seeds
     n_headline_matching: int
-    n_headline_gated: int
+    n_headline_gated: int  # gated query or ungated
     findings_per_seed: tuple[int, ...]  # all kinds
     matching_per_seed: tuple[int, ...]
     share_findings: float  # all headline findings together / head contrast: mean over TIH with a

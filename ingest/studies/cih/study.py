@@ -227,7 +227,18 @@ def run(cfg: CIHConfig, progress: bool = True):
     return seeds, findings, ans
 
 
+def _rounded(x):
+    """Floats to 6 significant digits (cih.json stays small; no number in the report needs more)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def save_json(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.write_text(json.dumps(_rounded(doc), indent=0, default=str))
     tmp.rename(path)
