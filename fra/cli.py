@@ -149,7 +149,7 @@ def cmd_app(args):
 
 
 def cmd_report(args):
-    from fra.ingest.cih import CIHConfig, run
+    from fra.ingest.studies.cih import CIHConfig, run
 
     run(config_from_args(CIHConfig, args))
 
@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("census", "studies.census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
         ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
         ("merge", "index.merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
-        ("bench", "tools.bench", "BenchConfig", cmd_bench, "throughput of the ingest inner loop versus the naive reference"),
-        ("report", "cih", "CIHConfig", cmd_report, "reproducible studies; `fra report cih`"),
+        ("bench", "tools.bench", "BenchConfig", cmd_bench, "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path"),
+        ("report", "studies.cih.config", "CIHConfig", cmd_report,
+         "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)"),
     )
     for name, module, cls, func, text in staged:
         p = sub.add_parser(name, help=text)

@@ -1,0 +1,1 @@
+"""Reproducible studies built on the decomposition (`fra report <study>`)."""
