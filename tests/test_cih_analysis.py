@@ -101,6 +101,13 @@ def test_aggregate_and_answers_on_hand_made_seeds():
               for s in range(5)]
     a3 = answers(seeds3, aggregate(seeds3, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
     assert (a3.h1, a3.gated_heads, a3.n_headline_gated) == ("no", ("18.6",), 1)
+    # a head whose non-matching findings are gated in some seeds and ungated in others still counts
+    # its seeds together: gated in seeds 0-1, ungated in seeds 2-3 -> 4 of 5
+    seeds4 = [seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0 if s < 2 else 1.9, k_act_x_control=1.0,
+                                                  q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
+              for s in range(5)]
+    a4 = answers(seeds4, aggregate(seeds4, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
+    assert a4.gated_heads == ("18.6",)
 
 
 def test_sign_flip_pvalues_null_and_effect():

@@ -213,6 +213,7 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
     out = []
     for rel in relations:
         carried = {"matching": defaultdict(int), "gated query": defaultdict(int), "ungated": defaultdict(int)}
+        other = defaultdict(int)  # head -> seeds in which it carries a gated-query or ungated finding
         sig = defaultdict(int)
         per_seed, per_seed_m = [], []
         for s in seeds:
@@ -222,6 +223,8 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
             for kind in carried:
                 for h in {f"{f.layer}.{h}" for f in fs if f.kind == kind for h in f.heads}:
                     carried[kind][h] += 1
+            for h in {f"{f.layer}.{h}" for f in fs if f.kind != "matching" for h in f.heads}:
+                other[h] += 1
             for h in s.heads:
                 if h.relation == rel and h.q < fdr and h.contrast > 0:
                     sig[f"{h.layer}.{h.head}"] += 1
@@ -240,8 +243,7 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
                 shares["err"].append(h.err / h.contrast)
                 shares["bdec"].append(h.bdec / h.contrast)
         holding = sorted(h for h, n in carried["matching"].items() if n >= min_pass)
-        gated = sorted(h for h, n in (carried["gated query"] | carried["ungated"]).items()
-                       if n >= min_pass and h not in holding)
+        gated = sorted(h for h, n in other.items() if n >= min_pass and h not in holding)
         with_head = [h for h in tih_here if h in holding]
         if not tih_here:
             h1, detail = "not applicable", "no token induction head in the studied layers"

@@ -119,7 +119,7 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           "conceptual-minus-control contrast is significant and positive (BH q < "
           f"{fdr}).", "",
           "| relation | kind | H1 (matching findings) | H2: non-TIH heads (matching) | heads with gated-query or ungated "
-          "findings only | heads with a significant own contrast (>= min seeds) | headline findings: matching / gated | "
+          "findings only | heads with a significant own contrast (>= min seeds) | headline findings: matching / other | "
           "findings per seed (matching) | share of TIH contrast: findings / SAE error / b_dec |",
           "|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
