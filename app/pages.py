@@ -313,7 +313,9 @@ def page_channel() -> None:
         ui.show_table(ex, ["value", "sample", "q", "k", "token_k", "token_q", "context_k", "context_q", "induction", "open"],
                       f"examples_{layer}_{head}_{fq}_{fk}")
     off = ui.q("channel_offsets", layer, head, fq, fk)
-    if len(off):
+    if len(off) == 1:
+        st.caption(f"All {int(off['n'].iloc[0])} stored examples sit at offset q - k = {int(off['offset'].iloc[0])}.")
+    elif len(off):
         fig = go.Figure(go.Bar(x=off["offset"], y=off["mean"], customdata=off["n"],
                                hovertemplate="q - k = %{x}<br>mean %{y:.4g}<br>n = %{customdata}<extra></extra>"))
         fig.update_layout(title="The stored examples by offset q - k (value)", height=300, xaxis_title="q - k",
@@ -459,10 +461,12 @@ def page_cih() -> None:
             if isinstance(t, str):
                 st.markdown(md_text(t))
             else:
+                # report tables mix numbers and words in a column: show such columns as text
+                t = t.apply(lambda c: c.astype(str) if c.dtype == object else c)
                 st.dataframe(t, hide_index=True, width="stretch", column_config={
                     str(c): st.column_config.Column(str(c), help=HELP.get(str(c), f"{c} as the CIH report gives it "
                                                                               "(reports/cih/report.md explains it).")) for c in t.columns})
-    for fig in ("heads.png", "margins.png"):
+    for fig in ("heads.png", "causal.png", "placebo.png", "margins.png"):
         if (path.parent / fig).exists():
             st.image(str(path.parent / fig), caption=fig, width=640)
     ui.glossary("CIH")
