@@ -5,26 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ...config import opt
+
 
 @dataclass(frozen=True)
 class CIHConfig:
-    model: str = "smollm2-135m"
-    layers: tuple[int, ...] = (17, 18)
-    out: Path = Path("reports/cih")
-    relations: tuple[str, ...] = ("identity", "synonym", "translation", "plural", "capitalised", "placebo")
-    n_pairs: int = 100  # per relation and seed, split in halves: selection pairs / test pairs
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    n_select: int = 5  # units selected per head on the selection half, by conceptual-minus-control
-    n_perm: int = 20000  # sign-flip permutations (p-values resolve down to 1 / (n_perm + 1))
-    n_random_draws: int = 10  # random channel sets of matched magnitude per causal test
-    fdr: float = 0.05  # Benjamini-Hochberg, per relation and seed
-    min_pass: int = 4  # a headline finding holds in at least this many seeds
-    gate_ratio: float = 0.5  # query feature's mean activation at B, control / conceptual, below which: gated
-    min_pairs_relation: int = 20  # a relation with fewer validated pairs is skipped (and reported)
-    batch_size: int = 16
-    quick: bool = False  # 1 seed, 40 pairs, 10000 permutations: a smoke run of the whole pipeline
-    device: str = "cpu"
-    threads: int = 1  # torch intra-op threads; on a shared 2-core machine 2 threads ran 35x slower than 1
+    model: str = opt("smollm2-135m", "the model (a preset of fra.ingest.registry) whose shipped SAEs are studied")
+    layers: tuple[int, ...] = opt((17, 18), "layers whose SAEs and heads are studied")
+    out: Path = opt(Path("reports/cih"), "directory for report.md, cih.json and the figures")
+    relations: tuple[str, ...] = opt(("identity", "synonym", "translation", "plural", "capitalised", "placebo"),
+                                     "relations between A and B to test (identity is the positive control, placebo the negative one)")
+    n_pairs: int = opt(100, "word pairs per relation and seed, split in halves: selection pairs and test pairs")
+    seeds: tuple[int, ...] = opt((0, 1, 2, 3, 4), "seeds; each draws its own pairs, templates split and controls")
+    n_select: int = opt(5, "units selected per head on the selection half, by conceptual-minus-control contrast")
+    n_perm: int = opt(20000, "sign-flip permutations per test (p-values resolve down to 1 / (n_perm + 1))")
+    n_random_draws: int = opt(10, "random channel sets of matched magnitude per causal test")
+    fdr: float = opt(0.05, "Benjamini-Hochberg false discovery rate, per relation and seed")
+    min_pass: int = opt(4, "a headline finding must hold in at least this many seeds")
+    gate_ratio: float = opt(0.5, "a finding is 'gated query' when its query feature's activation at B on the control "
+                                 "is below this fraction of the conceptual one")
+    min_pairs_relation: int = opt(20, "a relation with fewer model-validated pairs is skipped (and reported)")
+    batch_size: int = opt(16, "prompts per forward pass")
+    quick: bool = opt(False, "1 seed, 40 pairs, 10000 permutations: a smoke run of the whole pipeline in minutes")
+    device: str = opt("cpu", "torch device")
+    threads: int = opt(1, "torch intra-op threads (on a shared 2-core machine 2 threads ran 35x slower than 1)")
 
     def __post_init__(self):
         if self.n_pairs < 8:
