@@ -427,21 +427,22 @@ class Decomposer:
         self.model, self.layer, self.sae, self.dtype = model, layer, sae, dtype
         self.proj = build_projector(model, layer, sae, dtype)
 
+    def _forward(self, tokens: Tensor) -> tuple[Tensor, HookActivations, Tensor]:
+        """Checked tokens [B, T], the hook values, and the SAE's activations."""
+        tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
+        validate_tokens(self.model, tokens_BT)
+        hooks = run_hooks(self.model, self.layer, self.sae.cfg.metadata.hook_name, tokens_BT)
+        return tokens_BT, hooks, self.sae.encode(hooks.x_BTD.to(self.sae.W_dec.dtype))
+
     @torch.no_grad()
     def encode(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> SparseActs:
         """Only the active features (no projections), for passes that need no FA value."""
-        tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
-        validate_tokens(self.model, tokens_BT)
-        x_BTD = run_hooks(self.model, self.layer, self.sae.cfg.metadata.hook_name, tokens_BT).x_BTD
-        return sparsify(self.sae.encode(x_BTD.to(self.sae.W_dec.dtype)))
+        return sparsify(self._forward(tokens)[2])
 
     @torch.no_grad()
     def prepare(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> Prepared:
-        tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
-        validate_tokens(self.model, tokens_BT)
+        tokens_BT, hooks, acts_BTF = self._forward(tokens)
         sae = self.sae
-        hooks = run_hooks(self.model, self.layer, sae.cfg.metadata.hook_name, tokens_BT)
-        acts_BTF = sae.encode(hooks.x_BTD.to(sae.W_dec.dtype))
         sparse, q, k, err_BTD = project_tokens(
             self.proj, hooks.x_BTD, acts_BTF, sae.W_dec.detach(), sae.b_dec.detach(), hooks.norm_scale_BT
         )

@@ -51,9 +51,13 @@ class Cooccurrence:
     local_TA: Tensor  # slot -> index into feats_U (U for dead slots)
     count_UU: Tensor  # int64: causal (q, k) pairs with feats_U[u] active at q and feats_U[w] at k
 
-    def channel_keys(self, d_sae: int) -> tuple[Tensor, Tensor]:
+    def present(self) -> tuple[Tensor, Tensor]:
+        """(u, w): the local index pairs that co-occur, in ascending (u, w) order."""
+        return torch.nonzero(self.count_UU, as_tuple=True)
+
+    def channel_keys(self, d_sae: int, present: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(keys, counts) of the channels present: key = feat_q * d_sae + feat_k, ascending."""
-        u, w = torch.nonzero(self.count_UU, as_tuple=True)
+        u, w = present if present is not None else self.present()
         return self.feats_U[u] * d_sae + self.feats_U[w], self.count_UU[u, w]
 
 
@@ -100,8 +104,8 @@ def _slot_table(co: Cooccurrence, d_sae: int, kept_keys: Tensor | None) -> tuple
     """A [(U+1)^2] table local pair -> slot (S = trash), and the global key of each slot."""
     U = co.feats_U.shape[0]
     U1 = U + 1
-    keys, _ = co.channel_keys(d_sae)
-    u, w = torch.nonzero(co.count_UU, as_tuple=True)
+    u, w = co.present()
+    keys, _ = co.channel_keys(d_sae, (u, w))
     if kept_keys is not None:
         kept_keys = kept_keys.contiguous()
         pos = torch.searchsorted(kept_keys, keys).clamp(max=max(len(kept_keys) - 1, 0))
