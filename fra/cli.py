@@ -72,8 +72,13 @@ def cmd_train_sae(args):
     from fra.ingest.sae.train import SAETrainConfig, run
 
     metrics = run(config_from_args(SAETrainConfig, args))
-    for layer, m in metrics["layers"].items():
-        print(f"layer {layer}: train FVE {m['final_train_fve']:.3f}, {m['train_seconds']:.0f} s")
+    last = metrics["curve"][-1]
+    state = "finished" if metrics["finished"] else "stopped early; continue with --resume"
+    print(f"{metrics['tokens_per_layer']:,} tokens per layer in {metrics['seconds']:.0f} s ({state})")
+    for name, m in last["sae"].items():
+        share = "n/a" if m["tih_ff_share"] is None else f"{m['tih_ff_share']:.1%}"
+        print(f"  {name}: held-out FVE {m['fve']:.3f}, QK VE q {m['qk_ve_q']:.3f} k {m['qk_ve_k']:.3f}, "
+              f"TIH feature share {share}, dead {m['dead_fraction']:.2%}")
 
 
 def cmd_eval_sae(args):
