@@ -2,8 +2,11 @@
 
 Measures, per layer: L0, fraction of variance explained, dead latents over the evaluated
 tokens, the loss increase (nats) and KL divergence when the reconstruction is spliced in at the
-hook, compared with zero-ablating the hook. Position 0 (the attention sink) is left out of every
-measure and left unchanged in the splices, as in training.
+hook, compared with zero-ablating the hook; and what attention sees (`metrics.py`): the
+variance of every head's query and key vectors that the reconstruction keeps, and the share of
+the token induction heads' margins carried by feature x feature terms on random repeats.
+Position 0 (the attention sink) is left out of every measure and left unchanged in the splices,
+as in training.
 
 Labels: for each feature, the most common tokens among its top activations and the most
 common preceding token, e.g. `"the" / "The" (prev: "of")`.
@@ -16,26 +19,35 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import opt
 from ..corpus import padded_batches
 from ..registry import SAE_DIR, FeatureLabel, shipped_hook as hook_name
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    corpus: Path = Path("data/corpus.parquet")
-    model: str = "smollm2-135m"
-    layers: tuple[int, ...] = (17, 18)
-    n_samples: int = 400  # held-out samples for loss, KL, FVE and L0
-    n_dead_tokens: int = 1_000_000  # held-out tokens scanned for dead latents and labels
-    batch_size: int = 16
-    top_n: int = 12  # top activations kept per feature
-    seed: int = 0
-    device: str = "cpu"
-    out: Path = SAE_DIR / "smollm2-135m" / "eval_metrics.json"
+    corpus: Path = opt(Path("data/corpus.parquet"), "corpus built by `fra corpus build`; its heldout split is used")
+    model: str = opt("smollm2-135m", "model name (only the default model is supported here)")
+    layers: tuple[int, ...] = opt((17, 18), "layers whose SAEs are evaluated")
+    sae_dir: Path = opt(SAE_DIR / "smollm2-135m", "directory holding one sae-lens directory per hook")
+    n_samples: int = opt(400, "held-out samples for loss, KL, variance explained, QK variance explained and L0")
+    n_dead_tokens: int = opt(1_000_000, "held-out tokens scanned for dead latents and labels")
+    scan_precision: str = opt("bf16", "matmuls of the feature scan's forward passes: bf16 (faster) or fp32")
+    batch_size: int = opt(16, "samples per forward pass")
+    top_n: int = opt(12, "top activations kept per feature (labels and contexts)")
+    tih_seqs: int = opt(32, "random-repeat sequences for the TIH feature share (seed 1; the census used seed 0)")
+    seed: int = opt(0, "seed of the held-out sample order")
+    device: str = opt("cpu", "torch device")
+    out: Path | None = opt(None, "metrics JSON (default: SAE_DIR/eval_metrics.json); features.parquet and "
+                           "features_sample.md go next to it")
 
     def __post_init__(self):
         if self.n_samples <= 0 or self.n_dead_tokens <= 0:
             raise ValueError("n_samples and n_dead_tokens must be positive")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out) if self.out else Path(self.sae_dir) / "eval_metrics.json"
 
 
 def splice_metrics(model, sae, layer, token_lists, batch_size, device):
@@ -46,7 +58,7 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
 
     name = hook_name(layer)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
-    stats = {"sse": 0.0, "sum_x": 0.0, "sum_x2": 0.0, "l0": 0.0, "n": 0}
+    stats = {"sse": 0.0, "sum_x": 0.0, "sum_x2": 0.0, "l0": 0.0, "n": 0, "x": [], "recon": []}
     n_tok = 0
     for _, toks, mask in padded_batches(token_lists, batch_size):
         toks, mask = toks.to(device), mask.to(device)
@@ -69,6 +81,8 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
             stats["sum_x2"] += xs.double().pow(2).sum().item()
             stats["l0"] += (acts > 0).sum().item()
             stats["n"] += xs.shape[0]
+            stats["x"].append(xs)
+            stats["recon"].append(recon)
             return x
 
         with torch.no_grad():
@@ -86,7 +100,11 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
             kl = F.kl_div(logp[key][:, :-1], logp["clean"][:, :-1], log_target=True, reduction="none").sum(-1)
             sums[f"kl_{key}"] += kl[valid].sum().item()
         n_tok += int(valid.sum())
+    from .metrics import attention_maps, qk_variance_explained
+
+    qk = qk_variance_explained(attention_maps(model, layer), torch.cat(stats["x"]), torch.cat(stats["recon"]))
     return {
+        "qk_ve": qk,
         "loss_clean": sums["clean"] / n_tok,
         "loss_spliced": sums["spliced"] / n_tok,
         "loss_zero_ablated": sums["zero"] / n_tok,
@@ -101,30 +119,31 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
     }
 
 
-def feature_scan(model, saes: dict, token_lists, batch_size, n_tokens, top_n, device, tokenizer):
+def feature_scan(model, saes: dict, token_lists, batch_size, n_tokens, top_n, device, precision="fp32"):
     """Firing counts, activation sums and top-`top_n` contexts of every feature, per layer."""
     import torch
     from tqdm import tqdm
 
+    from .train import ActivationStream
+
     layers = sorted(saes)
-    names = [hook_name(l) for l in layers]
     d_sae = {l: saes[l].cfg.d_sae for l in layers}
     count = {l: torch.zeros(d_sae[l], dtype=torch.long) for l in layers}
     act_sum = {l: torch.zeros(d_sae[l], dtype=torch.float64) for l in layers}
     top_val = {l: torch.full((d_sae[l], top_n), -1.0) for l in layers}
     top_loc = {l: torch.zeros((d_sae[l], top_n), dtype=torch.long) for l in layers}
     seen = 0
+    stream = ActivationStream(model, layers, precision, device)
     bar = tqdm(total=n_tokens, desc="feature scan", unit="tok")
     for start, toks, mask in padded_batches(token_lists, batch_size):
+        x = stream(toks, mask)
         mask[:, 0] = False
-        with torch.no_grad():
-            _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in names,
-                                            stop_at_layer=max(layers) + 1)
         B, T = toks.shape
         loc = (torch.arange(B)[:, None] + start) * 4096 + torch.arange(T)[None]  # sample*4096+pos
         loc = loc[mask]
-        for l, n in zip(layers, names):
-            acts = saes[l].encode(cache[n][mask.to(device)]).cpu()
+        for l in layers:
+            with torch.no_grad():
+                acts = saes[l].encode(x[l].to(device)).cpu()
             count[l] += (acts > 0).sum(0)
             act_sum[l] += acts.sum(0).double()
             v, i = acts.T.topk(min(top_n, acts.shape[0]), dim=-1)  # per feature, this batch
@@ -192,7 +211,8 @@ def run(cfg: EvalConfig) -> dict:
     import pyarrow.parquet as pq
 
     from ..corpus import read_corpus, tokenize_samples
-    from ..registry import load_shipped_sae, load_smollm2
+    from ..registry import SAESource, load_smollm2
+    from .metrics import tih_feature_share, tih_heads
 
     lm = load_smollm2(device=cfg.device)
     table = read_corpus(cfg.corpus, split="heldout")
@@ -201,22 +221,25 @@ def run(cfg: EvalConfig) -> dict:
     texts = [table["text"][i].as_py() for i in idx]
     n_scan = min(len(texts), cfg.n_dead_tokens // 60 + 64)
     tokens = tokenize_samples(texts[:n_scan], lm.tokenizer, lm.bos_id, 128)
-    saes = {l: load_shipped_sae(cfg.model, l, cfg.device) for l in cfg.layers}
+    saes = {l: SAESource(path=Path(cfg.sae_dir)).load(l, cfg.device)[0] for l in cfg.layers}
     metrics = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "layers": {}}
-    scan = feature_scan(lm.model, saes, tokens, 32, cfg.n_dead_tokens, cfg.top_n, cfg.device, lm.tokenizer)
+    scan = feature_scan(lm.model, saes, tokens, 32, cfg.n_dead_tokens, cfg.top_n, cfg.device, cfg.scan_precision)
     feature_rows = []
     for l in cfg.layers:
         m = splice_metrics(lm.model, saes[l], l, tokens[: cfg.n_samples], cfg.batch_size, cfg.device)
         dead = int((scan["count"][l] == 0).sum())
         m.update({"dead": dead, "dead_fraction": dead / saes[l].cfg.d_sae,
                   "dead_scan_tokens": scan["n_tokens"], "d_sae": saes[l].cfg.d_sae, "k": saes[l].cfg.k})
+        heads = tih_heads(l)
+        if heads:
+            m["tih"] = tih_feature_share(lm.model, l, saes[l], heads, lm.bos_id, n_seqs=cfg.tih_seqs)
         metrics["layers"][str(l)] = m
         feature_rows += feature_table(scan, l, tokens, lm.tokenizer)
-    out_dir = Path(cfg.out).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(feature_rows), out_dir / "features.parquet", compression="zstd")
-    Path(cfg.out).write_text(json.dumps(metrics, indent=1))
-    (out_dir / "features_sample.md").write_text(feature_sample_table(feature_rows, 20, cfg.seed))
+    out = cfg.out_path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(feature_rows), out.parent / "features.parquet", compression="zstd")
+    out.write_text(json.dumps(metrics, indent=1))
+    (out.parent / "features_sample.md").write_text(feature_sample_table(feature_rows, 20, cfg.seed))
     return metrics
 
 

@@ -125,12 +125,12 @@ class SAETrainConfig:
         return base / hook_name(layer)
 
 
-def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int):
+def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int, model_name: str = "smollm2-135m"):
     from sae_lens import TopKSAE, TopKSAEConfig
 
     cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
     cfg.metadata.hook_name = hook_name(layer)
-    cfg.metadata.model_name = "smollm2-135m"
+    cfg.metadata.model_name = model_name
     cfg.metadata.hook_head_index = None
     cfg.metadata.context_size = 128
     cfg.metadata.prepend_bos = True
@@ -140,10 +140,12 @@ def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int):
 class TopKTrainer:
     """One TopK SAE under training: parameters, Adam state, dead-latent clock, schedule."""
 
-    def __init__(self, variant: Variant, layer: int, cfg: SAETrainConfig, sample_ND, qk_DM, total_steps: int):
+    def __init__(self, variant: Variant, layer: int, cfg: SAETrainConfig, sample_ND, qk_DM, total_steps: int,
+                 model_name: str = "smollm2-135m"):
         import torch
 
         self.variant, self.layer, self.cfg, self.total_steps = variant, layer, cfg, total_steps
+        self.model_name = model_name
         g = torch.Generator().manual_seed(cfg.seed * 1000 + layer)
         d = sample_ND.shape[1]
         W_dec = torch.randn(variant.d_sae, d, generator=g)
@@ -235,7 +237,7 @@ class TopKTrainer:
     def to_sae(self):
         import torch
 
-        sae = make_topk_sae(self.params["W_dec"].shape[1], self.variant.d_sae, self.variant.k, self.layer)
+        sae = make_topk_sae(self.params["W_dec"].shape[1], self.variant.d_sae, self.variant.k, self.layer, self.model_name)
         with torch.no_grad():
             for name, v in self.params.items():
                 getattr(sae, name).copy_(v.detach())
@@ -351,7 +353,8 @@ def _chunks(cfg: SAETrainConfig, tokenizer, bos_id: int, start_chunk: int):
         yield c, sorted(toks, key=len)
 
 
-def heldout_activations(model, layers, tokenizer, bos_id, corpus, n_tokens: int, precision: str, device: str, seed: int = 0):
+def heldout_activations(model, layers, tokenizer, bos_id, corpus, n_tokens: int, precision: str, device: str,
+                        max_tokens: int = 128, seed: int = 0):
     """[n_tokens, d] SAE inputs per layer from the held-out split (fixed order), for the curve."""
     import random
 
@@ -362,7 +365,7 @@ def heldout_activations(model, layers, tokenizer, bos_id, corpus, n_tokens: int,
     table = read_corpus(corpus, split="heldout")
     idx = list(range(table.num_rows))
     random.Random(seed).shuffle(idx)
-    toks = tokenize_samples([table["text"][i].as_py() for i in idx[: n_tokens // 40 + 16]], tokenizer, bos_id, 128)
+    toks = tokenize_samples([table["text"][i].as_py() for i in idx[: n_tokens // 40 + 16]], tokenizer, bos_id, max_tokens)
     stream = ActivationStream(model, layers, precision, device)
     out = {l: [] for l in layers}
     got = 0
@@ -459,16 +462,18 @@ def run(cfg: SAETrainConfig, lm=None) -> dict:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove it to start over")
 
     maps = {l: attention_maps(model, l) for l in layers}
-    heldout = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "fp32", cfg.device)
+    heldout = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "fp32", cfg.device,
+                                  cfg.max_tokens)
     precision_check = {}
     if cfg.precision == "bf16":
-        low = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "bf16", cfg.device)
+        low = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "bf16", cfg.device,
+                                  cfg.max_tokens)
         for l in layers:
             rel = (low[l] - heldout[l]).norm(dim=-1) / heldout[l].norm(dim=-1)
             precision_check[str(l)] = {"rel_err_median": rel.median().item(), "rel_err_p999": rel.quantile(0.999).item(),
                                        "rel_err_max": rel.max().item(), "n_tokens": len(rel)}
     total_steps = math.ceil(cfg.n_tokens * cfg.reuse / cfg.batch_size)
-    trainers = {(str(v), l): TopKTrainer(v, l, cfg, heldout[l], maps[l].qk_DM, total_steps) for v in variants for l in layers}
+    trainers = {(str(v), l): TopKTrainer(v, l, cfg, heldout[l], maps[l].qk_DM, total_steps, lm.name) for v in variants for l in layers}
     tokens, next_chunk, curve, seconds_before = 0, 0, [], 0.0
     if state is not None:
         for key, tr in trainers.items():
