@@ -84,15 +84,13 @@ def missing(partials: Path, tasks: list[Task]) -> list[Task]:
     return [t for t in tasks if not partial_dir(partials, t).exists()]
 
 
-def fail_once(task: Task, partials: Path) -> None:
-    """Tests make a worker die (`os._exit`, like a killed process) the first time it reaches the
-    end of the block that FRA_FAIL_BLOCK names ("phase:layer:block"); a marker file makes the
-    retry succeed."""
-    if os.environ.get("FRA_FAIL_BLOCK") != task.name:
-        return
-    marker = Path(partials) / f"_failed-{task.name.replace(':', '-')}"
-    if not marker.exists():
-        marker.touch()
+def fail_once(task: Task) -> None:
+    """Tests make a worker die (`os._exit`, like a killed process) at the end of the block that
+    FRA_FAIL_BLOCK names ("phase:layer:block"), before its partial is in place, unless the file
+    FRA_FAIL_MARKER exists; dying creates it, so the retry succeeds."""
+    marker = os.environ.get("FRA_FAIL_MARKER")
+    if os.environ.get("FRA_FAIL_BLOCK") == task.name and marker and not Path(marker).exists():
+        Path(marker).touch()
         os._exit(1)
 
 
@@ -124,7 +122,7 @@ class BlockWorker:
             stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
         stats["seconds"] = time.time() - t0
         (tmp / "stats.json").write_text(json.dumps(stats))
-        fail_once(task, self.partials)
+        fail_once(task)
         try:
             os.replace(tmp, dest)
         except OSError:  # another worker finished the same block first: its partial is identical
