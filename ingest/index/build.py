@@ -44,7 +44,7 @@ class IngestConfig:
     max_tokens: int = opt(128, "truncate each sample to this many tokens, BOS included")
     engine: str = opt("local", "who runs the blocks: local (this process) or ray (actors on a Ray cluster, "
                                "`pip install 'fra[ray]'`); the index is identical")
-    address: str | None = opt(None, "--engine ray: the cluster to join (`auto`, or ray://HOST:PORT); "
+    address: str | None = opt(None, "--engine ray: the cluster to join (`auto`, or the head node's HOST:6379); "
                                     "default: start a local Ray instance")
     workers: int | None = opt(None, "--engine ray: number of actors; default: one per GPU of the cluster, "
                                     "else one per CPU")
