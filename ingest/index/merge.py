@@ -74,6 +74,7 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     """Sum the count partials of all blocks and keep channels with count >= min_count."""
     todo = tasks(job, "count", layer)
     _require(partials, todo, f"layer {layer}: cannot select channels")
+    t0 = time.time()
     dest = kept_path(partials, layer)
     tmp = dest.with_suffix(".tmp")
     con = _connect(job["policy"]["memory_budget_gb"] / 4, layer_dir(partials, layer) / "_duckdb")
@@ -83,7 +84,8 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     con.execute(f"COPY (SELECT key, count FROM agg WHERE count >= {int(job['policy']['min_count'])} ORDER BY key) "
                 f"TO '{tmp}' (FORMAT parquet)")
     con.close()
-    (layer_dir(partials, layer) / "seen.json").write_text(json.dumps({"channels_seen": int(n_seen)}))
+    (layer_dir(partials, layer) / "seen.json").write_text(json.dumps({"channels_seen": int(n_seen),
+                                                                       "select_seconds": time.time() - t0}))
     tmp.replace(dest)
 
 
