@@ -153,7 +153,7 @@ class BlockWorker:
             fires_F.index_add_(0, idx[live].cpu(), torch.ones(int(live.sum()), dtype=torch.long))
             bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
         n_runs = len(counts.runs)
-        keys, n, _ = counts.finish(1)
+        keys, n = counts.finish()
         write_parquet(pa.table({"key": keys, "count": n}), tmp / "counts.parquet")
         fired = torch.nonzero(fires_F)[:, 0]
         write_parquet(pa.table({"feature": fired.numpy(), "fires": fires_F[fired].numpy(),

@@ -206,7 +206,8 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
     from . import merge
     from .blocks import BlockWorker, kept_path
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # with Ray the actors compute, so this process keeps its copy of the model on the CPU
+    device = cfg.device or ("cuda" if torch.cuda.is_available() and cfg.engine == "local" else "cpu")
     t0 = time.time()
     inp = inputs or load_inputs(cfg, device)
     if not inp.tokens:

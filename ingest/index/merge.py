@@ -102,20 +102,20 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     channels = _files(partials, job, "stats", layer, "channels.parquet")
     examples = _files(partials, job, "stats", layer, "examples.parquet")
     for head in job["heads"]:
-        chan = con.execute(
+        chan = con.sql(
             """SELECT feat_q, feat_k, sum(count)::BIGINT AS count,
                       list_sum(list(sum ORDER BY block)) AS sum, list_sum(list(sumsq ORDER BY block)) AS sumsq,
                       sum(ind_count)::BIGINT AS ind_count, list_sum(list(ind_sum ORDER BY block)) AS ind_sum,
                       list_sum(list(ind_sumsq ORDER BY block)) AS ind_sumsq
                FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
-            [channels, head]).to_arrow_table()
+            params=[channels, head]).to_arrow_table()
         writer.write("channels", chan, layer, head)
-        ex = con.execute(
+        ex = con.sql(
             """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
                FROM read_parquet(?) WHERE head = ?
                WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
                QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank""",
-            [examples, head, job["policy"]["examples_per_channel"]]).to_arrow_table()
+            params=[examples, head, job["policy"]["examples_per_channel"]]).to_arrow_table()
         writer.write("examples", ex, layer, head)
         for name in ("rows", "pairs"):
             dest = writer.work_dir(layer) / name / f"layer={layer}" / f"head={head}"
