@@ -34,7 +34,7 @@ from pathlib import Path
 from ..config import opt
 from .blocks import Task, kept_path, layer_dir, missing, n_blocks, partial_dir
 from .schema import IndexFormatError, Manifest
-from .store import IndexWriter
+from .store import IndexWriter, write_parquet
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,19 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     todo = tasks(job, "count", layer)
     _require(partials, todo, f"layer {layer}: cannot select channels")
     t0 = time.time()
-    dest = kept_path(partials, layer)
-    tmp = dest.with_suffix(".tmp")
     con = _connect(job["policy"]["memory_budget_gb"] / 4, layer_dir(partials, layer) / "_duckdb")
     con.execute("CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key",
                 [_files(partials, job, "count", layer, "counts.parquet")])
-    n_seen = con.execute("SELECT count(*) FROM agg").fetchone()[0]
-    con.execute(f"COPY (SELECT key, count FROM agg WHERE count >= {int(job['policy']['min_count'])} ORDER BY key) "
-                f"TO '{tmp}' (FORMAT parquet)")
+    n_seen = con.execute("SELECT count(*) FROM agg").fetchall()[0][0]
+    # every statistics block reads the whole kept set, so it fits in memory
+    kept = con.sql("SELECT key, count FROM agg WHERE count >= ? ORDER BY key",
+                   params=[job["policy"]["min_count"]]).to_arrow_table()
     con.close()
     (layer_dir(partials, layer) / "seen.json").write_text(json.dumps({"channels_seen": int(n_seen),
                                                                        "select_seconds": time.time() - t0}))
+    dest = kept_path(partials, layer)
+    tmp = dest.with_suffix(".tmp")
+    write_parquet(kept, tmp)
     tmp.replace(dest)
 
 

@@ -13,6 +13,12 @@ is finished exactly when its partial exists (written under a temporary name and 
 retried or duplicated block cannot be counted twice, and an interrupted run resumes where it
 stopped: the next run skips every finished block.
 
+Why a pool of actors and not a Ray Dataset: the work items are a few block numbers (each actor
+already holds the tokenised samples, which are small), and the passes are separated by
+barriers (the channels are selected between them). A Dataset's actor pool lives for one
+execution, i.e. one pass of one layer, so each actor would load the model 2 x layers times;
+these actors load it once for the whole job.
+
 Where the index lives: every actor writes its partials under `<out>.staging/partials/`, so on a
 multi-node cluster OUT must be on a filesystem that every node mounts at the same path.
 """

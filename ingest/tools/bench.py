@@ -142,7 +142,8 @@ def measure(args: dict) -> dict:
         "channels_kept": st.get("channels_kept", st.get("channels_written")),
         "sweeps": st.get("sweeps", 1), "count_runs_spilled": st.get("count_runs_spilled", 0),
         "load_seconds": load, "startup_seconds": startup, "blocks": st.get("blocks"),
-        "block_seconds": st.get("block_seconds"), "merge_seconds": st.get("merge_seconds"),
+        "block_seconds": st.get("block_seconds"),
+        "merge_seconds": st.get("merge_seconds", 0) + st.get("select_seconds", 0),  # both folds over partials
     }
 
 
