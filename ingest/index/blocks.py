@@ -188,7 +188,7 @@ class BlockWorker:
         starts = list(range(0, len(block_keys), chunk)) or [0]
         head_pos = torch.tensor(heads)
         tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget // 8)
-        channels, examples = [], []
+        channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
             acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
@@ -210,14 +210,32 @@ class BlockWorker:
                     tables.add(self.inp.sample_ids[s], p, red, ind, scores, causal, head_pos)
             for j, h in enumerate(heads):
                 chan, ex = acc.tables(j, block_counts[lo : lo + chunk], F)
-                channels.append(_with(chan, head=h, block=task.block))
-                examples.append(_with(ex, head=h, block=task.block))
+                channels.add(_with(chan, head=h))
+                examples.add(_with(ex, head=h))
             del acc
         tables.flush()
-        write_parquet(pa.concat_tables(channels), tmp / "channels.parquet")
-        write_parquet(pa.concat_tables(examples), tmp / "examples.parquet")
+        channels.close()
+        examples.close()
         return {"sweeps": len(starts), "kept_channels_per_sweep": int(min(chunk, max(len(block_keys), 1))),
                 "rows": tables.n_rows, "kept_abs": tables.kept_abs.tolist(), "ff_abs": tables.ff_abs.tolist()}
+
+
+class _Appender:
+    """One Parquet file written table by table, so that a block's statistics never sit in
+    memory twice."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer = path, None
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table, row_group_size=65536)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _with(table: pa.Table, **columns) -> pa.Table:

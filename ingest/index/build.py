@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..config import opt
 from .schema import IndexFormatError, code_version
-from .store import IndexWriter, check_can_write
+from .store import IndexWriter, check_can_write, partials_dir
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class IngestConfig:
                                     "default: start a local Ray instance")
     workers: int | None = opt(None, "--engine ray: number of actors; default: one per GPU of the cluster, "
                                     "else one per CPU")
-    block_size: int = opt(16, "samples per block, the unit of work, retry and resume (part of the policy: "
+    block_size: int = opt(64, "samples per block, the unit of work, retry and resume (part of the policy: "
                               "the float sums are added block by block)")
     shard: str = opt("0/1", "i/n, for clusters without Ray: compute only the blocks b with b mod n == i into "
                             "OUT.staging (shared by all shards); recipe: every shard, `fra merge --out OUT` "
@@ -215,9 +215,8 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
     heads = job_heads(cfg, inp.lm.model)
     identity = {"model": cfg.model, "sae": inp.sae_ids, "corpus": inp.corpus_hash}
     check_can_write(cfg.out, identity)
-    staging = cfg.out.with_name(cfg.out.name + ".staging")
     # the decomposition is validated here (Decomposer), on the path users run, before anything is written
-    worker = BlockWorker(cfg, inp, device, staging / "partials")
+    worker = BlockWorker(cfg, inp, device, partials_dir(cfg.out))
     job = {**identity, "code_version": code_version(), "policy": cfg.policy, "layers": list(inp.layers),
            "heads": list(heads), "n_samples": len(inp.tokens),
            "d_sae": {str(l): int(inp.saes[l].cfg.d_sae) for l in inp.layers},

@@ -6,13 +6,15 @@ Every engine ends here, so there is no second implementation. Per layer:
 - `select_channels`: the count partials of all blocks, summed by channel in DuckDB (integers,
   exact in any order, out of core under the memory budget); channels with count >= min_count
   are kept (`kept.parquet`), which the statistics blocks read.
-- `merge_layer`: per head, the statistics partials are folded in block order. DuckDB groups by
-  channel and sums `list(x ORDER BY block)` with `list_sum`, one sequential sum in block order
-  per channel, so the float64 result depends only on the partials, never on the engine, the
-  schedule or DuckDB's threads. Counts are integer sums. Examples are re-ranked over the union
-  of the blocks' top examples by |value| descending, then sample ascending (each block kept its
-  strongest samples of each channel, so the union holds the strongest of all). Rows and pairs
-  are the blocks' part files, in block order.
+- `merge_layer`: per head, the statistics partials are added up by channel in DuckDB. Counts
+  are integer sums. The float64 sums of the blocks are added as 128-bit fixed-point integers
+  (units of 2^-60, `FIXED_POINT`): each block's sum rounded to that unit, then added exactly,
+  so the total does not depend on the order of addition; it depends only on the partials, never
+  on the engine, the schedule or DuckDB's threads. (2^-60 is finer than the float32 rounding of any
+  term above 1e-11; the range, |sum| < 2^66, is far above any score statistic.) Examples are
+  re-ranked over the union of the blocks' top examples by |value| descending, then sample
+  ascending (each block kept its strongest samples of each channel, so the union holds the
+  strongest of all). Rows and pairs are the blocks' part files, in block order.
 - `finish`: the samples table, the features table (fire counts summed over blocks), the
   manifest, and the rename of the staging directory into place.
 
@@ -91,6 +93,16 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     tmp.replace(dest)
 
 
+# The blocks' float64 sums are added as 128-bit integers in units of 2^-60: integer addition is
+# exact, so the total does not depend on the order DuckDB's threads add in. Range: |x| < 2^66.
+FIXED_POINT = 2.0**60
+
+
+def _exact_sum(column: str) -> str:
+    unit = f"{int(FIXED_POINT)}::DOUBLE"
+    return f"sum(({column} * {unit})::HUGEINT)::DOUBLE / {unit}"
+
+
 def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     """Fold the statistics partials of all blocks into the layer's tables; returns its stats."""
     import pyarrow.parquet as pq
@@ -105,11 +117,10 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     examples = _files(partials, job, "stats", layer, "examples.parquet")
     for head in job["heads"]:
         chan = con.sql(
-            """SELECT feat_q, feat_k, sum(count)::BIGINT AS count,
-                      list_sum(list(sum ORDER BY block)) AS sum, list_sum(list(sumsq ORDER BY block)) AS sumsq,
-                      sum(ind_count)::BIGINT AS ind_count, list_sum(list(ind_sum ORDER BY block)) AS ind_sum,
-                      list_sum(list(ind_sumsq ORDER BY block)) AS ind_sumsq
-               FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
+            f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum('sum')} AS sum,
+                       {_exact_sum('sumsq')} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
+                       {_exact_sum('ind_sum')} AS ind_sum, {_exact_sum('ind_sumsq')} AS ind_sumsq
+                FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
             params=[channels, head]).to_arrow_table()
         writer.write("channels", chan, layer, head)
         ex = con.sql(

@@ -52,6 +52,10 @@ class _Actor:
         device = "cuda" if use_gpu else "cpu"
         if inputs is None:
             inputs = load_inputs(cfg, device)
+        else:  # the Python API's objects arrive on the driver's device
+            inputs.lm.model.to(device)
+            for sae in inputs.saes.values():
+                sae.to(device)
         self.worker = BlockWorker(cfg, inputs, device, Path(partials))
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 

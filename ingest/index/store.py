@@ -65,6 +65,15 @@ def check_can_write(out: Path, identity: dict) -> None:
         )
 
 
+def staging_dir(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".staging")
+
+
+def partials_dir(out: Path) -> Path:
+    """Where the block partials of the index at `out` are staged (`blocks.py`)."""
+    return staging_dir(out) / "partials"
+
+
 class IndexWriter:
     """One job's staging directory. `job` identifies the job: a staging directory left by the
     same job is resumed; one left by a different job is wiped, or refused with `keep_other`
@@ -72,7 +81,7 @@ class IndexWriter:
 
     def __init__(self, out: Path, job: dict, keep_other: bool = False):
         self.out = Path(out)
-        self.staging = self.out.with_name(self.out.name + ".staging")
+        self.staging = staging_dir(out)
         self.job = job
         job_file = self.staging / "job.json"
         if self.staging.exists():
@@ -92,7 +101,7 @@ class IndexWriter:
     @classmethod
     def resume(cls, out: Path) -> "IndexWriter":
         """The writer of the job staged for `out` (by `fra ingest --shard i/n` runs)."""
-        job_file = Path(out).with_name(Path(out).name + ".staging") / "job.json"
+        job_file = staging_dir(out) / "job.json"
         if not job_file.exists():
             raise IndexFormatError(f"nothing is staged for {out} (no {job_file}); run `fra ingest --shard i/n "
                                    f"--out {out}` on each node first")
@@ -100,8 +109,7 @@ class IndexWriter:
 
     @property
     def partials(self) -> Path:
-        """Where the block partials live (`blocks.py`)."""
-        return self.staging / "partials"
+        return partials_dir(self.out)
 
     def _done(self, layer: int) -> Path:
         return self.staging / "_done" / f"layer={layer}.json"
