@@ -269,3 +269,18 @@ def test_shards_and_merge_give_the_single_run_index(tmp_path):
     assert _tables(out) == _tables(tmp_path / "full")
     with pytest.raises(IndexFormatError, match="nothing is staged"):
         merge(MergeConfig(out=out))
+
+
+def test_merge_adds_block_sums_exactly():
+    """Float addition depends on its order: (2^53 + 1) + 1 = 2^53 (each + 1 rounds back to even),
+    but 2^53 + (1 + 1) = 2^53 + 2. The merge adds the blocks' sums in fixed point, exactly, so
+    every order gives 2^53 + 2."""
+    import duckdb
+
+    from fra.ingest.index.merge import _exact_sum
+
+    for order in ([2.0**53, 1.0, 1.0], [1.0, 1.0, 2.0**53], [1.0, 2.0**53, 1.0]):
+        con = duckdb.connect()
+        con.execute("SET threads = 1")  # rows are added in the order given
+        got = con.execute(f"SELECT {_exact_sum('x')} FROM (SELECT unnest(?::DOUBLE[]) AS x)", [order]).fetchall()[0][0]
+        assert got == 2.0**53 + 2, order
