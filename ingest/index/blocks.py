@@ -2,15 +2,15 @@
 
 Why blocks. An index must not depend on who computed it: one process, Ray actors, or Slurm
 shards. Integer counts add up the same in any order, but float64 sums of float32 terms do not,
-so the work is cut into a fixed plan that fixes every addition order:
+so the work is cut into a fixed plan in which no float addition depends on the schedule:
 
 - a *block* is `policy.block_size` consecutive samples of the job's sample list (block b holds
   positions [b * block_size, (b + 1) * block_size));
 - one block is always computed by the same code (`BlockWorker`), sample by sample in list order,
   into a *partial*: a directory of Parquet files under `<out>.staging/partials/`, written under
   a temporary name and renamed, so a partial that exists is a finished block;
-- `merge.py` folds the partials of all blocks in block order (the one merge, used by every
-  engine and by `fra merge`).
+- `merge.py` adds the partials of all blocks exactly (integers, and float64 sums in 128-bit
+  fixed point), so in any order (the one merge, used by every engine and by `fra merge`).
 
 So the engine only decides where and when blocks run: the same policy gives the same index,
 bit for bit, from any engine, in any schedule, after any number of retries or resumes.
@@ -106,7 +106,7 @@ class BlockWorker:
         self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in inp.layers}
         self.heads = job_heads(cfg, inp.lm.model)
         self.budget = int(cfg.memory_budget_gb * 1e9)
-        self._kept = {}  # layer -> (kept keys ascending, counts)
+        self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
 
     def run(self, task: Task) -> None:
         """Compute the task's partial, unless it exists (then nothing happens)."""

@@ -7,7 +7,7 @@ Per layer, two passes over the samples (one sequence at a time, so nothing is pa
      reduction (`reduce.reduce_sample`) into exact per-channel accumulators
      (`channels.ChannelChunk`), the rows and the pairs.
 Each pass is cut into blocks of `block_size` samples whose partial results go to disk
-(`blocks.py`), and one merge folds them in block order (`merge.py`), so the index is the same
+(`blocks.py`), and one merge adds them up exactly (`merge.py`), so the index is the same
 whoever runs the blocks: this process (`--engine local`), Ray actors (`--engine ray`,
 `ray_engine.py`), or Slurm-style shards (`--shard i/n`, then `fra merge`). Then the layer's
 partitions move into place (`store.IndexWriter`). Table layouts are in `schema.py` and

@@ -104,7 +104,7 @@ def _exact_sum(column: str) -> str:
 
 
 def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
-    """Fold the statistics partials of all blocks into the layer's tables; returns its stats."""
+    """Add up the statistics partials of all blocks into the layer's tables; returns its stats."""
     import pyarrow.parquet as pq
 
     partials = writer.partials

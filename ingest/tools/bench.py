@@ -143,7 +143,7 @@ def measure(args: dict) -> dict:
         "sweeps": st.get("sweeps", 1), "count_runs_spilled": st.get("count_runs_spilled", 0),
         "load_seconds": load, "startup_seconds": startup, "blocks": st.get("blocks"),
         "block_seconds": st.get("block_seconds"),
-        "merge_seconds": st.get("merge_seconds", 0) + st.get("select_seconds", 0),  # both folds over partials
+        "merge_seconds": st.get("merge_seconds", 0) + st.get("select_seconds", 0),  # both passes over the partials
     }
 
 
