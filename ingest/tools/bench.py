@@ -257,18 +257,19 @@ def _print_engines(cfg: BenchConfig, rows: list[dict]) -> None:
         print(f"{name:>18} {r['seconds']:8.1f} {n / r['seconds']:10.2f} {r['startup_seconds']:15.1f} "
               f"{r['block_seconds'] / n:16.2f} {r['merge_seconds']:8.2f} {2 * r['blocks']:9}")
     N, G = 10**6, 100
-    merge_s, partials = ray_row["merge_seconds"], 2 * ray_row["blocks"]  # count and statistics partials
-    big = 2 * -(-N // cfg.block_size)
+    per_partial = ray_row["merge_seconds"] / (2 * ray_row["blocks"])  # count and statistics partials
     gpu_h = N * 2 / H100_SAMPLES_PER_S / G / 3600  # two passes, both at the statistics pass's rate
     cpu_h = N * ray_row["block_seconds"] / n / G / 3600
-    lo_h, hi_h = N * merge_s / n / 3600, big * merge_s / partials / 3600
-    print(f"ESTIMATE, not a measurement, for {N:.0e} samples of 128 tokens at one layer on {G} workers:\n"
+    print(f"ESTIMATE, not a measurement, for {N:.0e} samples of {cfg.seq_len} tokens at one layer on {G} workers:\n"
           f"  compute on {G} H100s: {N:.0e} x 2 passes / {H100_SAMPLES_PER_S:.0f} samples/s (FACTS.md: the statistics "
           f"pass on synthetic activations, k=32, d_sae=4096) / {G} = {gpu_h:.2f} h\n"
           f"  compute on {G} CPU workers like these: {N:.0e} x {ray_row['block_seconds'] / n:.2f} s / {G} = {cpu_h:.1f} h\n"
-          f"  merge (one DuckDB process, after the compute): {merge_s:.2f} s for {partials} partials of {n} samples "
-          f"here, so between {lo_h:.1f} h (cost proportional to the data) and {hi_h:.1f} h (cost per partial, "
-          f"{big:,} partials of {cfg.block_size} samples); larger blocks move it toward the lower figure.")
+          f"  merge, in one process after the compute: {per_partial:.2f} s per partial here (blocks of {cfg.block_size})")
+    for block in (cfg.block_size, 4096):
+        partials = 2 * -(-N // block)
+        bound = "" if block == cfg.block_size else (", a lower bound: a larger block touches more channels, so its "
+                                                    "partial costs more")
+        print(f"    blocks of {block}: {partials:,} partials x {per_partial:.2f} s = {partials * per_partial / 3600:.1f} h{bound}")
 
 
 def _print(cfg: BenchConfig, rows: list[dict]) -> None:
