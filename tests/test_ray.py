@@ -59,3 +59,25 @@ def test_killed_worker_is_retried(cluster, local_index, tmp_path, monkeypatch):
     assert (tmp_path / "died").exists()  # the worker did die
     assert not (tmp_path / "index.staging").exists()
     assert tables(out) == local_index
+
+
+def test_ray_resumes_an_interrupted_run(cluster, local_index, tmp_path):
+    """A local run dies inside a statistics block of layer 1; `--engine ray` on the same output
+    keeps the finished blocks (the partials do not depend on the engine) and completes the index."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from pathlib import Path; from fra.ingest.index.build import IngestConfig, run; "
+            "from fra.ingest.tools.testing import tiny_inputs; "
+            f"run(IngestConfig(out=Path({str(tmp_path / 'index')!r}), model='tiny', min_count=2, top_keys=2, "
+            "top_pairs=3, examples_per_channel=4, block_size=2, progress=False), tiny_inputs(n_samples=5))")
+    env = {**os.environ, "FRA_FAIL_BLOCK": "stats:1:1", "FRA_FAIL_MARKER": str(tmp_path / "died")}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert p.returncode == 1, p.stderr.decode()[-2000:]
+    done = sorted(p.name for p in (tmp_path / "index.staging" / "partials" / "layer=1" / "stats").iterdir())
+    assert "block=000000" in done and "block=000001" not in done
+    out = run(make_cfg(tmp_path / "index", engine="ray", workers=2), tiny_inputs(n_samples=5))
+    assert tables(out) == local_index
