@@ -228,6 +228,13 @@ def test_empty_corpus_is_an_error(tmp_path):
         read_corpus(path)
 
 
+def test_ray_engine_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fra\[ray\]'"):
+        run(IngestConfig(out=tmp_path / "i", model="tiny", engine="ray", progress=False), tiny_inputs())
+    assert not (tmp_path / "i.staging").exists()
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="i/n"):
         IngestConfig(shard="2")

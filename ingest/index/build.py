@@ -206,6 +206,10 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
     from . import merge
     from .blocks import BlockWorker, kept_path
 
+    if cfg.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # before anything is loaded: says how to install Ray when it is missing
     # with Ray the actors compute, so this process keeps its copy of the model on the CPU
     device = cfg.device or ("cuda" if torch.cuda.is_available() and cfg.engine == "local" else "cpu")
     t0 = time.time()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,7 +95,7 @@ class IndexWriter:
             if prev != job:
                 shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
-        tmp = job_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp = job_file.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")  # shards on other nodes write it too
         tmp.write_text(json.dumps(job, sort_keys=True))
         os.replace(tmp, job_file)
 
