@@ -45,8 +45,6 @@ class _Actor:
     """One Ray worker process: a `BlockWorker` over the model and SAEs it loaded once."""
 
     def __init__(self, cfg, inputs, partials: str, use_gpu: bool):
-        import torch
-
         from .build import load_inputs
 
         device = "cuda" if use_gpu else "cpu"
@@ -57,7 +55,6 @@ class _Actor:
             for sae in inputs.saes.values():
                 sae.to(device)
         self.worker = BlockWorker(cfg, inputs, device, Path(partials))
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
     def run(self, task: Task) -> str:
         self.worker.run(task)
