@@ -102,7 +102,9 @@ def cmd_ingest(args):
 def cmd_merge(args):
     from fra.ingest.index.merge import MergeConfig, run
 
-    print(f"merged index written to {run(config_from_args(MergeConfig, args))}")
+    out = run(config_from_args(MergeConfig, args))
+    if out is not None:
+        print(f"index written to {out}")
 
 
 def cmd_bench(args):
@@ -178,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval-sae", "sae.evaluate", "EvalConfig", cmd_eval_sae, "measure shipped SAEs on held-out text (model card numbers)"),
         ("census", "studies.census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
         ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
-        ("merge", "index.merge", "MergeConfig", cmd_merge, "merge the indexes of `fra ingest --shard i/n` runs"),
-        ("bench", "tools.bench", "BenchConfig", cmd_bench, "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path"),
+        ("merge", "index.merge", "MergeConfig", cmd_merge,
+         "the next step of a `fra ingest --shard i/n` job: select channels, or write the index"),
+        ("bench", "tools.bench", "BenchConfig", cmd_bench,
+         "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path, and local against Ray"),
         ("report", "studies.cih.config", "CIHConfig", cmd_report,
          "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)"),
     )

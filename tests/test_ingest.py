@@ -162,15 +162,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kill_at", ["done:0", "moved:1:pairs"])
-def test_resume_after_kill_gives_identical_index(built, tmp_path, kill_at):
+@pytest.mark.parametrize("fault,rc", [
+    ({"FRA_KILL_AT": "done:0"}, -9), ({"FRA_KILL_AT": "moved:1:pairs"}, -9),
+    ({"FRA_FAIL_BLOCK": "stats:1:0"}, 1),  # dies inside a block, before its partial is in place
+])
+def test_resume_after_kill_gives_identical_index(built, tmp_path, fault, rc):
     _, reference = built
     out = tmp_path / "index"
     root = str(Path(__file__).resolve().parent.parent)
     code = SCRIPT.format(root=root, out=str(out))
-    env = {**os.environ, "FRA_KILL_AT": kill_at}
+    env = {**os.environ, **fault, "FRA_FAIL_MARKER": str(tmp_path / "died")}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
-    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    assert p.returncode == rc, p.stderr.decode()[-2000:]
     assert not out.exists()  # nothing half-written at the final path
     assert (tmp_path / "index.staging").exists()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True)
@@ -225,44 +228,66 @@ def test_empty_corpus_is_an_error(tmp_path):
         read_corpus(path)
 
 
+def test_ray_engine_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fra\[ray\]'"):
+        run(IngestConfig(out=tmp_path / "i", model="tiny", engine="ray", progress=False), tiny_inputs())
+    assert not (tmp_path / "i.staging").exists()
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="i/n"):
         IngestConfig(shard="2")
     with pytest.raises(ValueError, match="0 <= i < n"):
         IngestConfig(shard="3/2")
+    with pytest.raises(ValueError, match="local or ray"):
+        IngestConfig(engine="spark")
+    with pytest.raises(ValueError, match="--shard is for clusters without Ray"):
+        IngestConfig(engine="ray", shard="0/2")
 
 
-def test_shards_merge_to_the_unsharded_index(tmp_path):
-    """--shard 0/2 and 1/2, merged, equal one run over all samples; merging twice is idempotent,
-    and a shard given twice is refused."""
+def test_shards_and_merge_give_the_single_run_index(tmp_path):
+    """--shard 0/2 and 1/2 write their blocks into one staging area; with the two-phase recipe
+    (shards, fra merge, shards, fra merge) the index equals the single-process one bit for bit.
+    A shard run twice changes nothing, a merge before the blocks are done is refused, and so is
+    a shard with other options."""
     from fra.ingest.index.merge import MergeConfig, run as merge
-    from fra.ingest.index.build import select_shard
 
-    full = tiny_inputs(n_samples=5)
-    run(IngestConfig(out=tmp_path / "full", model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False), full)
-    shards = []
-    for i in range(2):
-        cfg = IngestConfig(out=tmp_path / f"s{i}", model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False, shard=f"{i}/2")
-        inp = tiny_inputs(n_samples=5)
-        keep = select_shard(len(inp.tokens), cfg)
-        inp.tokens = [inp.tokens[j] for j in keep]
-        inp.sample_ids = [inp.sample_ids[j] for j in keep]
-        inp.texts = [inp.texts[j] for j in keep]
-        run(cfg, inp)
-        shards.append(tmp_path / f"s{i}")
-    for _ in range(2):
-        merge(MergeConfig(out=tmp_path / "merged", shards=tuple(shards), min_count=1))
-        con_m, con_f = connect(tmp_path / "merged"), connect(tmp_path / "full")
-        for table, cols in (("rows", "*"), ("pairs", "*"), ("samples", "*"), ("examples", "*"),
-                            ("channels", "layer, head, feat_q, feat_k, count, ind_count")):
-            a = con_m.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
-            b = con_f.execute(f"SELECT {cols} FROM {table} ORDER BY ALL").fetchall()
-            assert a == b, table
-        sums = "SELECT layer, head, feat_q, feat_k, sum, sumsq FROM channels ORDER BY layer, head, feat_q, feat_k"
-        for x, y in zip(con_m.execute(sums).fetchall(), con_f.execute(sums).fetchall()):
-            assert x[:4] == y[:4] and x[4:] == pytest.approx(y[4:], rel=1e-9, abs=1e-9)  # float64 addition order
-        f = "SELECT layer, feature, index_frequency, bos_rate FROM features ORDER BY ALL"
-        for x, y in zip(con_m.execute(f).fetchall(), con_f.execute(f).fetchall()):
-            assert x == pytest.approx(y)
-    with pytest.raises(IndexFormatError, match="more than once"):
-        merge(MergeConfig(out=tmp_path / "bad", shards=(shards[0], shards[0])))
+    opts = dict(model="tiny", min_count=2, top_keys=2, top_pairs=3, block_size=2, progress=False)
+    run(IngestConfig(out=tmp_path / "full", **opts), tiny_inputs(n_samples=5))
+    out = tmp_path / "sharded"
+
+    def shard(i, **other):
+        return run(IngestConfig(out=out, shard=f"{i}/2", **{**opts, **other}), tiny_inputs(n_samples=5))
+
+    assert shard(0) is None
+    with pytest.raises(IndexFormatError, match="1 of 3 blocks are not done yet"):
+        merge(MergeConfig(out=out))  # block 1 belongs to shard 1/2
+    shard(1)
+    shard(1)
+    assert merge(MergeConfig(out=out)) is None  # the channels are selected
+    with pytest.raises(IndexFormatError, match="3 of 3 blocks are not done yet"):
+        merge(MergeConfig(out=out))  # the statistics pass has not run
+    with pytest.raises(IndexFormatError, match="another job"):
+        shard(0, min_count=3)
+    shard(0)
+    shard(1)
+    assert merge(MergeConfig(out=out)) == out
+    assert _tables(out) == _tables(tmp_path / "full")
+    with pytest.raises(IndexFormatError, match="nothing is staged"):
+        merge(MergeConfig(out=out))
+
+
+def test_merge_adds_block_sums_exactly():
+    """Float addition depends on its order: (2^53 + 1) + 1 = 2^53 (each + 1 rounds back to even),
+    but 2^53 + (1 + 1) = 2^53 + 2. The merge adds the blocks' sums in fixed point, exactly, so
+    every order gives 2^53 + 2."""
+    import duckdb
+
+    from fra.ingest.index.merge import _exact_sum
+
+    for order in ([2.0**53, 1.0, 1.0], [1.0, 1.0, 2.0**53], [1.0, 2.0**53, 1.0]):
+        con = duckdb.connect()
+        con.execute("SET threads = 1")  # rows are added in the order given
+        got = con.execute(f"SELECT {_exact_sum('x')} FROM (SELECT unnest(?::DOUBLE[]) AS x)", [order]).fetchall()[0][0]
+        assert got == 2.0**53 + 2, order

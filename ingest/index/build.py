@@ -2,14 +2,16 @@
 
 Per layer, two passes over the samples (one sequence at a time, so nothing is padded):
   1. count pass: forward pass to the layer, SAE encode, exact channel co-activation counts
-     (`reduce.cooccurrence`) into a budgeted aggregator that spills to Parquet
-     (`channels.CountAggregator`); channels with count >= min_count are kept;
-  2. statistics pass, once per chunk of kept channels that fits the memory budget (usually
-     once): the validated decomposition (`Decomposer.prepare`), the per-sample reduction
-     (`reduce.reduce_sample`) into the chunk's accumulators (`channels.ChannelChunk`), and in
-     the first sweep the rows and pairs, flushed to part files as the budget requires.
-Then the layer's partitions move into place (`store.IndexWriter`). Table layouts are in
-`schema.py` and docs/INDEX_SCHEMA.md.
+     (`reduce.cooccurrence`); channels with count >= min_count over the corpus are kept;
+  2. statistics pass: the validated decomposition (`Decomposer.prepare`), the per-sample
+     reduction (`reduce.reduce_sample`) into exact per-channel accumulators
+     (`channels.ChannelChunk`), the rows and the pairs.
+Each pass is cut into blocks of `block_size` samples whose partial results go to disk
+(`blocks.py`), and one merge adds them up exactly (`merge.py`), so the index is the same
+whoever runs the blocks: this process (`--engine local`), Ray actors (`--engine ray`,
+`ray_engine.py`), or Slurm-style shards (`--shard i/n`, then `fra merge`). Then the layer's
+partitions move into place (`store.IndexWriter`). Table layouts are in `schema.py` and
+docs/INDEX_SCHEMA.md.
 
 Entry points: `run(IngestConfig)` (the CLI), and `ingest(model, saes, texts_or_tokens, ...)` for
 a HookedTransformer and sae-lens SAEs that a user already holds.
@@ -17,15 +19,14 @@ a HookedTransformer and sae-lens SAEs that a user already holds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import opt
-from .schema import IndexFormatError, Manifest
-from .store import IndexWriter, check_can_write
+from .schema import IndexFormatError, code_version
+from .store import IndexWriter, check_can_write, partials_dir
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,19 @@ class IngestConfig:
     split: str | None = opt(None, "keep only rows of this `split` value (e.g. heldout); default: every row")
     layers: tuple[int, ...] | None = opt(None, "layers to index; default: the layers the SAEs are for")
     heads: tuple[int, ...] | None = opt(None, "heads to index; default: all")
-    max_samples: int | None = opt(None, "index at most this many samples (after --shard); default: all")
+    max_samples: int | None = opt(None, "index at most this many samples (the first ones); default: all")
     max_tokens: int = opt(128, "truncate each sample to this many tokens, BOS included")
-    shard: str = opt("0/1", "i/n: index only the samples whose position is i mod n (merge shards with fra merge)")
+    engine: str = opt("local", "who runs the blocks: local (this process) or ray (actors on a Ray cluster, "
+                               "`pip install 'fra[ray]'`); the index is identical")
+    address: str | None = opt(None, "--engine ray: the cluster to join (`auto`, or the head node's HOST:6379); "
+                                    "default: start a local Ray instance")
+    workers: int | None = opt(None, "--engine ray: number of actors; default: one per GPU of the cluster, "
+                                    "else one per CPU")
+    block_size: int = opt(64, "samples per block, the unit of work, retry and resume (part of the policy: "
+                              "the float sums are added block by block)")
+    shard: str = opt("0/1", "i/n, for clusters without Ray: compute only the blocks b with b mod n == i into "
+                            "OUT.staging (shared by all shards); recipe: every shard, `fra merge --out OUT` "
+                            "(selects the channels), every shard again, `fra merge --out OUT` (writes the index)")
     min_count: int = opt(128, "keep a channel only if its features co-occur in at least this many causal (q, k) pairs")
     top_keys: int = opt(4, "rows: per (head, query), the most-attended keys whose feature pairs are stored")
     top_pairs: int = opt(8, "rows: per such (query, key), the feature pairs of largest |FA| stored")
@@ -61,7 +72,13 @@ class IngestConfig:
             raise ValueError(f"--shard {self.shard}: need 0 <= i < n")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError("--max-samples must be positive")
-        for name in ("min_count", "top_keys", "top_pairs", "examples_per_channel", "q_block"):
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray" and self.shard != "0/1":
+            raise ValueError("--shard is for clusters without Ray; with --engine ray, Ray schedules the blocks")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        for name in ("min_count", "top_keys", "top_pairs", "examples_per_channel", "q_block", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 2 <= self.max_tokens <= 32768:
@@ -78,7 +95,8 @@ class IngestConfig:
     def policy(self) -> dict:
         return {"min_count": self.min_count, "top_keys": self.top_keys, "top_pairs": self.top_pairs,
                 "examples_per_channel": self.examples_per_channel, "max_tokens": self.max_tokens,
-                "split": self.split, "max_samples": self.max_samples}
+                "split": self.split, "max_samples": self.max_samples, "block_size": self.block_size,
+                "memory_budget_gb": self.memory_budget_gb}
 
 
 @dataclass
@@ -119,22 +137,14 @@ def _weights_hash(sae) -> str:
     return h.hexdigest()[:16]
 
 
-def select_shard(n_rows: int, cfg: IngestConfig) -> list[int]:
-    i, n = cfg.shard_index
-    ids = [s for s in range(n_rows) if s % n == i]
-    return ids[: cfg.max_samples] if cfg.max_samples else ids
-
-
 def load_inputs(cfg: IngestConfig, device: str) -> Inputs:
-    """Model, SAEs and tokenised samples (after shard and max_samples), from the config's names."""
+    """Model, SAEs and tokenised samples (the first max_samples), from the config's names."""
     from ..corpus import DEMO_CORPUS, read_corpus, tokenize_samples
     from ..registry import PRESETS, file_hash, load_model, sae_source
 
     corpus = Path(cfg.corpus or DEMO_CORPUS)
     table = read_corpus(corpus, cfg.split)  # raises on missing / empty
-    ids = select_shard(table.num_rows, cfg)
-    if not ids:
-        raise IndexFormatError(f"shard {cfg.shard} of {corpus} holds no samples")
+    ids = list(range(min(table.num_rows, cfg.max_samples or table.num_rows)))
     source = sae_source(cfg.model, cfg.sae)
     layers = cfg.layers or source.layers() or (PRESETS[cfg.model].default_layers if cfg.model in PRESETS else None)
     if not layers:
@@ -162,11 +172,13 @@ def check_hook(sae, hook: str | None, layer: int) -> None:
         raise IndexFormatError(f"--hook {want} but the layer-{layer} SAE reads {have}; drop --hook or pick another SAE")
 
 
-def check_heads(model, heads) -> None:
+def job_heads(cfg: IngestConfig, model) -> tuple[int, ...]:
+    """The heads to index (all by default), checked against the model."""
     n_heads = model.cfg.n_heads
-    for h in heads or ():
+    for h in cfg.heads or ():
         if not 0 <= h < n_heads:
             raise IndexFormatError(f"head {h} out of range: the model has heads 0..{n_heads - 1}")
+    return tuple(cfg.heads) if cfg.heads else tuple(range(n_heads))
 
 
 def ingest(model, saes: dict, samples: list, out: Path, *, tokenizer=None, name: str = "custom", **options) -> Path:
@@ -186,237 +198,108 @@ def ingest(model, saes: dict, samples: list, out: Path, *, tokenizer=None, name:
     return run(cfg, Inputs.of(model, saes, tokens, texts, tokenizer, name=cfg.model))
 
 
-def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path:
+def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
+    """Index the corpus. Returns the index's path, or None after a `--shard i/n` run (its blocks
+    are done; `fra merge` takes the next step once every shard's are)."""
     import torch
 
-    from ..core.decompose import Decomposer
+    from . import merge
+    from .blocks import BlockWorker, kept_path
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # before anything is loaded: says how to install Ray when it is missing
+    # with Ray the actors compute, so this process keeps its copy of the model on the CPU
+    device = cfg.device or ("cuda" if torch.cuda.is_available() and cfg.engine == "local" else "cpu")
     t0 = time.time()
     inp = inputs or load_inputs(cfg, device)
-    model = inp.lm.model
-    # the validation of the decomposition runs here, on the path users run
-    decomposers = {layer: Decomposer(model, layer, inp.saes[layer]) for layer in inp.layers}
-    check_heads(model, cfg.heads)
     if not inp.tokens:
         raise IndexFormatError("no samples to index")
-    heads = tuple(cfg.heads) if cfg.heads else tuple(range(model.cfg.n_heads))
+    heads = job_heads(cfg, inp.lm.model)
     identity = {"model": cfg.model, "sae": inp.sae_ids, "corpus": inp.corpus_hash}
     check_can_write(cfg.out, identity)
-    manifest = Manifest(**identity, policy={**cfg.policy, "memory_budget_gb": cfg.memory_budget_gb},
-                        layers=list(inp.layers), heads=list(heads), n_samples=len(inp.tokens), shard=cfg.shard)
-    job = {**identity, "code_version": manifest.code_version, "policy": manifest.policy,
-           "layers": manifest.layers, "heads": manifest.heads, "n_samples": manifest.n_samples, "shard": cfg.shard}
-    writer = IndexWriter(cfg.out, job)
+    # the decomposition is validated here (Decomposer), on the path users run, before anything is written
+    worker = BlockWorker(cfg, inp, device, partials_dir(cfg.out))
+    job = {**identity, "code_version": code_version(), "policy": cfg.policy, "layers": list(inp.layers),
+           "heads": list(heads), "n_samples": len(inp.tokens),
+           "d_sae": {str(l): int(inp.saes[l].cfg.d_sae) for l in inp.layers},
+           "feature_table": str(inp.feature_table) if inp.feature_table is not None else None}
+    i, n = cfg.shard_index
+    writer = IndexWriter(cfg.out, job, keep_other=n > 1)
+    _write_samples(inp, writer.partials / "samples.parquet")
+    if cfg.engine == "ray":
+        from .ray_engine import RayEngine
+
+        engine = RayEngine(cfg, inputs, writer.partials)
+    else:
+        engine = LocalEngine(worker, cfg.progress)
     stats = {}
-    for layer in inp.layers:
-        done = writer.layer_stats(layer)
-        if done is not None:
-            stats[str(layer)] = done
-            continue
-        writer.begin_layer(layer)
-        t1 = time.time()
-        with torch.no_grad():
-            st = _ingest_layer(cfg, decomposers[layer], heads, inp, writer, device)
-        st["seconds"] = time.time() - t1
-        st["samples_per_s"] = len(inp.tokens) / st["seconds"]
-        writer.finish_layer(layer, st)
-        stats[str(layer)] = st
-    _write_samples_and_features(inp, writer, stats)
-    manifest = dataclasses.replace(manifest, stats=stats)
-    out = writer.commit(manifest)
+    try:
+        for layer in inp.layers:
+            stats[str(layer)] = writer.layer_stats(layer)
+            if stats[str(layer)] is not None:
+                continue
+            engine.run([t for t in merge.tasks(job, "count", layer) if t.block % n == i], f"layer {layer}: count pass")
+            if n == 1 and not kept_path(writer.partials, layer).exists():
+                merge.select_channels(writer.partials, job, layer)
+            if kept_path(writer.partials, layer).exists():
+                engine.run([t for t in merge.tasks(job, "stats", layer) if t.block % n == i],
+                           f"layer {layer}: statistics pass")
+            if n == 1:
+                stats[str(layer)] = merge.merge_layer(writer, job, layer)
+    finally:
+        engine.close()
+    if n > 1:
+        if cfg.progress:
+            print(f"shard {cfg.shard}: its blocks are done in {writer.partials}; once every shard's are, run "
+                  f"`fra merge --out {cfg.out}`")
+        return None
+    out = merge.finish(writer, job)
     if cfg.progress:
-        print(f"index written to {out} in {time.time() - t0:.0f} s")
+        print(f"index written to {out} in {time.time() - t0:.0f} s ({cfg.engine} engine)")
         for layer, st in stats.items():
             shares = [st[str(h)]["kept_abs_share"] for h in heads]
-            print(f"  layer {layer}: {st['samples_per_s']:.2f} samples/s, {st['channels_kept']} channels kept of "
-                  f"{st['channels_seen']} seen (min_count {cfg.min_count}), {st['sweeps']} sweep(s), "
+            print(f"  layer {layer}: {st['samples_per_s']:.2f} samples/s per worker, {st['channels_kept']} channels "
+                  f"kept of {st['channels_seen']} seen (min_count {cfg.min_count}), {st['blocks']} block(s), "
                   f"{st['count_runs_spilled']} count run(s) spilled; rows carry {min(shares):.1%}-{max(shares):.1%} of |FA|")
     return out
 
 
-def _ingest_layer(cfg: IngestConfig, dec, heads, inp: Inputs, writer: IndexWriter, device: str) -> dict:
-    """Both passes of one layer; the layer's partitions are written through `writer`."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
+class LocalEngine:
+    """Runs the blocks one after another in this process."""
 
-    from ..core.reduce import cooccurrence, induction_mask, reduce_sample
-    from .channels import ChannelChunk, CountAggregator
+    def __init__(self, worker, progress: bool):
+        self.worker, self.progress = worker, progress
 
-    layer = dec.layer
-    F = dec.sae.cfg.d_sae
-    budget = int(cfg.memory_budget_gb * 1e9)
-    order = sorted(range(len(inp.tokens)), key=lambda s: len(inp.tokens[s]))
-    fires_F = torch.zeros(F, dtype=torch.long)
-    bos_F = torch.zeros(F, dtype=torch.long)
+    def run(self, tasks: list, desc: str) -> None:
+        from tqdm import tqdm
 
-    def samples(desc):
-        for s in tqdm(order, desc=f"layer {layer}: {desc}", unit="sample", disable=not cfg.progress):
-            yield s, torch.tensor(inp.tokens[s], device=device)
+        from .blocks import missing
 
-    # pass 1: exact counts (a quarter of the budget)
-    counts = CountAggregator(budget // 4, writer.work_dir(layer) / "_count_runs")
-    for _, toks in samples("count pass"):
-        sparse = dec.encode(toks)
-        idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
-        co = cooccurrence(idx, live)
-        keys, n = co.channel_keys(F)
-        counts.add(keys.cpu().numpy(), n.cpu().numpy())
-        fires_F.index_add_(0, idx[live].cpu(), torch.ones(int(live.sum()), dtype=torch.long))
-        bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
-    n_runs = len(counts.runs)
-    kept_keys, kept_counts, n_seen = counts.finish(cfg.min_count)
-    del counts
+        for task in tqdm(missing(self.worker.partials, tasks), desc=desc, unit="block", disable=not self.progress):
+            self.worker.run(task)
 
-    # pass 2: statistics, one sweep per chunk of kept channels (three quarters of the budget; the
-    # count pass's quarter is free again, and the rows and pairs buffer takes an eighth)
-    per_channel = ChannelChunk.bytes_per_channel(len(heads), cfg.examples_per_channel)
-    chunk = max(1, (budget * 3 // 4) // per_channel)
-    starts = list(range(0, len(kept_keys), chunk)) or [0]
-    head_pos = torch.tensor(heads)
-    tables = _RowsAndPairs(heads, writer, layer, flush_bytes=budget // 8)
-    for c, lo in enumerate(starts):
-        keys = torch.from_numpy(kept_keys[lo : lo + chunk])
-        acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
-        first = c == 0
-        for s, toks in samples(f"statistics sweep {c + 1}/{len(starts)}"):
-            p = dec.prepare(toks)
-            T = toks.shape[0]
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            scores = p.hooks.model_scores_BHQK[0][head_pos].float()
-            attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-            ind = induction_mask(toks)
-            red = reduce_sample(
-                p.q.feat_BHTAE[0][head_pos], p.k.feat_BHTAE[0][head_pos], p.sparse.feat_idx_BTA[0],
-                p.live_BTA[0], ind, attn, F, keys.to(device), cfg.top_keys, cfg.top_pairs, cfg.q_block,
-                with_rows=first,
-            )
-            acc.add(red, inp.sample_ids[s])
-            if first:
-                tables.add(inp.sample_ids[s], p, red, ind, scores, causal, head_pos)
-        for j, h in enumerate(heads):
-            chan, ex = acc.tables(j, kept_counts[lo : lo + chunk], F)
-            writer.write("channels", chan, layer, h, part=c)
-            writer.write("examples", ex, layer, h, part=c)
-        del acc
-    tables.flush()
-
-    stats = {str(h): {"rows": tables.n_rows[j],
-                      "kept_abs_share": tables.kept_abs[j] / tables.ff_abs[j] if tables.ff_abs[j] else 0.0}
-             for j, h in enumerate(heads)}
-    stats.update({
-        "feature_fires": fires_F.tolist(), "feature_bos": bos_F.tolist(), "channels_seen": n_seen,
-        "channels_kept": int(len(kept_keys)), "count_runs_spilled": n_runs, "sweeps": len(starts),
-        "kept_channels_per_sweep": int(min(chunk, max(len(kept_keys), 1))),
-    })
-    return stats
+    def close(self) -> None:
+        pass
 
 
-class _RowsAndPairs:
-    """Buffers one layer's rows and pairs per head and writes them as part files whenever the
-    buffer passes `flush_bytes`, so their memory does not grow with the corpus."""
+def _write_samples(inp: Inputs, path: Path) -> None:
+    """The samples table, for `merge.finish` (every shard writes the same one)."""
+    import os
+    import uuid
 
-    def __init__(self, heads, writer, layer, flush_bytes):
-        import numpy as np
-
-        self.heads, self.writer, self.layer, self.flush_bytes = heads, writer, layer, flush_bytes
-        self.buf = {"rows": [], "pairs": []}
-        self.nbytes, self.part = 0, 0
-        self.n_rows = [0] * len(heads)
-        self.kept_abs = np.zeros(len(heads))
-        self.ff_abs = np.zeros(len(heads))
-
-    def add(self, sample, p, red, ind, scores_HQK, causal, head_pos):
-        import numpy as np
-        import torch
-
-        from ..core.decompose import TERM_NAMES, pair_terms
-
-        qi, ki = torch.nonzero(causal, as_tuple=True)
-        terms = pair_terms(p.q, p.k)[:, 0][:, head_pos]  # [C, H, Q, K]
-        groups = {
-            "f_bdec": ["feat_bdec"], "f_err": ["feat_err"], "bdec_f": ["bdec_feat"], "err_f": ["err_feat"],
-            "resid_resid": ["bdec_bdec", "bdec_err", "err_bdec", "err_err"],
-            "bias": [t for t in TERM_NAMES if "bias" in t],
-        }
-        n = len(qi)
-        pairs = {
-            "sample": np.full((len(self.heads), n), sample, np.int32),
-            "q": np.broadcast_to(qi.cpu().numpy().astype(np.int16), (len(self.heads), n)),
-            "k": np.broadcast_to(ki.cpu().numpy().astype(np.int16), (len(self.heads), n)),
-            "induction": np.broadcast_to(ind[qi, ki].cpu().numpy(), (len(self.heads), n)),
-            "score": scores_HQK[:, qi, ki].cpu().numpy(),
-            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(), "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
-            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(), "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
-        }
-        for name, members in groups.items():
-            pairs[name] = terms[[TERM_NAMES.index(t) for t in members]].sum(0)[:, qi, ki].cpu().numpy()
-        rq, rk = red.rows_q, red.rows_k
-        rows = {"h": red.rows_h.cpu().numpy(), "sample": np.full(len(rq), sample, np.int32),
-                "q": rq.cpu().numpy().astype(np.int16), "k": rk.cpu().numpy().astype(np.int16),
-                "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
-                "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
-                "value": red.rows_val.cpu().numpy(), "induction": ind[rq, rk].cpu().numpy()}
-        self.buf["pairs"].append(pairs)
-        self.buf["rows"].append(rows)
-        self.kept_abs += pairs["kept_abs"].sum(1)
-        self.ff_abs += pairs["ff_abs"].sum(1)
-        self.nbytes += sum(v.nbytes for v in pairs.values()) + sum(v.nbytes for v in rows.values())
-        if self.nbytes > self.flush_bytes:
-            self.flush()
-
-    def flush(self):
-        import numpy as np
-        import pyarrow as pa
-
-        if not self.buf["pairs"]:
-            return
-        for j, h in enumerate(self.heads):
-            pairs = pa.table({c: np.concatenate([b[c][j] for b in self.buf["pairs"]]) for c in self.buf["pairs"][0]})
-            self.writer.write("pairs", pairs.sort_by([("sample", "ascending"), ("q", "ascending"), ("k", "ascending")]),
-                              self.layer, h, part=self.part)
-            sel = [b["h"] == j for b in self.buf["rows"]]
-            rows = pa.table({c: np.concatenate([b[c][m] for b, m in zip(self.buf["rows"], sel)])
-                             for c in self.buf["rows"][0] if c != "h"})
-            self.n_rows[j] += rows.num_rows
-            self.writer.write("rows", rows.sort_by([("sample", "ascending"), ("q", "ascending"), ("k", "ascending")]),
-                              self.layer, h, part=self.part)
-        self.buf = {"rows": [], "pairs": []}
-        self.nbytes = 0
-        self.part += 1
-
-
-def _write_samples_and_features(inp: Inputs, writer: IndexWriter, layer_stats: dict) -> None:
-    import pandas as pd
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from ..registry import FeatureLabel
+    from .store import conform, write_parquet
 
-    lm, tokens = inp.lm, inp.tokens
-    decode = lm.tokenizer.decode if lm.tokenizer is not None else (lambda ids: f"<{ids[0]}>")
-    writer.write("samples", pa.table({
+    decode = inp.lm.tokenizer.decode if inp.lm.tokenizer is not None else (lambda ids: f"<{ids[0]}>")
+    table = pa.table({
         "sample": pa.array(inp.sample_ids, pa.int32()), "text": inp.texts,
-        "token_ids": pa.array(tokens, pa.list_(pa.int32())), "tokens": [[decode([t]) for t in ids] for ids in tokens],
-        "n_tokens": pa.array([len(t) for t in tokens], pa.int16()),
-    }))
-    n_tok = sum(len(t) for t in tokens)
-    frames = []
-    for layer in inp.layers:
-        st = layer_stats[str(layer)]
-        fires, bos = st.pop("feature_fires"), st.pop("feature_bos")
-        frames.append(pd.DataFrame({
-            "layer": layer, "feature": range(len(fires)), "index_frequency": [f / n_tok for f in fires],
-            "bos_rate": [b / len(tokens) for b in bos],
-        }))
-    df = pd.concat(frames)
-    if inp.feature_table is not None and Path(inp.feature_table).exists():
-        df = df.merge(pq.read_table(inp.feature_table).to_pandas(), on=["layer", "feature"], how="left")
-    for col, empty in (("label", None), ("top_tokens", None), ("prev_token", None), ("frequency", None),
-                       ("mean_act_when_active", None), ("max_act", None), ("top_contexts", None)):
-        if col not in df:
-            df[col] = empty
-    punct = df["top_tokens"].apply(lambda ts: ts is not None and FeatureLabel(tuple(ts)).is_punctuation)
-    df["punct_or_bos"] = punct | (df["bos_rate"] > 0.5)
-    writer.write("features", pa.Table.from_pandas(df, preserve_index=False))
+        "token_ids": pa.array(inp.tokens, pa.list_(pa.int32())),
+        "tokens": [[decode([t]) for t in ids] for ids in inp.tokens],
+        "n_tokens": pa.array([len(t) for t in inp.tokens], pa.int16()),
+    })
+    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    write_parquet(conform("samples", table), tmp)
+    os.replace(tmp, path)

@@ -1,19 +1,20 @@
 """Channel statistics whose memory is set by a budget, not by d_sae^2 or the corpus size.
 
-The keep-policy is decided from exact quantities, in two passes over a layer:
+The keep-policy is decided from exact quantities, in two passes over a layer, each run block
+by block of samples (`blocks.py`; `merge.py` combines the blocks):
 
 1. Counts. A channel's count does not depend on the head or on any FA value: each sample's
    exact co-activation counts (`reduce.cooccurrence`) go into a `CountAggregator`, an
    in-memory buffer of (key, count) that is combined (sorted and summed by key) when it
    outgrows its share of the budget, and written as a run to Parquet when combining no longer
-   makes it fit. At the end the runs are summed out of core by DuckDB (memory_limit = the same
-   share, spilling to disk), which gives the same counts as an all-in-memory sum. Channels
-   with count >= min_count are kept.
-2. Statistics. The kept keys are cut into chunks whose accumulators (`ChannelChunk`) fit the
-   budget; each chunk is one sweep over the corpus (usually there is one chunk). Per channel and
-   head it holds the sum and sum of squares (float64), the same on induction targets, and the
-   top examples: the strongest entry of each sample, of which the largest
-   `examples_per_channel` are kept.
+   makes it fit. At the end of the block the runs are summed out of core by DuckDB
+   (memory_limit = the same share, spilling to disk), which gives the same counts as an
+   all-in-memory sum. The blocks' counts are summed, and channels with count >= min_count kept.
+2. Statistics. The kept keys a block touches are cut into chunks whose accumulators
+   (`ChannelChunk`) fit the budget; each chunk is one sweep over the block (usually there is
+   one chunk). Per channel and head it holds the sum and sum of squares (float64), the same on
+   induction targets, and the top examples: the strongest entry of each sample, of which the
+   largest `examples_per_channel` are kept.
 
 Channel keys are feat_q * d_sae + feat_k (int64), so sorted keys are sorted (feat_q, feat_k).
 
@@ -73,21 +74,19 @@ class CountAggregator:
         self.runs.append(path)
         self.keys, self.counts, self.n_rows = [], [], 0
 
-    def finish(self, min_count: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """(kept keys ascending, their counts, number of distinct channels seen)."""
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct keys ascending, their summed counts)."""
         if not self.runs:
             if not self.keys:
-                return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
             self._combine()
-            keys, counts = self.keys[0], self.counts[0]
-            keep = counts >= min_count
-            return keys[keep], counts[keep], len(keys)
+            return self.keys[0], self.counts[0]
         if self.keys:
             self._combine()
             self._spill()
-        return self._finish_out_of_core(min_count)
+        return self._finish_out_of_core()
 
-    def _finish_out_of_core(self, min_count: int):
+    def _finish_out_of_core(self):
         import duckdb
 
         tmp = self.spill_dir / "duckdb_tmp"
@@ -96,13 +95,11 @@ class CountAggregator:
         con.execute("SET temp_directory = ?", [str(tmp)])
         con.execute("SET preserve_insertion_order = false")
         files = [str(p) for p in self.runs]
-        con.execute("CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count "
-                    "FROM read_parquet(?) GROUP BY key", [files])
-        n_seen = con.execute("SELECT count(*) FROM agg").fetchone()[0]
-        kept = con.execute("SELECT key, count FROM agg WHERE count >= ? ORDER BY key", [min_count]).fetchnumpy()
+        agg = con.execute("SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key ORDER BY key",
+                          [files]).fetchnumpy()
         con.close()
         shutil.rmtree(self.spill_dir, ignore_errors=True)
-        return kept["key"].astype(np.int64), kept["count"].astype(np.int64), int(n_seen)
+        return agg["key"].astype(np.int64), agg["count"].astype(np.int64)
 
 
 def combine(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,121 +1,228 @@
-"""`fra merge`: combine the indexes of `fra ingest --shard i/n` runs into one index.
+"""The one merge of block partials into an index (see `blocks.py` for the partials), and
+`fra merge`, which runs it for the Slurm-style path (`fra ingest --shard i/n` on each node).
 
-Rows and pairs are concatenated (shards hold disjoint samples). Channel statistics are added,
-which is exact only when no shard dropped channels, so shards must be built with
-`--min-count 1`; the merged index then applies `--min-count`. Examples are re-ranked over the
-union (each shard kept its channel's strongest samples, so the union holds the strongest of
-all). Merging is idempotent: the output depends only on the set of shards, a shard given twice
-or overlapping another is refused, and a re-run replaces the output whole (staging + rename).
+Every engine ends here, so there is no second implementation. Per layer:
+
+- `select_channels`: the count partials of all blocks, summed by channel in DuckDB (integers,
+  exact in any order, out of core under the memory budget); channels with count >= min_count
+  are kept (`kept.parquet`), which the statistics blocks read.
+- `merge_layer`: per head, the statistics partials are added up by channel in DuckDB. Counts
+  are integer sums. The float64 sums of the blocks are added as 128-bit fixed-point integers
+  (units of 2^-60, `FIXED_POINT`): each block's sum rounded to that unit, then added exactly,
+  so the total does not depend on the order of addition; it depends only on the partials, never
+  on the engine, the schedule or DuckDB's threads. (2^-60 is finer than the float32 rounding of any
+  term above 1e-11; the range, |sum| < 2^66, is far above any score statistic.) Examples are
+  re-ranked over the union of the blocks' top examples by |value| descending, then sample
+  ascending (each block kept its strongest samples of each channel, so the union holds the
+  strongest of all). Rows and pairs are the blocks' part files, in block order.
+- `finish`: the samples table, the features table (fire counts summed over blocks), the
+  manifest, and the rename of the staging directory into place.
+
+`fra merge --out DIR` takes whatever step is due, layer by layer, and says what is missing:
+with the count blocks all present it selects the channels (the shards then run again for the
+statistics); with the statistics blocks all present it finishes the layer, and with every layer
+finished it writes the index. Merging is idempotent: a finished block is never recomputed, and
+a re-run replaces the output whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from .schema import IndexFormatError, Manifest, code_version, now, table_glob
-from .store import IndexWriter
+from .blocks import Task, kept_path, layer_dir, missing, n_blocks, partial_dir
+from .schema import IndexFormatError, Manifest
+from .store import IndexWriter, write_parquet
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    out: Path = opt(Path("runs/merged"), "directory of the merged index")
-    shards: tuple[Path, ...] = opt((), "the shard indexes to merge (built with --shard i/n and --min-count 1)")
-    min_count: int = opt(64, "keep a channel only if its merged count reaches this")
-
-    def __post_init__(self):
-        if len(self.shards) < 1:
-            raise ValueError("give the shard indexes to merge with --shards DIR [DIR ...]")
+    out: Path = opt(Path("runs/demo"), "the --out of the `fra ingest --shard i/n` runs: selects the channels once "
+                                       "every shard's count pass is done, writes the index once every "
+                                       "shard's statistics pass is done")
 
 
-def _shard_set(m: Manifest) -> tuple[set[int], int]:
-    ids, n = m.shard.split("/")
-    return {int(i) for i in ids.split("+")}, int(n)
-
-
-def check_shards(manifests: list[Manifest]) -> tuple[list[int], int]:
-    first = manifests[0]
-    seen: set[int] = set()
-    n_all = None
-    for m in manifests:
-        for key in ("model", "sae", "corpus", "layers", "heads"):
-            if getattr(m, key) != getattr(first, key):
-                raise IndexFormatError(f"shards disagree on {key}: {getattr(m, key)} vs {getattr(first, key)}")
-        if m.policy["min_count"] != 1:
-            raise IndexFormatError("a shard dropped rare channels (min_count > 1), so its channel statistics "
-                                   "cannot be merged exactly; rebuild the shards with --min-count 1")
-        ids, n = _shard_set(m)
-        if n_all is not None and n != n_all:
-            raise IndexFormatError(f"shards split the corpus differently: /{n} vs /{n_all}")
-        n_all = n
-        if ids & seen:
-            raise IndexFormatError(f"shard(s) {sorted(ids & seen)} given more than once")
-        seen |= ids
-    return sorted(seen), n_all
-
-
-def run(cfg: MergeConfig) -> Path:
+def _connect(budget_gb: float, tmp: Path):
     import duckdb
 
-    manifests = [Manifest.read(s) for s in cfg.shards]
-    ids, n = check_shards(manifests)
-    first = manifests[0]
-    order = sorted(range(len(cfg.shards)), key=lambda i: min(_shard_set(manifests[i])[0]))
-    shards = [Path(cfg.shards[i]) for i in order]
-    writer = IndexWriter(Path(cfg.out), {"merge": [str(s) for s in shards], "min_count": cfg.min_count})
     con = duckdb.connect()
-    n_examples = first.policy["examples_per_channel"]
-    for layer in first.layers:
-        writer.begin_layer(layer)
-        for head in first.heads:
-            part = f"layer={layer}/head={head}"
-            for name in ("rows", "pairs"):
-                for j, s in enumerate(shards):
-                    for k, f in enumerate(sorted((s / name / part).glob("*.parquet"))):
-                        dest = writer.work_dir(layer) / name / part / f"part-{j:03d}{k:05d}.parquet"
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy(f, dest)
-            files = lambda name: [str(f) for s in shards for f in sorted((s / name / part).glob("*.parquet"))]  # noqa: E731
-            chan = con.execute(
-                """SELECT feat_q, feat_k, sum(count)::BIGINT AS count, sum(sum) AS sum, sum(sumsq) AS sumsq,
-                          sum(ind_count)::BIGINT AS ind_count, sum(ind_sum) AS ind_sum, sum(ind_sumsq) AS ind_sumsq
-                   FROM read_parquet(?) GROUP BY feat_q, feat_k HAVING sum(count) >= ? ORDER BY feat_q, feat_k""",
-                [files("channels"), cfg.min_count]).to_arrow_table()
-            writer.write("channels", chan, layer, head)
-            ex = con.execute(
-                """SELECT e.feat_q, e.feat_k, (row_number() OVER w - 1)::TINYINT AS rank, e.sample, e.q, e.k, e.value
-                   FROM read_parquet(?) e
-                   SEMI JOIN (SELECT feat_q, feat_k FROM read_parquet(?) GROUP BY ALL HAVING sum(count) >= ?) c
-                     USING (feat_q, feat_k)
-                   WINDOW w AS (PARTITION BY e.feat_q, e.feat_k ORDER BY abs(e.value) DESC, e.sample)
-                   QUALIFY row_number() OVER w <= ? ORDER BY e.feat_q, e.feat_k, rank""",
-                [files("examples"), files("channels"), cfg.min_count, n_examples]).to_arrow_table()
-            writer.write("examples", ex, layer, head)
-        writer.finish_layer(layer, {})
-    samples = [table_glob(s, "samples") for s in shards]
-    writer.write("samples", con.execute("SELECT * FROM read_parquet(?) ORDER BY sample", [samples]).to_arrow_table())
-    feats = [table_glob(s, "features") for s in shards]
-    n_tokens = [con.execute("SELECT sum(n_tokens) FROM read_parquet(?)", [f]).fetchone()[0] for f in samples]
-    con.execute("CREATE TEMP TABLE w (file VARCHAR, n_tok DOUBLE, n DOUBLE)")
-    con.executemany("INSERT INTO w VALUES (?, ?, ?)", [
-        (str(next(Path(s / "features").glob("*.parquet"))), t, manifests[i].n_samples)
-        for s, t, i in zip(shards, n_tokens, order)])
-    # index_frequency (per token) and bos_rate (per sample) are per-shard rates: weight them
-    features = con.execute(
-        """SELECT f.* EXCLUDE (index_frequency, bos_rate, punct_or_bos, filename),
-                  sum(f.index_frequency * w.n_tok) OVER k / sum(w.n_tok) OVER k AS index_frequency,
-                  sum(f.bos_rate * w.n) OVER k / sum(w.n) OVER k AS bos_rate,
-                  bool_or(f.punct_or_bos) OVER k AS punct_or_bos
-           FROM read_parquet(?, filename = true) f JOIN w ON f.filename = w.file
-           WINDOW k AS (PARTITION BY f.layer, f.feature)
-           QUALIFY row_number() OVER (PARTITION BY f.layer, f.feature ORDER BY f.filename) = 1
-           ORDER BY layer, feature""", [feats]).to_arrow_table()
-    writer.write("features", features)
-    return writer.commit(dataclasses.replace(
-        first, policy={**first.policy, "min_count": cfg.min_count},
-        n_samples=sum(m.n_samples for m in manifests), shard="+".join(map(str, ids)) + f"/{n}",
-        stats={"merged_from": [str(s) for s in cfg.shards]}, code_version=code_version(), created=now(),
-    ))
+    con.execute(f"SET memory_limit = '{max(int(budget_gb * 1e9) // 2**20, 64)}MB'")
+    con.execute("SET temp_directory = ?", [str(tmp)])
+    return con
+
+
+def tasks(job: dict, phase: str, layer: int) -> list[Task]:
+    return [Task(phase, layer, b) for b in range(n_blocks(job["n_samples"], job["policy"]["block_size"]))]
+
+
+def _files(partials: Path, job: dict, phase: str, layer: int, name: str) -> list[str]:
+    return [str(partial_dir(partials, t) / name) for t in tasks(job, phase, layer)]
+
+
+def _require(partials: Path, todo: list[Task], what: str) -> None:
+    absent = missing(partials, todo)
+    if absent:
+        shown = ", ".join(str(t.block) for t in absent[:20]) + (" ..." if len(absent) > 20 else "")
+        raise IndexFormatError(
+            f"{what}: {len(absent)} of {len(todo)} blocks are not done yet ({shown}); `fra ingest --shard i/n` "
+            f"computes the blocks b with b mod n == i, so run the shards that own them")
+
+
+def select_channels(partials: Path, job: dict, layer: int) -> None:
+    """Sum the count partials of all blocks and keep channels with count >= min_count."""
+    todo = tasks(job, "count", layer)
+    _require(partials, todo, f"layer {layer}: cannot select channels")
+    t0 = time.time()
+    con = _connect(job["policy"]["memory_budget_gb"] / 4, layer_dir(partials, layer) / "_duckdb")
+    con.execute("CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key",
+                [_files(partials, job, "count", layer, "counts.parquet")])
+    n_seen = con.execute("SELECT count(*) FROM agg").fetchall()[0][0]
+    # every statistics block reads the whole kept set, so it fits in memory
+    kept = con.sql("SELECT key, count FROM agg WHERE count >= ? ORDER BY key",
+                   params=[job["policy"]["min_count"]]).to_arrow_table()
+    con.close()
+    (layer_dir(partials, layer) / "seen.json").write_text(json.dumps({"channels_seen": int(n_seen),
+                                                                       "select_seconds": time.time() - t0}))
+    dest = kept_path(partials, layer)
+    tmp = dest.with_suffix(".tmp")
+    write_parquet(kept, tmp)
+    tmp.replace(dest)
+
+
+# The blocks' float64 sums are added as 128-bit integers in units of 2^-60: integer addition is
+# exact, so the total does not depend on the order DuckDB's threads add in. Range: |x| < 2^66.
+FIXED_POINT = 2.0**60
+
+
+def _exact_sum(column: str) -> str:
+    unit = f"{int(FIXED_POINT)}::DOUBLE"
+    return f"sum(({column} * {unit})::HUGEINT)::DOUBLE / {unit}"
+
+
+def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
+    """Add up the statistics partials of all blocks into the layer's tables; returns its stats."""
+    import pyarrow.parquet as pq
+
+    partials = writer.partials
+    todo = tasks(job, "stats", layer)
+    _require(partials, todo, f"layer {layer}: cannot merge")
+    t0 = time.time()
+    writer.begin_layer(layer)
+    con = _connect(job["policy"]["memory_budget_gb"], writer.work_dir(layer) / "_duckdb")
+    channels = _files(partials, job, "stats", layer, "channels.parquet")
+    examples = _files(partials, job, "stats", layer, "examples.parquet")
+    for head in job["heads"]:
+        chan = con.sql(
+            f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum('sum')} AS sum,
+                       {_exact_sum('sumsq')} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
+                       {_exact_sum('ind_sum')} AS ind_sum, {_exact_sum('ind_sumsq')} AS ind_sumsq
+                FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
+            params=[channels, head]).to_arrow_table()
+        writer.write("channels", chan, layer, head)
+        ex = con.sql(
+            """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
+               FROM read_parquet(?) WHERE head = ?
+               WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
+               QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank""",
+            params=[examples, head, job["policy"]["examples_per_channel"]]).to_arrow_table()
+        writer.write("examples", ex, layer, head)
+        for name in ("rows", "pairs"):
+            dest = writer.work_dir(layer) / name / f"layer={layer}" / f"head={head}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for t in todo:
+                for f in sorted((partial_dir(partials, t) / name / f"head={head}").glob("*.parquet")):
+                    shutil.copy(f, dest / f"part-{t.block:06d}-{f.stem[5:]}.parquet")
+    con.close()
+
+    def block_stats(phase):
+        return [json.loads((partial_dir(partials, t) / "stats.json").read_text()) for t in tasks(job, phase, layer)]
+
+    counted, measured = block_stats("count"), block_stats("stats")
+    stats = {}
+    for j, h in enumerate(job["heads"]):
+        ff_abs = sum(b["ff_abs"][j] for b in measured)
+        stats[str(h)] = {"rows": sum(b["rows"][j] for b in measured),
+                         "kept_abs_share": sum(b["kept_abs"][j] for b in measured) / ff_abs if ff_abs else 0.0}
+    seconds = sum(b["seconds"] for b in counted + measured)
+    stats.update({
+        **json.loads((layer_dir(partials, layer) / "seen.json").read_text()),
+        "channels_kept": pq.read_metadata(kept_path(partials, layer)).num_rows,
+        "count_runs_spilled": sum(b["count_runs_spilled"] for b in counted),
+        "sweeps": max(b["sweeps"] for b in measured),
+        "kept_channels_per_sweep": max(b["kept_channels_per_sweep"] for b in measured),
+        "blocks": len(todo), "block_seconds": seconds, "samples_per_s": job["n_samples"] / seconds if seconds else 0.0,
+        "merge_seconds": time.time() - t0,
+    })
+    writer.finish_layer(layer, stats)
+    return stats
+
+
+def finish(writer: IndexWriter, job: dict) -> Path:
+    """The samples and features tables, the manifest, and the rename into place."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..registry import FeatureLabel
+
+    partials = writer.partials
+    stats = {str(layer): writer.layer_stats(layer) for layer in job["layers"]}
+    samples = pq.read_table(partials / "samples.parquet")
+    writer.write("samples", samples)
+    n_tok = pa.compute.sum(samples["n_tokens"].cast(pa.int64())).as_py()
+    con = _connect(job["policy"]["memory_budget_gb"], partials / "_duckdb")
+    frames = []
+    for layer in job["layers"]:
+        fired = con.execute("SELECT feature, sum(fires)::BIGINT AS fires, sum(bos)::BIGINT AS bos FROM read_parquet(?) "
+                            "GROUP BY feature", [_files(partials, job, "count", layer, "features.parquet")]).df()
+        df = pd.DataFrame({"layer": layer, "feature": range(job["d_sae"][str(layer)])})
+        df = df.merge(fired, on="feature", how="left").fillna({"fires": 0, "bos": 0})
+        df["index_frequency"] = df["fires"] / n_tok
+        df["bos_rate"] = df["bos"] / samples.num_rows
+        frames.append(df.drop(columns=["fires", "bos"]))
+    con.close()
+    df = pd.concat(frames)
+    table = job["feature_table"]
+    if table is not None and Path(table).exists():
+        df = df.merge(pq.read_table(table).to_pandas(), on=["layer", "feature"], how="left")
+    for col in ("label", "top_tokens", "prev_token", "frequency", "mean_act_when_active", "max_act", "top_contexts"):
+        if col not in df:
+            df[col] = None
+    punct = df["top_tokens"].apply(lambda ts: ts is not None and FeatureLabel(tuple(ts)).is_punctuation)
+    df["punct_or_bos"] = punct | (df["bos_rate"] > 0.5)
+    writer.write("features", pa.Table.from_pandas(df, preserve_index=False))
+    manifest = Manifest(model=job["model"], sae=job["sae"], corpus=job["corpus"], policy=job["policy"],
+                        layers=job["layers"], heads=job["heads"], n_samples=job["n_samples"], shard="0/1",
+                        stats=stats, code_version=job["code_version"])
+    return writer.commit(manifest)
+
+
+def advance(writer: IndexWriter, job: dict) -> Path | None:
+    """Take every step that is due: select channels where all count blocks are done, merge
+    layers where all statistics blocks are done, and write the index when every layer is
+    merged (its path is returned; None while blocks are missing)."""
+    partials = writer.partials
+    for layer in job["layers"]:
+        if writer.layer_stats(layer) is not None:
+            continue
+        if not kept_path(partials, layer).exists():
+            select_channels(partials, job, layer)
+            print(f"layer {layer}: channels selected; run the shards again for the statistics pass")
+        elif not missing(partials, tasks(job, "stats", layer)):
+            merge_layer(writer, job, layer)
+            print(f"layer {layer}: merged")
+        else:
+            _require(partials, tasks(job, "stats", layer), f"layer {layer}: cannot merge")
+    if all(writer.layer_stats(layer) is not None for layer in job["layers"]):
+        return finish(writer, job)
+    return None
+
+
+def run(cfg: MergeConfig) -> Path | None:
+    writer = IndexWriter.resume(Path(cfg.out))
+    return advance(writer, writer.job)
+

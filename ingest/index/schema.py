@@ -146,7 +146,7 @@ class Manifest:
     layers: list
     heads: list
     n_samples: int
-    shard: str  # "i/n" (samples with index % n == i), or "a+b/n" after a merge
+    shard: str  # "0/1": every sample (the blocks of `--shard i/n` runs finish into one index)
     stats: dict = field(default_factory=dict)
     code_version: str = field(default_factory=code_version)
     created: str = field(default_factory=lambda: now())
@@ -202,11 +202,13 @@ def markdown() -> str:
         "sae": "per layer: sha256 prefix of the SAE weights file, or `RELEASE:ID` of a sae-lens release",
         "corpus": "sha256 prefix of the corpus Parquet (or the caller's identity for in-memory samples)",
         "policy": "the keep-policy and job options: `min_count`, `top_keys`, `top_pairs`, "
-                  "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `memory_budget_gb`",
+                  "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `block_size` (the unit whose "
+                  "float sums are added in block order), `memory_budget_gb`",
         "layers": "indexed layers", "heads": "indexed heads", "n_samples": "number of samples",
-        "shard": "`i/n`: the samples whose position in the corpus is i mod n (`a+b/n` after a merge)",
-        "stats": "per layer: seconds, samples/s, channels seen / kept / spilled runs; per head the "
-                 "rows kept and `kept_abs_share`",
+        "shard": "`0/1`: the index holds every sample of the job (`fra ingest --shard i/n` runs compute "
+                 "blocks, and `fra merge` writes one index of all of them)",
+        "stats": "per layer: blocks, worker seconds summed over blocks, samples/s per worker, merge "
+                 "seconds, channels seen / kept / spilled runs; per head the rows kept and `kept_abs_share`",
         "code_version": "sha256 prefix of `ingest/core/*.py` and `ingest/index/*.py`",
         "created": "UTC time", "schema_version": str(SCHEMA_VERSION),
     }

@@ -1,9 +1,10 @@
 """Writing and opening an index directory.
 
 `IndexWriter` stages everything in `<out>.staging/` and renames it into place when the job is
-done, so a reader never sees half an index. A layer counts as done when its marker exists; a
-killed job resumes at the first unfinished layer and recomputes it (the result is identical to
-an uninterrupted run). Tables are cast to the schemas of `schema.TABLES` on the way out.
+done, so a reader never sees half an index. The block partials (`blocks.py`) live in
+`<out>.staging/partials/`; a layer counts as done when its marker exists. A killed job resumes:
+finished layers and finished blocks are kept, the rest is recomputed (the result is identical
+to an uninterrupted run). Tables are cast to the schemas of `schema.TABLES` on the way out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,20 +66,51 @@ def check_can_write(out: Path, identity: dict) -> None:
         )
 
 
-class IndexWriter:
-    """One job's staging directory. `job` identifies the job: a staging directory left by a
-    different job is wiped, one left by the same job is resumed."""
+def staging_dir(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".staging")
 
-    def __init__(self, out: Path, job: dict):
+
+def partials_dir(out: Path) -> Path:
+    """Where the block partials of the index at `out` are staged (`blocks.py`)."""
+    return staging_dir(out) / "partials"
+
+
+class IndexWriter:
+    """One job's staging directory. `job` identifies the job: a staging directory left by the
+    same job is resumed; one left by a different job is wiped, or refused with `keep_other`
+    (shards of one job share the staging directory, and must not wipe each other's blocks)."""
+
+    def __init__(self, out: Path, job: dict, keep_other: bool = False):
         self.out = Path(out)
-        self.staging = self.out.with_name(self.out.name + ".staging")
+        self.staging = staging_dir(out)
+        self.job = job
         job_file = self.staging / "job.json"
         if self.staging.exists():
             prev = json.loads(job_file.read_text()) if job_file.exists() else None
+            if prev != job and prev is not None and keep_other:
+                diff = sorted(k for k in set(job) | set(prev) if job.get(k) != prev.get(k))
+                raise IndexFormatError(
+                    f"{self.staging} holds blocks of another job (it differs in {diff}); run every shard "
+                    "with the same options and code, or delete that directory")
             if prev != job:
                 shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
-        job_file.write_text(json.dumps(job, sort_keys=True))
+        tmp = job_file.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")  # shards on other nodes write it too
+        tmp.write_text(json.dumps(job, sort_keys=True))
+        os.replace(tmp, job_file)
+
+    @classmethod
+    def resume(cls, out: Path) -> "IndexWriter":
+        """The writer of the job staged for `out` (by `fra ingest --shard i/n` runs)."""
+        job_file = staging_dir(out) / "job.json"
+        if not job_file.exists():
+            raise IndexFormatError(f"nothing is staged for {out} (no {job_file}); run `fra ingest --shard i/n "
+                                   f"--out {out}` on each node first")
+        return cls(out, json.loads(job_file.read_text()))
+
+    @property
+    def partials(self) -> Path:
+        return partials_dir(self.out)
 
     def _done(self, layer: int) -> Path:
         return self.staging / "_done" / f"layer={layer}.json"
@@ -123,7 +156,7 @@ class IndexWriter:
 
     def commit(self, manifest: Manifest) -> Path:
         """Write the manifest and move the staged index to `out` (replacing an older one)."""
-        for extra in ("_done", "_work", "job.json"):
+        for extra in ("_done", "_work", "partials", "job.json"):
             p = self.staging / extra
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         manifest.write(self.staging)

@@ -12,6 +12,12 @@ disk per sample, channels seen and kept. The dense path of schema 1 (commit `bas
 [d_sae^2, heads] accumulator) runs on the same workload at the first width, in the same
 `fra bench` call, from a temporary git worktree of this repository (skipped with a message
 when that is not possible, e.g. outside a git checkout).
+
+Engines: the same workload at the first width runs again with `--engine ray` and
+`engine_workers` actors on a local Ray instance (when Ray is installed), next to the local
+engine's run, with samples/s and wall time including Ray's start-up. From the measured
+per-sample worker time and the merge's cost per partial it prints an *estimate* of a run of
+10^6 samples on 100 GPUs, using the H100 throughput measured outside this bench (FACTS.md).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class BenchConfig:
     baseline: str | None = opt(BASELINE_COMMIT, "git commit of the dense path to compare with at the first width; '' to skip")
     device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
     seed: int = opt(0, "seed of the synthetic SAEs")
+    engine_workers: int = opt(2, "actors of the --engine ray run at the first width (0: skip the engine comparison)")
+    block_size: int = opt(16, "the ingest's samples per block")
 
     def __post_init__(self):
         if self.n_samples < 1 or self.seq_len < 2 or not self.widths:
@@ -82,11 +90,13 @@ def _peak_rss_gb() -> float:
 
 
 def measure(args: dict) -> dict:
-    """One width, in this process: the new ingest, or the schema-1 runner when `baseline`."""
+    """One width, in this process: the new ingest (`engine` local or ray), or the schema-1 runner
+    when `baseline`."""
     import time
 
     import torch
 
+    t_load = time.perf_counter()
     device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     hook = f"blocks.{args['layer']}.ln1.hook_normalized"
     out = Path(args["out"])
@@ -108,10 +118,20 @@ def measure(args: dict) -> dict:
         cfg = IngestConfig(**common)
     else:
         inp = Inputs(lm, saes, ids, texts, tokens, "bench", sae_id)
-        cfg = IngestConfig(**common, memory_budget_gb=args["memory_budget_gb"])
+        cfg = IngestConfig(**common, memory_budget_gb=args["memory_budget_gb"], block_size=args["block_size"],
+                           engine=args.get("engine", "local"), workers=args.get("workers"))
+    load = time.perf_counter() - t_load
     t = time.perf_counter()
+    startup = 0.0
+    if args.get("engine") == "ray":
+        import ray
+
+        ray.init(num_cpus=args["workers"], include_dashboard=False, log_to_driver=False)
+        startup = time.perf_counter() - t
     run(cfg, inp)
     seconds = time.perf_counter() - t
+    if args.get("engine") == "ray":
+        ray.shutdown()
     manifest = json.loads((out / "manifest.json").read_text())
     st = manifest["stats"][str(args["layer"])]
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -121,6 +141,9 @@ def measure(args: dict) -> dict:
         "channels_seen": st["channels_seen"],
         "channels_kept": st.get("channels_kept", st.get("channels_written")),
         "sweeps": st.get("sweeps", 1), "count_runs_spilled": st.get("count_runs_spilled", 0),
+        "load_seconds": load, "startup_seconds": startup, "blocks": st.get("blocks"),
+        "block_seconds": st.get("block_seconds"),
+        "merge_seconds": st.get("merge_seconds", 0) + st.get("select_seconds", 0),  # both passes over the partials
     }
 
 
@@ -179,6 +202,8 @@ def run(cfg: BenchConfig) -> dict:
             rows.append({"path": "two-pass", **_child({**base, "width": width, "out": str(tmp / f"w{width}")})})
             print("  " + json.dumps(rows[-1]), flush=True)
             shutil.rmtree(tmp / f"w{width}", ignore_errors=True)
+        if cfg.engine_workers:
+            _engine_row(cfg, base, tmp, rows)
         if cfg.baseline:
             path = _baseline_tree(cfg.baseline, tmp)
             if path is not None:
@@ -193,7 +218,58 @@ def run(cfg: BenchConfig) -> dict:
         _remove_worktree(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     _print(cfg, rows)
+    _print_engines(cfg, rows)
     return {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows}
+
+
+def _engine_row(cfg: BenchConfig, base: dict, tmp: Path, rows: list[dict]) -> None:
+    """The first width again, with --engine ray and `engine_workers` actors on a local Ray instance."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("engine comparison skipped: Ray is not installed (pip install 'fra[ray]')")
+        return
+    print(f"measuring --engine ray with {cfg.engine_workers} workers at d_sae = {cfg.widths[0]} ...", flush=True)
+    args = {**base, "width": cfg.widths[0], "out": str(tmp / "ray"), "engine": "ray", "workers": cfg.engine_workers}
+    rows.append({"path": f"ray, {cfg.engine_workers} workers", **_child(args)})
+    print("  " + json.dumps(rows[-1]), flush=True)
+
+
+# The H100's throughput of the statistics pass at k=32, d_sae=4096 (FACTS.md, "The inner loop of
+# ingest": exact channel sums and counts plus top-8 per channel, 106 samples/s per layer);
+# measured outside this bench, on synthetic activations.
+H100_SAMPLES_PER_S = 106.0
+
+
+def _print_engines(cfg: BenchConfig, rows: list[dict]) -> None:
+    local = next((r for r in rows if r["path"] == "two-pass" and r["width"] == cfg.widths[0]), None)
+    ray_row = next((r for r in rows if r["path"].startswith("ray")), None)
+    if local is None or ray_row is None:
+        return
+    n = cfg.n_samples
+    print(f"\nengines, same workload ({n} samples, d_sae {cfg.widths[0]}, blocks of {cfg.block_size}). Wall time: "
+          "the whole `fra ingest` of each engine after the driver loaded the model, so for Ray it includes "
+          "Ray's start-up, the actors' start and their copy of the model:")
+    print(f"{'engine':>18} {'wall s':>8} {'samples/s':>10} {'Ray start-up s':>15} {'worker s/sample':>16} "
+          f"{'merge s':>8} {'partials':>9}")
+    for r in (local, ray_row):
+        name = "local, 1 process" if r is local else r["path"]
+        print(f"{name:>18} {r['seconds']:8.1f} {n / r['seconds']:10.2f} {r['startup_seconds']:15.1f} "
+              f"{r['block_seconds'] / n:16.2f} {r['merge_seconds']:8.2f} {2 * r['blocks']:9}")
+    N, G = 10**6, 100
+    per_partial = ray_row["merge_seconds"] / (2 * ray_row["blocks"])  # count and statistics partials
+    gpu_h = N * 2 / H100_SAMPLES_PER_S / G / 3600  # two passes, both at the statistics pass's rate
+    cpu_h = N * ray_row["block_seconds"] / n / G / 3600
+    print(f"ESTIMATE, not a measurement, for {N:.0e} samples of {cfg.seq_len} tokens at one layer on {G} workers:\n"
+          f"  compute on {G} H100s: {N:.0e} x 2 passes / {H100_SAMPLES_PER_S:.0f} samples/s (FACTS.md: the statistics "
+          f"pass on synthetic activations, k=32, d_sae=4096) / {G} = {gpu_h:.2f} h\n"
+          f"  compute on {G} CPU workers like these: {N:.0e} x {ray_row['block_seconds'] / n:.2f} s / {G} = {cpu_h:.1f} h\n"
+          f"  merge, in one process after the compute: {per_partial:.2f} s per partial here (blocks of {cfg.block_size})")
+    for block in (cfg.block_size, 4096):
+        partials = 2 * -(-N // block)
+        bound = "" if block == cfg.block_size else (", a lower bound: a larger block touches more channels, so its "
+                                                    "partial costs more")
+        print(f"    blocks of {block}: {partials:,} partials x {per_partial:.2f} s = {partials * per_partial / 3600:.1f} h{bound}")
 
 
 def _print(cfg: BenchConfig, rows: list[dict]) -> None:
@@ -205,6 +281,8 @@ def _print(cfg: BenchConfig, rows: list[dict]) -> None:
     print(f"{'path':>18} {'d_sae':>6} {'samples/s':>10} {'peak RSS GB':>12} {'MB/sample':>10} "
           f"{'channels seen':>14} {'kept':>10} {'sweeps':>7} {'spilled runs':>13}")
     for r in rows:
+        if r["path"].startswith("ray"):
+            continue
         print(f"{r['path']:>18} {r['width']:>6} {r['samples_per_s']:10.2f} {r['peak_rss_gb']:12.2f} "
               f"{r['bytes_per_sample'] / 1e6:10.2f} {r['channels_seen']:14,} {r['channels_kept']:10,} "
               f"{r['sweeps']:7} {r['count_runs_spilled']:13}")

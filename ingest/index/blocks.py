@@ -1,0 +1,311 @@
+"""Work units of `fra ingest`: blocks of samples, each turned into a partial result on disk.
+
+Why blocks. An index must not depend on who computed it: one process, Ray actors, or Slurm
+shards. Integer counts add up the same in any order, but float64 sums of float32 terms do not,
+so the work is cut into a fixed plan in which no float addition depends on the schedule:
+
+- a *block* is `policy.block_size` consecutive samples of the job's sample list (block b holds
+  positions [b * block_size, (b + 1) * block_size));
+- one block is always computed by the same code (`BlockWorker`), sample by sample in list order,
+  into a *partial*: a directory of Parquet files under `<out>.staging/partials/`, written under
+  a temporary name and renamed, so a partial that exists is a finished block;
+- `merge.py` adds the partials of all blocks exactly (integers, and float64 sums in 128-bit
+  fixed point), so in any order (the one merge, used by every engine and by `fra merge`).
+
+So the engine only decides where and when blocks run: the same policy gives the same index,
+bit for bit, from any engine, in any schedule, after any number of retries or resumes.
+
+Per layer, two passes, each a set of block tasks:
+
+  count: `partials/layer=L/count/block=B/`: the block's exact channel counts (`counts.parquet`,
+         via `channels.CountAggregator`, spilling past its budget), how often each feature
+         fires (`features.parquet`), and `stats.json`. `merge.select_channels` then sums the
+         counts of all blocks and keeps channels with count >= min_count (`kept.parquet`).
+  stats: `partials/layer=L/stats/block=B/`: for the kept channels the block touches (known from
+         its count partial, so its accumulators are bounded by the block, not the corpus), the
+         float64 sums and the block's top examples per head (`channels.parquet`,
+         `examples.parquet`, swept in chunks that fit the memory budget), and the block's rows
+         and pairs (`rows/head=H/`, `pairs/head=H/`, already in the index's schema).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .store import conform, write_parquet
+
+PHASES = ("count", "stats")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One block of one pass of one layer."""
+
+    phase: str  # "count" or "stats"
+    layer: int
+    block: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase}:{self.layer}:{self.block}"
+
+
+def n_blocks(n_samples: int, block_size: int) -> int:
+    return -(-n_samples // block_size)
+
+
+def block_positions(block: int, block_size: int, n_samples: int) -> range:
+    return range(block * block_size, min((block + 1) * block_size, n_samples))
+
+
+def layer_dir(partials: Path, layer: int) -> Path:
+    return Path(partials) / f"layer={layer}"
+
+
+def partial_dir(partials: Path, task: Task) -> Path:
+    return layer_dir(partials, task.layer) / task.phase / f"block={task.block:06d}"
+
+
+def kept_path(partials: Path, layer: int) -> Path:
+    return layer_dir(partials, layer) / "kept.parquet"
+
+
+def missing(partials: Path, tasks: list[Task]) -> list[Task]:
+    """The tasks whose partial is not there yet."""
+    return [t for t in tasks if not partial_dir(partials, t).exists()]
+
+
+def fail_once(task: Task) -> None:
+    """Tests make a worker die (`os._exit`, like a killed process) at the end of the block that
+    FRA_FAIL_BLOCK names ("phase:layer:block"), before its partial is in place, unless the file
+    FRA_FAIL_MARKER exists; dying creates it, so the retry succeeds."""
+    marker = os.environ.get("FRA_FAIL_MARKER")
+    if os.environ.get("FRA_FAIL_BLOCK") == task.name and marker and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(1)
+
+
+class BlockWorker:
+    """Runs block tasks of one job: what the local engine, each Ray actor and each Slurm shard
+    call. Holds the model, the SAEs (validated by `Decomposer`) and the samples."""
+
+    def __init__(self, cfg, inp, device: str, partials: Path):
+        from ..core.decompose import Decomposer
+        from .build import job_heads
+
+        self.cfg, self.inp, self.device, self.partials = cfg, inp, device, Path(partials)
+        self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in inp.layers}
+        self.heads = job_heads(cfg, inp.lm.model)
+        self.budget = int(cfg.memory_budget_gb * 1e9)
+        self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
+
+    def run(self, task: Task) -> None:
+        """Compute the task's partial, unless it exists (then nothing happens)."""
+        import torch
+
+        dest = partial_dir(self.partials, task)
+        if dest.exists():
+            return
+        tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        t0 = time.time()
+        with torch.no_grad():
+            stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
+        stats["seconds"] = time.time() - t0
+        (tmp / "stats.json").write_text(json.dumps(stats))
+        fail_once(task)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another worker finished the same block first: its partial is identical
+            shutil.rmtree(tmp)
+
+    def _samples(self, block: int):
+        import torch
+
+        for s in block_positions(block, self.cfg.block_size, len(self.inp.tokens)):
+            yield s, torch.tensor(self.inp.tokens[s], device=self.device)
+
+    def _count(self, task: Task, tmp: Path) -> dict:
+        import torch
+
+        from ..core.reduce import cooccurrence
+        from .channels import CountAggregator
+
+        dec = self.decomposers[task.layer]
+        F = dec.sae.cfg.d_sae
+        fires_F = torch.zeros(F, dtype=torch.long)
+        bos_F = torch.zeros(F, dtype=torch.long)
+        counts = CountAggregator(self.budget // 4, tmp / "_count_runs")
+        for _, toks in self._samples(task.block):
+            sparse = dec.encode(toks)
+            idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
+            keys, n = cooccurrence(idx, live).channel_keys(F)
+            counts.add(keys.cpu().numpy(), n.cpu().numpy())
+            fires_F.index_add_(0, idx[live].cpu(), torch.ones(int(live.sum()), dtype=torch.long))
+            bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
+        n_runs = len(counts.runs)
+        keys, n = counts.finish()
+        write_parquet(pa.table({"key": keys, "count": n}), tmp / "counts.parquet")
+        fired = torch.nonzero(fires_F)[:, 0]
+        write_parquet(pa.table({"feature": fired.numpy(), "fires": fires_F[fired].numpy(),
+                                "bos": bos_F[fired].numpy()}), tmp / "features.parquet")
+        return {"count_runs_spilled": n_runs}
+
+    def _kept_of(self, layer: int) -> np.ndarray:
+        if layer not in self._kept:
+            import pyarrow.parquet as pq
+
+            self._kept = {layer: pq.read_table(kept_path(self.partials, layer))["key"].to_numpy()}
+        return self._kept[layer]
+
+    def _stats(self, task: Task, tmp: Path) -> dict:
+        import pyarrow.parquet as pq
+        import torch
+
+        from ..core.reduce import induction_mask, reduce_sample
+        from .channels import ChannelChunk
+
+        cfg, heads, layer = self.cfg, self.heads, task.layer
+        dec = self.decomposers[layer]
+        F = dec.sae.cfg.d_sae
+        # the kept channels this block touches, with their counts in the block
+        mine = pq.read_table(partial_dir(self.partials, Task("count", layer, task.block)) / "counts.parquet")
+        block_keys, block_counts = mine["key"].to_numpy(), mine["count"].to_numpy()
+        touched = np.isin(block_keys, self._kept_of(layer), assume_unique=True)
+        block_keys, block_counts = block_keys[touched], block_counts[touched]
+
+        per_channel = ChannelChunk.bytes_per_channel(len(heads), cfg.examples_per_channel)
+        chunk = max(1, (self.budget * 3 // 4) // per_channel)
+        starts = list(range(0, len(block_keys), chunk)) or [0]
+        head_pos = torch.tensor(heads)
+        tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget // 8)
+        channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
+        for c, lo in enumerate(starts):
+            keys = torch.from_numpy(block_keys[lo : lo + chunk])
+            acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
+            first = c == 0
+            for s, toks in self._samples(task.block):
+                p = dec.prepare(toks)
+                T = toks.shape[0]
+                causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+                scores = p.hooks.model_scores_BHQK[0][head_pos].float()
+                attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                ind = induction_mask(toks)
+                red = reduce_sample(
+                    p.q.feat_BHTAE[0][head_pos], p.k.feat_BHTAE[0][head_pos], p.sparse.feat_idx_BTA[0],
+                    p.live_BTA[0], ind, attn, F, keys.to(self.device), cfg.top_keys, cfg.top_pairs, cfg.q_block,
+                    with_rows=first,
+                )
+                acc.add(red, self.inp.sample_ids[s])
+                if first:
+                    tables.add(self.inp.sample_ids[s], p, red, ind, scores, causal, head_pos)
+            for j, h in enumerate(heads):
+                chan, ex = acc.tables(j, block_counts[lo : lo + chunk], F)
+                channels.add(_with(chan, head=h))
+                examples.add(_with(ex, head=h))
+            del acc
+        tables.flush()
+        channels.close()
+        examples.close()
+        return {"sweeps": len(starts), "kept_channels_per_sweep": int(min(chunk, max(len(block_keys), 1))),
+                "rows": tables.n_rows, "kept_abs": tables.kept_abs.tolist(), "ff_abs": tables.ff_abs.tolist()}
+
+
+class _Appender:
+    """One Parquet file written table by table, so that a block's statistics never sit in
+    memory twice."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer = path, None
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table, row_group_size=65536)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _with(table: pa.Table, **columns) -> pa.Table:
+    for name, value in columns.items():
+        table = table.append_column(name, pa.array(np.full(table.num_rows, value, np.int32)))
+    return table
+
+
+class RowsAndPairs:
+    """Buffers one block's rows and pairs per head and writes them as part files (in the index's
+    schema, under `root/rows/head=H/`) whenever the buffer passes `flush_bytes`."""
+
+    def __init__(self, heads, root: Path, flush_bytes: int):
+        self.heads, self.root, self.flush_bytes = heads, Path(root), flush_bytes
+        self.buf = {"rows": [], "pairs": []}
+        self.nbytes, self.part = 0, 0
+        self.n_rows = [0] * len(heads)
+        self.kept_abs = np.zeros(len(heads))
+        self.ff_abs = np.zeros(len(heads))
+
+    def add(self, sample, p, red, ind, scores_HQK, causal, head_pos):
+        import torch
+
+        from ..core.decompose import TERM_NAMES, pair_terms
+
+        qi, ki = torch.nonzero(causal, as_tuple=True)
+        terms = pair_terms(p.q, p.k)[:, 0][:, head_pos]  # [C, H, Q, K]
+        groups = {
+            "f_bdec": ["feat_bdec"], "f_err": ["feat_err"], "bdec_f": ["bdec_feat"], "err_f": ["err_feat"],
+            "resid_resid": ["bdec_bdec", "bdec_err", "err_bdec", "err_err"],
+            "bias": [t for t in TERM_NAMES if "bias" in t],
+        }
+        n = len(qi)
+        pairs = {
+            "sample": np.full((len(self.heads), n), sample, np.int32),
+            "q": np.broadcast_to(qi.cpu().numpy().astype(np.int16), (len(self.heads), n)),
+            "k": np.broadcast_to(ki.cpu().numpy().astype(np.int16), (len(self.heads), n)),
+            "induction": np.broadcast_to(ind[qi, ki].cpu().numpy(), (len(self.heads), n)),
+            "score": scores_HQK[:, qi, ki].cpu().numpy(),
+            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(), "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
+            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(), "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
+        }
+        for name, members in groups.items():
+            pairs[name] = terms[[TERM_NAMES.index(t) for t in members]].sum(0)[:, qi, ki].cpu().numpy()
+        rq, rk = red.rows_q, red.rows_k
+        rows = {"h": red.rows_h.cpu().numpy(), "sample": np.full(len(rq), sample, np.int32),
+                "q": rq.cpu().numpy().astype(np.int16), "k": rk.cpu().numpy().astype(np.int16),
+                "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
+                "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
+                "value": red.rows_val.cpu().numpy(), "induction": ind[rq, rk].cpu().numpy()}
+        self.buf["pairs"].append(pairs)
+        self.buf["rows"].append(rows)
+        self.kept_abs += pairs["kept_abs"].sum(1)
+        self.ff_abs += pairs["ff_abs"].sum(1)
+        self.nbytes += sum(v.nbytes for v in pairs.values()) + sum(v.nbytes for v in rows.values())
+        if self.nbytes > self.flush_bytes:
+            self.flush()
+
+    def flush(self):
+        if not self.buf["pairs"]:
+            return
+        order = [("sample", "ascending"), ("q", "ascending"), ("k", "ascending")]
+        for j, h in enumerate(self.heads):
+            pairs = pa.table({c: np.concatenate([b[c][j] for b in self.buf["pairs"]]) for c in self.buf["pairs"][0]})
+            write_parquet(conform("pairs", pairs.sort_by(order)), self.root / "pairs" / f"head={h}" / f"part-{self.part:05d}.parquet")
+            sel = [b["h"] == j for b in self.buf["rows"]]
+            rows = pa.table({c: np.concatenate([b[c][m] for b, m in zip(self.buf["rows"], sel)])
+                             for c in self.buf["rows"][0] if c != "h"})
+            self.n_rows[j] += rows.num_rows
+            write_parquet(conform("rows", rows.sort_by(order)), self.root / "rows" / f"head={h}" / f"part-{self.part:05d}.parquet")
+        self.buf = {"rows": [], "pairs": []}
+        self.nbytes = 0
+        self.part += 1
