@@ -259,9 +259,13 @@ class TopKTrainer:
 
 
 def _csr(crow, cols, vals, shape):
+    import warnings
+
     import torch
 
-    return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
 def _transpose_matmul(rows, cols, vals, n_out: int, dense_ND):
