@@ -29,6 +29,26 @@ def test_smollm2_logits_match_transformers(smollm2):
         torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
 
 
+def test_shipped_sae_files_match_the_model_card_metrics():
+    """The shipped files are the SAEs the model card's metrics were measured on."""
+    import json
+
+    from fra.ingest.registry import SAE_DIR
+
+    root = SAE_DIR / "smollm2-135m"
+    ev = json.loads((root / "eval_metrics.json").read_text())
+    train = json.loads((root / "train_metrics.json").read_text())
+    for layer in (17, 18):
+        path = root / f"blocks.{layer}.ln1.hook_normalized"
+        cfg = json.loads((path / "cfg.json").read_text())
+        assert cfg["architecture"] == "topk" and cfg["dtype"] == "float16"
+        assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (576, 4096, 64)
+        assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.ln1.hook_normalized"
+        assert (ev["layers"][str(layer)]["d_sae"], ev["layers"][str(layer)]["k"]) == (cfg["d_sae"], cfg["k"])
+        assert (path / "sae_weights.safetensors").stat().st_size <= 20e6  # fp16 files stay under 20 MB
+    assert train["config"]["variants"] == ["4096x64:qk"] and train["tokens_per_layer"] >= 1_000_000
+
+
 def test_shipped_saes_load_and_reconstruct(smollm2):
     from fra.ingest.registry import load_shipped_sae
 
