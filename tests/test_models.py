@@ -46,7 +46,7 @@ def test_shipped_sae_files_match_the_model_card_metrics():
         assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.ln1.hook_normalized"
         assert (ev["layers"][str(layer)]["d_sae"], ev["layers"][str(layer)]["k"]) == (cfg["d_sae"], cfg["k"])
         assert (path / "sae_weights.safetensors").stat().st_size <= 20e6  # fp16 files stay under 20 MB
-    assert train["config"]["variants"] == ["4096x64:qk"] and train["tokens_per_layer"] >= 1_000_000
+    assert "4096x64:qk" in train["config"]["variants"] and train["tokens_per_layer"] >= 1_000_000
 
 
 def test_shipped_saes_load_and_reconstruct(smollm2):

@@ -100,7 +100,7 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           f"Model: {doc['model']}.", "",
           "SAEs: " + "; ".join(f"layer {s['layer']}: `{s['hook']}`, {s['d_sae']} latents, TopK k={s['k']}, "
                                f"variance explained {_fmt(s['variance_explained'], 2)} on held-out corpus text"
-                               for s in doc["saes"]) + " (the CPU-budget SAEs shipped in `ingest/assets/saes`, "
+                               for s in doc["saes"]) + " (the SAEs shipped in `ingest/assets/saes`, "
           "see MODEL_CARD.md).", "",
           f"Reproduce: `fra report cih{quick}` ({doc['seconds'] / 60:.1f} min on this machine; "
           f"{n_seeds} seed(s): {', '.join(str(s.seed) for s in seeds)}). Every number below is in `cih.json`.", ""]
@@ -245,11 +245,10 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           f"the layer. Sign-flip tests use {run_cfg.n_perm} permutations. Largest |sum of term groups - "
           f"hook_attn_scores| over every decomposed row: {max(s.max_abs_residual for s in seeds):.2e}.", ""]
     L += ["## Caveats", "",
-          "- The SAEs are the CPU-budget ones shipped with the repo (" + ", ".join(
+          "- The SAEs are the ones shipped with the repo (" + ", ".join(
               f"layer {s['layer']}: {s['d_sae']} latents, variance explained {_fmt(s['variance_explained'], 2)}"
               for s in doc["saes"]) + " on held-out text, less on short synthetic prompts). The SAE-error terms hold "
-          "a large share of every head's contrast (table above), so a null at channel level may reflect the SAE, "
-          "not the model.",
+          "part of every head's contrast (table above): a null at channel level may reflect the SAE, not the model.",
           "- Only the top channels per head on the selection half are tested; a relation could be carried by many "
           "small channels that no single-channel test resolves (the head-level contrast is the evidence for that).",
           "- The attention causal test edits one head's scores at the query row and re-applies the softmax; the "
