@@ -17,6 +17,10 @@ load = lambda p: json.loads(Path(p).read_text())  # noqa: E731
 GOALS = {"tih": 0.55, "qk": 0.90, "fve": 0.86, "dead": 0.01, "splice": 0.015}
 
 
+def per_head(tih) -> str:
+    return ", ".join(f"{h}: {r['ff_share']:.0%}" for h, r in tih["heads"].items())
+
+
 def quality_rows(name, ev, tokens, seconds):
     rows = []
     for layer, m in ev["layers"].items():
@@ -24,7 +28,7 @@ def quality_rows(name, ev, tokens, seconds):
         rows.append(
             f"| {name} | {layer} | {m['d_sae']} | {m['k']} | {tokens:,} | {seconds / 60:.0f} min | {m['fve']:.3f} | "
             + (f"{qk['q_mean']:.3f} / {qk['k_mean']:.3f} / {qk['min']:.3f} | " if qk else "– | ")
-            + (f"{tih['mean_ff_share']:.1%} ({', '.join(f'{h}: {r['ff_share']:.0%}' for h, r in tih['heads'].items())}) | " if tih else "– | ")
+            + (f"{tih['mean_ff_share']:.1%} ({per_head(tih)}) | " if tih else "– | ")
             + f"{m['dead']} ({m['dead_fraction']:.2%} of {m['dead_scan_tokens']:,}) | {m['loss_increase_spliced']:.4f} | "
               f"{m['kl_spliced']:.4f} | {m['loss_increase_zero_ablated']:.4f} |")
     return rows
