@@ -35,9 +35,18 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def local_index(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local") / "index"
-    run(make_cfg(out), tiny_inputs(n_samples=5))
-    return tables(out)
+    """The local engine with one torch thread, as Ray's CPU workers run (OMP_NUM_THREADS=1): a
+    matmul's float result depends on how many threads split its sums."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("local") / "index"
+        run(make_cfg(out), tiny_inputs(n_samples=5))
+        return tables(out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ray_index_equals_local_index(cluster, local_index, tmp_path):
@@ -74,7 +83,8 @@ def test_ray_resumes_an_interrupted_run(cluster, local_index, tmp_path):
             "from fra.ingest.tools.testing import tiny_inputs; "
             f"run(IngestConfig(out=Path({str(tmp_path / 'index')!r}), model='tiny', min_count=2, top_keys=2, "
             "top_pairs=3, examples_per_channel=4, block_size=2, progress=False), tiny_inputs(n_samples=5))")
-    env = {**os.environ, "FRA_FAIL_BLOCK": "stats:1:1", "FRA_FAIL_MARKER": str(tmp_path / "died")}
+    env = {**os.environ, "FRA_FAIL_BLOCK": "stats:1:1", "FRA_FAIL_MARKER": str(tmp_path / "died"),
+           "OMP_NUM_THREADS": "1"}  # one torch thread, as the Ray workers (see local_index)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert p.returncode == 1, p.stderr.decode()[-2000:]
     done = sorted(p.name for p in (tmp_path / "index.staging" / "partials" / "layer=1" / "stats").iterdir())
