@@ -140,7 +140,7 @@ def cmd_bench_views(args):
 def cmd_app(args):
     import os
 
-    page = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    page = Path(__file__).resolve().parent / "app" / "main.py"
     try:
         import fra.app as app_pkg
 

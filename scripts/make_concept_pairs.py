@@ -1,4 +1,4 @@
-"""Builds ingest/assets/concept_pairs.json (shipped): the word pairs (A, B) and the filler-word
+"""Builds fra/ingest/assets/concept_pairs.json (shipped): the word pairs (A, B) and the filler-word
 pools of the CIH study (`fra report cih`), validated by the model itself.
 
 Sources: WordNet 3.0 (Debian `wordnet-base`, Princeton WordNet licence, which permits
@@ -18,7 +18,7 @@ Relations and how a pair is admitted:
   lemma or a common name (sue/Sue, will/Will): those are different concepts.
 - identity (B = A): the token-repeat positive control; it shows the pipeline can find an
   induction channel when one exists.
-The placebo relation is built at run time (ingest/studies/cih/prompts.py).
+The placebo relation is built at run time (fra/ingest/studies/cih/prompts.py).
 
 Run: python scripts/make_concept_pairs.py   (about 10 minutes on 2 busy CPU cores)
 """
@@ -204,7 +204,7 @@ def main() -> None:
                   "plural": "orthographic", "capitalised": "orthographic", "placebo": "placebo"},
         "zipf": {"noun": pools["noun"], "adj": pools["adj"]},
     }
-    Path("ingest/assets/concept_pairs.json").write_text(json.dumps(out, ensure_ascii=False, indent=0))
+    Path("fra/ingest/assets/concept_pairs.json").write_text(json.dumps(out, ensure_ascii=False, indent=0))
     print({k: len(v) for k, v in out["relations"].items()})
     print(synonym[:20])
     print(translation[:20])

@@ -24,7 +24,7 @@ from fra.app.state import pick_int, pick_page
 from fra.app.text import BYTE, md_context, md_text, readable_label, readable_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app" / "main.py")
+APP = str(ROOT / "fra" / "app" / "main.py")
 PAGES = ("Home", "Feature search", "Head", "Channel", "Sample", "CIH")
 
 
@@ -322,7 +322,7 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
     assert "is not a feature ID" in warnings(at) + all_text(at)
     assert executed and all(name in QUERIES for name, _ in executed)
     assert not any(evil in QUERIES[name] for name, _ in executed)
-    for path in (ROOT / "app").glob("*.py"):
+    for path in (ROOT / "fra" / "app").glob("*.py"):
         calls = [n.func.attr for n in ast.walk(ast.parse(path.read_text()))
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
         assert "execute" not in calls and "sql" not in calls, path
@@ -354,7 +354,7 @@ def test_cih_page_reads_the_old_report_without_raw_json(tiny_index, monkeypatch,
 
 
 def test_app_never_imports_torch_and_uses_no_deprecated_arguments():
-    for path in (ROOT / "app").glob("*.py"):
+    for path in (ROOT / "fra" / "app").glob("*.py"):
         tree = ast.parse(path.read_text())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

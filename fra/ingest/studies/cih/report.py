@@ -100,7 +100,7 @@ def markdown(doc, cfg, run_cfg, seeds, findings, answers, relations, lex, census
           f"Model: {doc['model']}.", "",
           "SAEs: " + "; ".join(f"layer {s['layer']}: `{s['hook']}`, {s['d_sae']} latents, TopK k={s['k']}, "
                                f"variance explained {_fmt(s['variance_explained'], 2)} on held-out corpus text"
-                               for s in doc["saes"]) + " (the SAEs shipped in `ingest/assets/saes`, "
+                               for s in doc["saes"]) + " (the SAEs shipped in `fra/ingest/assets/saes`, "
           "see MODEL_CARD.md).", "",
           f"Reproduce: `fra report cih{quick}` ({doc['seconds'] / 60:.1f} min on this machine; "
           f"{n_seeds} seed(s): {', '.join(str(s.seed) for s in seeds)}). Every number below is in `cih.json`.", ""]

@@ -187,14 +187,14 @@ def markdown() -> str:
     """docs/INDEX_SCHEMA.md."""
     out = [
         f"# FRA index schema (schema_version {SCHEMA_VERSION})", "",
-        "Generated from `ingest/index/schema.py` (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`).",
+        "Generated from `fra/ingest/index/schema.py` (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`).",
         "", "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
         "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.", "",
         "```", "manifest.json",
         *[f"{t.name}/" + ("layer=L/head=H/part-*.parquet" if t.partitioned else "part-0.parquet") for t in TABLES.values()],
         "```", "",
         "Notation: FA[q, k, i, j] = <a_i(q) Q_i(q), a_j(k) K_j(k)> with rotary, norm scale and 1/sqrt(d_head)",
-        "folded in (`ingest/core/decompose.py`). Positions count from 0; position 0 is the prepended BOS.", "",
+        "folded in (`fra/ingest/core/decompose.py`). Positions count from 0; position 0 is the prepended BOS.", "",
         "## manifest.json", "", "| key | meaning |", "|---|---|",
     ]
     about = {
@@ -209,7 +209,7 @@ def markdown() -> str:
                  "blocks, and `fra merge` writes one index of all of them)",
         "stats": "per layer: blocks, worker seconds summed over blocks, samples/s per worker, merge "
                  "seconds, channels seen / kept / spilled runs; per head the rows kept and `kept_abs_share`",
-        "code_version": "sha256 prefix of `ingest/core/*.py` and `ingest/index/*.py`",
+        "code_version": "sha256 prefix of `fra/ingest/core/*.py` and `fra/ingest/index/*.py`",
         "created": "UTC time", "schema_version": str(SCHEMA_VERSION),
     }
     out += [f"| {f.name} | {about[f.name]} |" for f in dataclasses.fields(Manifest)]

@@ -87,7 +87,7 @@ def tih_feature_share(model, layer: int, sae, heads: list[int], bos_id: int, n_s
 
 
 def tih_heads(layer: int) -> list[int]:
-    """Token induction heads of the census (`ingest/assets/census_smollm2-135m.json`) at `layer`."""
+    """Token induction heads of the census (`fra/ingest/assets/census_smollm2-135m.json`) at `layer`."""
     import json
 
     from ..registry import ASSETS

