@@ -34,9 +34,17 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
-            parser.add_argument(flag, type=tp, nargs=nargs, default=default, metavar=f.name.upper(),
-                                help=text if "default:" in text else f"{text} (default: {shown})" if text else f"default: {shown}")
+            shown = (
+                "none" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+            )
+            parser.add_argument(
+                flag,
+                type=tp,
+                nargs=nargs,
+                default=default,
+                metavar=f.name.upper(),
+                help=text if "default:" in text else f"{text} (default: {shown})" if text else f"default: {shown}",
+            )
 
 
 def config_from_args(cls, args):
@@ -77,8 +85,10 @@ def cmd_train_sae(args):
     print(f"{metrics['tokens_per_layer']:,} tokens per layer in {metrics['seconds']:.0f} s ({state})")
     for name, m in last["sae"].items():
         share = "n/a" if m["tih_ff_share"] is None else f"{m['tih_ff_share']:.1%}"
-        print(f"  {name}: held-out FVE {m['fve']:.3f}, QK VE q {m['qk_ve_q']:.3f} k {m['qk_ve_k']:.3f}, "
-              f"TIH feature share {share}, dead {m['dead_fraction']:.2%}")
+        print(
+            f"  {name}: held-out FVE {m['fve']:.3f}, QK VE q {m['qk_ve_q']:.3f} k {m['qk_ve_k']:.3f}, "
+            f"TIH feature share {share}, dead {m['dead_fraction']:.2%}"
+        )
 
 
 def cmd_eval_sae(args):
@@ -147,9 +157,24 @@ def cmd_app(args):
         page = Path(app_pkg.__file__).parent / "main.py"
     except ImportError:
         pass
-    cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
-           "--", "--index", str(args.index)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(page),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(args.port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+        "--",
+        "--index",
+        str(args.index),
+    ]
     # exec, not a child process: `fra app` becomes the server, so a signal to it reaches streamlit
     # and nothing is left running when it is killed
     os.execv(sys.executable, cmd)
@@ -177,15 +202,42 @@ def build_parser() -> argparse.ArgumentParser:
     staged = (
         ("corpus", "corpus", "CorpusConfig", cmd_corpus, "fetch the offline sources or build the corpus Parquet"),
         ("train-sae", "sae.train", "SAETrainConfig", cmd_train_sae, "train TopK SAEs on SmolLM2 attention inputs"),
-        ("eval-sae", "sae.evaluate", "EvalConfig", cmd_eval_sae, "measure shipped SAEs on held-out text (model card numbers)"),
-        ("census", "studies.census", "CensusConfig", cmd_census, "induction / previous-token / duplicate-token scores of every head"),
+        (
+            "eval-sae",
+            "sae.evaluate",
+            "EvalConfig",
+            cmd_eval_sae,
+            "measure shipped SAEs on held-out text (model card numbers)",
+        ),
+        (
+            "census",
+            "studies.census",
+            "CensusConfig",
+            cmd_census,
+            "induction / previous-token / duplicate-token scores of every head",
+        ),
         ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
-        ("merge", "index.merge", "MergeConfig", cmd_merge,
-         "the next step of a `fra ingest --shard i/n` job: select channels, or write the index"),
-        ("bench", "tools.bench", "BenchConfig", cmd_bench,
-         "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path, and local against Ray"),
-        ("report", "studies.cih.config", "CIHConfig", cmd_report,
-         "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)"),
+        (
+            "merge",
+            "index.merge",
+            "MergeConfig",
+            cmd_merge,
+            "the next step of a `fra ingest --shard i/n` job: select channels, or write the index",
+        ),
+        (
+            "bench",
+            "tools.bench",
+            "BenchConfig",
+            cmd_bench,
+            "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path, and local against Ray",
+        ),
+        (
+            "report",
+            "studies.cih.config",
+            "CIHConfig",
+            cmd_report,
+            "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)",
+        ),
     )
     for name, module, cls, func, text in staged:
         p = sub.add_parser(name, help=text)

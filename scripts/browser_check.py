@@ -28,9 +28,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+]
 
 # What the page shows, read in the page (Streamlit's own test ids).
 STATE_JS = r"""(() => {
@@ -85,8 +94,9 @@ def find_chromium() -> str | None:
 def start_app(index: Path, port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
     """`fra app` in its own process group (so that the whole group can be stopped)."""
     cmd = [sys.executable, "-m", "fra.cli", "app", "--index", str(index), "--port", str(port)]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+    )
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -153,8 +163,12 @@ class CDP:
         while time.time() - t0 < timeout:
             await asyncio.sleep(0.2)
             st = await self.state()
-            done = (st["script"] == "notRunning" and st["connection"] == "CONNECTED" and st["main"].strip()
-                    and st["plotsDrawn"] >= st["plots"])
+            done = (
+                st["script"] == "notRunning"
+                and st["connection"] == "CONNECTED"
+                and st["main"].strip()
+                and st["plotsDrawn"] >= st["plots"]
+            )
             sig = (st["main"], st["plotsDrawn"], st["tables"])
             stable = stable + 1 if done and sig == last else 0
             last = sig
@@ -203,8 +217,11 @@ async def click_open(cdp: CDP, devtools_port: int, table: int, expect: list[str]
     if "value" not in r["result"]:
         return [f"no table {table} to click"]
     rect = json.loads(r["result"]["value"])
-    await cdp.call("Runtime.evaluate", expression=f"document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}]"
-                                                  ".scrollIntoView({block: 'center'})")
+    await cdp.call(
+        "Runtime.evaluate",
+        expression=f"document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}]"
+        ".scrollIntoView({block: 'center'})",
+    )
     await asyncio.sleep(0.5)
     r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
     rect = json.loads(r["result"]["value"])
@@ -229,9 +246,12 @@ async def click_open(cdp: CDP, devtools_port: int, table: int, expect: list[str]
 
 async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path | None) -> list[dict]:
     profile = tempfile.mkdtemp(prefix="fra-chromium-")
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    browser = subprocess.Popen(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     results = []
     try:
         port_file = Path(profile) / "DevToolsActivePort"
@@ -249,8 +269,11 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
             st = await cdp.settle()
             problems = judge(c, st)
             if c.click_sidebar and not problems:
-                js = (f"(() => {{ const l = Array.from(document.querySelectorAll('[data-testid=\"stSidebar\"] label'))"
-                      f".find(e => e.innerText.trim() === {json.dumps(c.click_sidebar)}); if (l) l.click(); return !!l; }})()")
+                js = (
+                    f"(() => {{ const l = Array.from(document.querySelectorAll('[data-testid=\"stSidebar\"] label'))"
+                    f".find(e => e.innerText.trim() === {json.dumps(c.click_sidebar)}); if (l) "
+                    "l.click(); return !!l; }})()"
+                )
                 r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
                 if not r["result"].get("value"):
                     problems.append(f"no sidebar entry {c.click_sidebar!r}")
@@ -259,10 +282,14 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
                 problems += [f"after clicking {c.click_sidebar!r}: {p}" for p in judge(Check(c.name, c.query), st)]
                 for part in c.expect_url_after_click:
                     if part not in st["search"]:
-                        problems.append(f"after clicking {c.click_sidebar!r} the address bar lacks {part!r}: {st['search']}")
+                        problems.append(
+                            f"after clicking {c.click_sidebar!r} the address bar lacks {part!r}: {st['search']}"
+                        )
             if shots is not None and c.screenshot and not problems:  # never photograph a broken page
                 h = int(min(max(st.get("mainHeight", 1000) + 40, 900), 6000))
-                await cdp.call("Emulation.setDeviceMetricsOverride", width=1400, height=h, deviceScaleFactor=1, mobile=False)
+                await cdp.call(
+                    "Emulation.setDeviceMetricsOverride", width=1400, height=h, deviceScaleFactor=1, mobile=False
+                )
                 await asyncio.sleep(1.0)
                 await cdp.settle()
                 png = await cdp.call("Page.captureScreenshot", format="png")
@@ -272,9 +299,18 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
                 await cdp.call("Emulation.clearDeviceMetricsOverride")
             if c.click_open_in_table is not None and not problems:
                 problems += await click_open(cdp, devtools_port, c.click_open_in_table, c.expect_new_tab)
-            results.append(dict(name=c.name, url=f"?{c.query}", ok=not problems, problems=problems,
-                                seconds=round(time.time() - t0, 2), warnings=st.get("warnings", []),
-                                headers=st.get("headers", [])[:2], address=st.get("search")))
+            results.append(
+                dict(
+                    name=c.name,
+                    url=f"?{c.query}",
+                    ok=not problems,
+                    problems=problems,
+                    seconds=round(time.time() - t0, 2),
+                    warnings=st.get("warnings", []),
+                    headers=st.get("headers", [])[:2],
+                    address=st.get("search"),
+                )
+            )
     finally:
         try:
             os.killpg(browser.pid, signal.SIGTERM)
@@ -292,13 +328,20 @@ def index_facts(index: Path) -> dict:
     con = connect(index)
     layer, head = con.execute("SELECT layer, head FROM head_totals ORDER BY layer DESC, head LIMIT 1").fetchone()
     # a channel with stored examples (rows), so that its page has an 'open' link to click
-    fq, fk = con.execute("SELECT feat_q, feat_k FROM rows WHERE layer = ? AND head = ? GROUP BY ALL "
-                         "ORDER BY count(*) DESC, feat_q, feat_k LIMIT 1", [layer, head]).fetchone()
-    sample, k, qpos = con.execute("SELECT sample, k, q FROM rows WHERE layer = ? AND head = ? ORDER BY abs(value) DESC "
-                                  "LIMIT 1", [layer, head]).fetchone()
+    fq, fk = con.execute(
+        "SELECT feat_q, feat_k FROM rows WHERE layer = ? AND head = ? GROUP BY ALL "
+        "ORDER BY count(*) DESC, feat_q, feat_k LIMIT 1",
+        [layer, head],
+    ).fetchone()
+    sample, k, qpos = con.execute(
+        "SELECT sample, k, q FROM rows WHERE layer = ? AND head = ? ORDER BY abs(value) DESC LIMIT 1", [layer, head]
+    ).fetchone()
     n_feat = con.execute("SELECT count(*) FROM features WHERE layer = ?", [layer]).fetchone()[0]
-    labelled = con.execute("SELECT count(label) FROM features").fetchone()[0] if "label" in [
-        r[0] for r in con.execute("DESCRIBE features").fetchall()] else 0
+    labelled = (
+        con.execute("SELECT count(label) FROM features").fetchone()[0]
+        if "label" in [r[0] for r in con.execute("DESCRIBE features").fetchall()]
+        else 0
+    )
     return dict(layer=layer, head=head, fq=fq, fk=fk, sample=sample, q=qpos, k=k, n_feat=n_feat, labelled=labelled)
 
 
@@ -314,22 +357,44 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
     cl, ch, cq, ck = (18, 6, 316, 316) if issue_urls else (f["layer"], f["head"], f["fq"], f["fk"])
     return [
         Check("home", "", ["Strongest channels across heads"], ["page=Home"], screenshot="home"),
-        Check("feature", f"page=Feature+search&feature={feat}&layer={L}", [f"Feature {feat}"],
-              [f"feature={feat}"], screenshot="feature"),
-        Check("feature text search", f"page=Feature+search&feature=the&layer={L}", ["is not a feature ID"], ["feature=the"]),
+        Check(
+            "feature",
+            f"page=Feature+search&feature={feat}&layer={L}",
+            [f"Feature {feat}"],
+            [f"feature={feat}"],
+            screenshot="feature",
+        ),
+        Check(
+            "feature text search",
+            f"page=Feature+search&feature=the&layer={L}",
+            ["is not a feature ID"],
+            ["feature=the"],
+        ),
         Check("head", f"page=Head&layer={L}&head={H}", ["Why query"], ["q=", "k=", "sample="], screenshot="head"),
-        Check("head with q and k", f"page=Head&layer={f['layer']}&head={f['head']}&sample={f['sample']}&q={f['q']}&k={f['k']}",
-              [f"Why query {f['q']}"], [f"q={f['q']}", f"k={f['k']}"]),
+        Check(
+            "head with q and k",
+            f"page=Head&layer={f['layer']}&head={f['head']}&sample={f['sample']}&q={f['q']}&k={f['k']}",
+            [f"Why query {f['q']}"],
+            [f"q={f['q']}", f"k={f['k']}"],
+        ),
         Check("channel default", f"page=Channel&layer={L}&head={H}", ["Strongest examples"], ["fq=", "fk="]),
-        Check("channel", f"page=Channel&layer={cl}&head={ch}&fq={cq}&fk={ck}",
-              ["mean", "Strongest examples"], [f"fq={cq}"], screenshot="channel",
-              click_open_in_table=0, expect_new_tab=["page=Head", "sample=", "&q=", "&k="]),
+        Check(
+            "channel",
+            f"page=Channel&layer={cl}&head={ch}&fq={cq}&fk={ck}",
+            ["mean", "Strongest examples"],
+            [f"fq={cq}"],
+            screenshot="channel",
+            click_open_in_table=0,
+            expect_new_tab=["page=Head", "sample=", "&q=", "&k="],
+        ),
         Check("sample", f"page=Sample&layer={L}&head={H}", ["Most-attended keys"], ["q="], screenshot="sample"),
         Check("cih", "page=CIH", ["CIH"], ["page=CIH"], screenshot="cih"),
         # issue 15, bug 1: numbers out of range
         Check("fq=-1", f"{chan}&fq=-1&fk=1289", ["fq=-1 is not one of the features"], ["fq="]),
         Check("fk=-3", f"{chan}&fq=316&fk=-3", ["fk=-3 is not one of the features"]),
-        Check("fq huge", f"{chan}&fq=99999999999999999999&fk=1", ["fq=99999999999999999999 is not one of the features"]),
+        Check(
+            "fq huge", f"{chan}&fq=99999999999999999999&fk=1", ["fq=99999999999999999999 is not one of the features"]
+        ),
         # bug 2: contexts (no literal ** in the page)
         # bug 3 / 4: the first 'open' link of head 18.6, and a CIH channel with statistics only
         Check("channel 316->316", f"{chan}&fq=316&fk=316", ["Channel"]),
@@ -340,10 +405,20 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
         Check("fq=abc", f"{chan}&fq=abc&fk=1", ["fq='abc' is not a whole number"]),
         Check("sample=999", f"page=Head&layer={L}&head={H}&sample=999", ["sample=999 is not one of the samples"]),
         Check("page=Bogus", "page=Bogus", ["page='Bogus' is not a page"], ["page=Home"]),
-        Check("q out of range", f"page=Sample&layer={L}&head={H}&sample={f['sample']}&q=100000", ["q=100000 is not one of"]),
+        Check(
+            "q out of range",
+            f"page=Sample&layer={L}&head={H}&sample={f['sample']}&q=100000",
+            ["q=100000 is not one of"],
+        ),
         # bug 6: the address follows the user
-        Check("switch page", f"page=Head&layer={L}&head={H}", [], [], click_sidebar="Channel",
-              expect_url_after_click=["page=Channel", f"layer={L}", f"head={H}", "fq="]),
+        Check(
+            "switch page",
+            f"page=Head&layer={L}&head={H}",
+            [],
+            [],
+            click_sidebar="Channel",
+            expect_url_after_click=["page=Channel", f"layer={L}", f"head={H}", "fq="],
+        ),
     ]
 
 
@@ -371,8 +446,11 @@ def main(argv=None) -> int:
     finally:
         stop(app)
     app_log = log.read_text(errors="replace")
-    noise = [l for l in app_log.splitlines()
-             if any(w in l.lower() for w in ("deprecat", "please replace", "will be removed", "traceback", "warning"))]
+    noise = [
+        l
+        for l in app_log.splitlines()
+        if any(w in l.lower() for w in ("deprecat", "please replace", "will be removed", "traceback", "warning"))
+    ]
     report = dict(results=results, app_log_noise=noise[:20], ok=all(r["ok"] for r in results) and not noise)
     for r in results:
         print(json.dumps(r))

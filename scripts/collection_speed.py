@@ -22,7 +22,9 @@ torch.set_num_threads(args.threads)
 
 lm = load_smollm2(n_layers=19)
 table = read_corpus("data/corpus.parquet", split="train")
-toks = sorted(tokenize_samples([table["text"][i].as_py() for i in range(args.samples)], lm.tokenizer, lm.bos_id, 128), key=len)
+toks = sorted(
+    tokenize_samples([table["text"][i].as_py() for i in range(args.samples)], lm.tokenizer, lm.bos_id, 128), key=len
+)
 out = {}
 for precision in ("fp32", "bf16", "fp32", "bf16"):  # the second round is the measured one (kernels warm)
     stream = ActivationStream(lm.model, [17, 18], precision, "cpu")
@@ -31,6 +33,12 @@ for precision in ("fp32", "bf16", "fp32", "bf16"):  # the second round is the me
         acts.append(stream(t, m)[17])
     seconds = time.time() - t0
     out[precision] = torch.cat(acts)
-    print(f"{precision}: {len(out[precision]) / seconds:,.0f} tokens/s ({len(out[precision]):,} tokens, {args.threads} threads)")
+    print(
+        f"{precision}: {len(out[precision]) / seconds:,.0f} tokens/s ({len(out[precision]):,} tokens, "
+        f"{args.threads} threads)"
+    )
 rel = (out["bf16"] - out["fp32"]).norm(dim=-1) / out["fp32"].norm(dim=-1)
-print(f"bf16 relative error (layer 17): median {rel.median():.4f}, 99.9th percentile {rel.quantile(0.999):.4f}, max {rel.max():.4f}")
+print(
+    f"bf16 relative error (layer 17): median {rel.median():.4f}, 99.9th percentile "
+    f"{rel.quantile(0.999):.4f}, max {rel.max():.4f}"
+)

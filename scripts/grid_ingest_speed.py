@@ -31,8 +31,13 @@ for sae_dir in sorted(p for p in args.grid.iterdir() if (p / f"blocks.{args.laye
     st = Manifest.read(out).stats[str(args.layer)]
     name = f"{width}x{k}:{objective}"
     # the layer's own rate (count and statistics passes, merge), without loading the model
-    result[name] = {"samples_per_s": st["samples_per_s"], "wall_s_with_loading": time.time() - t0,
-                    "channels_kept": st["channels_kept"], "channels_seen": st["channels_seen"], "samples": args.samples}
+    result[name] = {
+        "samples_per_s": st["samples_per_s"],
+        "wall_s_with_loading": time.time() - t0,
+        "channels_kept": st["channels_kept"],
+        "channels_seen": st["channels_seen"],
+        "samples": args.samples,
+    }
     print(name, json.dumps(result[name]), flush=True)
     shutil.rmtree(out.parent)
 args.out.parent.mkdir(parents=True, exist_ok=True)

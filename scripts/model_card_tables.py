@@ -29,36 +29,59 @@ def quality_rows(name, ev, tokens, seconds):
             f"| {name} | {layer} | {m['d_sae']} | {m['k']} | {tokens:,} | {seconds / 60:.0f} min | {m['fve']:.3f} | "
             + (f"{qk['q_mean']:.3f} / {qk['k_mean']:.3f} / {qk['min']:.3f} | " if qk else "– | ")
             + (f"{tih['mean_ff_share']:.1%} ({per_head(tih)}) | " if tih else "– | ")
-            + f"{m['dead']} ({m['dead_fraction']:.2%} of {m['dead_scan_tokens']:,}) | {m['loss_increase_spliced']:.4f} | "
-              f"{m['kl_spliced']:.4f} | {m['loss_increase_zero_ablated']:.4f} |")
+            + f"{m['dead']} ({m['dead_fraction']:.2%} of {m['dead_scan_tokens']:,}) | "
+            f"{m['loss_increase_spliced']:.4f} | "
+            f"{m['kl_spliced']:.4f} | {m['loss_increase_zero_ablated']:.4f} |"
+        )
     return rows
 
 
 def main():
-    prev_ev, prev_tr = load(reports / "previous" / "eval_metrics.json"), load(reports / "previous" / "train_metrics.json")
+    prev_ev, prev_tr = (
+        load(reports / "previous" / "eval_metrics.json"),
+        load(reports / "previous" / "train_metrics.json"),
+    )
     prev_attn = load(reports / "previous" / "attention_metrics.json")
     for layer, m in prev_ev["layers"].items():
         m.update(prev_attn["layers"][layer])
     ev, tr = load(saes / "eval_metrics.json"), load(saes / "train_metrics.json")
     prev_seconds = prev_tr["collect_seconds"] + sum(v["train_seconds"] for v in prev_tr["layers"].values())
     print("### Previous and shipped SAEs, held-out text\n")
-    print("| SAEs | layer | latents | k | train tokens | CPU time | variance explained | QK variance explained "
-          "(mean q / mean k / worst head) | TIH feature share (per head) | dead | +Δ loss spliced (nats) | KL spliced "
-          "| +Δ loss zero-ablated |")
+    print(
+        "| SAEs | layer | latents | k | train tokens | CPU time | variance explained | QK variance explained "
+        "(mean q / mean k / worst head) | TIH feature share (per head) | dead | +Δ loss spliced (nats) | KL spliced "
+        "| +Δ loss zero-ablated |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for row in (quality_rows("previous", prev_ev, 600_000, prev_seconds)
-                + quality_rows("shipped", ev, tr["tokens_per_layer"], tr["seconds"])):
+    for row in quality_rows("previous", prev_ev, 600_000, prev_seconds) + quality_rows(
+        "shipped", ev, tr["tokens_per_layer"], tr["seconds"]
+    ):
         print(row)
 
     print("\n### Goals\n")
     print("| goal | layer 17 | layer 18 | met? |\n|---|---|---|---|")
     L = ev["layers"]
     for text, key, fmt, ok in (
-        (f"TIH feature share ≥ {GOALS['tih']:.0%}", lambda m: m["tih"]["mean_ff_share"], "{:.1%}", lambda v: v >= GOALS["tih"]),
-        (f"QK variance explained ≥ {GOALS['qk']}", lambda m: min(m["qk_ve"]["q_mean"], m["qk_ve"]["k_mean"]), "{:.3f}", lambda v: v >= GOALS["qk"]),
+        (
+            f"TIH feature share ≥ {GOALS['tih']:.0%}",
+            lambda m: m["tih"]["mean_ff_share"],
+            "{:.1%}",
+            lambda v: v >= GOALS["tih"],
+        ),
+        (
+            f"QK variance explained ≥ {GOALS['qk']}",
+            lambda m: min(m["qk_ve"]["q_mean"], m["qk_ve"]["k_mean"]),
+            "{:.3f}",
+            lambda v: v >= GOALS["qk"],
+        ),
         (f"variance explained ≥ {GOALS['fve']}", lambda m: m["fve"], "{:.3f}", lambda v: v >= GOALS["fve"]),
         (f"dead latents < {GOALS['dead']:.0%}", lambda m: m["dead_fraction"], "{:.2%}", lambda v: v < GOALS["dead"]),
-        (f"splice loss increase ≤ {GOALS['splice']}", lambda m: m["loss_increase_spliced"], "{:.4f}", lambda v: v <= GOALS["splice"]),
+        (
+            f"splice loss increase ≤ {GOALS['splice']}",
+            lambda m: m["loss_increase_spliced"],
+            "{:.4f}",
+            lambda v: v <= GOALS["splice"],
+        ),
     ):
         vals = [key(L[l]) for l in ("17", "18")]
         print(f"| {text} | {fmt.format(vals[0])} | {fmt.format(vals[1])} | {'yes' if all(map(ok, vals)) else 'no'} |")
@@ -68,29 +91,47 @@ def main():
     print("| tokens per layer | CPU time | " + " | ".join(f"{n}: FVE / QK VE q / TIH share" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
     for p in tr["curve"]:
-        print(f"| {p['tokens']:,} | {p['seconds'] / 60:.0f} min | " + " | ".join(
-            f"{p['sae'][n]['fve']:.3f} / {p['sae'][n]['qk_ve_q']:.3f} / "
-            + ("–" if p['sae'][n]['tih_ff_share'] is None else f"{p['sae'][n]['tih_ff_share']:.1%}") for n in names) + " |")
+        print(
+            f"| {p['tokens']:,} | {p['seconds'] / 60:.0f} min | "
+            + " | ".join(
+                f"{p['sae'][n]['fve']:.3f} / {p['sae'][n]['qk_ve_q']:.3f} / "
+                + ("–" if p["sae"][n]["tih_ff_share"] is None else f"{p['sae'][n]['tih_ff_share']:.1%}")
+                for n in names
+            )
+            + " |"
+        )
     pc = tr.get("precision_check")
     if pc:
-        print("\nbf16 collection against fp32 on held-out text (relative error of the activation vector): "
-              + "; ".join(f"layer {l}: median {v['rel_err_median']:.4f}, 99.9th percentile {v['rel_err_p999']:.4f}, "
-                          f"max {v['rel_err_max']:.4f} over {v['n_tokens']:,} tokens" for l, v in pc.items()))
+        print(
+            "\nbf16 collection against fp32 on held-out text (relative error of the activation vector): "
+            + "; ".join(
+                f"layer {l}: median {v['rel_err_median']:.4f}, 99.9th percentile {v['rel_err_p999']:.4f}, "
+                f"max {v['rel_err_max']:.4f} over {v['n_tokens']:,} tokens"
+                for l, v in pc.items()
+            )
+        )
 
     grid_path = reports / "grid" / "train_metrics.json"
     if grid_path.exists():
         grid = load(grid_path)
-        speed = load(reports / "grid" / "ingest_speed.json") if (reports / "grid" / "ingest_speed.json").exists() else {}
+        speed = (
+            load(reports / "grid" / "ingest_speed.json") if (reports / "grid" / "ingest_speed.json").exists() else {}
+        )
         last = grid["curve"][-1]
         print(f"\n### Width x k (layer 17, plain MSE, {last['tokens']:,} tokens each, one stream)\n")
-        print("| latents | k | ingest samples/s (layer 17) | channels kept | TIH feature share | variance explained | QK VE q / k |")
+        print(
+            "| latents | k | ingest samples/s (layer 17) | channels kept | TIH feature share | "
+            "variance explained | QK VE q / k |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name in sorted(last["sae"], key=lambda n: (int(n.split("x")[0]), int(n.split("x")[1].split(":")[0]))):
             m = last["sae"][name]
             w, k = name.split(":")[0].split("x")
             s = speed.get(name.split("@")[0], {})
-            print(f"| {w} | {k} | {s.get('samples_per_s', float('nan')):.2f} | {s.get('channels_kept', 0):,} | "
-                  f"{m['tih_ff_share']:.1%} | {m['fve']:.3f} | {m['qk_ve_q']:.3f} / {m['qk_ve_k']:.3f} |")
+            print(
+                f"| {w} | {k} | {s.get('samples_per_s', float('nan')):.2f} | {s.get('channels_kept', 0):,} | "
+                f"{m['tih_ff_share']:.1%} | {m['fve']:.3f} | {m['qk_ve_q']:.3f} / {m['qk_ve_k']:.3f} |"
+            )
     plot(tr)
     census_tables()
 
@@ -98,13 +139,29 @@ def main():
 def census_tables():
     census = load(assets / "census_smollm2-135m.json")
     heads = sorted(census["heads"], key=lambda r: -r["induction"])
-    print("\n| head | induction (repeats) | induction (control) | previous-token | duplicate-token |\n|---|---|---|---|---|")
+    print(
+        "\n| head | induction (repeats) | induction (control) | previous-token | duplicate-token "
+        "|\n|---|---|---|---|---|"
+    )
     for r in heads[:12]:
-        print(f"| {r['layer']}.{r['head']} | {r['induction']:.3f} | {r['induction_control']:.3f} | {r['prev_token']:.3f} | {r['duplicate']:.3f} |")
-    print("\nTop previous-token heads: " + ", ".join(f"{r['layer']}.{r['head']} ({r['prev_token']:.2f})"
-          for r in sorted(census["heads"], key=lambda r: -r["prev_token"])[:6]))
-    print("Top duplicate-token heads: " + ", ".join(f"{r['layer']}.{r['head']} ({r['duplicate']:.2f})"
-          for r in sorted(census["heads"], key=lambda r: -r["duplicate"])[:6]))
+        print(
+            f"| {r['layer']}.{r['head']} | {r['induction']:.3f} | {r['induction_control']:.3f} | "
+            f"{r['prev_token']:.3f} | {r['duplicate']:.3f} |"
+        )
+    print(
+        "\nTop previous-token heads: "
+        + ", ".join(
+            f"{r['layer']}.{r['head']} ({r['prev_token']:.2f})"
+            for r in sorted(census["heads"], key=lambda r: -r["prev_token"])[:6]
+        )
+    )
+    print(
+        "Top duplicate-token heads: "
+        + ", ".join(
+            f"{r['layer']}.{r['head']} ({r['duplicate']:.2f})"
+            for r in sorted(census["heads"], key=lambda r: -r["duplicate"])[:6]
+        )
+    )
     print("Token induction heads (>= 0.3 on repeats, < 0.05 on control): " + ", ".join(census["token_induction_heads"]))
 
 
@@ -116,9 +173,14 @@ def plot(tr):
 
     names = sorted(tr["curve"][-1]["sae"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, title, goal) in zip(axes, (("fve", "variance explained", GOALS["fve"]),
-                                            ("qk_ve_q", "QK variance explained (queries, mean over heads)", GOALS["qk"]),
-                                            ("tih_ff_share", "feature share of TIH margins", GOALS["tih"]))):
+    for ax, (key, title, goal) in zip(
+        axes,
+        (
+            ("fve", "variance explained", GOALS["fve"]),
+            ("qk_ve_q", "QK variance explained (queries, mean over heads)", GOALS["qk"]),
+            ("tih_ff_share", "feature share of TIH margins", GOALS["tih"]),
+        ),
+    ):
         for n in names:
             pts = [(p["tokens"] / 1e6, p["sae"][n][key]) for p in tr["curve"] if p["sae"][n][key] is not None]
             if pts:

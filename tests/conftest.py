@@ -22,5 +22,8 @@ def tiny_index(tmp_path_factory):
     from fra.ingest.tools.testing import tiny_inputs
 
     out = tmp_path_factory.mktemp("tiny_index") / "index"
-    run(IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False), tiny_inputs(n_samples=5))
+    run(
+        IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False),
+        tiny_inputs(n_samples=5),
+    )
     return out

@@ -61,9 +61,11 @@ def labelled_index(tiny_index, tmp_path_factory):
     df = pd.read_parquet(path)
     df["label"] = None
     df["top_contexts"] = [[] for _ in range(len(df))]
-    rows = {3: ('"\ufffd" (prev: "\ufffd")', ["影\ufffd[[\ufffd]]\ufffd。"]),
-            5: ('" the" / "a"', [" of either side[[ the]] green,", "cost $5 and[[ the]] *rest*"]),
-            7: ('"cat"', [" the[[ cat]] sat"])}
+    rows = {
+        3: ('"\ufffd" (prev: "\ufffd")', ["影\ufffd[[\ufffd]]\ufffd。"]),
+        5: ('" the" / "a"', [" of either side[[ the]] green,", "cost $5 and[[ the]] *rest*"]),
+        7: ('"cat"', [" the[[ cat]] sat"]),
+    }
     for f, (label, ctx) in rows.items():
         i = df.index[(df["layer"] == 0) & (df["feature"] == f)][0]
         df.at[i, "label"], df.at[i, "top_contexts"] = label, ctx
@@ -80,20 +82,31 @@ def warnings(at):
 
 
 def all_text(at):
-    return " ".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info]
-                    + [w.value for w in at.warning] + [s.value for s in at.subheader] + [h.value for h in at.header])
+    return " ".join(
+        [m.value for m in at.markdown]
+        + [c.value for c in at.caption]
+        + [i.value for i in at.info]
+        + [w.value for w in at.warning]
+        + [s.value for s in at.subheader]
+        + [h.value for h in at.header]
+    )
 
 
 # ------------------------------------------------------------------------------ pure helpers
 
 
-@pytest.mark.parametrize("raw, value, problem", [
-    (None, 7, None), ("", 7, None), ("3", 3, None),
-    ("-1", 7, "fq=-1 is not one of the features of layer 18 (0 to 9)"),
-    ("99999999999999999999", 7, "fq=99999999999999999999 is not one of"),
-    ("abc", 7, "fq='abc' is not a whole number; features of layer 18: 0 to 9"),
-    ("1.5", 7, "is not a whole number"),
-])
+@pytest.mark.parametrize(
+    "raw, value, problem",
+    [
+        (None, 7, None),
+        ("", 7, None),
+        ("3", 3, None),
+        ("-1", 7, "fq=-1 is not one of the features of layer 18 (0 to 9)"),
+        ("99999999999999999999", 7, "fq=99999999999999999999 is not one of"),
+        ("abc", 7, "fq='abc' is not a whole number; features of layer 18: 0 to 9"),
+        ("1.5", 7, "is not a whole number"),
+    ],
+)
 def test_pick_int_checks_and_explains(raw, value, problem):
     c = pick_int(raw, "fq", range(10), 7, "features of layer 18")
     assert c.value == value
@@ -141,12 +154,36 @@ def test_every_page_renders_from_its_url(open_app, page):
     assert at.query_params["page"] == page
 
 
-@pytest.mark.parametrize("params", [
-    dict(), dict(page="Feature search", layer=0, feature=5), dict(page="Feature search", layer=0, feature="the"),
-    dict(page="Head"), dict(page="Channel"), dict(page="Sample"), dict(page="CIH")])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(page="Feature search", layer=0, feature=5),
+        dict(page="Feature search", layer=0, feature="the"),
+        dict(page="Head"),
+        dict(page="Channel"),
+        dict(page="Sample"),
+        dict(page="CIH"),
+    ],
+)
 def test_every_table_has_help_on_every_column(labelled_index, monkeypatch, tmp_path, params):
-    (tmp_path / "cih.json").write_text(json.dumps({"findings": [
-        {"relation": "plural", "layer": 0, "feat_q": 5, "feat_k": 7, "heads": "0.1", "kind": "gated query", "margin": 1.0}]}))
+    (tmp_path / "cih.json").write_text(
+        json.dumps(
+            {
+                "findings": [
+                    {
+                        "relation": "plural",
+                        "layer": 0,
+                        "feat_q": 5,
+                        "feat_k": 7,
+                        "heads": "0.1",
+                        "kind": "gated query",
+                        "margin": 1.0,
+                    }
+                ]
+            }
+        )
+    )
     at = make_app(labelled_index, monkeypatch, tmp_path / "cih.json", **params)
     assert at.dataframe, "no table to check"
     for df in at.dataframe:
@@ -158,8 +195,10 @@ def test_every_table_has_help_on_every_column(labelled_index, monkeypatch, tmp_p
 def test_home_lists_the_strongest_channels_with_links(open_app, con):
     at = open_app()
     top = at.dataframe[0].value
-    want = con.execute("SELECT layer, head, feat_q, feat_k FROM top_channels(NULL, NULL, 8, true, 5) "
-                       "ORDER BY abs(mean) DESC, layer, head LIMIT 1").fetchone()
+    want = con.execute(
+        "SELECT layer, head, feat_q, feat_k FROM top_channels(NULL, NULL, 8, true, 5) "
+        "ORDER BY abs(mean) DESC, layer, head LIMIT 1"
+    ).fetchone()
     l, h, fq, fk = want
     assert top["open"].iloc[0] == f"?page=Channel&layer={l}&head={h}&fq={fq}&fk={fk}"
     assert top["feat_q"].iloc[0] == f"?page=Feature+search&layer={l}&feature={fq}"  # ids are links to features
@@ -167,18 +206,45 @@ def test_home_lists_the_strongest_channels_with_links(open_app, con):
     assert len(at.get("download_button")) >= 2
 
 
-@pytest.mark.parametrize("params, bad, message", [
-    (dict(page="Channel", layer=1, head=0, fq=-1, fk=2), "fq", "fq=-1 is not one of the features of layer 1 (0 to 23)"),
-    (dict(page="Channel", layer=1, head=0, fq=2, fk=-3), "fk", "fk=-3 is not one of the features"),
-    (dict(page="Channel", layer=1, head=0, fq="99999999999999999999", fk=1), "fq", "fq=99999999999999999999 is not one of"),
-    (dict(page="Channel", layer=1, head=0, fq="abc", fk=1), "fq", "fq='abc' is not a whole number"),
-    (dict(page="Channel", layer=3, head=0), "layer", "layer=3 is not one of the layers of this index (0, 1). Showing layer 0."),
-    (dict(page="Head", layer=1, head=42), "head", "head=42 is not one of the heads of layer 1 (0 to 3). Showing head 0."),
-    (dict(page="Head", layer=1, head=0, sample=999), "sample", "sample=999 is not one of the samples of this index (0 to 4)"),
-    (dict(page="Sample", layer=1, head=0, sample=1, q=500), "q", "q=500 is not one of the positions of sample 1 (0 to 12)"),
-    (dict(page="Bogus"), "page", "page='Bogus' is not a page of the explorer (pages: Home, Feature search"),
-    (dict(page="Head", scale="rainbow"), "scale", "scale='rainbow' is not one of log, clipped, linear"),
-])
+@pytest.mark.parametrize(
+    "params, bad, message",
+    [
+        (
+            dict(page="Channel", layer=1, head=0, fq=-1, fk=2),
+            "fq",
+            "fq=-1 is not one of the features of layer 1 (0 to 23)",
+        ),
+        (dict(page="Channel", layer=1, head=0, fq=2, fk=-3), "fk", "fk=-3 is not one of the features"),
+        (
+            dict(page="Channel", layer=1, head=0, fq="99999999999999999999", fk=1),
+            "fq",
+            "fq=99999999999999999999 is not one of",
+        ),
+        (dict(page="Channel", layer=1, head=0, fq="abc", fk=1), "fq", "fq='abc' is not a whole number"),
+        (
+            dict(page="Channel", layer=3, head=0),
+            "layer",
+            "layer=3 is not one of the layers of this index (0, 1). Showing layer 0.",
+        ),
+        (
+            dict(page="Head", layer=1, head=42),
+            "head",
+            "head=42 is not one of the heads of layer 1 (0 to 3). Showing head 0.",
+        ),
+        (
+            dict(page="Head", layer=1, head=0, sample=999),
+            "sample",
+            "sample=999 is not one of the samples of this index (0 to 4)",
+        ),
+        (
+            dict(page="Sample", layer=1, head=0, sample=1, q=500),
+            "q",
+            "q=500 is not one of the positions of sample 1 (0 to 12)",
+        ),
+        (dict(page="Bogus"), "page", "page='Bogus' is not a page of the explorer (pages: Home, Feature search"),
+        (dict(page="Head", scale="rainbow"), "scale", "scale='rainbow' is not one of log, clipped, linear"),
+    ],
+)
 def test_bad_url_values_are_explained_and_replaced(open_app, params, bad, message):
     at = open_app(**params)
     assert not errors(at)
@@ -196,7 +262,9 @@ def test_a_bad_feature_id_opens_the_heads_top_channel_not_half_of_it(open_app, c
 
 
 def test_url_sets_the_widgets_and_the_widgets_set_the_url(open_app, con):
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels ORDER BY count DESC LIMIT 1").fetchone()
+    l, h, fq, fk = con.execute(
+        "SELECT layer, head, feat_q, feat_k FROM channels ORDER BY count DESC LIMIT 1"
+    ).fetchone()
     at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
     assert not errors(at) and not at.warning
     assert (at.selectbox(key="chan_layer").value, at.selectbox(key="chan_head").value) == (l, h)
@@ -218,22 +286,25 @@ def test_default_channel_is_the_heads_top_channel(open_app, con):
 
 def test_channel_examples_link_to_the_attention_of_their_sample(open_app, con):
     l, h, fq, fk, smp, q, k = con.execute(
-        "SELECT layer, head, feat_q, feat_k, sample, q, k FROM examples WHERE rank = 0 "
-        "ORDER BY abs(value) DESC LIMIT 1").fetchone()
+        "SELECT layer, head, feat_q, feat_k, sample, q, k FROM examples WHERE rank = 0 ORDER BY abs(value) DESC LIMIT 1"
+    ).fetchone()
     at = open_app(page="Channel", layer=l, head=h, fq=fq, fk=fk)
     ex = at.dataframe[0].value
     assert ex["open"].iloc[0] == f"?page=Head&layer={l}&head={h}&sample={smp}&q={q}&k={k}"
 
 
 def test_every_stored_channel_has_examples(con):
-    missing = con.execute("SELECT count(*) FROM channels c ANTI JOIN examples e "
-                          "USING (layer, head, feat_q, feat_k)").fetchone()[0]
+    missing = con.execute(
+        "SELECT count(*) FROM channels c ANTI JOIN examples e USING (layer, head, feat_q, feat_k)"
+    ).fetchone()[0]
     assert missing == 0
 
 
 def test_channel_without_examples_says_so(open_app, con, tiny_index, tmp_path):
     """An index whose examples of a head are missing (a partial copy) gets a message, not a blank."""
-    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels ORDER BY count DESC LIMIT 1").fetchone()
+    l, h, fq, fk = con.execute(
+        "SELECT layer, head, feat_q, feat_k FROM channels ORDER BY count DESC LIMIT 1"
+    ).fetchone()
     partial = tmp_path / "partial"
     shutil.copytree(tiny_index, partial)
     shutil.rmtree(partial / "examples" / f"layer={l}" / f"head={h}")
@@ -251,11 +322,14 @@ def test_channel_not_in_the_index_names_the_top_channel(open_app, con):
 
 
 def test_head_page_explains_a_score_with_its_feature_pairs(open_app, con):
-    l, h, s, qpos, kpos = con.execute("SELECT layer, head, sample, q, k FROM rows GROUP BY ALL ORDER BY count(*) DESC "
-                                      "LIMIT 1").fetchone()
-    kept, score = con.execute("SELECT sum(r.value), any_value(p.score) FROM rows r JOIN pairs p USING "
-                              "(layer, head, sample, q, k) WHERE layer=? AND head=? AND sample=? AND q=? AND k=?",
-                              [l, h, s, qpos, kpos]).fetchone()
+    l, h, s, qpos, kpos = con.execute(
+        "SELECT layer, head, sample, q, k FROM rows GROUP BY ALL ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()
+    kept, score = con.execute(
+        "SELECT sum(r.value), any_value(p.score) FROM rows r JOIN pairs p USING "
+        "(layer, head, sample, q, k) WHERE layer=? AND head=? AND sample=? AND q=? AND k=?",
+        [l, h, s, qpos, kpos],
+    ).fetchone()
     at = open_app(page="Head", layer=l, head=h, sample=s, q=qpos, k=kpos)
     assert not errors(at) and not at.warning
     assert at.subheader[0].value.startswith(f"Why query {qpos} ")
@@ -312,7 +386,9 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
 
     executed = []
     real = ui.run
-    monkeypatch.setattr(ui, "run", lambda c, name, params: executed.append((name, list(params))) or real(c, name, params))
+    monkeypatch.setattr(
+        ui, "run", lambda c, name, params: executed.append((name, list(params))) or real(c, name, params)
+    )
     import streamlit as st
 
     st.cache_data.clear()  # so the queries of this page really run
@@ -323,15 +399,31 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
     assert executed and all(name in QUERIES for name, _ in executed)
     assert not any(evil in QUERIES[name] for name, _ in executed)
     for path in (ROOT / "fra" / "app").glob("*.py"):
-        calls = [n.func.attr for n in ast.walk(ast.parse(path.read_text()))
-                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+        calls = [
+            n.func.attr
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+        ]
         assert "execute" not in calls and "sql" not in calls, path
     assert connect(tiny_index).execute("SELECT count(*) FROM channels").fetchone()[0] == before
 
 
 def test_cih_page_reads_findings_as_a_linked_table(tiny_index, monkeypatch, tmp_path):
-    rep = {"findings": [{"relation": "synonym", "layer": 1, "feat_q": 3, "feat_k": 4, "heads": "1.2,0.3",
-                         "kind": "matching", "margin": 0.5, "q": 0.01}], "config": {"x": 1}}
+    rep = {
+        "findings": [
+            {
+                "relation": "synonym",
+                "layer": 1,
+                "feat_q": 3,
+                "feat_k": 4,
+                "heads": "1.2,0.3",
+                "kind": "matching",
+                "margin": 0.5,
+                "q": 0.01,
+            }
+        ],
+        "config": {"x": 1},
+    }
     (tmp_path / "cih.json").write_text(json.dumps(rep))
     at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
     assert not errors(at) and not at.get("json")
@@ -342,9 +434,28 @@ def test_cih_page_reads_findings_as_a_linked_table(tiny_index, monkeypatch, tmp_
 
 
 def test_cih_page_reads_the_old_report_without_raw_json(tiny_index, monkeypatch, tmp_path):
-    rep = {"answers": {"summary": {"H1": "no", "H2": ["17.1"]}}, "tih": ["1.2"], "census": {"1.2": {"induction": 0.5}},
-           "layers": {"1": {"tests": [{"head": 2, "family": "concept", "feat_q": 3, "feat_k": 4, "margin_B": 0.5,
-                                       "shifted_B": 0.1, "control_B": 0.0, "q": 0.01, "cih": True}]}}}
+    rep = {
+        "answers": {"summary": {"H1": "no", "H2": ["17.1"]}},
+        "tih": ["1.2"],
+        "census": {"1.2": {"induction": 0.5}},
+        "layers": {
+            "1": {
+                "tests": [
+                    {
+                        "head": 2,
+                        "family": "concept",
+                        "feat_q": 3,
+                        "feat_k": 4,
+                        "margin_B": 0.5,
+                        "shifted_B": 0.1,
+                        "control_B": 0.0,
+                        "q": 0.01,
+                        "cih": True,
+                    }
+                ]
+            }
+        },
+    }
     (tmp_path / "cih.json").write_text(json.dumps(rep))
     at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
     assert not errors(at) and not at.get("json")
@@ -378,8 +489,12 @@ def _healthy(port: int) -> bool:
 
 def test_killing_fra_app_stops_the_server(tiny_index, tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fra.cli", "app", "--index", str(tiny_index), "--port", str(port)],
-                            stdout=(tmp_path / "log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fra.cli", "app", "--index", str(tiny_index), "--port", str(port)],
+        stdout=(tmp_path / "log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         t0 = time.time()
         while not _healthy(port):

@@ -22,16 +22,38 @@ SCRIPT = ROOT / "scripts" / "browser_check.py"
 
 def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("chromium is not installed: run `FRA_BROWSER_TESTS=1 bash scripts/setup.sh` "
-                    "(apt-get install -y chromium) to run the real-browser test")
+        pytest.skip(
+            "chromium is not installed: run `FRA_BROWSER_TESTS=1 bash scripts/setup.sh` "
+            "(apt-get install -y chromium) to run the real-browser test"
+        )
     tiny_index = request.getfixturevalue("tiny_index")  # built only when the test runs
     cih = tmp_path / "cih.json"  # the new report format, so that the browser sees its linked table
-    cih.write_text(json.dumps({"findings": [{"relation": "synonym", "layer": 1, "feat_q": 3, "feat_k": 4,
-                                             "heads": "1.2,0.3", "kind": "matching", "margin": 0.5}]}))
+    cih.write_text(
+        json.dumps(
+            {
+                "findings": [
+                    {
+                        "relation": "synonym",
+                        "layer": 1,
+                        "feat_q": 3,
+                        "feat_k": 4,
+                        "heads": "1.2,0.3",
+                        "kind": "matching",
+                        "margin": 0.5,
+                    }
+                ]
+            }
+        )
+    )
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--index", str(tiny_index), "--json", str(report)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "FRA_CIH_REPORT": str(cih)})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--index", str(tiny_index), "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**__import__("os").environ, "FRA_CIH_REPORT": str(cih)},
+    )
     assert report.exists(), proc.stdout + proc.stderr
     rep = json.loads(report.read_text())
     failed = {r["name"]: r["problems"] for r in rep["results"] if not r["ok"]}
@@ -39,6 +61,23 @@ def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
     assert not rep["app_log_noise"], rep["app_log_noise"]
     names = {r["name"] for r in rep["results"]}
     # every page, and every kind of bad URL in issue 15, was loaded
-    assert {"home", "feature", "head", "channel", "sample", "cih", "fq=-1", "fk=-3", "fq huge", "fq=abc", "layer=3",
-            "head=42", "sample=999", "page=Bogus", "channel 316->316", "channel 1372->1289", "switch page"} <= names
+    assert {
+        "home",
+        "feature",
+        "head",
+        "channel",
+        "sample",
+        "cih",
+        "fq=-1",
+        "fk=-3",
+        "fq huge",
+        "fq=abc",
+        "layer=3",
+        "head=42",
+        "sample=999",
+        "page=Bogus",
+        "channel 316->316",
+        "channel 1372->1289",
+        "switch page",
+    } <= names
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

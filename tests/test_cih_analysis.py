@@ -14,15 +14,71 @@ from fra.ingest.studies.cih.stats import benjamini_hochberg, mean_ci, sign_flip_
 
 
 def head(layer=17, h=3, contrast=2.0, q=0.001, tih=True, rel="synonym", err=1.0, bdec=0.2):
-    return HeadStat(rel, layer, h, tih, 40, contrast, contrast - 0.5, contrast + 0.5, q, q, contrast - err - bdec,
-                    bdec, err, 0.0, 1.0, 1.0, 0.3, 0.1, 0.2)
+    return HeadStat(
+        rel,
+        layer,
+        h,
+        tih,
+        40,
+        contrast,
+        contrast - 0.5,
+        contrast + 0.5,
+        q,
+        q,
+        contrast - err - bdec,
+        bdec,
+        err,
+        0.0,
+        1.0,
+        1.0,
+        0.3,
+        0.1,
+        0.2,
+    )
 
 
-def unit(layer=17, h=3, fq=10, fk=20, contrast=0.2, q=0.001, x_contrast=0.2, x_minus_a=0.3, rel="synonym",
-         q_act=2.0, q_act_control=1.8, head_contrast=2.0, k_act_x=1.0, k_act_x_control=0.2):
-    return UnitTest(rel, layer, fq, fk, h, True, 0.25, contrast, contrast - 0.1, contrast + 0.1, q, q, x_contrast,
-                    x_minus_a, 0.2, contrast / head_contrast, 30, 0.05, 0.005, q_act, q_act_control, k_act_x,
-                    k_act_x_control, 0.01)
+def unit(
+    layer=17,
+    h=3,
+    fq=10,
+    fk=20,
+    contrast=0.2,
+    q=0.001,
+    x_contrast=0.2,
+    x_minus_a=0.3,
+    rel="synonym",
+    q_act=2.0,
+    q_act_control=1.8,
+    head_contrast=2.0,
+    k_act_x=1.0,
+    k_act_x_control=0.2,
+):
+    return UnitTest(
+        rel,
+        layer,
+        fq,
+        fk,
+        h,
+        True,
+        0.25,
+        contrast,
+        contrast - 0.1,
+        contrast + 0.1,
+        q,
+        q,
+        x_contrast,
+        x_minus_a,
+        0.2,
+        contrast / head_contrast,
+        30,
+        0.05,
+        0.005,
+        q_act,
+        q_act_control,
+        k_act_x,
+        k_act_x_control,
+        0.01,
+    )
 
 
 def test_passes_needs_every_part_of_the_criterion():
@@ -59,8 +115,17 @@ def test_gating_label():
 
 
 def seed_result(seed, tests, heads):
-    return SeedResult(seed, (0,), (1,), (("synonym", 20, 20),), tuple(heads), tuple(tests),
-                      tuple(seed_findings(tests, heads, 0.05, 0.5)), 0.0, 1.0)
+    return SeedResult(
+        seed,
+        (0,),
+        (1,),
+        (("synonym", 20, 20),),
+        tuple(heads),
+        tuple(tests),
+        tuple(seed_findings(tests, heads, 0.05, 0.5)),
+        0.0,
+        1.0,
+    )
 
 
 def test_aggregate_and_answers_on_hand_made_seeds():
@@ -71,12 +136,17 @@ def test_aggregate_and_answers_on_hand_made_seeds():
     seeds = []
     for s in range(5):
         hs = [head(17, 3), head(18, 6), head(17, 1, contrast=-0.4, tih=False)]
-        ts = [unit(17, 3, q=0.001 if s < 4 else 0.2), unit(18, 6, 5, 6, q=0.001 if s == 0 else 0.3),
-              unit(17, 1, 10, 20, head_contrast=-0.4)]
+        ts = [
+            unit(17, 3, q=0.001 if s < 4 else 0.2),
+            unit(18, 6, 5, 6, q=0.001 if s == 0 else 0.3),
+            unit(17, 1, 10, 20, head_contrast=-0.4),
+        ]
         seeds.append(seed_result(s, ts, hs))
     fs = aggregate(seeds, {"synonym": "conceptual"}, 4, {})
     assert [(f.layer, f.feat_q, f.feat_k, f.n_pass, f.headline, f.heads) for f in fs] == [
-        (17, 10, 20, 4, True, "17.3"), (18, 5, 6, 1, False, "18.6")]
+        (17, 10, 20, 4, True, "17.3"),
+        (18, 5, 6, 1, False, "18.6"),
+    ]
     lo, hi = wilson(4, 5)
     assert (fs[0].pass_rate, fs[0].pass_ci_lo, fs[0].pass_ci_hi) == (0.8, lo, hi)
     (a,) = answers(seeds, fs, tih, ["synonym"], {"synonym": "conceptual"}, 4, 0.05)
@@ -91,21 +161,36 @@ def test_aggregate_and_answers_on_hand_made_seeds():
     assert a.share_findings == pytest.approx(0.05)
     assert a.share_err == pytest.approx(0.5) and a.share_bdec == pytest.approx(0.1)
     # if 18.6 also carries it in 4 seeds, H1 becomes "yes"
-    seeds2 = [seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q=0.001 if s < 4 else 0.3)],
-                          [head(17, 3), head(18, 6)]) for s in range(5)]
+    seeds2 = [
+        seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
+        for s in range(5)
+    ]
     fs2 = aggregate(seeds2, {}, 4, {})
     assert answers(seeds2, fs2, tih, ["synonym"], {}, 4, 0.05)[0].h1 == "yes"
     # ... but not when its finding in 18.6 is a gated query: gated findings do not count for H1/H2
-    seeds3 = [seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0,
-                                                  q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
-              for s in range(5)]
+    seeds3 = [
+        seed_result(
+            s,
+            [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0, q=0.001 if s < 4 else 0.3)],
+            [head(17, 3), head(18, 6)],
+        )
+        for s in range(5)
+    ]
     a3 = answers(seeds3, aggregate(seeds3, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
     assert (a3.h1, a3.gated_heads, a3.n_headline_gated) == ("no", ("18.6",), 1)
     # a head whose non-matching findings are gated in some seeds and ungated in others still counts
     # its seeds together: gated in seeds 0-1, ungated in seeds 2-3 -> 4 of 5
-    seeds4 = [seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0 if s < 2 else 1.9, k_act_x_control=1.0,
-                                                  q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
-              for s in range(5)]
+    seeds4 = [
+        seed_result(
+            s,
+            [
+                unit(17, 3),
+                unit(18, 6, 5, 6, q_act_control=0.0 if s < 2 else 1.9, k_act_x_control=1.0, q=0.001 if s < 4 else 0.3),
+            ],
+            [head(17, 3), head(18, 6)],
+        )
+        for s in range(5)
+    ]
     a4 = answers(seeds4, aggregate(seeds4, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
     assert a4.gated_heads == ("18.6",)
 
@@ -131,4 +216,4 @@ def test_intervals_hand_worked():
     m, lo, hi = mean_ci([1.0, 3.0])  # mean 2, sd sqrt(2), half-width 1.96 * sqrt(2) / sqrt(2) = 1.96
     assert (m, lo, hi) == pytest.approx((2.0, 0.04, 3.96))
     lo, hi = wilson(5, 5)  # p = 1: the upper bound is 1, the lower 1 / (1 + z^2 / n) = 5 / 8.8416
-    assert hi == pytest.approx(1.0) and lo == pytest.approx(5 / (5 + 1.96 ** 2))
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(5 / (5 + 1.96**2))

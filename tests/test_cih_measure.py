@@ -66,8 +66,9 @@ def test_row_channels_match_a_naive_per_pair_sum(family):
     dec = decompose(model, 1, sae, torch.tensor(p.tokens))
     q = p.q_pos
     idx, acts = dec.sparse.feat_idx_BTA[0], dec.sparse.acts_BTA[0]
-    keys, contrib = row_channels(dec.q.feat_BHTAE[0, :, q], dec.k.feat_BHTAE[0], idx[q], acts[q] != 0, idx,
-                                 acts != 0, sae.cfg.d_sae)
+    keys, contrib = row_channels(
+        dec.q.feat_BHTAE[0, :, q], dec.k.feat_BHTAE[0], idx[q], acts[q] != 0, idx, acts != 0, sae.cfg.d_sae
+    )
     # naive: every (query slot a, key position t, key slot b) through fa_block, summed per (i, j)
     ref = {}
     H, T = contrib.shape[0], len(p.tokens)

@@ -35,8 +35,19 @@ def planted_setup(kind: str, seed: int = 0):
     from sae_lens import StandardSAE, StandardSAEConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(d_model=16, d_head=8, n_heads=2, n_layers=1, n_ctx=32, d_vocab=16, act_fn="relu",
-                                  normalization_type="RMSPre", attn_only=True, device="cpu", seed=seed)
+    cfg = HookedTransformerConfig(
+        d_model=16,
+        d_head=8,
+        n_heads=2,
+        n_layers=1,
+        n_ctx=32,
+        d_vocab=16,
+        act_fn="relu",
+        normalization_type="RMSPre",
+        attn_only=True,
+        device="cpu",
+        seed=seed,
+    )
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,7 +105,9 @@ CFG = CIHConfig(n_select=3, n_perm=2000, n_random_draws=5, batch_size=16)
 
 def run_planted(kind: str):
     setup = planted_setup(kind)
-    heads, tests, resid = run_relation(setup, CFG, planted_prompts(kind), kind, set(), 0, torch.Generator().manual_seed(0))
+    heads, tests, resid = run_relation(
+        setup, CFG, planted_prompts(kind), kind, set(), 0, torch.Generator().manual_seed(0)
+    )
     return setup, heads, tests, resid, seed_findings(tests, heads, CFG.fdr, CFG.gate_ratio)
 
 
@@ -157,8 +170,9 @@ def test_logprob_check_edits_the_planted_head_at_b_and_matches_the_analytic_remo
 
     setup = planted_setup("matching")
     prompts = planted_prompts("matching")
-    f = Finding("matching", "", 0, B, XA, "0.0", "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0,
-                "", "")
+    f = Finding(
+        "matching", "", 0, B, XA, "0.0", "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0, "", ""
+    )
     e = logprob_effects(setup, CFG, f, prompts)
     test = [p for p in prompts if p.half == 1 and p.role == "concept"]
     assert e.n_prompts == len(test) and e.head == 0
@@ -172,6 +186,8 @@ def test_logprob_check_edits_the_planted_head_at_b_and_matches_the_analytic_remo
 
     toks = torch.tensor([p.tokens])
     lp = lambda lg: float(lg[0, -1].log_softmax(-1)[p.tokens[p.x_pos]])  # noqa: E731
-    ref = lp(setup.model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_attn_scores", edit)])) - lp(setup.model(toks))
+    ref = lp(setup.model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_attn_scores", edit)])) - lp(
+        setup.model(toks)
+    )
     one = logprob_effects(setup, CFG, f, [p] + [q for q in prompts if q.pair_id == p.pair_id and q.role == "control"])
     assert one.delta_channel == pytest.approx(ref, abs=1e-5) and ref != 0.0

@@ -41,27 +41,64 @@ class WordTokenizer:
         return [self.vocab.setdefault(p, len(self.vocab) + 1) for p in pieces]
 
 
-ZIPF = {"noun": {"dog": 4.5, "hound": 3.4, "car": 4.6, "auto": 3.5, "tree": 4.4, "stone": 4.2, "house": 5.0,
-                 "lamp": 3.6, "river": 4.3, "cup": 4.1, "bell": 3.9, "coin": 3.8, "ship": 4.4, "boot": 3.7,
-                 "rope": 3.6, "nail": 3.6, "road": 4.5, "desk": 3.9},
-        "adj": {"big": 5.0, "large": 5.0, "small": 4.9, "red": 4.8, "green": 4.8, "old": 5.2, "cold": 4.6}}
-LEX = Lexicon({"synonym": [WordPair("dog", "hound", "noun", "synonym"), WordPair("car", "auto", "noun", "synonym"),
-                           WordPair("big", "large", "adj", "synonym"), WordPair("stone", "rope", "noun", "synonym")]},
-              ZIPF, {"synonym": "conceptual", "placebo": "placebo"}, {})
+ZIPF = {
+    "noun": {
+        "dog": 4.5,
+        "hound": 3.4,
+        "car": 4.6,
+        "auto": 3.5,
+        "tree": 4.4,
+        "stone": 4.2,
+        "house": 5.0,
+        "lamp": 3.6,
+        "river": 4.3,
+        "cup": 4.1,
+        "bell": 3.9,
+        "coin": 3.8,
+        "ship": 4.4,
+        "boot": 3.7,
+        "rope": 3.6,
+        "nail": 3.6,
+        "road": 4.5,
+        "desk": 3.9,
+    },
+    "adj": {"big": 5.0, "large": 5.0, "small": 4.9, "red": 4.8, "green": 4.8, "old": 5.2, "cold": 4.6},
+}
+LEX = Lexicon(
+    {
+        "synonym": [
+            WordPair("dog", "hound", "noun", "synonym"),
+            WordPair("car", "auto", "noun", "synonym"),
+            WordPair("big", "large", "adj", "synonym"),
+            WordPair("stone", "rope", "noun", "synonym"),
+        ]
+    },
+    ZIPF,
+    {"synonym": "conceptual", "placebo": "placebo"},
+    {},
+)
 
 
 def test_tokenise_positions_and_boundary_check():
     enc = WordTokenizer()
-    ids, pos = tokenise("I saw the {A} {X} near the {N}. Then the {B}", {"{A}": "big", "{X}": "dog", "{N}": "tree",
-                                                                       "{B}": "large"}, enc, bos=0)
+    ids, pos = tokenise(
+        "I saw the {A} {X} near the {N}. Then the {B}",
+        {"{A}": "big", "{X}": "dog", "{N}": "tree", "{B}": "large"},
+        enc,
+        bos=0,
+    )
     # [BOS] I | saw | the | big | dog | near | the | tree | . | Then | the | large: A at 4, X at 5, N at 8, B last
     assert pos == {"{A}": [4], "{X}": [5], "{N}": [8], "{B}": [12]}
     assert len(ids) == 13 and ids[0] == 0
     assert ids[4] == enc(" big")[0] and ids[12] == enc(" large")[0]
     # a tokenizer that merges " big dog" into one token: the concatenation check must fail
     with pytest.raises(TokenisationError, match="concatenation"):
-        tokenise("I saw the {A} {X} near the {N}. Then the {B}", {"{A}": "big", "{X}": "dog", "{N}": "tree",
-                                                                "{B}": "large"}, WordTokenizer(merge=[" big dog"]), 0)
+        tokenise(
+            "I saw the {A} {X} near the {N}. Then the {B}",
+            {"{A}": "big", "{X}": "dog", "{N}": "tree", "{B}": "large"},
+            WordTokenizer(merge=[" big dog"]),
+            0,
+        )
     # a word that is two tokens is refused
     with pytest.raises(TokenisationError, match="single token"):
         tokenise("the {A} {X} and {N} the {B}", {"{A}": "big-dog", "{X}": "dog", "{N}": "tree", "{B}": "large"}, enc, 0)
@@ -114,10 +151,26 @@ def test_placebo_pairs_keep_b_and_replace_a_by_an_unrelated_word():
 
 
 def test_study_prompts_split_pairs_and_templates():
-    lex = Lexicon({"synonym": [WordPair(a, b, "noun", "synonym") for a, b in
-                               [("dog", "hound"), ("car", "auto"), ("stone", "rope"), ("cup", "bell"),
-                                ("coin", "ship"), ("boot", "nail"), ("road", "desk"), ("lamp", "river")]]},
-                  ZIPF, {}, {})
+    lex = Lexicon(
+        {
+            "synonym": [
+                WordPair(a, b, "noun", "synonym")
+                for a, b in [
+                    ("dog", "hound"),
+                    ("car", "auto"),
+                    ("stone", "rope"),
+                    ("cup", "bell"),
+                    ("coin", "ship"),
+                    ("boot", "nail"),
+                    ("road", "desk"),
+                    ("lamp", "river"),
+                ]
+            ]
+        },
+        ZIPF,
+        {},
+        {},
+    )
     ps = study_prompts("synonym", lex, 8, WordTokenizer(), 0, seed=3)
     sel = [p for p in ps if p.half == 0]
     test = [p for p in ps if p.half == 1]

@@ -11,8 +11,10 @@ from fra.ingest.corpus import CorpusConfig, cut_samples, doc_split, paragraphs
 
 
 def test_help_lists_commands_without_importing_torch():
-    code = ("import sys; from fra.cli import build_parser; h = build_parser().format_help(); "
-            "print('torch' in sys.modules, 'transformer_lens' in sys.modules, 'duckdb' in sys.modules); print(h)")
+    code = (
+        "import sys; from fra.cli import build_parser; h = build_parser().format_help(); "
+        "print('torch' in sys.modules, 'transformer_lens' in sys.modules, 'duckdb' in sys.modules); print(h)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     first, help_text = out.split("\n", 1)
     assert first == "False False False"

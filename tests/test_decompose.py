@@ -17,9 +17,8 @@ from fra.ingest.core.decompose import (
     project_tokens,
     run_hooks,
 )
-from fra.ingest.tools.testing import make_model, make_sae
-
 from fra.ingest.core.reference import naive_fa
+from fra.ingest.tools.testing import make_model, make_sae
 
 HOOKS = ("blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_pre")
 CASES = list(itertools.product(("gpt2", "llama"), HOOKS, (False, True)))
@@ -70,9 +69,7 @@ def test_fast_path_agrees_with_naive_per_pair_reference(family, hook, processed)
                 assert torch.equal(idx[k, : n_active[k]][ok], fk)
                 # fp32 fast path against the float64 reference: values are O(1), and each is a
                 # d_head-long dot product of d_model-long sums, so 1e-5 absolute is ~50 ulps.
-                torch.testing.assert_close(
-                    fast[oq][:, ok].double(), ref, atol=1e-5, rtol=1e-5
-                )
+                torch.testing.assert_close(fast[oq][:, ok].double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_hand_worked_case():
@@ -96,8 +93,17 @@ def test_hand_worked_case():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        d_model=2, d_head=2, n_heads=1, n_layers=1, n_ctx=4, d_vocab=3, act_fn="relu",
-        normalization_type="RMSPre", attn_only=True, use_attn_scale=False, device="cpu",
+        d_model=2,
+        d_head=2,
+        n_heads=1,
+        n_layers=1,
+        n_ctx=4,
+        d_vocab=3,
+        act_fn="relu",
+        normalization_type="RMSPre",
+        attn_only=True,
+        use_attn_scale=False,
+        device="cpu",
     )
     model = HookedTransformer(cfg)
     with torch.no_grad():
@@ -119,18 +125,33 @@ def test_hand_worked_case():
 
     def fa(qp, kp):
         block = q.feat_BHTAE[0, 0, qp] @ k.feat_BHTAE[0, 0, kp].T
-        return {(idx[qp][a], idx[kp][b]): block[a, b].item()
-                for a in range(sparse.n_active_BT[0, qp]) for b in range(sparse.n_active_BT[0, kp])}
+        return {
+            (idx[qp][a], idx[kp][b]): block[a, b].item()
+            for a in range(sparse.n_active_BT[0, qp])
+            for b in range(sparse.n_active_BT[0, kp])
+        }
 
     assert fa(0, 0) == pytest.approx({(0, 0): 2.0, (0, 2): 2.0, (2, 0): 2.0, (2, 2): 3.0})
     assert fa(1, 0) == pytest.approx({(1, 0): 0.0, (1, 2): 2.0})
     assert fa(1, 1) == pytest.approx({(1, 1): 4.0})
     terms = pair_terms(q, k)[:, 0, 0, 1, 0]
     expected = {
-        "feat_feat": 2.0, "feat_bdec": 0.0, "feat_err": 0.0, "feat_bias": 0.0,
-        "bdec_feat": 2.0, "bdec_bdec": 0.5, "bdec_err": -0.5, "bdec_bias": 0.0,
-        "err_feat": -1.0, "err_bdec": -0.5, "err_err": 0.5, "err_bias": 0.0,
-        "bias_feat": 0.0, "bias_bdec": 0.0, "bias_err": 0.0, "bias_bias": 0.0,
+        "feat_feat": 2.0,
+        "feat_bdec": 0.0,
+        "feat_err": 0.0,
+        "feat_bias": 0.0,
+        "bdec_feat": 2.0,
+        "bdec_bdec": 0.5,
+        "bdec_err": -0.5,
+        "bdec_bias": 0.0,
+        "err_feat": -1.0,
+        "err_bdec": -0.5,
+        "err_err": 0.5,
+        "err_bias": 0.0,
+        "bias_feat": 0.0,
+        "bias_bdec": 0.0,
+        "bias_err": 0.0,
+        "bias_bias": 0.0,
     }
     assert dict(zip(TERM_NAMES, terms.tolist())) == pytest.approx(expected)
     assert terms.sum().item() == pytest.approx(3.0)
@@ -167,8 +188,7 @@ def llama():
         (1, 16, "blocks.1.ln1.hook_normalized", torch.zeros(1, 0, dtype=torch.long), "empty input"),
         (1, 16, "blocks.1.ln1.hook_normalized", torch.full((1, 3), 99), r"token ids must lie"),
     ],
-    ids=["layer-high", "layer-negative", "d_in", "wrong-layer-hook", "wrong-hook", "too-long",
-         "empty", "bad-token"],
+    ids=["layer-high", "layer-negative", "d_in", "wrong-layer-hook", "wrong-hook", "too-long", "empty", "bad-token"],
 )
 def test_bad_input_names_the_problem(llama, layer, d_in, hook, toks, match):
     sae = make_sae(d_in, hook)

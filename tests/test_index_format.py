@@ -18,18 +18,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_schema_doc_is_generated_from_the_schema():
     assert (ROOT / "docs" / "INDEX_SCHEMA.md").read_text() == markdown(), (
-        "docs/INDEX_SCHEMA.md is stale: python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md")
+        "docs/INDEX_SCHEMA.md is stale: python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md"
+    )
 
 
 def test_manifest_round_trip_and_validation(tmp_path):
-    m = Manifest(model="m", sae={"3": "abc"}, corpus="c", policy={"min_count": 2}, layers=[3], heads=[0, 1],
-                 n_samples=4, shard="0/1", stats={"3": {"x": 1}})
+    m = Manifest(
+        model="m",
+        sae={"3": "abc"},
+        corpus="c",
+        policy={"min_count": 2},
+        layers=[3],
+        heads=[0, 1],
+        n_samples=4,
+        shard="0/1",
+        stats={"3": {"x": 1}},
+    )
     m.write(tmp_path)
     assert Manifest.read(tmp_path) == m
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    for bad, match in (({**raw, "extra": 1}, r"unknown keys \['extra'\]"),
-                       ({k: v for k, v in raw.items() if k != "heads"}, r"missing \['heads'\]"),
-                       ({**raw, "schema_version": SCHEMA_VERSION - 1}, "Rebuild the index")):
+    for bad, match in (
+        ({**raw, "extra": 1}, r"unknown keys \['extra'\]"),
+        ({k: v for k, v in raw.items() if k != "heads"}, r"missing \['heads'\]"),
+        ({**raw, "schema_version": SCHEMA_VERSION - 1}, "Rebuild the index"),
+    ):
         (tmp_path / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(IndexFormatError, match=match):
             Manifest.read(tmp_path)
@@ -38,8 +50,19 @@ def test_manifest_round_trip_and_validation(tmp_path):
 
 
 def test_conform_orders_casts_and_refuses_missing_columns():
-    t = pa.table({"feat_k": [1], "feat_q": [2], "count": [3], "sum": [1.0], "sumsq": [1.0],
-                  "ind_count": [0], "ind_sum": [0.0], "ind_sumsq": [0.0], "extra": ["dropped"]})
+    t = pa.table(
+        {
+            "feat_k": [1],
+            "feat_q": [2],
+            "count": [3],
+            "sum": [1.0],
+            "sumsq": [1.0],
+            "ind_count": [0],
+            "ind_sum": [0.0],
+            "ind_sumsq": [0.0],
+            "extra": ["dropped"],
+        }
+    )
     out = conform("channels", t)
     assert out.schema == TABLES["channels"].schema and out["feat_q"].to_pylist() == [2]
     with pytest.raises(IndexFormatError, match=r"lacks columns \['sumsq'\]"):

@@ -15,12 +15,12 @@ import torch
 
 from fra.ingest.core.decompose import run_hooks
 from fra.ingest.core.reduce import induction_mask
+from fra.ingest.core.reference import naive_fa
 from fra.ingest.index.build import IngestConfig, Inputs, run
 from fra.ingest.index.schema import IndexFormatError
 from fra.ingest.tools.testing import LAYERS, tiny_inputs
 from fra.queries import connect
 
-from fra.ingest.core.reference import naive_fa
 
 def brute_force(inp, n_examples=8):
     """(layer, head, feat_q, feat_k) -> count, sum, sumsq, ind_count, ind_sum, ind_sumsq and the
@@ -41,9 +41,13 @@ def brute_force(inp, n_examples=8):
                             for b, j in enumerate(fk.tolist()):
                                 c = out.setdefault((l, h, i, j), [0, 0.0, 0.0, 0, 0.0, 0.0])
                                 v = fa[a, b].item()
-                                c[0] += 1; c[1] += v; c[2] += v * v
+                                c[0] += 1
+                                c[1] += v
+                                c[2] += v * v
                                 if ind[q, k]:
-                                    c[3] += 1; c[4] += v; c[5] += v * v
+                                    c[3] += 1
+                                    c[4] += v
+                                    c[5] += v * v
                                 best.setdefault((l, h, i, j), {}).setdefault(inp.sample_ids[s], {})[q, k] = v
     return out, best
 
@@ -52,15 +56,23 @@ def brute_force(inp, n_examples=8):
 def built(tmp_path_factory):
     inp = tiny_inputs()
     out = tmp_path_factory.mktemp("idx") / "index"
-    run(IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
-                     progress=False), inp)
+    run(
+        IngestConfig(
+            out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4, progress=False
+        ),
+        inp,
+    )
     return inp, out
 
 
 def check_against_brute_force(index, ref, examples, min_count=1):
     con = connect(index)
-    got = {(l, h, i, j): v for l, h, i, j, *v in con.execute(
-        "SELECT layer, head, feat_q, feat_k, count, sum, sumsq, ind_count, ind_sum, ind_sumsq FROM channels").fetchall()}
+    got = {
+        (l, h, i, j): v
+        for l, h, i, j, *v in con.execute(
+            "SELECT layer, head, feat_q, feat_k, count, sum, sumsq, ind_count, ind_sum, ind_sumsq FROM channels"
+        ).fetchall()
+    }
     assert set(got) == {key for key, v in ref.items() if v[0] >= min_count}
     for key, (c, s, ss, ic, isum, issq) in got.items():
         rc, rs, rss, ric, risum, rissq = ref[key]
@@ -69,7 +81,8 @@ def check_against_brute_force(index, ref, examples, min_count=1):
         assert (s, ss, isum, issq) == pytest.approx((rs, rss, risum, rissq), abs=1e-4, rel=1e-5)
     ex = {}
     for l, h, i, j, r, smp, q, k, v in con.execute(
-            "SELECT layer, head, feat_q, feat_k, rank, sample, q, k, value FROM examples ORDER BY ALL").fetchall():
+        "SELECT layer, head, feat_q, feat_k, rank, sample, q, k, value FROM examples ORDER BY ALL"
+    ).fetchall():
         ex.setdefault((l, h, i, j), []).append((r, smp, q, k, v))
     assert set(ex) == set(got)
     E = connect(index).execute("SELECT max(rank) + 1 FROM examples").fetchone()[0]
@@ -98,8 +111,19 @@ def test_out_of_core_equals_in_memory(tmp_path):
     and the statistics take several sweeps gives the same index, checked against the brute force."""
     inp = tiny_inputs()
     out = tmp_path / "index"
-    run(IngestConfig(out=out, model="tiny", min_count=2, top_keys=2, top_pairs=3, examples_per_channel=4,
-                     memory_budget_gb=2e-5, progress=False), inp)
+    run(
+        IngestConfig(
+            out=out,
+            model="tiny",
+            min_count=2,
+            top_keys=2,
+            top_pairs=3,
+            examples_per_channel=4,
+            memory_budget_gb=2e-5,
+            progress=False,
+        ),
+        inp,
+    )
     stats = json.loads((out / "manifest.json").read_text())["stats"]
     assert all(stats[str(l)]["count_runs_spilled"] >= 1 and stats[str(l)]["sweeps"] >= 2 for l in LAYERS)
     ref, examples = brute_force(inp, n_examples=4)
@@ -124,10 +148,14 @@ def test_pair_totals_match_model_and_channels(built):
     model = inp.lm.model
     for l in LAYERS:
         for s, toks in enumerate(inp.tokens):
-            scores = run_hooks(model, l, inp.saes[l].cfg.metadata.hook_name, torch.tensor(toks)[None]).model_scores_BHQK[0]
+            scores = run_hooks(
+                model, l, inp.saes[l].cfg.metadata.hook_name, torch.tensor(toks)[None]
+            ).model_scores_BHQK[0]
             rows = con.execute(
                 "SELECT head, q, k, score, ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias "
-                "FROM pairs WHERE layer = ? AND sample = ?", [l, s]).fetchall()
+                "FROM pairs WHERE layer = ? AND sample = ?",
+                [l, s],
+            ).fetchall()
             assert len(rows) == model.cfg.n_heads * len(toks) * (len(toks) + 1) // 2
             for h, q, k, score, total in rows:
                 assert score == pytest.approx(scores[h, q, k].item(), abs=1e-5)
@@ -162,10 +190,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fault,rc", [
-    ({"FRA_KILL_AT": "done:0"}, -9), ({"FRA_KILL_AT": "moved:1:pairs"}, -9),
-    ({"FRA_FAIL_BLOCK": "stats:1:0"}, 1),  # dies inside a block, before its partial is in place
-])
+@pytest.mark.parametrize(
+    "fault,rc",
+    [
+        ({"FRA_KILL_AT": "done:0"}, -9),
+        ({"FRA_KILL_AT": "moved:1:pairs"}, -9),
+        ({"FRA_FAIL_BLOCK": "stats:1:0"}, 1),  # dies inside a block, before its partial is in place
+    ],
+)
 def test_resume_after_kill_gives_identical_index(built, tmp_path, fault, rc):
     _, reference = built
     out = tmp_path / "index"
@@ -187,8 +219,12 @@ def test_resume_after_kill_gives_identical_index(built, tmp_path, fault, rc):
 def test_rerun_replaces_partitions_without_duplicates(built, tmp_path):
     out = tmp_path / "index"
     for _ in range(2):
-        run(IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
-                         progress=False), tiny_inputs())
+        run(
+            IngestConfig(
+                out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4, progress=False
+            ),
+            tiny_inputs(),
+        )
     assert _tables(out) == _tables(built[1])
 
 
@@ -202,10 +238,13 @@ def test_refuses_another_models_index(built, tmp_path):
     assert _tables(out) == before
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(heads=(7,)), "head 7 out of range"),
-    (dict(layers=(5,)), "layer 5 out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(heads=(7,)), "head 7 out of range"),
+        (dict(layers=(5,)), "layer 5 out of range"),
+    ],
+)
 def test_bad_layer_or_head(tmp_path, kwargs, match):
     inp = tiny_inputs()
     if "layers" in kwargs:
@@ -251,7 +290,8 @@ def test_shards_and_merge_give_the_single_run_index(tmp_path):
     (shards, fra merge, shards, fra merge) the index equals the single-process one bit for bit.
     A shard run twice changes nothing, a merge before the blocks are done is refused, and so is
     a shard with other options."""
-    from fra.ingest.index.merge import MergeConfig, run as merge
+    from fra.ingest.index.merge import MergeConfig
+    from fra.ingest.index.merge import run as merge
 
     opts = dict(model="tiny", min_count=2, top_keys=2, top_pairs=3, block_size=2, progress=False)
     run(IngestConfig(out=tmp_path / "full", **opts), tiny_inputs(n_samples=5))

@@ -17,9 +17,11 @@ def smollm2():
 
 def test_smollm2_logits_match_transformers(smollm2):
     hf, tok = models.smollm2_hf()
-    for text in ["The quick brown fox jumps over the lazy dog.",
-                 "In the beginning God created the heaven and the earth.",
-                 "def f(x):\n    return x + 1"]:
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "In the beginning God created the heaven and the earth.",
+        "def f(x):\n    return x + 1",
+    ]:
         ids = torch.tensor([[models.SMOLLM2_BOS_ID] + tok(text)["input_ids"]])
         with torch.no_grad():
             ours, ref = smollm2.model(ids), hf(ids).logits
@@ -58,8 +60,7 @@ def test_shipped_saes_load_and_reconstruct(smollm2):
         sae = load_shipped_sae("smollm2-135m", layer)
         assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln1.hook_normalized"
         assert sae.cfg.d_in == 576 and sae.W_dec.dtype == torch.float32
-        _, cache = smollm2.model.run_with_cache(ids, names_filter=[sae.cfg.metadata.hook_name],
-                                                stop_at_layer=layer + 1)
+        _, cache = smollm2.model.run_with_cache(ids, names_filter=[sae.cfg.metadata.hook_name], stop_at_layer=layer + 1)
         x = cache[sae.cfg.metadata.hook_name][0, 1:]
         acts = sae.encode(x)
         fve = 1 - (sae.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
@@ -113,17 +114,22 @@ def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
     tiny.tokenizer = Tok()
     requested = []
     monkeypatch.setattr(HookedTransformer, "from_pretrained", lambda name, **k: requested.append(name) or tiny)
-    monkeypatch.setattr(SAE, "from_pretrained", lambda release, sae_id, **k: requested.append((release, sae_id))
-                        or make_sae(16, sae_id, d_sae=32, k=4))
-    monkeypatch.setitem(models.PRESETS, "gpt2", models.Preset(
-        models.load_gpt2, "gpt2-small-res-jb:blocks.{layer}.hook_resid_pre", (1,)))
+    monkeypatch.setattr(
+        SAE,
+        "from_pretrained",
+        lambda release, sae_id, **k: requested.append((release, sae_id)) or make_sae(16, sae_id, d_sae=32, k=4),
+    )
+    monkeypatch.setitem(
+        models.PRESETS, "gpt2", models.Preset(models.load_gpt2, "gpt2-small-res-jb:blocks.{layer}.hook_resid_pre", (1,))
+    )
     corpus = tmp_path / "c.parquet"
     pq.write_table(pa.table({"sample_id": [0, 1], "text": ["hello hello world", "abc abc abd"]}), corpus)
     run(IngestConfig(out=tmp_path / "idx", model="gpt2", corpus=corpus, min_count=1, progress=False))
     assert requested == ["gpt2", ("gpt2-small-res-jb", "blocks.1.hook_resid_pre")]
     con = connect(tmp_path / "idx")
-    err = con.execute("SELECT max(abs(score - (ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias))) "
-                      "FROM pairs").fetchone()[0]
+    err = con.execute(
+        "SELECT max(abs(score - (ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias))) FROM pairs"
+    ).fetchone()[0]
     assert err < 1e-4  # exact up to fp32 rounding, with LayerNorm, biases and absolute positions
     assert con.execute("SELECT max(abs(bias)) FROM pairs").fetchone()[0] > 0  # GPT-2 has b_Q, b_K
     assert con.execute("SELECT count(*) FROM examples").fetchone()[0] > 0
@@ -149,14 +155,37 @@ def test_any_model_and_sae_through_the_cli(monkeypatch, tmp_path):
     pq.write_table(pa.table({"token_ids": [[1, 5, 6, 7, 5, 6]], "text": ["x"]}), corpus)
     monkeypatch.setattr("fra.ingest.corpus.tokenize_samples", lambda texts, tok, bos, n: [[0, 5, 6, 7, 5, 6, 7]])
     args = ["ingest", "--model", "some-tl-model", "--corpus", str(corpus), "--min-count", "1", "--no-progress"]
-    main(args + ["--out", str(tmp_path / "a"), "--sae", "my-release:blocks.{layer}.hook_resid_pre",
-                 "--layers", "0", "1", "--hook", "blocks.{layer}.hook_resid_pre"])
+    main(
+        args
+        + [
+            "--out",
+            str(tmp_path / "a"),
+            "--sae",
+            "my-release:blocks.{layer}.hook_resid_pre",
+            "--layers",
+            "0",
+            "1",
+            "--hook",
+            "blocks.{layer}.hook_resid_pre",
+        ]
+    )
     m = Manifest.read(tmp_path / "a")
     assert m.model == "some-tl-model" and m.layers == [0, 1]
     assert m.sae == {"0": "my-release:blocks.0.hook_resid_pre", "1": "my-release:blocks.1.hook_resid_pre"}
     with pytest.raises(IndexFormatError, match="--hook blocks.0.ln1.hook_normalized but the layer-0 SAE reads"):
-        main(args + ["--out", str(tmp_path / "b"), "--sae", "r:blocks.{layer}.hook_resid_pre", "--layers", "0",
-                     "--hook", "blocks.{layer}.ln1.hook_normalized"])
+        main(
+            args
+            + [
+                "--out",
+                str(tmp_path / "b"),
+                "--sae",
+                "r:blocks.{layer}.hook_resid_pre",
+                "--layers",
+                "0",
+                "--hook",
+                "blocks.{layer}.ln1.hook_normalized",
+            ]
+        )
     # a local sae-lens directory: the layer comes from the SAE's own hook name
     make_sae(16, "blocks.1.hook_resid_pre", d_sae=40, k=3).save_model(tmp_path / "sae_dir")
     main(args + ["--out", str(tmp_path / "c"), "--sae", str(tmp_path / "sae_dir")])

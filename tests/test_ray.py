@@ -17,8 +17,17 @@ TABLES = ("channels", "examples", "rows", "pairs", "samples", "features")
 
 
 def make_cfg(out, **overrides):
-    return IngestConfig(out=out, model="tiny", min_count=2, top_keys=2, top_pairs=3, examples_per_channel=4,
-                        block_size=2, progress=False, **overrides)
+    return IngestConfig(
+        out=out,
+        model="tiny",
+        min_count=2,
+        top_keys=2,
+        top_pairs=3,
+        examples_per_channel=4,
+        block_size=2,
+        progress=False,
+        **overrides,
+    )
 
 
 def tables(index) -> dict:
@@ -78,13 +87,19 @@ def test_ray_resumes_an_interrupted_run(cluster, local_index, tmp_path):
     import sys
     from pathlib import Path
 
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from pathlib import Path; from fra.ingest.index.build import IngestConfig, run; "
-            "from fra.ingest.tools.testing import tiny_inputs; "
-            f"run(IngestConfig(out=Path({str(tmp_path / 'index')!r}), model='tiny', min_count=2, top_keys=2, "
-            "top_pairs=3, examples_per_channel=4, block_size=2, progress=False), tiny_inputs(n_samples=5))")
-    env = {**os.environ, "FRA_FAIL_BLOCK": "stats:1:1", "FRA_FAIL_MARKER": str(tmp_path / "died"),
-           "OMP_NUM_THREADS": "1"}  # one torch thread, as the Ray workers (see local_index)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+        "from pathlib import Path; from fra.ingest.index.build import IngestConfig, run; "
+        "from fra.ingest.tools.testing import tiny_inputs; "
+        f"run(IngestConfig(out=Path({str(tmp_path / 'index')!r}), model='tiny', min_count=2, top_keys=2, "
+        "top_pairs=3, examples_per_channel=4, block_size=2, progress=False), tiny_inputs(n_samples=5))"
+    )
+    env = {
+        **os.environ,
+        "FRA_FAIL_BLOCK": "stats:1:1",
+        "FRA_FAIL_MARKER": str(tmp_path / "died"),
+        "OMP_NUM_THREADS": "1",
+    }  # one torch thread, as the Ray workers (see local_index)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert p.returncode == 1, p.stderr.decode()[-2000:]
     done = sorted(p.name for p in (tmp_path / "index.staging" / "partials" / "layer=1" / "stats").iterdir())

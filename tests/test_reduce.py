@@ -71,8 +71,7 @@ def test_reduce_sample_matches_brute_force(use_fused, subset):
     kept = None
     if subset:  # every other channel present
         kept = torch.tensor(sorted(i * F + j for i, j in ref))[::2]
-    res = reduce_sample(qf, kf, idx, live, ind, attn, F, kept, top_keys=2, top_pairs=3, q_block=4,
-                        use_fused=use_fused)
+    res = reduce_sample(qf, kf, idx, live, ind, attn, F, kept, top_keys=2, top_pairs=3, q_block=4, use_fused=use_fused)
     want = set(ref) if kept is None else {(int(x) // F, int(x) % F) for x in kept}
     got = {(int(x) // F, int(x) % F): s for s, x in enumerate(res.slot_keys_S)}
     assert set(got) == want
@@ -103,8 +102,15 @@ def test_reduce_sample_matches_brute_force(use_fused, subset):
             want_rows = []
             for k in keys:
                 block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :])
-                top = sorted(((block[a, b].abs().item(), int(idx[q, a]), int(idx[k, b]))
-                              for a in range(A) for b in range(A) if block[a, b] != 0), reverse=True)[:3]
+                top = sorted(
+                    (
+                        (block[a, b].abs().item(), int(idx[q, a]), int(idx[k, b]))
+                        for a in range(A)
+                        for b in range(A)
+                        if block[a, b] != 0
+                    ),
+                    reverse=True,
+                )[:3]
                 want_rows += [(k, i, j) for _, i, j in top]
             sel = (res.rows_h == h) & (res.rows_q == q)
             got_rows = list(zip(res.rows_k[sel].tolist(), res.rows_fq[sel].tolist(), res.rows_fk[sel].tolist()))

@@ -28,7 +28,11 @@ def _autograd_loss(params, x, M, cfg, var_x, var_qk, since_fired, objective, k):
     dead = torch.where(fired, torch.zeros_like(since_fired), since_fired + len(x)) > cfg.dead_after
     a_vals, a_idx = pre.masked_fill(~dead, -math.inf).topk(min(cfg.aux_k, int(dead.sum())), -1)
     aux = torch.einsum("nk,nkd->nd", a_vals.relu(), params["W_dec"][a_idx])
-    return loss + cfg.aux_coef * (err.detach() - aux).pow(2).sum(-1).mean() / var_x, int(dead.sum()), int((a_vals > 0).sum())
+    return (
+        loss + cfg.aux_coef * (err.detach() - aux).pow(2).sum(-1).mean() / var_x,
+        int(dead.sum()),
+        int((a_vals > 0).sum()),
+    )
 
 
 @pytest.mark.parametrize("objective", ["mse", "qk"])
@@ -130,7 +134,9 @@ def _tiny_corpus(path):
     g = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
     texts = [" ".join(words[i] for i in torch.randint(0, 8, (6,), generator=g).tolist()) for _ in range(300)]
-    pq.write_table(pa.table({"text": texts, "split": ["heldout" if i % 10 == 0 else "train" for i in range(300)]}), path)
+    pq.write_table(
+        pa.table({"text": texts, "split": ["heldout" if i % 10 == 0 else "train" for i in range(300)]}), path
+    )
 
 
 def test_streamed_training_resumes_and_saves_sae_lens_files(tmp_path):
@@ -142,10 +148,22 @@ def test_streamed_training_resumes_and_saves_sae_lens_files(tmp_path):
 
     _tiny_corpus(tmp_path / "corpus.parquet")
     lm = LoadedModel("tiny", make_model("llama", seed=3), _CharTokenizer(), 0)
-    base = dict(corpus=tmp_path / "corpus.parquet", out_dir=tmp_path / "saes", layers=(0, 1),
-                variants=("32x4:mse", "32x4:qk"), batch_size=64, buffer_tokens=512, chunk_samples=40,
-                batch_samples=8, heldout_tokens=256, eval_every=1500, max_tokens=24, progress=False,
-                precision="fp32", dead_after=5000)
+    base = dict(
+        corpus=tmp_path / "corpus.parquet",
+        out_dir=tmp_path / "saes",
+        layers=(0, 1),
+        variants=("32x4:mse", "32x4:qk"),
+        batch_size=64,
+        buffer_tokens=512,
+        chunk_samples=40,
+        batch_samples=8,
+        heldout_tokens=256,
+        eval_every=1500,
+        max_tokens=24,
+        progress=False,
+        precision="fp32",
+        dead_after=5000,
+    )
     first = run(SAETrainConfig(**base, n_tokens=2000), lm=lm)
     assert first["finished"] and first["tokens_per_layer"] >= 2000
     steps = first["steps"]["32x4:mse@0"]
@@ -171,4 +189,7 @@ def test_streamed_training_resumes_and_saves_sae_lens_files(tmp_path):
             assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_sae"] == 32
             sae = SAE.load_from_disk(path, dtype="float32")
             assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln1.hook_normalized"
-    assert json.loads((tmp_path / "saes" / "train_metrics.json").read_text())["tokens_per_layer"] == second["tokens_per_layer"]
+    assert (
+        json.loads((tmp_path / "saes" / "train_metrics.json").read_text())["tokens_per_layer"]
+        == second["tokens_per_layer"]
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pyarrow as pa
@@ -24,51 +23,118 @@ def write(path, table):
 def index(tmp_path_factory):
     root = tmp_path_factory.mktemp("views") / "idx"
     # one layer (5), one head (0); sample 0 has tokens BOS a b a b
-    write(root / "samples/part-0.parquet", pa.table({
-        "sample": pa.array([0], pa.int32()), "text": ["a b a b"], "token_ids": [[0, 1, 2, 1, 2]],
-        "tokens": [["<s>", "a", " b", " a", " b"]], "n_tokens": pa.array([5], pa.int16())}))
-    write(root / "features/part-0.parquet", pa.table({
-        "layer": [5, 5, 5], "feature": [1, 2, 3], "label": ['"a"', '"b"', '","'],
-        "punct_or_bos": [False, False, True]}))
+    write(
+        root / "samples/part-0.parquet",
+        pa.table(
+            {
+                "sample": pa.array([0], pa.int32()),
+                "text": ["a b a b"],
+                "token_ids": [[0, 1, 2, 1, 2]],
+                "tokens": [["<s>", "a", " b", " a", " b"]],
+                "n_tokens": pa.array([5], pa.int16()),
+            }
+        ),
+    )
+    write(
+        root / "features/part-0.parquet",
+        pa.table(
+            {
+                "layer": [5, 5, 5],
+                "feature": [1, 2, 3],
+                "label": ['"a"', '"b"', '","'],
+                "punct_or_bos": [False, False, True],
+            }
+        ),
+    )
     # channels: (1,2) count 4 sum 8 sumsq 20 -> mean 2, var 20/4 - 4 = 1, std 1;
     #           induction: 2 pairs summing 6 -> ind_mean 3, other (8-6)/(4-2) = 1, diff 2.
     #           (3,2) count 10 sum -30 -> mean -3 (BOS/punct feature 3 on the query side).
     #           (2,1) count 2 sum 1 -> mean 0.5 (below min_count 3 in the test).
-    write(root / "channels/layer=5/head=0/part-0.parquet", pa.table({
-        "feat_q": pa.array([1, 3, 2], pa.int32()), "feat_k": pa.array([2, 2, 1], pa.int32()),
-        "count": [4, 10, 2], "sum": [8.0, -30.0, 1.0], "sumsq": [20.0, 100.0, 1.0],
-        "ind_count": [2, 0, 0], "ind_sum": [6.0, 0.0, 0.0], "ind_sumsq": [18.0, 0.0, 0.0]}))
+    write(
+        root / "channels/layer=5/head=0/part-0.parquet",
+        pa.table(
+            {
+                "feat_q": pa.array([1, 3, 2], pa.int32()),
+                "feat_k": pa.array([2, 2, 1], pa.int32()),
+                "count": [4, 10, 2],
+                "sum": [8.0, -30.0, 1.0],
+                "sumsq": [20.0, 100.0, 1.0],
+                "ind_count": [2, 0, 0],
+                "ind_sum": [6.0, 0.0, 0.0],
+                "ind_sumsq": [18.0, 0.0, 0.0],
+            }
+        ),
+    )
     # examples: the strongest entries of channel (1, 2)
-    write(root / "examples/layer=5/head=0/part-0.parquet", pa.table({
-        "feat_q": pa.array([1, 1], pa.int32()), "feat_k": pa.array([2, 2], pa.int32()),
-        "rank": pa.array([0, 1], pa.int8()), "sample": pa.array([0, 0], pa.int32()),
-        "q": pa.array([3, 4], pa.int16()), "k": pa.array([2, 0], pa.int16()),
-        "value": pa.array([3.0, 0.5], pa.float32())}))
+    write(
+        root / "examples/layer=5/head=0/part-0.parquet",
+        pa.table(
+            {
+                "feat_q": pa.array([1, 1], pa.int32()),
+                "feat_k": pa.array([2, 2], pa.int32()),
+                "rank": pa.array([0, 1], pa.int8()),
+                "sample": pa.array([0, 0], pa.int32()),
+                "q": pa.array([3, 4], pa.int16()),
+                "k": pa.array([2, 0], pa.int16()),
+                "value": pa.array([3.0, 0.5], pa.float32()),
+            }
+        ),
+    )
     # rows: the kept entries
-    write(root / "rows/layer=5/head=0/part-0.parquet", pa.table({
-        "sample": pa.array([0, 0, 0], pa.int32()), "q": pa.array([3, 4, 4], pa.int16()),
-        "k": pa.array([2, 3, 0], pa.int16()), "feat_q": pa.array([1, 3, 1], pa.int32()),
-        "feat_k": pa.array([2, 2, 2], pa.int32()), "value": pa.array([3.0, -5.0, 0.5], pa.float32()),
-        "induction": [True, False, False]}))
+    write(
+        root / "rows/layer=5/head=0/part-0.parquet",
+        pa.table(
+            {
+                "sample": pa.array([0, 0, 0], pa.int32()),
+                "q": pa.array([3, 4, 4], pa.int16()),
+                "k": pa.array([2, 3, 0], pa.int16()),
+                "feat_q": pa.array([1, 3, 1], pa.int32()),
+                "feat_k": pa.array([2, 2, 2], pa.int32()),
+                "value": pa.array([3.0, -5.0, 0.5], pa.float32()),
+                "induction": [True, False, False],
+            }
+        ),
+    )
     # pairs: q=3 keys 0..3 (target k=2), q=4 keys 0..4 (target 3); other queries left out
     pairs = {"sample": [0] * 9, "q": [3, 3, 3, 3, 4, 4, 4, 4, 4], "k": [0, 1, 2, 3, 0, 1, 2, 3, 4]}
     score = [0.0, 0.0, math.log(3), 0.0, 0.0, 0.0, 0.0, math.log(4), 0.0]
-    pairs.update(score=score, ff=[s / 2 for s in score], ff_abs=[1.0] * 9, kept=[0.5] * 9, kept_abs=[0.5] * 9,
-                 f_bdec=[0.0] * 9, f_err=[s / 4 for s in score], bdec_f=[0.0] * 9, err_f=[s / 4 for s in score],
-                 resid_resid=[0.0] * 9, bias=[0.0] * 9,
-                 induction=[False, False, True, False, False, False, False, True, False])
-    t = pa.table(pairs).cast(pa.schema([("sample", pa.int32()), ("q", pa.int16()), ("k", pa.int16())]
-                                       + [(c, pa.float64()) for c in list(pairs)[3:-1]] + [("induction", pa.bool_())]))
+    pairs.update(
+        score=score,
+        ff=[s / 2 for s in score],
+        ff_abs=[1.0] * 9,
+        kept=[0.5] * 9,
+        kept_abs=[0.5] * 9,
+        f_bdec=[0.0] * 9,
+        f_err=[s / 4 for s in score],
+        bdec_f=[0.0] * 9,
+        err_f=[s / 4 for s in score],
+        resid_resid=[0.0] * 9,
+        bias=[0.0] * 9,
+        induction=[False, False, True, False, False, False, False, True, False],
+    )
+    t = pa.table(pairs).cast(
+        pa.schema(
+            [("sample", pa.int32()), ("q", pa.int16()), ("k", pa.int16())]
+            + [(c, pa.float64()) for c in list(pairs)[3:-1]]
+            + [("induction", pa.bool_())]
+        )
+    )
     write(root / "pairs/layer=5/head=0/part-0.parquet", t)
-    Manifest(model="fixture", sae={"5": "x"}, corpus="c", policy={}, layers=[5], heads=[0], n_samples=1,
-             shard="0/1").write(root)
+    Manifest(
+        model="fixture", sae={"5": "x"}, corpus="c", policy={}, layers=[5], heads=[0], n_samples=1, shard="0/1"
+    ).write(root)
     return root
 
 
 def test_channel_stats(index):
-    rows = connect(index).execute(
-        "SELECT feat_q, feat_k, count, mean, std, ind_mean, other_mean, ind_diff, share_of_head, self_pair "
-        "FROM channel_stats ORDER BY feat_q").fetchall()
+    rows = (
+        connect(index)
+        .execute(
+            "SELECT feat_q, feat_k, count, mean, std, ind_mean, other_mean, ind_diff, share_of_head, self_pair "
+            "FROM channel_stats ORDER BY feat_q"
+        )
+        .fetchall()
+    )
     # head total ff over pairs = (log 3 + log 4) / 2; shares are sum / that total
     tot = (math.log(3) + math.log(4)) / 2
     expected = [

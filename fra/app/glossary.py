@@ -3,15 +3,16 @@
 HELP = {
     # terms
     "FA": "FA[q, k, i, j]: the part of the attention score from query q to key k that comes from SAE "
-          "feature i active at q times feature j active at k (rotary, norm and 1/sqrt(d_head) folded in).",
+    "feature i active at q times feature j active at k (rotary, norm and 1/sqrt(d_head) folded in).",
     "channel": "A (feat_q, feat_k) pair of one head: FA of that pair, summed over the whole corpus.",
     "kept rows": "The feature-pair terms the index stores individually (the largest |FA| per head and query); "
-                 "all other terms are only in the exact sums.",
+    "all other terms are only in the exact sums.",
     "b_dec": "The SAE decoder bias: the part of the attention input that every token has, whatever features fire.",
     "SAE error": "Attention input minus its SAE reconstruction: what the features do not explain.",
     "error share": "Share of the summed |terms| of the score that involves the SAE error on either side.",
     "margin": "Score of the induction target minus the mean score of the other causal keys of the same query.",
-    "induction target": "Key k = p + 1 where token p equals the query token and p < q - 1 (the token an induction head copies from).",
+    "induction target": "Key k = p + 1 where token p equals the query token and p < q - 1 (the token "
+    "an induction head copies from).",
     "BOS": "The beginning-of-sequence token at position 0; many heads park attention there (the attention sink).",
     "self pair": "A channel whose query and key feature are the same feature.",
     # columns
@@ -20,7 +21,8 @@ HELP = {
     "feat_q": "SAE feature active at the query position (click for its feature page).",
     "feat_k": "SAE feature active at the key position (click for its feature page).",
     "feature": "SAE feature id (click for its feature page).",
-    "label": "Automatic label: the tokens the feature fires on most on held-out text (‹byte› = part of a multi-byte character).",
+    "label": "Automatic label: the tokens the feature fires on most on held-out text (‹byte› = part "
+    "of a multi-byte character).",
     "label_q": "Label of the query-side feature.",
     "label_k": "Label of the key-side feature.",
     "partner": "The other feature of the channel.",
@@ -91,13 +93,47 @@ HELP = {
 }
 
 PAGE_TERMS = {
-    "Home": ["channel", "FA", "mean", "count", "ind_diff", "share_of_head", "BOS", "ff_share", "err_share",
-             "kept_abs_share", "ind_attn"],
+    "Home": [
+        "channel",
+        "FA",
+        "mean",
+        "count",
+        "ind_diff",
+        "share_of_head",
+        "BOS",
+        "ff_share",
+        "err_share",
+        "kept_abs_share",
+        "ind_attn",
+    ],
     "Feature search": ["label", "index_frequency", "bos_rate", "side", "channel", "mean", "ind_diff", "self pair"],
-    "Head": ["FA", "ff_share", "error share", "bdec_resid_share", "b_dec", "kept rows", "kept_abs_share", "ind_attn",
-             "induction target", "margin", "prob", "score", "ff"],
-    "Channel": ["channel", "count", "mean", "std", "ind_mean", "other_mean", "ind_diff", "share_of_head", "kept rows",
-                "induction target"],
+    "Head": [
+        "FA",
+        "ff_share",
+        "error share",
+        "bdec_resid_share",
+        "b_dec",
+        "kept rows",
+        "kept_abs_share",
+        "ind_attn",
+        "induction target",
+        "margin",
+        "prob",
+        "score",
+        "ff",
+    ],
+    "Channel": [
+        "channel",
+        "count",
+        "mean",
+        "std",
+        "ind_mean",
+        "other_mean",
+        "ind_diff",
+        "share_of_head",
+        "kept rows",
+        "induction target",
+    ],
     "Sample": ["prob", "score", "ff", "induction target", "kept rows", "value", "share_of_score"],
     "CIH": ["margin", "induction target", "relation", "kind", "heads", "self pair"],
 }

@@ -21,8 +21,14 @@ from fra.app import pages, ui
 from fra.app.state import pick_page
 from fra.queries import IndexNotFound, manifest
 
-PAGES = {"Home": None, "Feature search": pages.page_feature, "Head": pages.page_head, "Channel": pages.page_channel,
-         "Sample": pages.page_sample, "CIH": pages.page_cih}
+PAGES = {
+    "Home": None,
+    "Feature search": pages.page_feature,
+    "Head": pages.page_head,
+    "Channel": pages.page_channel,
+    "Sample": pages.page_sample,
+    "CIH": pages.page_cih,
+}
 
 
 def index_path() -> Path:
@@ -49,7 +55,9 @@ if "page" not in st.session_state:
     st.session_state["page"] = choice.value
 st.sidebar.title("FRA explorer")
 page = st.sidebar.radio("page", list(PAGES), key="page")
-st.sidebar.caption(f"index `{INDEX}`: {meta.get('model')}, layers {meta.get('layers')}, {meta.get('n_samples')} samples")
+st.sidebar.caption(
+    f"index `{INDEX}`: {meta.get('model')}, layers {meta.get('layers')}, {meta.get('n_samples')} samples"
+)
 st.sidebar.caption("Every page's state is in the address bar: copy it to share what you see.")
 try:
     if page == "Home":
@@ -57,7 +65,9 @@ try:
     else:
         PAGES[page]()
 except ui.QueryFailed as exc:
-    st.error(f"This page needs something the index does not have: {exc}. The index may come from another "
-             "version of FRA; rebuild it with `fra ingest`.")
+    st.error(
+        f"This page needs something the index does not have: {exc}. The index may come from another "
+        "version of FRA; rebuild it with `fra ingest`."
+    )
 finally:
     ui.sync_url(page)

@@ -40,7 +40,9 @@ def pick_int(raw: str | None, name: str, allowed: Sequence[int], default: int, w
     try:
         v = int(str(raw).strip())
     except ValueError:
-        return Choice(default, f"{name}={raw!r} is not a whole number; {what}: {describe(allowed)}. {instead.capitalize()}.")
+        return Choice(
+            default, f"{name}={raw!r} is not a whole number; {what}: {describe(allowed)}. {instead.capitalize()}."
+        )
     if v not in allowed:
         return Choice(default, f"{name}={v} is not one of the {what} ({describe(allowed)}). {instead.capitalize()}.")
     return Choice(v)
@@ -52,7 +54,9 @@ def pick_page(raw: str | None, pages: Sequence[str], default: str) -> Choice:
     for p in pages:  # forgiving about case and '+' / '_' for spaces
         if str(raw).replace("+", " ").replace("_", " ").strip().lower() == p.lower():
             return Choice(p)
-    return Choice(default, f"page={raw!r} is not a page of the explorer (pages: {', '.join(pages)}). Showing {default}.")
+    return Choice(
+        default, f"page={raw!r} is not a page of the explorer (pages: {', '.join(pages)}). Showing {default}."
+    )
 
 
 def query_string(params: dict) -> str:

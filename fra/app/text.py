@@ -106,8 +106,9 @@ def md_tokens(tokens: list[str], bold: dict[int, str] | None = None) -> str:
     for i, t in enumerate(tokens):
         if i in bold:
             lead = t[: len(t) - len(t.lstrip())]
-            parts.append(f"{md_text(lead)}<b title=\"{html.escape(bold[i])}\">{md_text(t.lstrip()) or '&#9251;'}"
-                         f"<sub>{i}</sub></b>")
+            parts.append(
+                f'{md_text(lead)}<b title="{html.escape(bold[i])}">{md_text(t.lstrip()) or "&#9251;"}<sub>{i}</sub></b>'
+            )
         else:
             parts.append(md_text(t))
     return "".join(parts)

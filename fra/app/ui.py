@@ -135,8 +135,18 @@ def _init(wkey: str, param: str, options: Sequence, default, what: str, fallback
         st.session_state[wkey] = default
 
 
-def select_int(container, label: str, param: str, options: Sequence[int], default: int, what: str,
-               key: str, fmt: Callable | None = None, fallback: str = "", help: str | None = None) -> int:
+def select_int(
+    container,
+    label: str,
+    param: str,
+    options: Sequence[int],
+    default: int,
+    what: str,
+    key: str,
+    fmt: Callable | None = None,
+    fallback: str = "",
+    help: str | None = None,
+) -> int:
     """A selectbox whose value lives in URL parameter `param`."""
     options = list(options)
     _init(key, param, options, default, what, fallback)
@@ -145,18 +155,36 @@ def select_int(container, label: str, param: str, options: Sequence[int], defaul
     return int(value)
 
 
-def number_int(container, label: str, param: str, n: int, default: int, what: str, key: str,
-               fallback: str = "", help: str | None = None) -> int:
+def number_int(
+    container,
+    label: str,
+    param: str,
+    n: int,
+    default: int,
+    what: str,
+    key: str,
+    fallback: str = "",
+    help: str | None = None,
+) -> int:
     """A number input in 0..n-1 whose value lives in URL parameter `param` (checked before the widget sees it)."""
     _init(key, param, range(n), default, what, fallback)
-    value = container.number_input(label, min_value=0, max_value=max(n - 1, 0), step=1, key=key,
-                                   help=help or HELP.get(param))
+    value = container.number_input(
+        label, min_value=0, max_value=max(n - 1, 0), step=1, key=key, help=help or HELP.get(param)
+    )
     url()[param] = int(value)
     return int(value)
 
 
-def choose(container, label: str, param: str, options: Sequence[str], default: str, key: str, help: str | None = None,
-           horizontal: bool = True) -> str:
+def choose(
+    container,
+    label: str,
+    param: str,
+    options: Sequence[str],
+    default: str,
+    key: str,
+    help: str | None = None,
+    horizontal: bool = True,
+) -> str:
     """A radio of strings whose value lives in URL parameter `param`."""
     options = list(options)
     if key not in st.session_state:
@@ -178,8 +206,15 @@ def layer_head(page_key: str, default_layer: int | None = None) -> tuple[int, in
     lh = layers_heads()
     layers = sorted(lh)
     c1, c2 = st.columns(2)
-    layer = select_int(c1, "layer", "layer", layers, default_layer if default_layer in lh else layers[0],
-                       "layers of this index", f"{page_key}_layer")
+    layer = select_int(
+        c1,
+        "layer",
+        "layer",
+        layers,
+        default_layer if default_layer in lh else layers[0],
+        "layers of this index",
+        f"{page_key}_layer",
+    )
     head = select_int(c2, "head", "head", lh[layer], lh[layer][0], f"heads of layer {layer}", f"{page_key}_head")
     return layer, head
 
@@ -188,8 +223,16 @@ def sample_picker(container, page_key: str) -> int:
     s = samples()
     ids = [int(i) for i in s["sample"]]
     text = dict(zip(s["sample"], s["text"]))
-    return select_int(container, "sample", "sample", ids, ids[0], "samples of this index", f"{page_key}_sample",
-                      fmt=lambda i: f"{i}: {str(text.get(i, ''))[:70]}")
+    return select_int(
+        container,
+        "sample",
+        "sample",
+        ids,
+        ids[0],
+        "samples of this index",
+        f"{page_key}_sample",
+        fmt=lambda i: f"{i}: {str(text.get(i, ''))[:70]}",
+    )
 
 
 # ------------------------------------------------------------------------------ tables
@@ -198,7 +241,9 @@ def sample_picker(container, page_key: str) -> int:
 def with_labels(df: pd.DataFrame, layer_col_or_value, cols=("feat_q", "feat_k")) -> pd.DataFrame:
     """Adds `label_q` / `label_k` (or `<col>_label`) next to feature-id columns."""
     df = df.copy()
-    layers = df[layer_col_or_value] if isinstance(layer_col_or_value, str) else pd.Series(layer_col_or_value, index=df.index)
+    layers = (
+        df[layer_col_or_value] if isinstance(layer_col_or_value, str) else pd.Series(layer_col_or_value, index=df.index)
+    )
     maps = {int(l): labels(int(l)) for l in layers.unique()} if len(df) else {}
     for col in cols:
         if col not in df:
@@ -208,9 +253,16 @@ def with_labels(df: pd.DataFrame, layer_col_or_value, cols=("feat_q", "feat_k"))
     return df
 
 
-def show_table(df: pd.DataFrame, columns: Sequence[str], key: str, feature_cols=("feat_q", "feat_k", "feature", "partner"),
-               layer: int | str | None = None, open_col: str | None = None, height: int | None = None,
-               helps: dict[str, str] | None = None) -> None:
+def show_table(
+    df: pd.DataFrame,
+    columns: Sequence[str],
+    key: str,
+    feature_cols=("feat_q", "feat_k", "feature", "partner"),
+    layer: int | str | None = None,
+    open_col: str | None = None,
+    height: int | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
     """A table with help on every column (`helps` overrides the glossary), feature ids as links to
     their pages, an optional 'open' link column, and visible CSV / Parquet downloads of the data shown."""
     columns = [c for c in columns if c in df.columns]
@@ -235,12 +287,24 @@ def show_table(df: pd.DataFrame, columns: Sequence[str], key: str, feature_cols=
 
 def downloads(df: pd.DataFrame, key: str) -> None:
     c1, c2, _ = st.columns([1, 1, 6])
-    c1.download_button("⬇ CSV", df.to_csv(index=False).encode(), file_name=f"{key}.csv", mime="text/csv",
-                       key=f"dl_{key}_csv", on_click="ignore")
+    c1.download_button(
+        "⬇ CSV",
+        df.to_csv(index=False).encode(),
+        file_name=f"{key}.csv",
+        mime="text/csv",
+        key=f"dl_{key}_csv",
+        on_click="ignore",
+    )
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    c2.download_button("⬇ Parquet", buf.getvalue(), file_name=f"{key}.parquet", mime="application/octet-stream",
-                       key=f"dl_{key}_parquet", on_click="ignore")
+    c2.download_button(
+        "⬇ Parquet",
+        buf.getvalue(),
+        file_name=f"{key}.parquet",
+        mime="application/octet-stream",
+        key=f"dl_{key}_parquet",
+        on_click="ignore",
+    )
 
 
 def glossary(page: str) -> None:
@@ -251,8 +315,16 @@ def glossary(page: str) -> None:
 # ------------------------------------------------------------------------------ plots
 
 
-def attention_map(z: np.ndarray, toks: list[str], lo: int, hi: int, title: str, scale: str, diverging: bool,
-                  marks: dict[str, list[tuple[int, int]]]) -> go.Figure:
+def attention_map(
+    z: np.ndarray,
+    toks: list[str],
+    lo: int,
+    hi: int,
+    title: str,
+    scale: str,
+    diverging: bool,
+    marks: dict[str, list[tuple[int, int]]],
+) -> go.Figure:
     """A heatmap of z[lo:hi, lo:hi] (queries down, keys across) with marked (q, k) cells.
 
     scale: 'log' (log10 of a probability, floor 1e-4), 'clipped' (colour range at the 1st / 99th
@@ -266,7 +338,7 @@ def attention_map(z: np.ndarray, toks: list[str], lo: int, hi: int, title: str, 
         sub = np.log10(np.clip(sub, 1e-4, None))
         colorbar = dict(title="log10")
     elif scale == "clipped":
-        body = z[lo:hi, max(lo, 1):hi]
+        body = z[lo:hi, max(lo, 1) : hi]
         vals = body[np.isfinite(body)]
         if vals.size:
             a, b = np.percentile(vals, [1, 99])
@@ -276,24 +348,47 @@ def attention_map(z: np.ndarray, toks: list[str], lo: int, hi: int, title: str, 
             zmin, zmax = float(a), float(b) if b > a else float(a) + 1e-9
     pos = list(range(lo, hi))
     text = [f"{i}:{toks[i]}" for i in pos]
-    fig = go.Figure(go.Heatmap(
-        z=sub, x=pos, y=pos, zmin=zmin, zmax=zmax, colorbar=colorbar,
-        colorscale="RdBu" if diverging else "Blues", zmid=0.0 if diverging and zmin is None else None,
-        reversescale=diverging, customdata=[[f"q {text[i]} → k {text[j]}" for j in range(len(pos))] for i in range(len(pos))],
-        hovertemplate="%{customdata}<br>%{z:.4g}<extra></extra>"))
-    styles = {"induction target": dict(symbol="circle-open", color="orange", size=9, line=dict(width=2)),
-              "selected (q, k)": dict(symbol="square-open", color="red", size=14, line=dict(width=3))}
+    fig = go.Figure(
+        go.Heatmap(
+            z=sub,
+            x=pos,
+            y=pos,
+            zmin=zmin,
+            zmax=zmax,
+            colorbar=colorbar,
+            colorscale="RdBu" if diverging else "Blues",
+            zmid=0.0 if diverging and zmin is None else None,
+            reversescale=diverging,
+            customdata=[[f"q {text[i]} → k {text[j]}" for j in range(len(pos))] for i in range(len(pos))],
+            hovertemplate="%{customdata}<br>%{z:.4g}<extra></extra>",
+        )
+    )
+    styles = {
+        "induction target": dict(symbol="circle-open", color="orange", size=9, line=dict(width=2)),
+        "selected (q, k)": dict(symbol="square-open", color="red", size=14, line=dict(width=3)),
+    }
     for name, cells in marks.items():
         cells = [(a, b) for a, b in cells if lo <= a < hi and lo <= b < hi]
         if cells:
-            fig.add_trace(go.Scatter(x=[b for _, b in cells], y=[a for a, _ in cells], mode="markers", name=name,
-                                     marker=styles.get(name, dict(symbol="x")), hoverinfo="skip"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[b for _, b in cells],
+                    y=[a for a, _ in cells],
+                    mode="markers",
+                    name=name,
+                    marker=styles.get(name, dict(symbol="x")),
+                    hoverinfo="skip",
+                )
+            )
     step = max(1, len(pos) // 40)
     fig.update_layout(
-        title=title, height=max(380, min(900, 14 * len(pos) + 140)), margin=dict(l=10, r=10, t=40, b=10),
+        title=title,
+        height=max(380, min(900, 14 * len(pos) + 140)),
+        margin=dict(l=10, r=10, t=40, b=10),
         legend=dict(orientation="h", y=-0.12),
         yaxis=dict(autorange="reversed", title="query", tickvals=pos[::step], ticktext=text[::step]),
-        xaxis=dict(title="key", tickvals=pos[::step], ticktext=text[::step], tickangle=-60))
+        xaxis=dict(title="key", tickvals=pos[::step], ticktext=text[::step], tickangle=-60),
+    )
     return fig
 
 

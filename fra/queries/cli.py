@@ -9,15 +9,33 @@ from pathlib import Path
 from . import connect
 from .lib import QUERIES, channel_examples, feature_channels, head_summary, top_channels
 
-VIEWS = ("rows", "pairs", "channels", "samples", "features", "channel_stats", "head_totals",
-         "head_summary", "top_entries", "pattern")
+VIEWS = (
+    "rows",
+    "pairs",
+    "channels",
+    "samples",
+    "features",
+    "channel_stats",
+    "head_totals",
+    "head_summary",
+    "top_entries",
+    "pattern",
+)
 
 
 def _print(df, max_rows=50):
     import pandas as pd
 
-    with pd.option_context("display.max_rows", max_rows, "display.width", 200, "display.max_columns", 30,
-                           "display.float_format", "{:.4g}".format):
+    with pd.option_context(
+        "display.max_rows",
+        max_rows,
+        "display.width",
+        200,
+        "display.max_columns",
+        30,
+        "display.float_format",
+        "{:.4g}".format,
+    ):
         print(df.to_string(index=False) if len(df) else "(no rows)")
 
 
@@ -114,8 +132,14 @@ def export(con, view, out, layer=None, head=None, feature=None, partition_by="la
     parts = [c for c in partition_by.split(",") if c] if partition_by else []
     parts = [c for c in parts if c in table.column_names]
     Path(out).mkdir(parents=True, exist_ok=True)
-    ds.write_dataset(table, out, format="parquet", partitioning=parts or None,
-                     partitioning_flavor="hive" if parts else None, existing_data_behavior="delete_matching")
+    ds.write_dataset(
+        table,
+        out,
+        format="parquet",
+        partitioning=parts or None,
+        partitioning_flavor="hive" if parts else None,
+        existing_data_behavior="delete_matching",
+    )
     return table.num_rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+
 def _load(path: Path) -> dict[str, str]:
     blocks = re.split(r"^-- name: (\w+)\s*$", path.read_text(), flags=re.M)
     return {name: body.strip().rstrip(";") for name, body in zip(blocks[1::2], blocks[2::2])}

@@ -70,8 +70,7 @@ def validate_model(model) -> None:
     problems = []
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    for flag in ("use_qk_norm", "use_split_qkv_input", "use_attn_in", "use_logn_attn",
-                 "use_attention_sinks"):
+    for flag in ("use_qk_norm", "use_split_qkv_input", "use_attn_in", "use_logn_attn", "use_attention_sinks"):
         if getattr(cfg, flag, False):
             problems.append(f"{flag}=True")
     if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
@@ -292,10 +291,7 @@ def _project_side(
     err_in_BTD = _attn_in_linear(err_BTD, proj.w_norm_D, proj.centre) * inv_norm_scale_BT[..., None]
     err_BTnE = torch.einsum("btd,nde->btne", err_in_BTD, W_nDE)
     bias_BTnE = bias_nE[None, None].expand(B, T, *bias_nE.shape)
-    rest = [
-        einops.rearrange(_rotate(proj.rotary, v), "b t n e -> b n t e")
-        for v in (bdec_BTnE, err_BTnE, bias_BTnE)
-    ]
+    rest = [einops.rearrange(_rotate(proj.rotary, v), "b t n e -> b n t e") for v in (bdec_BTnE, err_BTnE, bias_BTnE)]
     if side == "k":  # expand key-value heads to query heads
         idx = proj.kv_of_head_H
         feat_BnTAE = feat_BnTAE[:, idx]
@@ -340,14 +336,10 @@ def pair_terms(q: SideVectors, k: SideVectors) -> Float[Tensor, "C B H Q K"]:
     """All 16 component-pair terms, ordered as TERM_NAMES. Their sum is the attention score."""
     q_parts = [q.component(c) for c in COMPONENTS]
     k_parts = [k.component(c) for c in COMPONENTS]
-    return torch.stack(
-        [torch.einsum("bhqe,bhke->bhqk", qc, kc) for qc in q_parts for kc in k_parts]
-    )
+    return torch.stack([torch.einsum("bhqe,bhke->bhqk", qc, kc) for qc in q_parts for kc in k_parts])
 
 
-def fa_block(
-    q: SideVectors, k: SideVectors, b: int, h: int, qpos: int, kpos: int
-) -> Float[Tensor, "A A"]:
+def fa_block(q: SideVectors, k: SideVectors, b: int, h: int, qpos: int, kpos: int) -> Float[Tensor, "A A"]:
     """FA[h, qpos, kpos, i, j] for the active features i of qpos and j of kpos (slot order)."""
     return q.feat_BHTAE[b, h, qpos] @ k.feat_BHTAE[b, h, kpos].T
 
@@ -394,9 +386,7 @@ class HookActivations:
 def run_hooks(model, layer: int, hook_name: str, tokens_BT: Tensor) -> HookActivations:
     """One forward pass up to `layer`, caching the SAE hook, the ln1 scale and the scores."""
     names = [hook_name, f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.attn.hook_attn_scores"]
-    _, cache = model.run_with_cache(
-        tokens_BT, names_filter=lambda n: n in names, stop_at_layer=layer + 1
-    )
+    _, cache = model.run_with_cache(tokens_BT, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
     return HookActivations(cache[names[0]], cache[names[1]][..., 0], cache[names[2]])
 
 
@@ -469,7 +459,11 @@ class Decomposer:
 
 
 def decompose(
-    model, layer: int, sae, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"], dtype=torch.float32,
+    model,
+    layer: int,
+    sae,
+    tokens: Int[Tensor, "B T"] | Int[Tensor, " T"],
+    dtype=torch.float32,
 ) -> AttentionDecomposition:
     """Decompose every head's causal attention scores at `layer` into component-pair terms."""
     return Decomposer(model, layer, sae, dtype).decompose(tokens)

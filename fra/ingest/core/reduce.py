@@ -166,8 +166,9 @@ def reduce_sample(
         q1 = min(T, q0 + q_block)
         nq, nk = q1 - q0, q1  # keys beyond the last query of the block are never causal
         # V[h, q, a, k, b]: one batched matmul, laid out so that no copy is needed
-        V = torch.matmul(qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E),
-                         kfeat_HTAE[:, :nk].reshape(H, nk * A, E).transpose(1, 2)).view(H, nq, A, nk, A)
+        V = torch.matmul(
+            qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), kfeat_HTAE[:, :nk].reshape(H, nk * A, E).transpose(1, 2)
+        ).view(H, nq, A, nk, A)
         causal = kpos[None, :nk] <= torch.arange(q0, q1, device=dev)[:, None]  # [nq, nk]
         valid = causal[:, None, :, None] & live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :]
         # exact zeros off the causal / live set; keys before q0 are causal for the whole block,
@@ -192,8 +193,7 @@ def reduce_sample(
             ind_sum_HP.index_add_(1, s_ind, v_ind)
             ind_sumsq_HP.index_add_(1, s_ind, v_ind * v_ind)
         if with_rows:
-            _rows_block(V, attn_HQK[:, q0:q1, :nk], causal, feat_idx_TA, q0, top_keys, top_pairs,
-                        rows, kept, kept_abs)
+            _rows_block(V, attn_HQK[:, q0:q1, :nk], causal, feat_idx_TA, q0, top_keys, top_pairs, rows, kept, kept_abs)
         del V
 
     if rows:
@@ -202,9 +202,20 @@ def reduce_sample(
     else:
         ints, vals = torch.zeros(5, 0, dtype=torch.long, device=dev), torch.zeros(0, device=dev)
     return SampleReduction(
-        ff, ff_abs, kept, kept_abs, *ints, vals, slot_keys,
-        sum_HP[:, :S], sumsq_HP[:, :S], best_HP[:, :S], best_pos_HP[:, :S],
-        ind_count_P[:S], ind_sum_HP[:, :S], ind_sumsq_HP[:, :S],
+        ff,
+        ff_abs,
+        kept,
+        kept_abs,
+        *ints,
+        vals,
+        slot_keys,
+        sum_HP[:, :S],
+        sumsq_HP[:, :S],
+        best_HP[:, :S],
+        best_pos_HP[:, :S],
+        ind_count_P[:S],
+        ind_sum_HP[:, :S],
+        ind_sumsq_HP[:, :S],
     )
 
 

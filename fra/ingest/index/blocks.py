@@ -156,8 +156,10 @@ class BlockWorker:
         keys, n = counts.finish()
         write_parquet(pa.table({"key": keys, "count": n}), tmp / "counts.parquet")
         fired = torch.nonzero(fires_F)[:, 0]
-        write_parquet(pa.table({"feature": fired.numpy(), "fires": fires_F[fired].numpy(),
-                                "bos": bos_F[fired].numpy()}), tmp / "features.parquet")
+        write_parquet(
+            pa.table({"feature": fired.numpy(), "fires": fires_F[fired].numpy(), "bos": bos_F[fired].numpy()}),
+            tmp / "features.parquet",
+        )
         return {"count_runs_spilled": n_runs}
 
     def _kept_of(self, layer: int) -> np.ndarray:
@@ -201,8 +203,17 @@ class BlockWorker:
                 attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
                 ind = induction_mask(toks)
                 red = reduce_sample(
-                    p.q.feat_BHTAE[0][head_pos], p.k.feat_BHTAE[0][head_pos], p.sparse.feat_idx_BTA[0],
-                    p.live_BTA[0], ind, attn, F, keys.to(self.device), cfg.top_keys, cfg.top_pairs, cfg.q_block,
+                    p.q.feat_BHTAE[0][head_pos],
+                    p.k.feat_BHTAE[0][head_pos],
+                    p.sparse.feat_idx_BTA[0],
+                    p.live_BTA[0],
+                    ind,
+                    attn,
+                    F,
+                    keys.to(self.device),
+                    cfg.top_keys,
+                    cfg.top_pairs,
+                    cfg.q_block,
                     with_rows=first,
                 )
                 acc.add(red, self.inp.sample_ids[s])
@@ -216,8 +227,13 @@ class BlockWorker:
         tables.flush()
         channels.close()
         examples.close()
-        return {"sweeps": len(starts), "kept_channels_per_sweep": int(min(chunk, max(len(block_keys), 1))),
-                "rows": tables.n_rows, "kept_abs": tables.kept_abs.tolist(), "ff_abs": tables.ff_abs.tolist()}
+        return {
+            "sweeps": len(starts),
+            "kept_channels_per_sweep": int(min(chunk, max(len(block_keys), 1))),
+            "rows": tables.n_rows,
+            "kept_abs": tables.kept_abs.tolist(),
+            "ff_abs": tables.ff_abs.tolist(),
+        }
 
 
 class _Appender:
@@ -264,7 +280,10 @@ class RowsAndPairs:
         qi, ki = torch.nonzero(causal, as_tuple=True)
         terms = pair_terms(p.q, p.k)[:, 0][:, head_pos]  # [C, H, Q, K]
         groups = {
-            "f_bdec": ["feat_bdec"], "f_err": ["feat_err"], "bdec_f": ["bdec_feat"], "err_f": ["err_feat"],
+            "f_bdec": ["feat_bdec"],
+            "f_err": ["feat_err"],
+            "bdec_f": ["bdec_feat"],
+            "err_f": ["err_feat"],
             "resid_resid": ["bdec_bdec", "bdec_err", "err_bdec", "err_err"],
             "bias": [t for t in TERM_NAMES if "bias" in t],
         }
@@ -275,17 +294,24 @@ class RowsAndPairs:
             "k": np.broadcast_to(ki.cpu().numpy().astype(np.int16), (len(self.heads), n)),
             "induction": np.broadcast_to(ind[qi, ki].cpu().numpy(), (len(self.heads), n)),
             "score": scores_HQK[:, qi, ki].cpu().numpy(),
-            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(), "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
-            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(), "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
+            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(),
+            "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
+            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(),
+            "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
         }
         for name, members in groups.items():
             pairs[name] = terms[[TERM_NAMES.index(t) for t in members]].sum(0)[:, qi, ki].cpu().numpy()
         rq, rk = red.rows_q, red.rows_k
-        rows = {"h": red.rows_h.cpu().numpy(), "sample": np.full(len(rq), sample, np.int32),
-                "q": rq.cpu().numpy().astype(np.int16), "k": rk.cpu().numpy().astype(np.int16),
-                "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
-                "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
-                "value": red.rows_val.cpu().numpy(), "induction": ind[rq, rk].cpu().numpy()}
+        rows = {
+            "h": red.rows_h.cpu().numpy(),
+            "sample": np.full(len(rq), sample, np.int32),
+            "q": rq.cpu().numpy().astype(np.int16),
+            "k": rk.cpu().numpy().astype(np.int16),
+            "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
+            "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
+            "value": red.rows_val.cpu().numpy(),
+            "induction": ind[rq, rk].cpu().numpy(),
+        }
         self.buf["pairs"].append(pairs)
         self.buf["rows"].append(rows)
         self.kept_abs += pairs["kept_abs"].sum(1)
@@ -300,12 +326,22 @@ class RowsAndPairs:
         order = [("sample", "ascending"), ("q", "ascending"), ("k", "ascending")]
         for j, h in enumerate(self.heads):
             pairs = pa.table({c: np.concatenate([b[c][j] for b in self.buf["pairs"]]) for c in self.buf["pairs"][0]})
-            write_parquet(conform("pairs", pairs.sort_by(order)), self.root / "pairs" / f"head={h}" / f"part-{self.part:05d}.parquet")
+            write_parquet(
+                conform("pairs", pairs.sort_by(order)),
+                self.root / "pairs" / f"head={h}" / f"part-{self.part:05d}.parquet",
+            )
             sel = [b["h"] == j for b in self.buf["rows"]]
-            rows = pa.table({c: np.concatenate([b[c][m] for b, m in zip(self.buf["rows"], sel)])
-                             for c in self.buf["rows"][0] if c != "h"})
+            rows = pa.table(
+                {
+                    c: np.concatenate([b[c][m] for b, m in zip(self.buf["rows"], sel)])
+                    for c in self.buf["rows"][0]
+                    if c != "h"
+                }
+            )
             self.n_rows[j] += rows.num_rows
-            write_parquet(conform("rows", rows.sort_by(order)), self.root / "rows" / f"head={h}" / f"part-{self.part:05d}.parquet")
+            write_parquet(
+                conform("rows", rows.sort_by(order)), self.root / "rows" / f"head={h}" / f"part-{self.part:05d}.parquet"
+            )
         self.buf = {"rows": [], "pairs": []}
         self.nbytes = 0
         self.part += 1

@@ -33,33 +33,57 @@ from .store import IndexWriter, check_can_write, partials_dir
 class IngestConfig:
     out: Path = opt(Path("runs/demo"), "directory the index is written to (staged in OUT.staging, then renamed)")
     model: str = opt("smollm2-135m", "a preset (smollm2-135m, gpt2) or any model name TransformerLens can load")
-    sae: str | None = opt(None, "SAEs: a sae-lens directory (or a directory of them, one per hook), or "
-                                "RELEASE:ID of a sae-lens release ({layer} in ID is filled in); default: the preset's")
-    hook: str | None = opt(None, "the hook the SAEs must read, e.g. blocks.{layer}.hook_resid_pre; checked against each SAE's own")
-    corpus: Path | None = opt(None, "corpus Parquet with a `text` column; default: the shipped public-domain demo corpus")
+    sae: str | None = opt(
+        None,
+        "SAEs: a sae-lens directory (or a directory of them, one per hook), or "
+        "RELEASE:ID of a sae-lens release ({layer} in ID is filled in); default: the preset's",
+    )
+    hook: str | None = opt(
+        None, "the hook the SAEs must read, e.g. blocks.{layer}.hook_resid_pre; checked against each SAE's own"
+    )
+    corpus: Path | None = opt(
+        None, "corpus Parquet with a `text` column; default: the shipped public-domain demo corpus"
+    )
     split: str | None = opt(None, "keep only rows of this `split` value (e.g. heldout); default: every row")
     layers: tuple[int, ...] | None = opt(None, "layers to index; default: the layers the SAEs are for")
     heads: tuple[int, ...] | None = opt(None, "heads to index; default: all")
     max_samples: int | None = opt(None, "index at most this many samples (the first ones); default: all")
     max_tokens: int = opt(128, "truncate each sample to this many tokens, BOS included")
-    engine: str = opt("local", "who runs the blocks: local (this process) or ray (actors on a Ray cluster, "
-                               "`pip install 'fra[ray]'`); the index is identical")
-    address: str | None = opt(None, "--engine ray: the cluster to join (`auto`, or the head node's HOST:6379); "
-                                    "default: start a local Ray instance")
-    workers: int | None = opt(None, "--engine ray: number of actors; default: one per GPU of the cluster, "
-                                    "else one per CPU")
-    block_size: int = opt(64, "samples per block, the unit of work, retry and resume (part of the policy: "
-                              "the float sums are added block by block)")
-    shard: str = opt("0/1", "i/n, for clusters without Ray: compute only the blocks b with b mod n == i into "
-                            "OUT.staging (shared by all shards); recipe: every shard, `fra merge --out OUT` "
-                            "(selects the channels), every shard again, `fra merge --out OUT` (writes the index)")
+    engine: str = opt(
+        "local",
+        "who runs the blocks: local (this process) or ray (actors on a Ray cluster, "
+        "`pip install 'fra[ray]'`); the index is identical",
+    )
+    address: str | None = opt(
+        None,
+        "--engine ray: the cluster to join (`auto`, or the head node's HOST:6379); default: start a local Ray instance",
+    )
+    workers: int | None = opt(
+        None, "--engine ray: number of actors; default: one per GPU of the cluster, else one per CPU"
+    )
+    block_size: int = opt(
+        64,
+        "samples per block, the unit of work, retry and resume (part of the policy: "
+        "the float sums are added block by block)",
+    )
+    shard: str = opt(
+        "0/1",
+        "i/n, for clusters without Ray: compute only the blocks b with b mod n == i into "
+        "OUT.staging (shared by all shards); recipe: every shard, `fra merge --out OUT` "
+        "(selects the channels), every shard again, `fra merge --out OUT` (writes the index)",
+    )
     min_count: int = opt(128, "keep a channel only if its features co-occur in at least this many causal (q, k) pairs")
     top_keys: int = opt(4, "rows: per (head, query), the most-attended keys whose feature pairs are stored")
     top_pairs: int = opt(8, "rows: per such (query, key), the feature pairs of largest |FA| stored")
     examples_per_channel: int = opt(8, "examples stored per kept channel and head (largest |FA|, one per sample)")
-    memory_budget_gb: float = opt(1.0, "memory for channel statistics and buffers; past it they spill to disk "
-                                       "or take several sweeps (the model and one sample's work come on top)")
-    q_block: int = opt(32, "queries whose pair values are formed at once (memory ~ heads x q_block x T x k^2 x 4 bytes)")
+    memory_budget_gb: float = opt(
+        1.0,
+        "memory for channel statistics and buffers; past it they spill to disk "
+        "or take several sweeps (the model and one sample's work come on top)",
+    )
+    q_block: int = opt(
+        32, "queries whose pair values are formed at once (memory ~ heads x q_block x T x k^2 x 4 bytes)"
+    )
     device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
     progress: bool = opt(True, "show progress bars and a summary")
 
@@ -93,10 +117,17 @@ class IngestConfig:
 
     @property
     def policy(self) -> dict:
-        return {"min_count": self.min_count, "top_keys": self.top_keys, "top_pairs": self.top_pairs,
-                "examples_per_channel": self.examples_per_channel, "max_tokens": self.max_tokens,
-                "split": self.split, "max_samples": self.max_samples, "block_size": self.block_size,
-                "memory_budget_gb": self.memory_budget_gb}
+        return {
+            "min_count": self.min_count,
+            "top_keys": self.top_keys,
+            "top_pairs": self.top_pairs,
+            "examples_per_channel": self.examples_per_channel,
+            "max_tokens": self.max_tokens,
+            "split": self.split,
+            "max_samples": self.max_samples,
+            "block_size": self.block_size,
+            "memory_budget_gb": self.memory_budget_gb,
+        }
 
 
 @dataclass
@@ -117,16 +148,30 @@ class Inputs:
         self.layers = tuple(sorted(self.saes))
 
     @classmethod
-    def of(cls, model, saes: dict, tokens: list[list[int]], texts: list[str] | None = None,
-           tokenizer=None, name: str = "custom") -> "Inputs":
+    def of(
+        cls,
+        model,
+        saes: dict,
+        tokens: list[list[int]],
+        texts: list[str] | None = None,
+        tokenizer=None,
+        name: str = "custom",
+    ) -> "Inputs":
         """Inputs from a HookedTransformer and {layer: SAE} already in memory."""
         from ..registry import LoadedModel
 
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         ids = {str(l): _weights_hash(s) for l, s in saes.items()}
         corpus = hashlib.sha256(repr(tokens).encode()).hexdigest()[:16]
-        return cls(LoadedModel(name, model, tokenizer, tokens[0][0] if tokens and tokens[0] else 0), saes,
-                   list(range(len(tokens))), texts or ["" for _ in tokens], tokens, corpus, ids)
+        return cls(
+            LoadedModel(name, model, tokenizer, tokens[0][0] if tokens and tokens[0] else 0),
+            saes,
+            list(range(len(tokens))),
+            texts or ["" for _ in tokens],
+            tokens,
+            corpus,
+            ids,
+        )
 
 
 def _weights_hash(sae) -> str:
@@ -221,10 +266,16 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
     check_can_write(cfg.out, identity)
     # the decomposition is validated here (Decomposer), on the path users run, before anything is written
     worker = BlockWorker(cfg, inp, device, partials_dir(cfg.out))
-    job = {**identity, "code_version": code_version(), "policy": cfg.policy, "layers": list(inp.layers),
-           "heads": list(heads), "n_samples": len(inp.tokens),
-           "d_sae": {str(l): int(inp.saes[l].cfg.d_sae) for l in inp.layers},
-           "feature_table": str(inp.feature_table) if inp.feature_table is not None else None}
+    job = {
+        **identity,
+        "code_version": code_version(),
+        "policy": cfg.policy,
+        "layers": list(inp.layers),
+        "heads": list(heads),
+        "n_samples": len(inp.tokens),
+        "d_sae": {str(l): int(inp.saes[l].cfg.d_sae) for l in inp.layers},
+        "feature_table": str(inp.feature_table) if inp.feature_table is not None else None,
+    }
     i, n = cfg.shard_index
     writer = IndexWriter(cfg.out, job, keep_other=n > 1)
     _write_samples(inp, writer.partials / "samples.parquet")
@@ -244,25 +295,31 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
             if n == 1 and not kept_path(writer.partials, layer).exists():
                 merge.select_channels(writer.partials, job, layer)
             if kept_path(writer.partials, layer).exists():
-                engine.run([t for t in merge.tasks(job, "stats", layer) if t.block % n == i],
-                           f"layer {layer}: statistics pass")
+                engine.run(
+                    [t for t in merge.tasks(job, "stats", layer) if t.block % n == i], f"layer {layer}: statistics pass"
+                )
             if n == 1:
                 stats[str(layer)] = merge.merge_layer(writer, job, layer)
     finally:
         engine.close()
     if n > 1:
         if cfg.progress:
-            print(f"shard {cfg.shard}: its blocks are done in {writer.partials}; once every shard's are, run "
-                  f"`fra merge --out {cfg.out}`")
+            print(
+                f"shard {cfg.shard}: its blocks are done in {writer.partials}; once every shard's are, run "
+                f"`fra merge --out {cfg.out}`"
+            )
         return None
     out = merge.finish(writer, job)
     if cfg.progress:
         print(f"index written to {out} in {time.time() - t0:.0f} s ({cfg.engine} engine)")
         for layer, st in stats.items():
             shares = [st[str(h)]["kept_abs_share"] for h in heads]
-            print(f"  layer {layer}: {st['samples_per_s']:.2f} samples/s per worker, {st['channels_kept']} channels "
-                  f"kept of {st['channels_seen']} seen (min_count {cfg.min_count}), {st['blocks']} block(s), "
-                  f"{st['count_runs_spilled']} count run(s) spilled; rows carry {min(shares):.1%}-{max(shares):.1%} of |FA|")
+            print(
+                f"  layer {layer}: {st['samples_per_s']:.2f} samples/s per worker, {st['channels_kept']} channels "
+                f"kept of {st['channels_seen']} seen (min_count {cfg.min_count}), {st['blocks']} block(s), "
+                f"{st['count_runs_spilled']} count run(s) spilled; rows carry "
+                f"{min(shares):.1%}-{max(shares):.1%} of |FA|"
+            )
     return out
 
 
@@ -294,12 +351,15 @@ def _write_samples(inp: Inputs, path: Path) -> None:
     from .store import conform, write_parquet
 
     decode = inp.lm.tokenizer.decode if inp.lm.tokenizer is not None else (lambda ids: f"<{ids[0]}>")
-    table = pa.table({
-        "sample": pa.array(inp.sample_ids, pa.int32()), "text": inp.texts,
-        "token_ids": pa.array(inp.tokens, pa.list_(pa.int32())),
-        "tokens": [[decode([t]) for t in ids] for ids in inp.tokens],
-        "n_tokens": pa.array([len(t) for t in inp.tokens], pa.int16()),
-    })
+    table = pa.table(
+        {
+            "sample": pa.array(inp.sample_ids, pa.int32()),
+            "text": inp.texts,
+            "token_ids": pa.array(inp.tokens, pa.list_(pa.int32())),
+            "tokens": [[decode([t]) for t in ids] for ids in inp.tokens],
+            "n_tokens": pa.array([len(t) for t in inp.tokens], pa.int16()),
+        }
+    )
     tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
     write_parquet(conform("samples", table), tmp)
     os.replace(tmp, path)

@@ -95,8 +95,9 @@ class CountAggregator:
         con.execute("SET temp_directory = ?", [str(tmp)])
         con.execute("SET preserve_insertion_order = false")
         files = [str(p) for p in self.runs]
-        agg = con.execute("SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key ORDER BY key",
-                          [files]).fetchnumpy()
+        agg = con.execute(
+            "SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key ORDER BY key", [files]
+        ).fetchnumpy()
         con.close()
         shutil.rmtree(self.spill_dir, ignore_errors=True)
         return agg["key"].astype(np.int64), agg["count"].astype(np.int64)
@@ -136,10 +137,19 @@ class ChannelChunk:
 
         kernel = fused.load() if use_fused else None
         if kernel is not None:
-            kernel.fused_merge(row_S, red.sum_HS.cpu().contiguous(), red.sumsq_HS.cpu().contiguous(),
-                               red.best_HS.cpu().contiguous(), red.best_pos_HS.cpu().contiguous(),
-                               self.sum_NH, self.sumsq_NH, self.ex_val_NHE, self.ex_sample_NHE,
-                               self.ex_pos_NHE, sample)
+            kernel.fused_merge(
+                row_S,
+                red.sum_HS.cpu().contiguous(),
+                red.sumsq_HS.cpu().contiguous(),
+                red.best_HS.cpu().contiguous(),
+                red.best_pos_HS.cpu().contiguous(),
+                self.sum_NH,
+                self.sumsq_NH,
+                self.ex_val_NHE,
+                self.ex_sample_NHE,
+                self.ex_pos_NHE,
+                sample,
+            )
         else:
             self.sum_NH.index_add_(0, row_S, red.sum_HS.T.cpu().double())
             self.sumsq_NH.index_add_(0, row_S, red.sumsq_HS.T.cpu().double())
@@ -170,12 +180,18 @@ class ChannelChunk:
         """(channels, examples) of head index `h` (position in the job's heads)."""
         keys = self.keys.numpy()
         fq, fk = (keys // d_sae).astype(np.int32), (keys % d_sae).astype(np.int32)
-        channels = pa.table({
-            "feat_q": fq, "feat_k": fk, "count": counts,
-            "sum": self.sum_NH[:, h].numpy(), "sumsq": self.sumsq_NH[:, h].numpy(),
-            "ind_count": self.ind_count_N.numpy(),
-            "ind_sum": self.ind_sum_NH[:, h].numpy(), "ind_sumsq": self.ind_sumsq_NH[:, h].numpy(),
-        })
+        channels = pa.table(
+            {
+                "feat_q": fq,
+                "feat_k": fk,
+                "count": counts,
+                "sum": self.sum_NH[:, h].numpy(),
+                "sumsq": self.sumsq_NH[:, h].numpy(),
+                "ind_count": self.ind_count_N.numpy(),
+                "ind_sum": self.ind_sum_NH[:, h].numpy(),
+                "ind_sumsq": self.ind_sumsq_NH[:, h].numpy(),
+            }
+        )
         val = self.ex_val_NHE[:, h]  # [n, E]
         smp = self.ex_sample_NHE[:, h]
         order = torch.sort(smp.long(), dim=-1, stable=True).indices  # sample ascending, then
@@ -186,12 +202,15 @@ class ChannelChunk:
         n, E = val.shape
         have = (smp >= 0) & (val != 0)
         idx = have.flatten().numpy()
-        examples = pa.table({
-            "feat_q": np.repeat(fq, E)[idx], "feat_k": np.repeat(fk, E)[idx],
-            "rank": np.tile(np.arange(E, dtype=np.int8), n)[idx],
-            "sample": smp.flatten().numpy()[idx],
-            "q": (pos.long() >> POS_SHIFT).flatten().numpy().astype(np.int16)[idx],
-            "k": (pos & ((1 << POS_SHIFT) - 1)).flatten().numpy().astype(np.int16)[idx],
-            "value": val.flatten().numpy()[idx],
-        })
+        examples = pa.table(
+            {
+                "feat_q": np.repeat(fq, E)[idx],
+                "feat_k": np.repeat(fk, E)[idx],
+                "rank": np.tile(np.arange(E, dtype=np.int8), n)[idx],
+                "sample": smp.flatten().numpy()[idx],
+                "q": (pos.long() >> POS_SHIFT).flatten().numpy().astype(np.int16)[idx],
+                "k": (pos & ((1 << POS_SHIFT) - 1)).flatten().numpy().astype(np.int16)[idx],
+                "value": val.flatten().numpy()[idx],
+            }
+        )
         return channels, examples

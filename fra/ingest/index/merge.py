@@ -41,9 +41,12 @@ from .store import IndexWriter, write_parquet
 
 @dataclass(frozen=True)
 class MergeConfig:
-    out: Path = opt(Path("runs/demo"), "the --out of the `fra ingest --shard i/n` runs: selects the channels once "
-                                       "every shard's count pass is done, writes the index once every "
-                                       "shard's statistics pass is done")
+    out: Path = opt(
+        Path("runs/demo"),
+        "the --out of the `fra ingest --shard i/n` runs: selects the channels once "
+        "every shard's count pass is done, writes the index once every "
+        "shard's statistics pass is done",
+    )
 
 
 def _connect(budget_gb: float, tmp: Path):
@@ -69,7 +72,8 @@ def _require(partials: Path, todo: list[Task], what: str) -> None:
         shown = ", ".join(str(t.block) for t in absent[:20]) + (" ..." if len(absent) > 20 else "")
         raise IndexFormatError(
             f"{what}: {len(absent)} of {len(todo)} blocks are not done yet ({shown}); `fra ingest --shard i/n` "
-            f"computes the blocks b with b mod n == i, so run the shards that own them")
+            f"computes the blocks b with b mod n == i, so run the shards that own them"
+        )
 
 
 def select_channels(partials: Path, job: dict, layer: int) -> None:
@@ -78,15 +82,19 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     _require(partials, todo, f"layer {layer}: cannot select channels")
     t0 = time.time()
     con = _connect(job["policy"]["memory_budget_gb"] / 4, layer_dir(partials, layer) / "_duckdb")
-    con.execute("CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key",
-                [_files(partials, job, "count", layer, "counts.parquet")])
+    con.execute(
+        "CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key",
+        [_files(partials, job, "count", layer, "counts.parquet")],
+    )
     n_seen = con.execute("SELECT count(*) FROM agg").fetchall()[0][0]
     # every statistics block reads the whole kept set, so it fits in memory
-    kept = con.sql("SELECT key, count FROM agg WHERE count >= ? ORDER BY key",
-                   params=[job["policy"]["min_count"]]).to_arrow_table()
+    kept = con.sql(
+        "SELECT key, count FROM agg WHERE count >= ? ORDER BY key", params=[job["policy"]["min_count"]]
+    ).to_arrow_table()
     con.close()
-    (layer_dir(partials, layer) / "seen.json").write_text(json.dumps({"channels_seen": int(n_seen),
-                                                                       "select_seconds": time.time() - t0}))
+    (layer_dir(partials, layer) / "seen.json").write_text(
+        json.dumps({"channels_seen": int(n_seen), "select_seconds": time.time() - t0})
+    )
     dest = kept_path(partials, layer)
     tmp = dest.with_suffix(".tmp")
     write_parquet(kept, tmp)
@@ -117,18 +125,20 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     examples = _files(partials, job, "stats", layer, "examples.parquet")
     for head in job["heads"]:
         chan = con.sql(
-            f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum('sum')} AS sum,
-                       {_exact_sum('sumsq')} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
-                       {_exact_sum('ind_sum')} AS ind_sum, {_exact_sum('ind_sumsq')} AS ind_sumsq
+            f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum("sum")} AS sum,
+                       {_exact_sum("sumsq")} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
+                       {_exact_sum("ind_sum")} AS ind_sum, {_exact_sum("ind_sumsq")} AS ind_sumsq
                 FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
-            params=[channels, head]).to_arrow_table()
+            params=[channels, head],
+        ).to_arrow_table()
         writer.write("channels", chan, layer, head)
         ex = con.sql(
             """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
                FROM read_parquet(?) WHERE head = ?
                WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
                QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank""",
-            params=[examples, head, job["policy"]["examples_per_channel"]]).to_arrow_table()
+            params=[examples, head, job["policy"]["examples_per_channel"]],
+        ).to_arrow_table()
         writer.write("examples", ex, layer, head)
         for name in ("rows", "pairs"):
             dest = writer.work_dir(layer) / name / f"layer={layer}" / f"head={head}"
@@ -145,18 +155,24 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     stats = {}
     for j, h in enumerate(job["heads"]):
         ff_abs = sum(b["ff_abs"][j] for b in measured)
-        stats[str(h)] = {"rows": sum(b["rows"][j] for b in measured),
-                         "kept_abs_share": sum(b["kept_abs"][j] for b in measured) / ff_abs if ff_abs else 0.0}
+        stats[str(h)] = {
+            "rows": sum(b["rows"][j] for b in measured),
+            "kept_abs_share": sum(b["kept_abs"][j] for b in measured) / ff_abs if ff_abs else 0.0,
+        }
     seconds = sum(b["seconds"] for b in counted + measured)
-    stats.update({
-        **json.loads((layer_dir(partials, layer) / "seen.json").read_text()),
-        "channels_kept": pq.read_metadata(kept_path(partials, layer)).num_rows,
-        "count_runs_spilled": sum(b["count_runs_spilled"] for b in counted),
-        "sweeps": max(b["sweeps"] for b in measured),
-        "kept_channels_per_sweep": max(b["kept_channels_per_sweep"] for b in measured),
-        "blocks": len(todo), "block_seconds": seconds, "samples_per_s": job["n_samples"] / seconds if seconds else 0.0,
-        "merge_seconds": time.time() - t0,
-    })
+    stats.update(
+        {
+            **json.loads((layer_dir(partials, layer) / "seen.json").read_text()),
+            "channels_kept": pq.read_metadata(kept_path(partials, layer)).num_rows,
+            "count_runs_spilled": sum(b["count_runs_spilled"] for b in counted),
+            "sweeps": max(b["sweeps"] for b in measured),
+            "kept_channels_per_sweep": max(b["kept_channels_per_sweep"] for b in measured),
+            "blocks": len(todo),
+            "block_seconds": seconds,
+            "samples_per_s": job["n_samples"] / seconds if seconds else 0.0,
+            "merge_seconds": time.time() - t0,
+        }
+    )
     writer.finish_layer(layer, stats)
     return stats
 
@@ -177,8 +193,11 @@ def finish(writer: IndexWriter, job: dict) -> Path:
     con = _connect(job["policy"]["memory_budget_gb"], partials / "_duckdb")
     frames = []
     for layer in job["layers"]:
-        fired = con.execute("SELECT feature, sum(fires)::BIGINT AS fires, sum(bos)::BIGINT AS bos FROM read_parquet(?) "
-                            "GROUP BY feature", [_files(partials, job, "count", layer, "features.parquet")]).df()
+        fired = con.execute(
+            "SELECT feature, sum(fires)::BIGINT AS fires, sum(bos)::BIGINT AS bos FROM read_parquet(?) "
+            "GROUP BY feature",
+            [_files(partials, job, "count", layer, "features.parquet")],
+        ).df()
         df = pd.DataFrame({"layer": layer, "feature": range(job["d_sae"][str(layer)])})
         df = df.merge(fired, on="feature", how="left").fillna({"fires": 0, "bos": 0})
         df["index_frequency"] = df["fires"] / n_tok
@@ -195,9 +214,18 @@ def finish(writer: IndexWriter, job: dict) -> Path:
     punct = df["top_tokens"].apply(lambda ts: ts is not None and FeatureLabel(tuple(ts)).is_punctuation)
     df["punct_or_bos"] = punct | (df["bos_rate"] > 0.5)
     writer.write("features", pa.Table.from_pandas(df, preserve_index=False))
-    manifest = Manifest(model=job["model"], sae=job["sae"], corpus=job["corpus"], policy=job["policy"],
-                        layers=job["layers"], heads=job["heads"], n_samples=job["n_samples"], shard="0/1",
-                        stats=stats, code_version=job["code_version"])
+    manifest = Manifest(
+        model=job["model"],
+        sae=job["sae"],
+        corpus=job["corpus"],
+        policy=job["policy"],
+        layers=job["layers"],
+        heads=job["heads"],
+        n_samples=job["n_samples"],
+        shard="0/1",
+        stats=stats,
+        code_version=job["code_version"],
+    )
     return writer.commit(manifest)
 
 
@@ -225,4 +253,3 @@ def advance(writer: IndexWriter, job: dict) -> Path | None:
 def run(cfg: MergeConfig) -> Path | None:
     writer = IndexWriter.resume(Path(cfg.out))
     return advance(writer, writer.job)
-

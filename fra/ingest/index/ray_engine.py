@@ -104,8 +104,10 @@ class RayEngine:
                 idle.append(a)
         absent = missing(self.partials, tasks)
         if absent:
-            raise RuntimeError(f"{desc}: {len(absent)} block(s) failed {MAX_ROUNDS} times, e.g. {absent[0].name}; "
-                               f"last error: {failures[-1] if failures else 'none'}. Re-run the same command to resume.")
+            raise RuntimeError(
+                f"{desc}: {len(absent)} block(s) failed {MAX_ROUNDS} times, e.g. {absent[0].name}; "
+                f"last error: {failures[-1] if failures else 'none'}. Re-run the same command to resume."
+            )
 
     def close(self) -> None:
         for a in self.actors:

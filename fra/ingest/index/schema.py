@@ -37,82 +37,124 @@ class Table:
         return pa.schema([(n, t) for n, t, _ in self.columns])
 
 
-TABLES: dict[str, Table] = {t.name: t for t in (
-    Table("channels", True,
-          "Exact statistics of every kept channel (layer, head, feat_q, feat_k) over the whole corpus, "
-          "from all FA entries before any pruning. Kept: channels whose `count` is at least "
-          "`policy.min_count` (decided by an exact count pass before the statistics pass).",
-          (("feat_q", pa.int32(), "SAE feature active at the query position"),
-           ("feat_k", pa.int32(), "SAE feature active at the key position"),
-           ("count", pa.int64(), "causal (q, k) pairs with feat_q active at q and feat_k at k (the same for every head)"),
-           ("sum", pa.float64(), "sum of FA[q, k, feat_q, feat_k] over those pairs"),
-           ("sumsq", pa.float64(), "sum of squares of the same"),
-           ("ind_count", pa.int64(), "count restricted to induction targets (see pairs.induction)"),
-           ("ind_sum", pa.float64(), "sum restricted to induction targets"),
-           ("ind_sumsq", pa.float64(), "sum of squares restricted to induction targets"))),
-    Table("examples", True,
-          "The strongest entries of every channel in `channels`: per sample the entry of largest "
-          "|FA| (the first in scan order on ties), then the `policy.examples_per_channel` samples "
-          "where that entry is largest (the smaller sample id on ties). So a channel's examples "
-          "come from distinct samples, and do not depend on the order samples are processed in.",
-          (("feat_q", pa.int32(), "query-side feature"),
-           ("feat_k", pa.int32(), "key-side feature"),
-           ("rank", pa.int8(), "0 for the largest |value|"),
-           ("sample", pa.int32(), "sample id (samples.sample)"),
-           ("q", pa.int16(), "query position"),
-           ("k", pa.int16(), "key position"),
-           ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"))),
-    Table("rows", True,
-          "What drives the attention: for every (head, sample, query) the `policy.top_keys` keys "
-          "with the largest attention probability, and for each of those (q, k) the "
-          "`policy.top_pairs` feature pairs of largest |FA|. `pairs.kept` sums them per (q, k).",
-          (("sample", pa.int32(), "sample id"),
-           ("q", pa.int16(), "query position"),
-           ("k", pa.int16(), "key position (one of the query's most-attended keys)"),
-           ("feat_q", pa.int32(), "query-side feature"),
-           ("feat_k", pa.int32(), "key-side feature"),
-           ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"),
-           ("induction", pa.bool_(), "k is an induction target of q"))),
-    Table("pairs", True,
-          "One row per causal (sample, q, k): the exact split of the model's score. "
-          "`score = ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias` up to float32 rounding.",
-          (("sample", pa.int32(), "sample id"),
-           ("q", pa.int16(), "query position"),
-           ("k", pa.int16(), "key position, k <= q"),
-           ("induction", pa.bool_(), "k = p + 1 where token[p] == token[q] and p < q - 1"),
-           ("score", pa.float32(), "the model's own blocks.L.attn.hook_attn_scores"),
-           ("ff", pa.float32(), "sum of all feature x feature terms (exact, before pruning)"),
-           ("ff_abs", pa.float32(), "sum of |FA| over all feature pairs"),
-           ("kept", pa.float32(), "sum of this (q, k)'s rows (0 when k is not a most-attended key)"),
-           ("kept_abs", pa.float32(), "sum of |value| of the same rows"),
-           ("f_bdec", pa.float32(), "query features x key b_dec"),
-           ("f_err", pa.float32(), "query features x key SAE error"),
-           ("bdec_f", pa.float32(), "query b_dec x key features"),
-           ("err_f", pa.float32(), "query SAE error x key features"),
-           ("resid_resid", pa.float32(), "(b_dec + error) x (b_dec + error)"),
-           ("bias", pa.float32(), "every term with the norm bias or b_Q / b_K (0 for Llama-style models)"))),
-    Table("samples", False, "The indexed samples.",
-          (("sample", pa.int32(), "sample id (the corpus' sample_id, else its row number)"),
-           ("text", pa.string(), "the sample's text"),
-           ("token_ids", pa.list_(pa.int32()), "token ids, BOS first"),
-           ("tokens", pa.list_(pa.string()), "each token decoded on its own"),
-           ("n_tokens", pa.int16(), "number of tokens"))),
-    Table("features", False,
-          "Per (layer, feature): statistics on the indexed corpus, joined with the SAE's own "
-          "feature table when it ships one (labels from held-out text).",
-          (("layer", pa.int64(), "layer"),
-           ("feature", pa.int64(), "SAE latent"),
-           ("index_frequency", pa.float64(), "share of indexed tokens where the feature fires"),
-           ("bos_rate", pa.float64(), "share of samples where it fires on position 0 (BOS)"),
-           ("label", pa.string(), "automatic label: the most common activating tokens (NULL without a feature table)"),
-           ("top_tokens", pa.list_(pa.string()), "those tokens, structured"),
-           ("prev_token", pa.string(), "the dominant preceding token, when one dominates"),
-           ("frequency", pa.float64(), "firing rate on held-out text (NULL without a feature table)"),
-           ("mean_act_when_active", pa.float64(), "mean activation when firing, on held-out text"),
-           ("max_act", pa.float64(), "largest activation on held-out text"),
-           ("top_contexts", pa.list_(pa.string()), "top-activating held-out contexts, the token in [[ ]]"),
-           ("punct_or_bos", pa.bool_(), "fires on BOS in most samples, or its label holds no letter or digit"))),
-)}
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table(
+            "channels",
+            True,
+            "Exact statistics of every kept channel (layer, head, feat_q, feat_k) over the whole corpus, "
+            "from all FA entries before any pruning. Kept: channels whose `count` is at least "
+            "`policy.min_count` (decided by an exact count pass before the statistics pass).",
+            (
+                ("feat_q", pa.int32(), "SAE feature active at the query position"),
+                ("feat_k", pa.int32(), "SAE feature active at the key position"),
+                (
+                    "count",
+                    pa.int64(),
+                    "causal (q, k) pairs with feat_q active at q and feat_k at k (the same for every head)",
+                ),
+                ("sum", pa.float64(), "sum of FA[q, k, feat_q, feat_k] over those pairs"),
+                ("sumsq", pa.float64(), "sum of squares of the same"),
+                ("ind_count", pa.int64(), "count restricted to induction targets (see pairs.induction)"),
+                ("ind_sum", pa.float64(), "sum restricted to induction targets"),
+                ("ind_sumsq", pa.float64(), "sum of squares restricted to induction targets"),
+            ),
+        ),
+        Table(
+            "examples",
+            True,
+            "The strongest entries of every channel in `channels`: per sample the entry of largest "
+            "|FA| (the first in scan order on ties), then the `policy.examples_per_channel` samples "
+            "where that entry is largest (the smaller sample id on ties). So a channel's examples "
+            "come from distinct samples, and do not depend on the order samples are processed in.",
+            (
+                ("feat_q", pa.int32(), "query-side feature"),
+                ("feat_k", pa.int32(), "key-side feature"),
+                ("rank", pa.int8(), "0 for the largest |value|"),
+                ("sample", pa.int32(), "sample id (samples.sample)"),
+                ("q", pa.int16(), "query position"),
+                ("k", pa.int16(), "key position"),
+                ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"),
+            ),
+        ),
+        Table(
+            "rows",
+            True,
+            "What drives the attention: for every (head, sample, query) the `policy.top_keys` keys "
+            "with the largest attention probability, and for each of those (q, k) the "
+            "`policy.top_pairs` feature pairs of largest |FA|. `pairs.kept` sums them per (q, k).",
+            (
+                ("sample", pa.int32(), "sample id"),
+                ("q", pa.int16(), "query position"),
+                ("k", pa.int16(), "key position (one of the query's most-attended keys)"),
+                ("feat_q", pa.int32(), "query-side feature"),
+                ("feat_k", pa.int32(), "key-side feature"),
+                ("value", pa.float32(), "FA[q, k, feat_q, feat_k]"),
+                ("induction", pa.bool_(), "k is an induction target of q"),
+            ),
+        ),
+        Table(
+            "pairs",
+            True,
+            "One row per causal (sample, q, k): the exact split of the model's score. "
+            "`score = ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias` up to float32 rounding.",
+            (
+                ("sample", pa.int32(), "sample id"),
+                ("q", pa.int16(), "query position"),
+                ("k", pa.int16(), "key position, k <= q"),
+                ("induction", pa.bool_(), "k = p + 1 where token[p] == token[q] and p < q - 1"),
+                ("score", pa.float32(), "the model's own blocks.L.attn.hook_attn_scores"),
+                ("ff", pa.float32(), "sum of all feature x feature terms (exact, before pruning)"),
+                ("ff_abs", pa.float32(), "sum of |FA| over all feature pairs"),
+                ("kept", pa.float32(), "sum of this (q, k)'s rows (0 when k is not a most-attended key)"),
+                ("kept_abs", pa.float32(), "sum of |value| of the same rows"),
+                ("f_bdec", pa.float32(), "query features x key b_dec"),
+                ("f_err", pa.float32(), "query features x key SAE error"),
+                ("bdec_f", pa.float32(), "query b_dec x key features"),
+                ("err_f", pa.float32(), "query SAE error x key features"),
+                ("resid_resid", pa.float32(), "(b_dec + error) x (b_dec + error)"),
+                ("bias", pa.float32(), "every term with the norm bias or b_Q / b_K (0 for Llama-style models)"),
+            ),
+        ),
+        Table(
+            "samples",
+            False,
+            "The indexed samples.",
+            (
+                ("sample", pa.int32(), "sample id (the corpus' sample_id, else its row number)"),
+                ("text", pa.string(), "the sample's text"),
+                ("token_ids", pa.list_(pa.int32()), "token ids, BOS first"),
+                ("tokens", pa.list_(pa.string()), "each token decoded on its own"),
+                ("n_tokens", pa.int16(), "number of tokens"),
+            ),
+        ),
+        Table(
+            "features",
+            False,
+            "Per (layer, feature): statistics on the indexed corpus, joined with the SAE's own "
+            "feature table when it ships one (labels from held-out text).",
+            (
+                ("layer", pa.int64(), "layer"),
+                ("feature", pa.int64(), "SAE latent"),
+                ("index_frequency", pa.float64(), "share of indexed tokens where the feature fires"),
+                ("bos_rate", pa.float64(), "share of samples where it fires on position 0 (BOS)"),
+                (
+                    "label",
+                    pa.string(),
+                    "automatic label: the most common activating tokens (NULL without a feature table)",
+                ),
+                ("top_tokens", pa.list_(pa.string()), "those tokens, structured"),
+                ("prev_token", pa.string(), "the dominant preceding token, when one dominates"),
+                ("frequency", pa.float64(), "firing rate on held-out text (NULL without a feature table)"),
+                ("mean_act_when_active", pa.float64(), "mean activation when firing, on held-out text"),
+                ("max_act", pa.float64(), "largest activation on held-out text"),
+                ("top_contexts", pa.list_(pa.string()), "top-activating held-out contexts, the token in [[ ]]"),
+                ("punct_or_bos", pa.bool_(), "fires on BOS in most samples, or its label holds no letter or digit"),
+            ),
+        ),
+    )
+}
 PARTITIONED = tuple(name for name, t in TABLES.items() if t.partitioned)
 
 
@@ -186,41 +228,66 @@ class Manifest:
 def markdown() -> str:
     """docs/INDEX_SCHEMA.md."""
     out = [
-        f"# FRA index schema (schema_version {SCHEMA_VERSION})", "",
+        f"# FRA index schema (schema_version {SCHEMA_VERSION})",
+        "",
         "Generated from `fra/ingest/index/schema.py` (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`).",
-        "", "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
-        "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.", "",
-        "```", "manifest.json",
-        *[f"{t.name}/" + ("layer=L/head=H/part-*.parquet" if t.partitioned else "part-0.parquet") for t in TABLES.values()],
-        "```", "",
+        "",
+        "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
+        "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.",
+        "",
+        "```",
+        "manifest.json",
+        *[
+            f"{t.name}/" + ("layer=L/head=H/part-*.parquet" if t.partitioned else "part-0.parquet")
+            for t in TABLES.values()
+        ],
+        "```",
+        "",
         "Notation: FA[q, k, i, j] = <a_i(q) Q_i(q), a_j(k) K_j(k)> with rotary, norm scale and 1/sqrt(d_head)",
-        "folded in (`fra/ingest/core/decompose.py`). Positions count from 0; position 0 is the prepended BOS.", "",
-        "## manifest.json", "", "| key | meaning |", "|---|---|",
+        "folded in (`fra/ingest/core/decompose.py`). Positions count from 0; position 0 is the prepended BOS.",
+        "",
+        "## manifest.json",
+        "",
+        "| key | meaning |",
+        "|---|---|",
     ]
     about = {
         "model": "preset name or TransformerLens model name",
         "sae": "per layer: sha256 prefix of the SAE weights file, or `RELEASE:ID` of a sae-lens release",
         "corpus": "sha256 prefix of the corpus Parquet (or the caller's identity for in-memory samples)",
         "policy": "the keep-policy and job options: `min_count`, `top_keys`, `top_pairs`, "
-                  "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `block_size` (the unit whose "
-                  "float sums are added in block order), `memory_budget_gb`",
-        "layers": "indexed layers", "heads": "indexed heads", "n_samples": "number of samples",
+        "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `block_size` (the unit whose "
+        "float sums are added in block order), `memory_budget_gb`",
+        "layers": "indexed layers",
+        "heads": "indexed heads",
+        "n_samples": "number of samples",
         "shard": "`0/1`: the index holds every sample of the job (`fra ingest --shard i/n` runs compute "
-                 "blocks, and `fra merge` writes one index of all of them)",
+        "blocks, and `fra merge` writes one index of all of them)",
         "stats": "per layer: blocks, worker seconds summed over blocks, samples/s per worker, merge "
-                 "seconds, channels seen / kept / spilled runs; per head the rows kept and `kept_abs_share`",
+        "seconds, channels seen / kept / spilled runs; per head the rows kept and `kept_abs_share`",
         "code_version": "sha256 prefix of `fra/ingest/core/*.py` and `fra/ingest/index/*.py`",
-        "created": "UTC time", "schema_version": str(SCHEMA_VERSION),
+        "created": "UTC time",
+        "schema_version": str(SCHEMA_VERSION),
     }
     out += [f"| {f.name} | {about[f.name]} |" for f in dataclasses.fields(Manifest)]
     out += ["", "Unknown or missing keys, or another schema_version, are an error when reading (`Manifest.read`)."]
     for t in TABLES.values():
-        out += ["", f"## {t.name}" + (" (partitioned by layer, head)" if t.partitioned else ""), "", t.about, "",
-                "| column | type | meaning |", "|---|---|---|"]
+        out += [
+            "",
+            f"## {t.name}" + (" (partitioned by layer, head)" if t.partitioned else ""),
+            "",
+            t.about,
+            "",
+            "| column | type | meaning |",
+            "|---|---|---|",
+        ]
         out += [f"| {n} | {ty} | {m} |" for n, ty, m in t.columns]
-    out += ["", "Signed min and max per channel are not stored: `examples` holds each channel's largest",
-            "|FA| entries (so the largest |value| is exact there), and the two extra scatter passes per",
-            "entry were the most expensive part of the old statistics pass while no view read them."]
+    out += [
+        "",
+        "Signed min and max per channel are not stored: `examples` holds each channel's largest",
+        "|FA| entries (so the largest |value| is exact there), and the two extra scatter passes per",
+        "entry were the most expensive part of the old statistics pass while no view read them.",
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -91,7 +91,8 @@ class IndexWriter:
                 diff = sorted(k for k in set(job) | set(prev) if job.get(k) != prev.get(k))
                 raise IndexFormatError(
                     f"{self.staging} holds blocks of another job (it differs in {diff}); run every shard "
-                    "with the same options and code, or delete that directory")
+                    "with the same options and code, or delete that directory"
+                )
             if prev != job:
                 shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,10 @@ class IndexWriter:
         """The writer of the job staged for `out` (by `fra ingest --shard i/n` runs)."""
         job_file = staging_dir(out) / "job.json"
         if not job_file.exists():
-            raise IndexFormatError(f"nothing is staged for {out} (no {job_file}); run `fra ingest --shard i/n "
-                                   f"--out {out}` on each node first")
+            raise IndexFormatError(
+                f"nothing is staged for {out} (no {job_file}); run `fra ingest --shard i/n "
+                f"--out {out}` on each node first"
+            )
         return cls(out, json.loads(job_file.read_text()))
 
     @property
@@ -130,8 +133,9 @@ class IndexWriter:
         shutil.rmtree(self.work_dir(layer), ignore_errors=True)
         self.work_dir(layer).mkdir(parents=True)
 
-    def write(self, name: str, table: pa.Table, layer: int | None = None, head: int | None = None,
-              part: int = 0) -> None:
+    def write(
+        self, name: str, table: pa.Table, layer: int | None = None, head: int | None = None, part: int = 0
+    ) -> None:
         """One part file of a table: into the layer's work directory for partitioned tables."""
         if TABLES[name].partitioned:
             path = self.work_dir(layer) / name / f"layer={layer}" / f"head={head}" / f"part-{part:05d}.parquet"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..config import opt
 from ..corpus import padded_batches
-from ..registry import SAE_DIR, FeatureLabel, shipped_hook as hook_name
+from ..registry import SAE_DIR, FeatureLabel
+from ..registry import shipped_hook as hook_name
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ class EvalConfig:
     tih_seqs: int = opt(32, "random-repeat sequences for the TIH feature share (seed 1; the census used seed 0)")
     seed: int = opt(0, "seed of the held-out sample order")
     device: str = opt("cpu", "torch device")
-    out: Path | None = opt(None, "metrics JSON (default: SAE_DIR/eval_metrics.json); features.parquet and "
-                           "features_sample.md go next to it")
+    out: Path | None = opt(
+        None, "metrics JSON (default: SAE_DIR/eval_metrics.json); features.parquet and features_sample.md go next to it"
+    )
 
     def __post_init__(self):
         if self.n_samples <= 0 or self.n_dead_tokens <= 0:
@@ -65,14 +67,14 @@ def splice_metrics(model, sae, layer, token_lists, batch_size, device):
         keep = mask.clone()
         keep[:, 0] = False
 
-        def splice(x, hook):
+        def splice(x, hook, keep=keep):
             recon = sae.decode(sae.encode(x))
             return torch.where(keep[..., None], recon, x)
 
-        def zero(x, hook):
+        def zero(x, hook, keep=keep):
             return torch.where(keep[..., None], torch.zeros_like(x), x)
 
-        def record(x, hook):
+        def record(x, hook, keep=keep):
             acts = sae.encode(x[keep])
             recon = sae.decode(acts)
             xs = x[keep]
@@ -194,13 +196,19 @@ def feature_table(scan, layer, token_lists, tokenizer):
             prev.append(tokenizer.decode(toks[p - 1 : p]))
             ctx.append(context_string(toks, p, tokenizer))
         label = auto_label(at, prev)
-        rows.append({
-            "layer": layer, "feature": f, "frequency": c / n,
-            "mean_act_when_active": float(scan["act_sum"][layer][f]) / c if c else 0.0,
-            "max_act": max(vals) if vals and vals[0] > 0 else 0.0,
-            "label": str(label), "top_tokens": list(label.top_tokens), "prev_token": label.prev_token,
-            "top_contexts": ctx,
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "feature": f,
+                "frequency": c / n,
+                "mean_act_when_active": float(scan["act_sum"][layer][f]) / c if c else 0.0,
+                "max_act": max(vals) if vals and vals[0] > 0 else 0.0,
+                "label": str(label),
+                "top_tokens": list(label.top_tokens),
+                "prev_token": label.prev_token,
+                "top_contexts": ctx,
+            }
+        )
     return rows
 
 
@@ -228,8 +236,15 @@ def run(cfg: EvalConfig) -> dict:
     for l in cfg.layers:
         m = splice_metrics(lm.model, saes[l], l, tokens[: cfg.n_samples], cfg.batch_size, cfg.device)
         dead = int((scan["count"][l] == 0).sum())
-        m.update({"dead": dead, "dead_fraction": dead / saes[l].cfg.d_sae,
-                  "dead_scan_tokens": scan["n_tokens"], "d_sae": saes[l].cfg.d_sae, "k": saes[l].cfg.k})
+        m.update(
+            {
+                "dead": dead,
+                "dead_fraction": dead / saes[l].cfg.d_sae,
+                "dead_scan_tokens": scan["n_tokens"],
+                "d_sae": saes[l].cfg.d_sae,
+                "k": saes[l].cfg.k,
+            }
+        )
         heads = tih_heads(l)
         if heads:
             m["tih"] = tih_feature_share(lm.model, l, saes[l], heads, lm.bos_id, n_seqs=cfg.tih_seqs)
@@ -251,8 +266,12 @@ def feature_sample_table(rows: list[dict], n: int, seed: int) -> str:
     for layer in sorted({r["layer"] for r in rows}):
         live = [r for r in rows if r["layer"] == layer and r["frequency"] > 0]
         pick = sorted(random.Random(seed + layer).sample(live, min(n, len(live))), key=lambda r: r["feature"])
-        out += [f"### Layer {layer}: {len(pick)} random live features", "",
-                "| feature | frequency | auto label | top-activating contexts (token in [[ ]]) |", "|---|---|---|---|"]
+        out += [
+            f"### Layer {layer}: {len(pick)} random live features",
+            "",
+            "| feature | frequency | auto label | top-activating contexts (token in [[ ]]) |",
+            "|---|---|---|---|",
+        ]
         for r in pick:
             ctx = " · ".join(c.replace("|", "\\|") for c in r["top_contexts"][:3])
             out.append(f"| {r['feature']} | {r['frequency']:.4f} | {r['label'].replace('|', '/')} | {ctx} |")

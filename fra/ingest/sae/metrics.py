@@ -61,8 +61,9 @@ def qk_variance_explained(maps: AttentionMaps, x_ND: Tensor, recon_ND: Tensor) -
 
 
 @torch.no_grad()
-def tih_feature_share(model, layer: int, sae, heads: list[int], bos_id: int, n_seqs: int = 16,
-                      seq_len: int = 50, seed: int = 1) -> dict:
+def tih_feature_share(
+    model, layer: int, sae, heads: list[int], bos_id: int, n_seqs: int = 16, seq_len: int = 50, seed: int = 1
+) -> dict:
     """Margins and feature x feature shares of `heads` on random-token repeats (see module doc)."""
     from ..core.decompose import TERM_NAMES, Decomposer
     from ..studies.census import random_repeats
@@ -79,11 +80,23 @@ def tih_feature_share(model, layer: int, sae, heads: list[int], bos_id: int, n_s
     total = margin(dec.total_BHQK)
     ff = margin(dec.term("feat_feat"))
     err = margin(sum(dec.term(t) for t in TERM_NAMES if "err" in t))
-    rows = {h: {"margin": float(total[h]), "ff": float(ff[h]), "ff_share": float(ff[h] / total[h]),
-                "err_share": float(err[h] / total[h])} for h in heads}
+    rows = {
+        h: {
+            "margin": float(total[h]),
+            "ff": float(ff[h]),
+            "ff_share": float(ff[h] / total[h]),
+            "err_share": float(err[h] / total[h]),
+        }
+        for h in heads
+    }
     shares = [r["ff_share"] for r in rows.values()]
-    return {"heads": rows, "mean_ff_share": sum(shares) / len(shares) if shares else None,
-            "n_seqs": n_seqs, "seq_len": seq_len, "seed": seed}
+    return {
+        "heads": rows,
+        "mean_ff_share": sum(shares) / len(shares) if shares else None,
+        "n_seqs": n_seqs,
+        "seq_len": seq_len,
+        "seed": seed,
+    }
 
 
 def tih_heads(layer: int) -> list[int]:

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import opt
-from ..registry import SAE_DIR, shipped_hook as hook_name
+from ..registry import SAE_DIR
+from ..registry import shipped_hook as hook_name
 
 OBJECTIVES = ("mse", "qk")
 
@@ -71,31 +72,46 @@ class Variant:
 @dataclass(frozen=True)
 class SAETrainConfig:
     corpus: Path = opt(Path("data/corpus.parquet"), "corpus built by `fra corpus build`; its train split is used")
-    out_dir: Path = opt(SAE_DIR / "smollm2-135m",
-                        "output: one sae-lens directory per hook; with several variants, one subdirectory per variant")
+    out_dir: Path = opt(
+        SAE_DIR / "smollm2-135m",
+        "output: one sae-lens directory per hook; with several variants, one subdirectory per variant",
+    )
     layers: tuple[int, ...] = opt((17, 18), "layers whose attention input (blocks.L.ln1.hook_normalized) gets an SAE")
-    variants: tuple[str, ...] = opt(("4096x64:qk",), "SAEs trained side by side on the same activations, as "
-                                    "WIDTHxK:OBJECTIVE; objective mse (plain reconstruction) or qk (adds the error "
-                                    "seen through the layer's W_Q and W_K)")
+    variants: tuple[str, ...] = opt(
+        ("4096x64:qk",),
+        "SAEs trained side by side on the same activations, as "
+        "WIDTHxK:OBJECTIVE; objective mse (plain reconstruction) or qk (adds the error "
+        "seen through the layer's W_Q and W_K)",
+    )
     n_tokens: int = opt(10_000_000, "corpus tokens to collect per layer (position 0 left out)")
     reuse: int = opt(1, "times each activation is trained on, on average (a replay buffer): more steps per token")
     batch_size: int = opt(4096, "activations per training step")
-    lr: float = opt(4e-4, "Adam learning rate (short warm-up, then linear decay to zero over the last 20%% of "
-                    "the token budget, or of --max-seconds when that runs out first)")
+    lr: float = opt(
+        4e-4,
+        "Adam learning rate (short warm-up, then linear decay to zero over the last 20%% of "
+        "the token budget, or of --max-seconds when that runs out first)",
+    )
     qk_coef: float = opt(1.0, "weight of the attention term of the qk objective, relative to the MSE term")
     aux_k: int = opt(256, "dead latents used by the AuxK loss")
     aux_coef: float = opt(1 / 32, "weight of the AuxK loss")
     dead_after: int = opt(1_000_000, "tokens without firing before a latent counts as dead (for AuxK)")
-    precision: str = opt("bf16", "matmuls of the activation collection and of training: bf16 (autocast, fp32 "
-                         "weights and optimiser; about 2.6x faster on this CPU) or fp32")
+    precision: str = opt(
+        "bf16",
+        "matmuls of the activation collection and of training: bf16 (autocast, fp32 "
+        "weights and optimiser; about 2.6x faster on this CPU) or fp32",
+    )
     buffer_tokens: int = opt(2**18, "shuffle buffer per layer: activations mixed across samples before training")
     batch_samples: int = opt(16, "corpus samples per forward pass")
-    chunk_samples: int = opt(1024, "samples tokenised and sorted by length together (less padding); "
-                             "checkpoints fall between chunks")
+    chunk_samples: int = opt(
+        1024, "samples tokenised and sorted by length together (less padding); checkpoints fall between chunks"
+    )
     eval_every: int = opt(1_000_000, "tokens between points of the metrics-against-tokens curve")
     heldout_tokens: int = opt(32_768, "held-out activations per layer for the curve (and the bf16 check)")
-    max_seconds: float | None = opt(None, "time budget of this run: the learning rate decays over its last 20%%, "
-                                    "then the run checkpoints and saves the SAEs (continue with --resume)")
+    max_seconds: float | None = opt(
+        None,
+        "time budget of this run: the learning rate decays over its last 20%%, "
+        "then the run checkpoints and saves the SAEs (continue with --resume)",
+    )
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice, one per core)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (same variants and layers)")
     seed: int = opt(0, "seed of the sample order, the initialisation and the batches")
@@ -140,8 +156,16 @@ def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int, model_name: str = "
 class TopKTrainer:
     """One TopK SAE under training: parameters, Adam state, dead-latent clock, schedule."""
 
-    def __init__(self, variant: Variant, layer: int, cfg: SAETrainConfig, sample_ND, qk_DM, total_steps: int,
-                 model_name: str = "smollm2-135m"):
+    def __init__(
+        self,
+        variant: Variant,
+        layer: int,
+        cfg: SAETrainConfig,
+        sample_ND,
+        qk_DM,
+        total_steps: int,
+        model_name: str = "smollm2-135m",
+    ):
         import torch
 
         self.variant, self.layer, self.cfg, self.total_steps = variant, layer, cfg, total_steps
@@ -237,15 +261,23 @@ class TopKTrainer:
     def to_sae(self):
         import torch
 
-        sae = make_topk_sae(self.params["W_dec"].shape[1], self.variant.d_sae, self.variant.k, self.layer, self.model_name)
+        sae = make_topk_sae(
+            self.params["W_dec"].shape[1], self.variant.d_sae, self.variant.k, self.layer, self.model_name
+        )
         with torch.no_grad():
             for name, v in self.params.items():
                 getattr(sae, name).copy_(v.detach())
         return sae.eval()
 
     def state_dict(self) -> dict:
-        return {"params": {k: v.detach() for k, v in self.params.items()}, "opt": self.opt.state_dict(),
-                "since_fired": self.since_fired, "step": self.step, "var_x": self.var_x, "var_qk": self.var_qk}
+        return {
+            "params": {k: v.detach() for k, v in self.params.items()},
+            "opt": self.opt.state_dict(),
+            "since_fired": self.since_fired,
+            "step": self.step,
+            "var_x": self.var_x,
+            "var_qk": self.var_qk,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         import torch
@@ -304,8 +336,11 @@ class ActivationStream:
                 raise _StopForward  # nothing after the last SAE layer's norm is needed
 
         hooks = [(n, grab) for n in self.names]
-        cast = (torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if self.precision == "bf16"
-                else contextlib.nullcontext())
+        cast = (
+            torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
         keep = mask_BT.clone()
         keep[:, 0] = False
         with torch.no_grad(), cast:
@@ -357,8 +392,18 @@ def _chunks(cfg: SAETrainConfig, tokenizer, bos_id: int, start_chunk: int):
         yield c, sorted(toks, key=len)
 
 
-def heldout_activations(model, layers, tokenizer, bos_id, corpus, n_tokens: int, precision: str, device: str,
-                        max_tokens: int = 128, seed: int = 0):
+def heldout_activations(
+    model,
+    layers,
+    tokenizer,
+    bos_id,
+    corpus,
+    n_tokens: int,
+    precision: str,
+    device: str,
+    max_tokens: int = 128,
+    seed: int = 0,
+):
     """[n_tokens, d] SAE inputs per layer from the held-out split (fixed order), for the curve."""
     import random
 
@@ -369,7 +414,9 @@ def heldout_activations(model, layers, tokenizer, bos_id, corpus, n_tokens: int,
     table = read_corpus(corpus, split="heldout")
     idx = list(range(table.num_rows))
     random.Random(seed).shuffle(idx)
-    toks = tokenize_samples([table["text"][i].as_py() for i in idx[: n_tokens // 40 + 16]], tokenizer, bos_id, max_tokens)
+    toks = tokenize_samples(
+        [table["text"][i].as_py() for i in idx[: n_tokens // 40 + 16]], tokenizer, bos_id, max_tokens
+    )
     stream = ActivationStream(model, layers, precision, device)
     out = {l: [] for l in layers}
     got = 0
@@ -396,10 +443,14 @@ def curve_point(trainer: TopKTrainer, model, x_ND, maps, bos_id: int) -> dict:
     qk = qk_variance_explained(maps, x_ND, recon)
     heads = tih_heads(trainer.layer)
     tih = tih_feature_share(model, trainer.layer, sae, heads, bos_id) if heads else {"mean_ff_share": None}
-    return {"fve": 1 - (x_ND - recon).pow(2).sum().item() / centred.pow(2).sum().item(),
-            "qk_ve_q": qk["q_mean"], "qk_ve_k": qk["k_mean"], "qk_ve_min": qk["min"],
-            "tih_ff_share": tih["mean_ff_share"],
-            "dead_fraction": float((trainer.since_fired > trainer.cfg.dead_after).float().mean())}
+    return {
+        "fve": 1 - (x_ND - recon).pow(2).sum().item() / centred.pow(2).sum().item(),
+        "qk_ve_q": qk["q_mean"],
+        "qk_ve_k": qk["k_mean"],
+        "qk_ve_min": qk["min"],
+        "tih_ff_share": tih["mean_ff_share"],
+        "dead_fraction": float((trainer.since_fired > trainer.cfg.dead_after).float().mean()),
+    }
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -430,11 +481,17 @@ def save_sae(sae, path: Path, dtype="float16") -> None:
 
 def _comparable(cfg: SAETrainConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
-    return {k: v for k, v in _plain(cfg).items() if k in ("layers", "variants", "seed", "batch_size", "chunk_samples", "corpus")}
+    return {
+        k: v
+        for k, v in _plain(cfg).items()
+        if k in ("layers", "variants", "seed", "batch_size", "chunk_samples", "corpus")
+    }
 
 
 def _plain(cfg: SAETrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    return {
+        k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+    }
 
 
 def run(cfg: SAETrainConfig, lm=None) -> dict:
@@ -461,29 +518,46 @@ def run(cfg: SAETrainConfig, lm=None) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, weights_only=False)
         if state["comparable"] != _comparable(cfg):
-            raise ValueError(f"--resume: the checkpoint was made with {state['comparable']}, this run has {_comparable(cfg)}")
+            raise ValueError(
+                f"--resume: the checkpoint was made with {state['comparable']}, this run has {_comparable(cfg)}"
+            )
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove it to start over")
 
     maps = {l: attention_maps(model, l) for l in layers}
-    heldout = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "fp32", cfg.device,
-                                  cfg.max_tokens)
+    heldout = heldout_activations(
+        model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "fp32", cfg.device, cfg.max_tokens
+    )
     precision_check = {}
     if cfg.precision == "bf16":
-        low = heldout_activations(model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "bf16", cfg.device,
-                                  cfg.max_tokens)
+        low = heldout_activations(
+            model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "bf16", cfg.device, cfg.max_tokens
+        )
         for l in layers:
             rel = (low[l] - heldout[l]).norm(dim=-1) / heldout[l].norm(dim=-1)
-            precision_check[str(l)] = {"rel_err_median": rel.median().item(), "rel_err_p999": rel.quantile(0.999).item(),
-                                       "rel_err_max": rel.max().item(), "n_tokens": len(rel)}
+            precision_check[str(l)] = {
+                "rel_err_median": rel.median().item(),
+                "rel_err_p999": rel.quantile(0.999).item(),
+                "rel_err_max": rel.max().item(),
+                "n_tokens": len(rel),
+            }
     total_steps = math.ceil(cfg.n_tokens * cfg.reuse / cfg.batch_size)
-    trainers = {(str(v), l): TopKTrainer(v, l, cfg, heldout[l], maps[l].qk_DM, total_steps, lm.name) for v in variants for l in layers}
+    trainers = {
+        (str(v), l): TopKTrainer(v, l, cfg, heldout[l], maps[l].qk_DM, total_steps, lm.name)
+        for v in variants
+        for l in layers
+    }
     tokens, next_chunk, curve, seconds_before = 0, 0, [], 0.0
     if state is not None:
         for key, tr in trainers.items():
             tr.load_state_dict(state["trainers"][f"{key[0]}@{key[1]}"])
             tr.total_steps = total_steps
-        tokens, next_chunk, curve, seconds_before = state["tokens"], state["next_chunk"], state["curve"], state["seconds"]
+        tokens, next_chunk, curve, seconds_before = (
+            state["tokens"],
+            state["next_chunk"],
+            state["curve"],
+            state["seconds"],
+        )
         precision_check = state["precision_check"]
     g = torch.Generator().manual_seed(cfg.seed + 7 + next_chunk)
     buffers = {l: ShuffleBuffer(cfg.buffer_tokens, model.cfg.d_model, g) for l in layers}
@@ -491,9 +565,18 @@ def run(cfg: SAETrainConfig, lm=None) -> dict:
     timing = {"collect": 0.0, "train": 0.0}
 
     def checkpoint():
-        _atomic_save({"comparable": _comparable(cfg), "tokens": tokens, "next_chunk": next_chunk, "curve": curve,
-                      "seconds": seconds_before + time.time() - t_start, "precision_check": precision_check,
-                      "trainers": {f"{k[0]}@{k[1]}": tr.state_dict() for k, tr in trainers.items()}}, ckpt_path)
+        _atomic_save(
+            {
+                "comparable": _comparable(cfg),
+                "tokens": tokens,
+                "next_chunk": next_chunk,
+                "curve": curve,
+                "seconds": seconds_before + time.time() - t_start,
+                "precision_check": precision_check,
+                "trainers": {f"{k[0]}@{k[1]}": tr.state_dict() for k, tr in trainers.items()},
+            },
+            ckpt_path,
+        )
 
     def add_curve_point():
         row = {"tokens": tokens, "seconds": seconds_before + time.time() - t_start, "sae": {}}
@@ -543,9 +626,14 @@ def run(cfg: SAETrainConfig, lm=None) -> dict:
     for (v, l), tr in trainers.items():
         save_sae(tr.to_sae(), cfg.sae_dir(Variant.parse(v), l))
     metrics = {
-        "config": _plain(cfg), "tokens_per_layer": tokens, "finished": finished,
-        "seconds": seconds_before + time.time() - t_start, "this_run": timing, "precision_check": precision_check,
-        "steps": {f"{v}@{l}": tr.step for (v, l), tr in trainers.items()}, "curve": curve,
+        "config": _plain(cfg),
+        "tokens_per_layer": tokens,
+        "finished": finished,
+        "seconds": seconds_before + time.time() - t_start,
+        "this_run": timing,
+        "precision_check": precision_check,
+        "steps": {f"{v}@{l}": tr.step for (v, l), tr in trainers.items()},
+        "curve": curve,
     }
     (cfg.out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

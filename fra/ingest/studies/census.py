@@ -84,26 +84,31 @@ def run(cfg: CensusConfig) -> dict:
     heads = []
     for l in range(n_layers):
         for h in range(n_heads):
-            heads.append({
-                "layer": l, "head": h,
-                "induction": float(res["repeat"]["induction"][l, h]),
-                "induction_control": float(res["control"]["induction"][l, h]),
-                "prev_token": float(res["repeat"]["prev_token"][l, h]),
-                "duplicate": float(res["repeat"]["duplicate"][l, h]),
-            })
+            heads.append(
+                {
+                    "layer": l,
+                    "head": h,
+                    "induction": float(res["repeat"]["induction"][l, h]),
+                    "induction_control": float(res["control"]["induction"][l, h]),
+                    "prev_token": float(res["repeat"]["prev_token"][l, h]),
+                    "duplicate": float(res["repeat"]["duplicate"][l, h]),
+                }
+            )
     tih = [
-        f"{r['layer']}.{r['head']}" for r in sorted(heads, key=lambda r: -r["induction"])
+        f"{r['layer']}.{r['head']}"
+        for r in sorted(heads, key=lambda r: -r["induction"])
         if r["induction"] >= cfg.tih_min and r["induction_control"] < cfg.tih_control_max
     ]
-    doc = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "token_induction_heads": tih,
-           "heads": heads}
+    doc = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "token_induction_heads": tih, "heads": heads}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(doc, indent=1))
     top = sorted(heads, key=lambda r: -r["induction"])[:12]
     print("head   induction  control  prev_token  duplicate")
     for r in top:
-        print(f"{r['layer']:>2}.{r['head']:<3} {r['induction']:9.3f} {r['induction_control']:8.3f} "
-              f"{r['prev_token']:11.3f} {r['duplicate']:10.3f}")
+        print(
+            f"{r['layer']:>2}.{r['head']:<3} {r['induction']:9.3f} {r['induction_control']:8.3f} "
+            f"{r['prev_token']:11.3f} {r['duplicate']:10.3f}"
+        )
     print("token induction heads:", ", ".join(tih))
     return doc
 

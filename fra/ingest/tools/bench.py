@@ -45,7 +45,9 @@ class BenchConfig:
     seq_len: int = opt(128, "tokens per sample, BOS included")
     min_count: int = opt(128, "the ingest's keep-policy (as in the README's main job)")
     memory_budget_gb: float = opt(1.0, "the ingest's memory budget")
-    baseline: str | None = opt(BASELINE_COMMIT, "git commit of the dense path to compare with at the first width; '' to skip")
+    baseline: str | None = opt(
+        BASELINE_COMMIT, "git commit of the dense path to compare with at the first width; '' to skip"
+    )
     device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
     seed: int = opt(0, "seed of the synthetic SAEs")
     engine_workers: int = opt(2, "actors of the --engine ray run at the first width (0: skip the engine comparison)")
@@ -111,15 +113,26 @@ def measure(args: dict) -> dict:
     tokens = bench_tokens(lm.tokenizer, lm.bos_id, args["n_samples"], args["seq_len"])
     ids, texts, saes = list(range(len(tokens))), [""] * len(tokens), {args["layer"]: sae}
     sae_id = {str(args["layer"]): f"synthetic-{args['width']}"}
-    common = dict(out=out, model="smollm2-135m", layers=(args["layer"],), min_count=args["min_count"],
-                  progress=False, device=device)
+    common = dict(
+        out=out,
+        model="smollm2-135m",
+        layers=(args["layer"],),
+        min_count=args["min_count"],
+        progress=False,
+        device=device,
+    )
     if args.get("baseline"):
         inp = Inputs(lm, saes, (args["layer"],), ids, texts, tokens, "bench", sae_id)
         cfg = IngestConfig(**common)
     else:
         inp = Inputs(lm, saes, ids, texts, tokens, "bench", sae_id)
-        cfg = IngestConfig(**common, memory_budget_gb=args["memory_budget_gb"], block_size=args["block_size"],
-                           engine=args.get("engine", "local"), workers=args.get("workers"))
+        cfg = IngestConfig(
+            **common,
+            memory_budget_gb=args["memory_budget_gb"],
+            block_size=args["block_size"],
+            engine=args.get("engine", "local"),
+            workers=args.get("workers"),
+        )
     load = time.perf_counter() - t_load
     t = time.perf_counter()
     startup = 0.0
@@ -136,12 +149,18 @@ def measure(args: dict) -> dict:
     st = manifest["stats"][str(args["layer"])]
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {
-        "width": args["width"], "samples_per_s": len(tokens) / seconds, "seconds": seconds,
-        "peak_rss_gb": _peak_rss_gb(), "bytes_per_sample": size / len(tokens),
+        "width": args["width"],
+        "samples_per_s": len(tokens) / seconds,
+        "seconds": seconds,
+        "peak_rss_gb": _peak_rss_gb(),
+        "bytes_per_sample": size / len(tokens),
         "channels_seen": st["channels_seen"],
         "channels_kept": st.get("channels_kept", st.get("channels_written")),
-        "sweeps": st.get("sweeps", 1), "count_runs_spilled": st.get("count_runs_spilled", 0),
-        "load_seconds": load, "startup_seconds": startup, "blocks": st.get("blocks"),
+        "sweeps": st.get("sweeps", 1),
+        "count_runs_spilled": st.get("count_runs_spilled", 0),
+        "load_seconds": load,
+        "startup_seconds": startup,
+        "blocks": st.get("blocks"),
         "block_seconds": st.get("block_seconds"),
         "merge_seconds": st.get("merge_seconds", 0) + st.get("select_seconds", 0),  # both passes over the partials
     }
@@ -152,23 +171,31 @@ def _child(args: dict, pythonpath: str | None = None) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    code = ("import json, sys; from fra.ingest.tools.bench import measure; "
-            "print('RESULT' + json.dumps(measure(json.loads(sys.argv[1]))))")
+    code = (
+        "import json, sys; from fra.ingest.tools.bench import measure; "
+        "print('RESULT' + json.dumps(measure(json.loads(sys.argv[1]))))"
+    )
     # cwd: not the repository, whose fra/ folder would shadow the baseline's package on sys.path
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True,
-                       cwd=Path(args["out"]).parent)
+    p = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(args["out"]).parent,
+    )
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     if p.returncode != 0 or not line:
         raise RuntimeError(f"bench child failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(line[0][len("RESULT"):])
+    return json.loads(line[0][len("RESULT") :])
 
 
 def _baseline_tree(commit: str, tmp: Path) -> str | None:
     """A PYTHONPATH under which `import fra` is the package of `commit`, or None (with a message)."""
     repo = Path(__file__).resolve().parents[2]
     wt = tmp / "baseline"
-    p = subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(wt), commit],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(wt), commit], capture_output=True, text=True
+    )
     if p.returncode != 0:
         print(f"dense baseline skipped: cannot check out {commit} ({p.stderr.strip()[:200]})")
         return None
@@ -188,8 +215,9 @@ def _baseline_tree(commit: str, tmp: Path) -> str | None:
 
 def _remove_worktree(tmp: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline")],
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline")], capture_output=True
+    )
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -247,43 +275,66 @@ def _print_engines(cfg: BenchConfig, rows: list[dict]) -> None:
     if local is None or ray_row is None:
         return
     n = cfg.n_samples
-    print(f"\nengines, same workload ({n} samples, d_sae {cfg.widths[0]}, blocks of {cfg.block_size}). Wall time: "
-          "the whole `fra ingest` of each engine after the driver loaded the model, so for Ray it includes "
-          "Ray's start-up, the actors' start and their copy of the model:")
-    print(f"{'engine':>18} {'wall s':>8} {'samples/s':>10} {'Ray start-up s':>15} {'worker s/sample':>16} "
-          f"{'merge s':>8} {'partials':>9}")
+    print(
+        f"\nengines, same workload ({n} samples, d_sae {cfg.widths[0]}, blocks of {cfg.block_size}). Wall time: "
+        "the whole `fra ingest` of each engine after the driver loaded the model, so for Ray it includes "
+        "Ray's start-up, the actors' start and their copy of the model:"
+    )
+    print(
+        f"{'engine':>18} {'wall s':>8} {'samples/s':>10} {'Ray start-up s':>15} {'worker s/sample':>16} "
+        f"{'merge s':>8} {'partials':>9}"
+    )
     for r in (local, ray_row):
         name = "local, 1 process" if r is local else r["path"]
-        print(f"{name:>18} {r['seconds']:8.1f} {n / r['seconds']:10.2f} {r['startup_seconds']:15.1f} "
-              f"{r['block_seconds'] / n:16.2f} {r['merge_seconds']:8.2f} {2 * r['blocks']:9}")
+        print(
+            f"{name:>18} {r['seconds']:8.1f} {n / r['seconds']:10.2f} {r['startup_seconds']:15.1f} "
+            f"{r['block_seconds'] / n:16.2f} {r['merge_seconds']:8.2f} {2 * r['blocks']:9}"
+        )
     N, G = 10**6, 100
     per_partial = ray_row["merge_seconds"] / (2 * ray_row["blocks"])  # count and statistics partials
     gpu_h = N * 2 / H100_SAMPLES_PER_S / G / 3600  # two passes, both at the statistics pass's rate
     cpu_h = N * ray_row["block_seconds"] / n / G / 3600
-    print(f"ESTIMATE, not a measurement, for {N:.0e} samples of {cfg.seq_len} tokens at one layer on {G} workers:\n"
-          f"  compute on {G} H100s: {N:.0e} x 2 passes / {H100_SAMPLES_PER_S:.0f} samples/s (FACTS.md: the statistics "
-          f"pass on synthetic activations, k=32, d_sae=4096) / {G} = {gpu_h:.2f} h\n"
-          f"  compute on {G} CPU workers like these: {N:.0e} x {ray_row['block_seconds'] / n:.2f} s / {G} = {cpu_h:.1f} h\n"
-          f"  merge, in one process after the compute: {per_partial:.2f} s per partial here (blocks of {cfg.block_size})")
+    print(
+        f"ESTIMATE, not a measurement, for {N:.0e} samples of {cfg.seq_len} tokens at one layer on {G} workers:\n"
+        f"  compute on {G} H100s: {N:.0e} x 2 passes / {H100_SAMPLES_PER_S:.0f} samples/s (FACTS.md: the statistics "
+        f"pass on synthetic activations, k=32, d_sae=4096) / {G} = {gpu_h:.2f} h\n"
+        f"  compute on {G} CPU workers like these: {N:.0e} x {ray_row['block_seconds'] / n:.2f} s / "
+        f"{G} = {cpu_h:.1f} h\n"
+        f"  merge, in one process after the compute: {per_partial:.2f} s per partial here (blocks of {cfg.block_size})"
+    )
     for block in (cfg.block_size, 4096):
         partials = 2 * -(-N // block)
-        bound = "" if block == cfg.block_size else (", a lower bound: a larger block touches more channels, so its "
-                                                    "partial costs more")
-        print(f"    blocks of {block}: {partials:,} partials x {per_partial:.2f} s = {partials * per_partial / 3600:.1f} h{bound}")
+        bound = (
+            ""
+            if block == cfg.block_size
+            else (", a lower bound: a larger block touches more channels, so its partial costs more")
+        )
+        print(
+            f"    blocks of {block}: {partials:,} partials x {per_partial:.2f} s = "
+            f"{partials * per_partial / 3600:.1f} h{bound}"
+        )
 
 
 def _print(cfg: BenchConfig, rows: list[dict]) -> None:
     import torch
 
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads")
-    print(f"\nfra bench ({dev}): layer {cfg.layer}, 9 heads, {cfg.n_samples} samples x {cfg.seq_len} tokens, "
-          f"synthetic TopK SAEs k={cfg.k}, min_count {cfg.min_count}, budget {cfg.memory_budget_gb} GB")
-    print(f"{'path':>18} {'d_sae':>6} {'samples/s':>10} {'peak RSS GB':>12} {'MB/sample':>10} "
-          f"{'channels seen':>14} {'kept':>10} {'sweeps':>7} {'spilled runs':>13}")
+    print(
+        f"\nfra bench ({dev}): layer {cfg.layer}, 9 heads, {cfg.n_samples} samples x {cfg.seq_len} tokens, "
+        f"synthetic TopK SAEs k={cfg.k}, min_count {cfg.min_count}, budget {cfg.memory_budget_gb} GB"
+    )
+    print(
+        f"{'path':>18} {'d_sae':>6} {'samples/s':>10} {'peak RSS GB':>12} {'MB/sample':>10} "
+        f"{'channels seen':>14} {'kept':>10} {'sweeps':>7} {'spilled runs':>13}"
+    )
     for r in rows:
         if r["path"].startswith("ray"):
             continue
-        print(f"{r['path']:>18} {r['width']:>6} {r['samples_per_s']:10.2f} {r['peak_rss_gb']:12.2f} "
-              f"{r['bytes_per_sample'] / 1e6:10.2f} {r['channels_seen']:14,} {r['channels_kept']:10,} "
-              f"{r['sweeps']:7} {r['count_runs_spilled']:13}")
-    print("Goals (issue 10): peak RSS <= 8 GB at 24,576 and <= 16 GB at 65,536; at 4,096 no slower than the dense path.")
+        print(
+            f"{r['path']:>18} {r['width']:>6} {r['samples_per_s']:10.2f} {r['peak_rss_gb']:12.2f} "
+            f"{r['bytes_per_sample'] / 1e6:10.2f} {r['channels_seen']:14,} {r['channels_kept']:10,} "
+            f"{r['sweeps']:7} {r['count_runs_spilled']:13}"
+        )
+    print(
+        "Goals (issue 10): peak RSS <= 8 GB at 24,576 and <= 16 GB at 65,536; at 4,096 no slower than the dense path."
+    )

@@ -16,15 +16,29 @@ def make_cfg(family: str = "llama", **overrides):
     from transformer_lens import HookedTransformerConfig
 
     base = dict(
-        d_model=16, d_head=4, n_heads=4, n_layers=2, n_ctx=32, d_vocab=50, d_mlp=32,
-        seed=0, device="cpu", dtype=torch.float32,
+        d_model=16,
+        d_head=4,
+        n_heads=4,
+        n_layers=2,
+        n_ctx=32,
+        d_vocab=50,
+        d_mlp=32,
+        seed=0,
+        device="cpu",
+        dtype=torch.float32,
     )
     if family == "gpt2":
         base.update(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard")
     elif family == "llama":
         base.update(
-            act_fn="silu", gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_dim=4, rotary_base=10000, rotary_adjacent_pairs=False, n_key_value_heads=2,
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+            rotary_base=10000,
+            rotary_adjacent_pairs=False,
+            n_key_value_heads=2,
             final_rms=True,
         )
     else:
@@ -55,7 +69,10 @@ def make_model(family: str = "llama", processed: bool = False, seed: int = 0, **
             state[name] = 0.3 * torch.randn(p.shape, generator=gen)
     model = HookedTransformer(cfg)
     model.load_and_process_state_dict(
-        state, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+        state,
+        fold_ln=processed,
+        center_writing_weights=processed,
+        center_unembed=processed,
         fold_value_biases=processed,
     )
     return model.eval()
@@ -95,5 +112,12 @@ def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
     for n in (9, 12, 6, 10, 8)[:n_samples]:
         r = torch.randint(1, 50, (n // 2,), generator=g).tolist()
         tokens.append([0] + r + r[: n - n // 2])  # repeats, so that induction targets exist
-    return Inputs(LoadedModel("tiny", model, None, 0), saes, list(range(len(tokens))),
-                  [f"s{i}" for i in range(len(tokens))], tokens, f"corpus{seed}", {str(l): f"sae{seed}" for l in LAYERS})
+    return Inputs(
+        LoadedModel("tiny", model, None, 0),
+        saes,
+        list(range(len(tokens))),
+        [f"s{i}" for i in range(len(tokens))],
+        tokens,
+        f"corpus{seed}",
+        {str(l): f"sae{seed}" for l in LAYERS},
+    )

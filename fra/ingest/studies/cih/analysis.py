@@ -53,8 +53,11 @@ def pairs_of(rows: list[PromptRow]) -> list[tuple[PromptRow, PromptRow]]:
 
 def _weights(p: Prompt):
     T = len(p.tokens)
-    return (margin_weights(T, p.x_pos, p.q_pos), contrast_weights(T, p.x_pos, [p.a_pos]),
-            contrast_weights(T, p.x_pos, p.n_pos))
+    return (
+        margin_weights(T, p.x_pos, p.q_pos),
+        contrast_weights(T, p.x_pos, [p.a_pos]),
+        contrast_weights(T, p.x_pos, p.n_pos),
+    )
 
 
 def head_measures(pairs) -> dict:
@@ -81,15 +84,40 @@ def head_stats(pairs, relation: str, layer: int, tih: set, n_perm: int, seed: in
     for h in range(m["contrast"].shape[1]):
         mean, lo, hi = mean_ci(m["contrast"][:, h])
         g = m["groups"][:, :, h].mean(0)
-        out.append(HeadStat(relation, layer, h, f"{layer}.{h}" in tih, len(pairs), mean, lo, hi, float(p[h]), 1.0,
-                            *[float(v) for v in g], float(m["x_minus_a"][:, h].mean()),
-                            float(m["x_minus_n"][:, h].mean()), float(m["attn_x"][:, h].mean()),
-                            float(m["attn_x_control"][:, h].mean()), float(m["attn_x_no_error"][:, h].mean())))
+        out.append(
+            HeadStat(
+                relation,
+                layer,
+                h,
+                f"{layer}.{h}" in tih,
+                len(pairs),
+                mean,
+                lo,
+                hi,
+                float(p[h]),
+                1.0,
+                *[float(v) for v in g],
+                float(m["x_minus_a"][:, h].mean()),
+                float(m["x_minus_n"][:, h].mean()),
+                float(m["attn_x"][:, h].mean()),
+                float(m["attn_x_control"][:, h].mean()),
+                float(m["attn_x_no_error"][:, h].mean()),
+            )
+        )
     return out
 
 
-def unit_tests(pairs, relation: str, layer: int, unit_keys: list[int], selected: dict, d_sae: int,
-               heads: list[HeadStat], n_perm: int, seed: int) -> list[UnitTest]:
+def unit_tests(
+    pairs,
+    relation: str,
+    layer: int,
+    unit_keys: list[int],
+    selected: dict,
+    d_sae: int,
+    heads: list[HeadStat],
+    n_perm: int,
+    seed: int,
+) -> list[UnitTest]:
     """Every selected unit in every head of its layer. `selected[key]` maps head -> mean
     selection-half contrast for the heads where the unit was selected."""
     if not pairs or not unit_keys:
@@ -110,7 +138,9 @@ def unit_tests(pairs, relation: str, layer: int, unit_keys: list[int], selected:
     drop, drop_r, present = torch.stack(drop), torch.stack(drop_r), torch.stack(present)
     J, U, H = d.shape
     p = sign_flip_pvalues(d.reshape(J, U * H), n_perm, seed).reshape(U, H)
-    gate = {name: torch.stack([getattr(r, name) for r, _ in pairs]) for name in ("q_act_U", "k_act_x_U", "k_rate_else_U")}
+    gate = {
+        name: torch.stack([getattr(r, name) for r, _ in pairs]) for name in ("q_act_U", "k_act_x_U", "k_rate_else_U")
+    }
     q_ctrl = torch.stack([u.q_act_U for _, u in pairs])
     k_ctrl = torch.stack([u.k_act_x_U for _, u in pairs])
     head_c = {hs.head: hs.contrast for hs in heads}
@@ -121,15 +151,34 @@ def unit_tests(pairs, relation: str, layer: int, unit_keys: list[int], selected:
         for h in range(H):
             mean, lo, hi = mean_ci(d[:, i, h])
             share = mean / head_c[h] if head_c[h] else float("nan")
-            out.append(UnitTest(
-                relation, layer, key // d_sae, key % d_sae, h, h in selected.get(key, {}),
-                float(selected.get(key, {}).get(h, float("nan"))), mean, lo, hi, float(p[i, h]), 1.0,
-                float(dx[:, i, h].mean()), float(xa[:, i, h].mean()), float(xn[:, i, h].mean()), share, n_pres,
-                float(drop[pres, i, h].mean()) if n_pres else 0.0,
-                float(drop_r[pres, i, h].mean()) if n_pres else 0.0,
-                float(gate["q_act_U"][:, i].mean()), float(q_ctrl[:, i].mean()),
-                float(gate["k_act_x_U"][:, i].mean()), float(k_ctrl[:, i].mean()),
-                float(gate["k_rate_else_U"][:, i].mean())))
+            out.append(
+                UnitTest(
+                    relation,
+                    layer,
+                    key // d_sae,
+                    key % d_sae,
+                    h,
+                    h in selected.get(key, {}),
+                    float(selected.get(key, {}).get(h, float("nan"))),
+                    mean,
+                    lo,
+                    hi,
+                    float(p[i, h]),
+                    1.0,
+                    float(dx[:, i, h].mean()),
+                    float(xa[:, i, h].mean()),
+                    float(xn[:, i, h].mean()),
+                    share,
+                    n_pres,
+                    float(drop[pres, i, h].mean()) if n_pres else 0.0,
+                    float(drop_r[pres, i, h].mean()) if n_pres else 0.0,
+                    float(gate["q_act_U"][:, i].mean()),
+                    float(q_ctrl[:, i].mean()),
+                    float(gate["k_act_x_U"][:, i].mean()),
+                    float(k_ctrl[:, i].mean()),
+                    float(gate["k_rate_else_U"][:, i].mean()),
+                )
+            )
     return out
 
 
@@ -139,8 +188,9 @@ def with_bh(items: list, attr: str = "q"):
     return [replace(it, **{attr: q}) for it, q in zip(items, qs)]
 
 
-def gating_label(q_act: float, q_act_control: float, gate_ratio: float, k_act: float = 0.0,
-                 k_act_control: float = 0.0) -> str:
+def gating_label(
+    q_act: float, q_act_control: float, gate_ratio: float, k_act: float = 0.0, k_act_control: float = 0.0
+) -> str:
     """'gated query' when the query feature fires at B much less without A (the A -> B match then
     happens upstream, in what switches the query feature on); 'matching' when the query feature
     fires at B either way and the key feature at X depends on A (fires much less after the control
@@ -155,8 +205,15 @@ def gating_label(q_act: float, q_act_control: float, gate_ratio: float, k_act: f
 
 def passes(t: UnitTest, h: HeadStat, fdr: float) -> bool:
     """The combined criterion of the module docstring."""
-    return (t.q < fdr and t.contrast > 0 and t.x_contrast > 0 and t.x_minus_a > 0 and h.q < fdr and h.contrast > 0
-            and (t.relation, t.layer, t.head) == (h.relation, h.layer, h.head))
+    return (
+        t.q < fdr
+        and t.contrast > 0
+        and t.x_contrast > 0
+        and t.x_minus_a > 0
+        and h.q < fdr
+        and h.contrast > 0
+        and (t.relation, t.layer, t.head) == (h.relation, h.layer, h.head)
+    )
 
 
 def seed_findings(tests: list[UnitTest], heads: list[HeadStat], fdr: float, gate_ratio: float) -> list[SeedFinding]:
@@ -169,11 +226,22 @@ def seed_findings(tests: list[UnitTest], heads: list[HeadStat], fdr: float, gate
     out = []
     for (rel, layer, fq, fk), hits in sorted(by.items()):
         best, bh = max(hits, key=lambda th: th[0].share)
-        out.append(SeedFinding(rel, layer, fq, fk, tuple(sorted(t.head for t, _ in hits)), best.head,
-                               gating_label(best.q_act, best.q_act_control, gate_ratio, best.k_act_x,
-                                            best.k_act_x_control), best.share,
-                               min(t.q for t, _ in hits), best.attn_drop, best.attn_drop_random,
-                               bh.attn_x - bh.attn_x_no_error))
+        out.append(
+            SeedFinding(
+                rel,
+                layer,
+                fq,
+                fk,
+                tuple(sorted(t.head for t, _ in hits)),
+                best.head,
+                gating_label(best.q_act, best.q_act_control, gate_ratio, best.k_act_x, best.k_act_x_control),
+                best.share,
+                min(t.q for t, _ in hits),
+                best.attn_drop,
+                best.attn_drop_random,
+                bh.attn_x - bh.attn_x_no_error,
+            )
+        )
     return out
 
 
@@ -194,17 +262,43 @@ def aggregate(seeds: list[SeedResult], kinds: dict, min_pass: int, labels: dict)
         kinds_seen = [f.kind for f in fs]
         bests = [f.best_head for f in fs]
         lo, hi = wilson(len(fs), n)
-        out.append(Finding(
-            rel, kinds.get(rel, ""), layer, fq, fk, ",".join(f"{layer}.{h}" for h in heads),
-            f"{layer}.{max(sorted(set(bests)), key=bests.count)}", max(sorted(set(kinds_seen)), key=kinds_seen.count), len(fs), n, len(fs) / n, lo, hi, len(fs) >= min_pass,
-            statistics.mean(f.share for f in fs), statistics.median(f.q_value for f in fs),
-            statistics.mean(f.attn_drop for f in fs), statistics.mean(f.attn_drop_random for f in fs),
-            statistics.mean(f.attn_drop_error for f in fs), labels.get((layer, fq), ""), labels.get((layer, fk), "")))
+        out.append(
+            Finding(
+                rel,
+                kinds.get(rel, ""),
+                layer,
+                fq,
+                fk,
+                ",".join(f"{layer}.{h}" for h in heads),
+                f"{layer}.{max(sorted(set(bests)), key=bests.count)}",
+                max(sorted(set(kinds_seen)), key=kinds_seen.count),
+                len(fs),
+                n,
+                len(fs) / n,
+                lo,
+                hi,
+                len(fs) >= min_pass,
+                statistics.mean(f.share for f in fs),
+                statistics.median(f.q_value for f in fs),
+                statistics.mean(f.attn_drop for f in fs),
+                statistics.mean(f.attn_drop_random for f in fs),
+                statistics.mean(f.attn_drop_error for f in fs),
+                labels.get((layer, fq), ""),
+                labels.get((layer, fk), ""),
+            )
+        )
     return sorted(out, key=lambda f: (f.relation, -f.n_pass, -f.share))
 
 
-def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str], relations, kinds: dict,
-            min_pass: int, fdr: float) -> list[Answer]:
+def answers(
+    seeds: list[SeedResult],
+    findings: list[Finding],
+    tih_here: list[str],
+    relations,
+    kinds: dict,
+    min_pass: int,
+    fdr: float,
+) -> list[Answer]:
     """H1: every token induction head of the studied layers carries a "matching" finding of the
     relation in at least min_pass seeds (so it also has a significant contrast of its own). H2:
     heads outside the TIH set that do. "gated query" findings are reported but do not count (the
@@ -235,10 +329,13 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
         for s in seeds:
             tests = {(t.layer, t.feat_q, t.feat_k, t.head): t for t in s.tests if t.relation == rel}
             for h in s.heads:
-                if (h.relation != rel or f"{h.layer}.{h.head}" not in tih_here or h.contrast <= 0 or h.q >= fdr):
+                if h.relation != rel or f"{h.layer}.{h.head}" not in tih_here or h.contrast <= 0 or h.q >= fdr:
                     continue
-                tot = sum(tests[(f.layer, f.feat_q, f.feat_k, h.head)].contrast for f in headline
-                          if (f.layer, f.feat_q, f.feat_k, h.head) in tests)
+                tot = sum(
+                    tests[(f.layer, f.feat_q, f.feat_k, h.head)].contrast
+                    for f in headline
+                    if (f.layer, f.feat_q, f.feat_k, h.head) in tests
+                )
                 shares["findings"].append(tot / h.contrast)
                 shares["err"].append(h.err / h.contrast)
                 shares["bdec"].append(h.bdec / h.contrast)
@@ -249,12 +346,27 @@ def answers(seeds: list[SeedResult], findings: list[Finding], tih_here: list[str
             h1, detail = "not applicable", "no token induction head in the studied layers"
         else:
             h1 = "yes" if len(with_head) == len(tih_here) else "no"
-            detail = (f"{len(with_head)} of {len(tih_here)} TIH carry a matching finding in >= {min_pass} of "
-                      f"{len(seeds)} seeds")
+            detail = (
+                f"{len(with_head)} of {len(tih_here)} TIH carry a matching finding in >= {min_pass} of "
+                f"{len(seeds)} seeds"
+            )
         mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
-        out.append(Answer(rel, kinds.get(rel, ""), h1, detail, tuple(h for h in holding if h not in tih_here),
-                          tuple(gated), tuple(sorted(h for h, n in sig.items() if n >= min_pass)),
-                          sum(f.kind == "matching" for f in headline), sum(f.kind != "matching" for f in headline),
-                          tuple(per_seed), tuple(per_seed_m), mean(shares["findings"]), mean(shares["err"]),
-                          mean(shares["bdec"])))
+        out.append(
+            Answer(
+                rel,
+                kinds.get(rel, ""),
+                h1,
+                detail,
+                tuple(h for h in holding if h not in tih_here),
+                tuple(gated),
+                tuple(sorted(h for h, n in sig.items() if n >= min_pass)),
+                sum(f.kind == "matching" for f in headline),
+                sum(f.kind != "matching" for f in headline),
+                tuple(per_seed),
+                tuple(per_seed_m),
+                mean(shares["findings"]),
+                mean(shares["err"]),
+                mean(shares["bdec"]),
+            )
+        )
     return out

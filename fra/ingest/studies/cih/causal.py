@@ -65,5 +65,14 @@ def logprob_effects(setup, cfg, finding, prompts) -> LogProbEffect:
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731
     base, d_ch, d_err = cat(base), cat(d_ch), cat(d_err)
     mean = lambda x: float(x.mean()) if x.numel() else float("nan")  # noqa: E731
-    return LogProbEffect(finding.relation, layer, finding.feat_q, finding.feat_k, head, int(base.numel()),
-                         mean(base), mean(d_ch), mean(d_err))
+    return LogProbEffect(
+        finding.relation,
+        layer,
+        finding.feat_q,
+        finding.feat_k,
+        head,
+        int(base.numel()),
+        mean(base),
+        mean(d_ch),
+        mean(d_err),
+    )

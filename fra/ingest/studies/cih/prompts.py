@@ -26,7 +26,8 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TEMPLATES = (
     "I saw the {A} {X} near the old {N}. Much later that evening, I kept thinking about the {B}",
     "She bought a {A} {X} at the {N} on Monday. By the time winter came, she had forgotten the {B}",
-    "The report mentioned one {A} {X} in its first section and a {N} in the second; at the very end it described the {B}",
+    "The report mentioned one {A} {X} in its first section and a {N} in the second; at the very end "
+    "it described the {B}",
     "Yesterday my uncle found a {A} {X} behind the {N}. Today he asked me about the {B}",
     "In the story, a {A} {X} sits beside a {N}. At the end of the chapter, the hero returns to the {B}",
     "Q: Where did you leave the {A} {X}? A: Next to the {N}. Q: And where is the {B}",
@@ -152,7 +153,7 @@ def tokenise(template: str, words: dict, encode, bos: int) -> tuple[list[int], d
             raise TokenisationError(f"{words[slot]!r} is not a single token")
         pos.setdefault(slot, []).append(len(ids))
         ids += wid
-        rest = rest[cut[0] + len(slot):]
+        rest = rest[cut[0] + len(slot) :]
     text = template
     for s in SLOTS:
         text = text.replace(s, words[s])
@@ -161,8 +162,16 @@ def tokenise(template: str, words: dict, encode, bos: int) -> tuple[list[int], d
     return ids, pos
 
 
-def concept_prompts(pairs: list[WordPair], templates: tuple[int, ...], half: int, lex: Lexicon, encode, bos: int,
-                    rng: random.Random, first_id: int = 0) -> list[Prompt]:
+def concept_prompts(
+    pairs: list[WordPair],
+    templates: tuple[int, ...],
+    half: int,
+    lex: Lexicon,
+    encode,
+    bos: int,
+    rng: random.Random,
+    first_id: int = 0,
+) -> list[Prompt]:
     """For each pair, a conceptual prompt (A ... B) and its control (U ... B) with the same X, N, B
     and template; templates rotate through `templates`. Pairs that do not tokenise cleanly are
     skipped (both prompts)."""
@@ -177,8 +186,20 @@ def concept_prompts(pairs: list[WordPair], templates: tuple[int, ...], half: int
         try:
             for role, a in (("concept", p.A), ("control", u)):
                 ids, pos = tokenise(TEMPLATES[t], {"{A}": a, "{X}": x, "{N}": n, "{B}": p.B}, encode, bos)
-                pair.append(Prompt(tuple(ids), pos["{A}"][0], pos["{X}"][0], tuple(pos["{N}"]), p.relation, role,
-                                   first_id + i, half, t, (a, x, n, p.B)))
+                pair.append(
+                    Prompt(
+                        tuple(ids),
+                        pos["{A}"][0],
+                        pos["{X}"][0],
+                        tuple(pos["{N}"]),
+                        p.relation,
+                        role,
+                        first_id + i,
+                        half,
+                        t,
+                        (a, x, n, p.B),
+                    )
+                )
         except TokenisationError:
             continue
         assert pair[0].x_pos == pair[0].a_pos + 1 and len(pair[0].tokens) == len(pair[1].tokens)
@@ -195,5 +216,6 @@ def study_prompts(relation: str, lex: Lexicon, n_pairs: int, encode, bos: int, s
     pairs = pairs[:n_pairs]
     sel_t, test_t = split_templates(len(TEMPLATES), random.Random(seed))
     h = len(pairs) // 2
-    return (concept_prompts(pairs[:h], sel_t, 0, lex, encode, bos, rng)
-            + concept_prompts(pairs[h:], test_t, 1, lex, encode, bos, rng, first_id=h))
+    return concept_prompts(pairs[:h], sel_t, 0, lex, encode, bos, rng) + concept_prompts(
+        pairs[h:], test_t, 1, lex, encode, bos, rng, first_id=h
+    )

@@ -48,7 +48,7 @@ def batches(prompts, size: int):
         by[p.template].append(p)
     for ps in by.values():
         for i in range(0, len(ps), size):
-            yield ps[i: i + size]
+            yield ps[i : i + size]
 
 
 @torch.no_grad()
@@ -57,7 +57,9 @@ def measure_batch(setup: Setup, prompts, unit_keys: dict | None, n_draws: int, g
     Test mode: per layer, a list of PromptRow. Also returns the largest |groups - scores|."""
     model = setup.model
     toks = torch.tensor([p.tokens for p in prompts], device=model.cfg.device)
-    names = {n for L in setup.layers for n in (setup.saes[L].cfg.metadata.hook_name, f"blocks.{L}.attn.hook_attn_scores")}
+    names = {
+        n for L in setup.layers for n in (setup.saes[L].cfg.metadata.hook_name, f"blocks.{L}.attn.hook_attn_scores")
+    }
     _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names, stop_at_layer=max(setup.layers) + 1)
     from fra.ingest.core.decompose import project_tokens
 
@@ -73,8 +75,15 @@ def measure_batch(setup: Setup, prompts, unit_keys: dict | None, n_draws: int, g
         rows = []
         for b, p in enumerate(prompts):
             qp, T = p.q_pos, len(p.tokens)
-            keys, contrib = row_channels(q.feat_BHTAE[b, :, qp], k.feat_BHTAE[b], sparse.feat_idx_BTA[b, qp],
-                                         live_BTA[b, qp], sparse.feat_idx_BTA[b], live_BTA[b], F)
+            keys, contrib = row_channels(
+                q.feat_BHTAE[b, :, qp],
+                k.feat_BHTAE[b],
+                sparse.feat_idx_BTA[b, qp],
+                live_BTA[b, qp],
+                sparse.feat_idx_BTA[b],
+                live_BTA[b],
+                F,
+            )
             groups = row_groups(q, k, b, qp)
             scores = scores_BHQK[b, :, qp, :T]
             resid = max(resid, float((groups.sum(0) - scores).abs().max()))
@@ -90,8 +99,19 @@ def measure_batch(setup: Setup, prompts, unit_keys: dict | None, n_draws: int, g
             dense_TF = torch.zeros(T, F).scatter_add_(1, sparse.feat_idx_BTA[b], sparse.acts_BTA[b].float())
             fq, fk = uk // F, uk % F
             others = [t for t in range(1, qp + 1) if t != p.x_pos]
-            rows.append(PromptRow(p, L, groups, scores, units, rand_p, dense_TF[qp, fq], dense_TF[p.x_pos, fk],
-                                  (dense_TF[others][:, fk] > 0).float().mean(0)))
+            rows.append(
+                PromptRow(
+                    p,
+                    L,
+                    groups,
+                    scores,
+                    units,
+                    rand_p,
+                    dense_TF[qp, fq],
+                    dense_TF[p.x_pos, fk],
+                    (dense_TF[others][:, fk] > 0).float().mean(0),
+                )
+            )
         out[L] = rows
     return out, resid
 
@@ -148,8 +168,9 @@ def run_relation(setup, cfg: CIHConfig, prompts, rel: str, tih: set, seed: int, 
         pairs = pairs_of(test_rows[L])
         hs = head_stats(pairs, rel, L, tih, cfg.n_perm, seed)
         heads += hs
-        tests += unit_tests(pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs,
-                            cfg.n_perm, seed + 1)
+        tests += unit_tests(
+            pairs, rel, L, unit_keys[L].tolist(), units[L][1], setup.saes[L].cfg.d_sae, hs, cfg.n_perm, seed + 1
+        )
     return with_bh(heads), with_bh(tests), resid
 
 
@@ -163,16 +184,29 @@ def run_seed(setup: Setup, cfg: CIHConfig, lex, relations, tih: set, seed: int, 
         resid = max(resid, r)
         heads += rel_heads
         tests += rel_tests
-        n_pairs.append((rel, len({p.pair_id for p in prompts if p.half == 0}),
-                        len({p.pair_id for p in prompts if p.half == 1})))
+        n_pairs.append(
+            (rel, len({p.pair_id for p in prompts if p.half == 0}), len({p.pair_id for p in prompts if p.half == 1}))
+        )
         if progress:
             n_found = len(seed_findings(rel_tests, rel_heads, cfg.fdr, cfg.gate_ratio))
-            print(f"  seed {seed} {rel}: {n_pairs[-1][1]}+{n_pairs[-1][2]} pairs, "
-                  f"{len({(t.layer, t.feat_q, t.feat_k) for t in rel_tests})} units, {n_found} findings, "
-                  f"{time.time() - t0:.0f} s", flush=True)
+            print(
+                f"  seed {seed} {rel}: {n_pairs[-1][1]}+{n_pairs[-1][2]} pairs, "
+                f"{len({(t.layer, t.feat_q, t.feat_k) for t in rel_tests})} units, {n_found} findings, "
+                f"{time.time() - t0:.0f} s",
+                flush=True,
+            )
     sel_t, test_t = split_templates(len(TEMPLATES), random.Random(seed))
-    return SeedResult(seed, sel_t, test_t, tuple(n_pairs), tuple(heads), tuple(tests),
-                      tuple(seed_findings(tests, heads, cfg.fdr, cfg.gate_ratio)), resid, time.time() - t0)
+    return SeedResult(
+        seed,
+        sel_t,
+        test_t,
+        tuple(n_pairs),
+        tuple(heads),
+        tuple(tests),
+        tuple(seed_findings(tests, heads, cfg.fdr, cfg.gate_ratio)),
+        resid,
+        time.time() - t0,
+    )
 
 
 def feature_labels(model: str) -> dict:
@@ -196,8 +230,11 @@ def run(cfg: CIHConfig, progress: bool = True):
     census = load_census(run_cfg.model)
     tih = set(census["token_induction_heads"])
     lex = load_lexicon()
-    skipped = {r: len(lex.relations.get(r, [])) for r in run_cfg.relations
-               if r != "placebo" and len(lex.relations.get(r, [])) < run_cfg.min_pairs_relation}
+    skipped = {
+        r: len(lex.relations.get(r, []))
+        for r in run_cfg.relations
+        if r != "placebo" and len(lex.relations.get(r, [])) < run_cfg.min_pairs_relation
+    }
     relations = [r for r in run_cfg.relations if r not in skipped]
     seeds = []
     for seed in run_cfg.seeds:
@@ -215,8 +252,9 @@ def run(cfg: CIHConfig, progress: bool = True):
         prompts = study_prompts(f.relation, lex, run_cfg.n_pairs, setup.encode, setup.lm.bos_id, run_cfg.seeds[0])
         logprob.append(logprob_effects(setup, run_cfg, f, prompts))
     out = Path(cfg.out)
-    write_report(out, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, ans, time.time() - t0,
-                 logprob)
+    write_report(
+        out, cfg, run_cfg, setup, census, lex, relations, skipped, seeds, findings, ans, time.time() - t0, logprob
+    )
     if progress:
         print(f"CIH report written to {out}/report.md in {time.time() - t0:.0f} s")
     return seeds, findings, ans
