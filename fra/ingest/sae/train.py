@@ -494,146 +494,200 @@ def _plain(cfg: SAETrainConfig) -> dict:
     }
 
 
+def _resume_state(cfg: SAETrainConfig, ckpt_path: Path) -> dict | None:
+    """The checkpoint to continue (--resume), after checking it was made with the same settings."""
+    import torch
+
+    if not cfg.resume:
+        if ckpt_path.exists():
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove it to start over")
+        return None
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    state = torch.load(ckpt_path, weights_only=False)
+    if state["comparable"] != _comparable(cfg):
+        raise ValueError(
+            f"--resume: the checkpoint was made with {state['comparable']}, this run has {_comparable(cfg)}"
+        )
+    return state
+
+
+def _precision_check(cfg: SAETrainConfig, lm, heldout: dict) -> dict:
+    """Per layer, the relative error of the bf16 collection against fp32 on the held-out tokens."""
+    if cfg.precision != "bf16":
+        return {}
+    low = heldout_activations(
+        lm.model,
+        cfg.layers,
+        lm.tokenizer,
+        lm.bos_id,
+        cfg.corpus,
+        cfg.heldout_tokens,
+        "bf16",
+        cfg.device,
+        cfg.max_tokens,
+    )
+    out = {}
+    for l in cfg.layers:
+        rel = (low[l] - heldout[l]).norm(dim=-1) / heldout[l].norm(dim=-1)
+        out[str(l)] = {
+            "rel_err_median": rel.median().item(),
+            "rel_err_p999": rel.quantile(0.999).item(),
+            "rel_err_max": rel.max().item(),
+            "n_tokens": len(rel),
+        }
+    return out
+
+
+class _TrainingRun:
+    """One `fra train-sae` run: the trainers of every (variant, layer), the stream position, the
+    curve, and the checkpoint that lets a later run continue where this one stopped."""
+
+    def __init__(self, cfg: SAETrainConfig, lm):
+        import torch
+
+        from .metrics import attention_maps
+
+        self.cfg, self.lm, self.t_start = cfg, lm, time.time()
+        self.layers, self.variants = sorted(cfg.layers), cfg.parsed_variants
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = cfg.out_dir / "checkpoint.pt"
+        state = _resume_state(cfg, self.ckpt_path)
+        self.maps = {l: attention_maps(lm.model, l) for l in self.layers}
+        self.heldout = heldout_activations(
+            lm.model,
+            self.layers,
+            lm.tokenizer,
+            lm.bos_id,
+            cfg.corpus,
+            cfg.heldout_tokens,
+            "fp32",
+            cfg.device,
+            cfg.max_tokens,
+        )
+        total_steps = math.ceil(cfg.n_tokens * cfg.reuse / cfg.batch_size)
+        self.trainers = {
+            (str(v), l): TopKTrainer(v, l, cfg, self.heldout[l], self.maps[l].qk_DM, total_steps, lm.name)
+            for v in self.variants
+            for l in self.layers
+        }
+        self.tokens, self.next_chunk, self.curve, self.seconds_before = 0, 0, [], 0.0
+        if state is None:
+            self.precision_check = _precision_check(cfg, lm, self.heldout)
+        else:
+            for key, tr in self.trainers.items():
+                tr.load_state_dict(state["trainers"][f"{key[0]}@{key[1]}"])
+                tr.total_steps = total_steps
+            self.tokens, self.next_chunk = state["tokens"], state["next_chunk"]
+            self.curve, self.seconds_before = state["curve"], state["seconds"]
+            self.precision_check = state["precision_check"]
+        g = torch.Generator().manual_seed(cfg.seed + 7 + self.next_chunk)
+        self.buffers = {l: ShuffleBuffer(cfg.buffer_tokens, lm.model.cfg.d_model, g) for l in self.layers}
+        self.stream = ActivationStream(lm.model, self.layers, cfg.precision, cfg.device)
+        self.timing = {"collect": 0.0, "train": 0.0}
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.t_start
+
+    def checkpoint(self) -> None:
+        _atomic_save(
+            {
+                "comparable": _comparable(self.cfg),
+                "tokens": self.tokens,
+                "next_chunk": self.next_chunk,
+                "curve": self.curve,
+                "seconds": self.seconds(),
+                "precision_check": self.precision_check,
+                "trainers": {f"{k[0]}@{k[1]}": tr.state_dict() for k, tr in self.trainers.items()},
+            },
+            self.ckpt_path,
+        )
+
+    def add_curve_point(self) -> None:
+        row = {"tokens": self.tokens, "seconds": self.seconds(), "sae": {}}
+        for (v, l), tr in self.trainers.items():
+            row["sae"][f"{v}@{l}"] = curve_point(tr, self.lm.model, self.heldout[l], self.maps[l], self.lm.bos_id)
+        self.curve.append(row)
+
+    def train_chunk(self, chunk) -> dict:
+        """Collect a chunk's activations into the shuffle buffers, then take the chunk's share of
+        steps (`reuse` passes over its tokens) for every variant; returns the last step's info."""
+        from ..corpus import padded_batches
+
+        cfg, t0, fresh = self.cfg, time.time(), 0
+        for _, toks, mask in padded_batches(chunk, cfg.batch_samples):
+            acts = self.stream(toks, mask)
+            for l in self.layers:
+                self.buffers[l].add(acts[l])
+            fresh += len(acts[self.layers[0]])
+        t1 = time.time()
+        n_steps = max(1, round(fresh * cfg.reuse / cfg.batch_size))
+        for step in range(n_steps):
+            progress = (self.tokens + fresh * step / n_steps) / cfg.n_tokens
+            if cfg.max_seconds:
+                progress = max(progress, (time.time() - self.t_start) / cfg.max_seconds)
+            for l in self.layers:
+                x = self.buffers[l].batch(cfg.batch_size)
+                for v in self.variants:
+                    info = self.trainers[(str(v), l)].train_step(x, progress)
+        self.timing["collect"] += t1 - t0
+        self.timing["train"] += time.time() - t1
+        self.tokens += fresh
+        return info
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.n_tokens, initial=self.tokens, desc="train-sae", unit="tok", disable=not cfg.progress)
+        next_eval = (self.tokens // cfg.eval_every + 1) * cfg.eval_every
+        for c, chunk in _chunks(cfg, self.lm.tokenizer, self.lm.bos_id, self.next_chunk):
+            if self.tokens >= cfg.n_tokens:
+                break
+            before = self.tokens
+            info = self.train_chunk(chunk)
+            self.next_chunk = c + 1
+            bar.update(self.tokens - before)
+            bar.set_postfix(fve=f"{info['fve']:.3f}", dead=info["dead"])
+            if self.tokens >= next_eval or self.tokens >= cfg.n_tokens:
+                self.add_curve_point()
+                next_eval += cfg.eval_every
+                self.checkpoint()
+            if cfg.max_seconds is not None and time.time() - self.t_start > cfg.max_seconds:
+                break
+        bar.close()
+        if not self.curve or self.curve[-1]["tokens"] != self.tokens:
+            self.add_curve_point()
+        self.checkpoint()
+
+    def save(self) -> dict:
+        for (v, l), tr in self.trainers.items():
+            save_sae(tr.to_sae(), self.cfg.sae_dir(Variant.parse(v), l))
+        metrics = {
+            "config": _plain(self.cfg),
+            "tokens_per_layer": self.tokens,
+            "finished": self.tokens >= self.cfg.n_tokens,
+            "seconds": self.seconds(),
+            "this_run": self.timing,
+            "precision_check": self.precision_check,
+            "steps": {f"{v}@{l}": tr.step for (v, l), tr in self.trainers.items()},
+            "curve": self.curve,
+        }
+        (self.cfg.out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
+
+
 def run(cfg: SAETrainConfig, lm=None) -> dict:
     """Stream activations, train every variant on every layer, checkpoint, save; returns the
     metrics written to `out_dir/train_metrics.json`."""
     import torch
-    from tqdm import tqdm
 
-    from ..corpus import padded_batches
     from ..registry import load_smollm2
-    from .metrics import attention_maps
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_start = time.time()
     lm = lm or load_smollm2(device=cfg.device, n_layers=max(cfg.layers) + 1)
-    model, layers, variants = lm.model, sorted(cfg.layers), cfg.parsed_variants
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = cfg.out_dir / "checkpoint.pt"
-    state = None
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["comparable"] != _comparable(cfg):
-            raise ValueError(
-                f"--resume: the checkpoint was made with {state['comparable']}, this run has {_comparable(cfg)}"
-            )
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove it to start over")
-
-    maps = {l: attention_maps(model, l) for l in layers}
-    heldout = heldout_activations(
-        model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "fp32", cfg.device, cfg.max_tokens
-    )
-    precision_check = {}
-    if cfg.precision == "bf16":
-        low = heldout_activations(
-            model, layers, lm.tokenizer, lm.bos_id, cfg.corpus, cfg.heldout_tokens, "bf16", cfg.device, cfg.max_tokens
-        )
-        for l in layers:
-            rel = (low[l] - heldout[l]).norm(dim=-1) / heldout[l].norm(dim=-1)
-            precision_check[str(l)] = {
-                "rel_err_median": rel.median().item(),
-                "rel_err_p999": rel.quantile(0.999).item(),
-                "rel_err_max": rel.max().item(),
-                "n_tokens": len(rel),
-            }
-    total_steps = math.ceil(cfg.n_tokens * cfg.reuse / cfg.batch_size)
-    trainers = {
-        (str(v), l): TopKTrainer(v, l, cfg, heldout[l], maps[l].qk_DM, total_steps, lm.name)
-        for v in variants
-        for l in layers
-    }
-    tokens, next_chunk, curve, seconds_before = 0, 0, [], 0.0
-    if state is not None:
-        for key, tr in trainers.items():
-            tr.load_state_dict(state["trainers"][f"{key[0]}@{key[1]}"])
-            tr.total_steps = total_steps
-        tokens, next_chunk, curve, seconds_before = (
-            state["tokens"],
-            state["next_chunk"],
-            state["curve"],
-            state["seconds"],
-        )
-        precision_check = state["precision_check"]
-    g = torch.Generator().manual_seed(cfg.seed + 7 + next_chunk)
-    buffers = {l: ShuffleBuffer(cfg.buffer_tokens, model.cfg.d_model, g) for l in layers}
-    stream = ActivationStream(model, layers, cfg.precision, cfg.device)
-    timing = {"collect": 0.0, "train": 0.0}
-
-    def checkpoint():
-        _atomic_save(
-            {
-                "comparable": _comparable(cfg),
-                "tokens": tokens,
-                "next_chunk": next_chunk,
-                "curve": curve,
-                "seconds": seconds_before + time.time() - t_start,
-                "precision_check": precision_check,
-                "trainers": {f"{k[0]}@{k[1]}": tr.state_dict() for k, tr in trainers.items()},
-            },
-            ckpt_path,
-        )
-
-    def add_curve_point():
-        row = {"tokens": tokens, "seconds": seconds_before + time.time() - t_start, "sae": {}}
-        for (v, l), tr in trainers.items():
-            row["sae"][f"{v}@{l}"] = curve_point(tr, model, heldout[l], maps[l], lm.bos_id)
-        curve.append(row)
-
-    bar = tqdm(total=cfg.n_tokens, initial=tokens, desc="train-sae", unit="tok", disable=not cfg.progress)
-    out_of_time = False
-    next_eval = (tokens // cfg.eval_every + 1) * cfg.eval_every
-    for c, chunk in _chunks(cfg, lm.tokenizer, lm.bos_id, next_chunk):
-        if tokens >= cfg.n_tokens or out_of_time:
-            break
-        t0 = time.time()
-        fresh = 0
-        for _, toks, mask in padded_batches(chunk, cfg.batch_samples):
-            acts = stream(toks, mask)
-            for l in layers:
-                buffers[l].add(acts[l])
-            fresh += len(acts[layers[0]])
-        t1 = time.time()
-        n_steps = max(1, round(fresh * cfg.reuse / cfg.batch_size))
-        for step in range(n_steps):
-            progress = (tokens + fresh * step / n_steps) / cfg.n_tokens
-            if cfg.max_seconds:
-                progress = max(progress, (time.time() - t_start) / cfg.max_seconds)
-            for l in layers:
-                x = buffers[l].batch(cfg.batch_size)
-                for v in variants:
-                    info = trainers[(str(v), l)].train_step(x, progress)
-        timing["collect"] += t1 - t0
-        timing["train"] += time.time() - t1
-        tokens += fresh
-        next_chunk = c + 1
-        bar.update(fresh)
-        bar.set_postfix(fve=f"{info['fve']:.3f}", dead=info["dead"])
-        if tokens >= next_eval or tokens >= cfg.n_tokens:
-            add_curve_point()
-            next_eval += cfg.eval_every
-            checkpoint()
-        out_of_time = cfg.max_seconds is not None and time.time() - t_start > cfg.max_seconds
-    bar.close()
-    if not curve or curve[-1]["tokens"] != tokens:
-        add_curve_point()
-    checkpoint()
-    finished = tokens >= cfg.n_tokens
-    for (v, l), tr in trainers.items():
-        save_sae(tr.to_sae(), cfg.sae_dir(Variant.parse(v), l))
-    metrics = {
-        "config": _plain(cfg),
-        "tokens_per_layer": tokens,
-        "finished": finished,
-        "seconds": seconds_before + time.time() - t_start,
-        "this_run": timing,
-        "precision_check": precision_check,
-        "steps": {f"{v}@{l}": tr.step for (v, l), tr in trainers.items()},
-        "curve": curve,
-    }
-    (cfg.out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    training = _TrainingRun(cfg, lm)
+    training.train()
+    return training.save()
