@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
-assets = root / "ingest" / "assets"
+assets = root / "fra" / "ingest" / "assets"
 saes = assets / "saes" / "smollm2-135m"
 reports = root / "reports" / "sae"
 load = lambda p: json.loads(Path(p).read_text())  # noqa: E731
