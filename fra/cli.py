@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_census,
             "induction / previous-token / duplicate-token scores of every head",
         ),
-        ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
+        ("ingest", "index.job", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
         (
             "merge",
             "index.merge",
