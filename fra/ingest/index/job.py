@@ -330,7 +330,15 @@ def load_inputs(cfg: IngestConfig, device: str) -> Inputs:
     table = read_corpus(corpus, cfg.split)  # raises on missing / empty
     ids = list(range(min(table.num_rows, cfg.max_samples or table.num_rows)))
     source = sae_source(cfg.model, cfg.sae)
-    fixed = source.layers()
+    try:
+        fixed = source.layers()
+    except ValueError as exc:  # a cfg.json that names no hook: the layer comes from --layers
+        if not cfg.layers:
+            raise IndexFormatError(
+                f"cannot tell the layer of the SAEs at {source.path or source.sae_id} ({exc}); pass --layers, "
+                "and --hook when their cfg.json names no hook"
+            ) from None
+        fixed = None
     layers = cfg.layers or fixed or (PRESETS[cfg.model].default_layers if cfg.model in PRESETS else None)
     if not layers:
         raise ValueError(f"cannot tell which layers the SAEs {cfg.sae!r} are for; pass --layers")

@@ -258,8 +258,9 @@ def remove_staging(staging: Path) -> None:
     if not _ours(staging):
         raise IndexFormatError(f"{staging} was not made by FRA (no {MARKER} in it); refusing to delete it")
     for p in staging.iterdir():
-        if p.name != MARKER:
+        if p.name not in (MARKER, "job.json"):
             _remove(p)
+    _remove(staging / "job.json")  # the commit state goes last but the marker: a kill before leaves it to `recover`
     (staging / MARKER).unlink(missing_ok=True)
     staging.rmdir()
 
@@ -313,6 +314,8 @@ def recover(out: Path) -> str | None:
     Returns what was done (None when nothing was pending)."""
     out = Path(out)
     staging = staging_dir(out)
+    if staging.is_dir() and {p.name for p in staging.iterdir()} <= {MARKER} and is_index(out):
+        remove_staging(staging)  # a cleanup killed after its last step but one: nothing left to do
     if not pending_commit(out):
         return None
     with OutLock(out):
