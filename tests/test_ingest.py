@@ -121,6 +121,7 @@ def test_out_of_core_equals_in_memory(tmp_path):
             top_pairs=3,
             examples_per_channel=4,
             memory_budget_gb=2e-5,
+            max_tokens=13,  # the longest sample; the budget floor grows with max_tokens (20 kB > 17.5 kB)
             progress=False,
         ),
         inp,

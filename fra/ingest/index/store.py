@@ -130,10 +130,6 @@ def open_index(root: Path, full: bool = False) -> Manifest:
             f"commit; `fra query --index {root} heads` (or the next fra ingest / fra merge) publishes it"
         )
     m = Manifest.read(root)
-    if m.files:  # indexes written by `fra ingest` record their files; hand-made fixtures may not
-        why = check_files(root, m.files, full, skip=MANIFEST_FILES)
-        if why is not None:
-            raise IndexFormatError(f"{why}; the index at {root} does not match its manifest, rebuild it")
     for name in PARTITIONED:
         if not (root / name).is_dir():
             continue
@@ -152,6 +148,10 @@ def open_index(root: Path, full: bool = False) -> Manifest:
             raise IndexFormatError(
                 f"the index at {root} {what} (manifest: layers {m.layers}, heads {m.heads}); rebuild it with fra ingest"
             )
+    if m.files:  # indexes written by `fra ingest` record their files; hand-made fixtures may not
+        why = check_files(root, m.files, full, skip=MANIFEST_FILES)
+        if why is not None:
+            raise IndexFormatError(f"{why}; the index at {root} does not match its manifest, rebuild it")
     samples = sorted((root / "samples").glob("*.parquet"))
     rows = sum(pq.read_metadata(f).num_rows for f in samples)
     if samples and rows != m.n_samples:
