@@ -85,3 +85,30 @@ def test_python_api_writes_the_same_index(tmp_path):
     m = Manifest.read(tmp_path / "api")
     assert set(m.sae) == {"0", "1"} and all(len(v) == 16 for v in m.sae.values())  # weights hashes
     assert dataclasses.asdict(m)["policy"]["min_count"] == 1
+
+
+def test_parquet_columns_carry_their_descriptions(tiny_index):
+    """Every column of every table file says what it holds (Arrow field metadata from schema.TABLES)."""
+    import pyarrow.parquet as pq
+
+    for name, table in TABLES.items():
+        files = sorted((tiny_index / name).rglob("*.parquet"))
+        assert files, name
+        for f in files:
+            schema = pq.read_schema(f)
+            for col, _, meaning in table.columns:
+                assert schema.field(col).metadata == {b"description": meaning.encode()}, (f, col)
+
+
+def test_manifest_records_every_file_with_its_checksum(tiny_index):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    m = Manifest.read(tiny_index)
+    on_disk = {p.relative_to(tiny_index).as_posix() for p in tiny_index.rglob("*") if p.is_file()}
+    assert set(m.files) == on_disk - {"manifest.json"}
+    for rel, rec in m.files.items():
+        path = tiny_index / rel
+        assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert rec["rows"] == pq.read_metadata(path).num_rows and rec["bytes"] == path.stat().st_size

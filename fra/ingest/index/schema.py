@@ -237,6 +237,8 @@ def markdown() -> str:
         "",
         "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
         "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.",
+        "Each column's meaning below is also stored in the Parquet files, as the Arrow field metadata",
+        "`description` (`pyarrow.parquet.read_schema(path).field(name).metadata`).",
         "",
         "```",
         "manifest.json",
