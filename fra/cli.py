@@ -281,6 +281,10 @@ PASSTHROUGH = {"query": cmd_query, "sql": cmd_sql, "export": cmd_export, "bench-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug, argv = debug_wanted(argv)
+    if not debug:  # the hub's retry warnings: its final error is reported in one line
+        import os
+
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if argv and argv[0] in PASSTHROUGH:  # these parse their own arguments (fra.queries.cli)
         return run_reporting(f"fra {argv[0]}", lambda: PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])), debug)
     args = build_parser().parse_args(argv)

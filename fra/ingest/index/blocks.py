@@ -118,7 +118,7 @@ class BlockWorker:
         from ..core.decompose import Decomposer
 
         self.job, self.inp, self.device, self.partials = job, inp, device, Path(partials)
-        self.cfg = job.policy
+        self.cfg = job.policy  # the policy options, by the name the inner loop reads them
         self.q_block = q_block
         self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in job.layers}
         self.heads = job.heads

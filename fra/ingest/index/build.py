@@ -56,17 +56,17 @@ def ingest(model, saes: dict, samples: list, out: Path, *, tokenizer=None, name:
 def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
     """Index the corpus. Returns the index's path, or None after a `--shard i/n` run (its blocks
     are done; `fra merge` takes the next step once every shard's are)."""
-    import torch
-
-    if cfg.engine == "ray":
-        from .ray_engine import import_ray
-
-        import_ray()  # before anything is loaded: says how to install Ray when it is missing
     i, n = cfg.shard_index
     done = recover(cfg.out) if n == 1 else None
     if done is not None:
         print(done, file=sys.stderr)
-    check_out(cfg.out)  # before the model loads: OUT can be written and published
+    check_out(cfg.out)  # before anything loads: OUT can be written and published
+    if cfg.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # before anything is loaded: says how to install Ray when it is missing
+    import torch
+
     with OutLock(cfg.out, (i, n)):
         # with Ray the actors compute, so this process keeps its copy of the model on the CPU
         device = cfg.device or ("cuda" if torch.cuda.is_available() and cfg.engine == "local" else "cpu")
