@@ -131,6 +131,21 @@ def test_a_file_fra_did_not_write_or_a_changed_file_is_refused(index):
         connect(index)
 
 
+def test_verify_checks_every_checksum(index, capsys):
+    """A same-size change that opening (sizes only) lets through: `fra query verify` names it."""
+    assert main(["query", "--index", str(index), "verify"]) == 0
+    n = len(json.loads((index / "manifest.json").read_text())["files"])
+    assert n >= 34 and f"all {n} files match" in capsys.readouterr().out  # 2 layers x 4 heads x 4 tables + 2
+    part = next((index / "pairs" / "layer=0" / "head=1").glob("*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    connect(index)  # the size is the same
+    assert main(["query", "--index", str(index), "verify"]) == 1
+    err = capsys.readouterr().err
+    assert "pairs/layer=0/head=1/part-" in err and ("sha256 differs" in err or "unreadable" in err), err
+
+
 def test_a_deleted_partition_is_named(index, capsys):
     shutil.rmtree(index / "channels" / "layer=1" / "head=3")
     code = main(["query", "--index", str(index), "top-channels", "--layer", "1", "--head", "3"])

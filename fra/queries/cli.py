@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fra.errors import Parser
 from fra.ingest.index.schema import IndexFormatError
-from fra.ingest.index.store import recover
+from fra.ingest.index.store import open_index, recover
 
 from . import connect, manifest, read_only_statements
 from .lib import QUERIES, channel_examples, feature_channels, head_summary, top_channels
@@ -75,7 +75,19 @@ def main(argv):
     s.add_argument("--feat-k", type=int, required=True)
     s.add_argument("--n", type=int, default=20)
     sub.add_parser("heads", help="per head: score shares of the terms and induction behaviour")
+    sub.add_parser(
+        "verify",
+        help="check every file of the index against the sha256 and row count its manifest recorded "
+        "(opening checks presence, sizes and partitions only)",
+    )
     a = p.parse_args(argv)
+    if a.q == "verify":
+        recovered = recover(a.index)
+        if recovered is not None:
+            print(recovered, file=sys.stderr)
+        m = open_index(a.index, full=True)
+        print(f"{a.index}: all {len(m.files)} files match the sha256 and row counts in its manifest")
+        return
     con = open_cli(a.index)
     _check_indexed(a.index, getattr(a, "layer", None), getattr(a, "head", None))
     if a.q == "top-channels":
