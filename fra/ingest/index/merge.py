@@ -16,13 +16,15 @@ Every engine ends here, so there is no second implementation. Per layer:
   ascending (each block kept its strongest samples of each channel, so the union holds the
   strongest of all). Rows and pairs are the blocks' part files, in block order.
 - `finish`: the samples table, the features table (fire counts summed over blocks), the
-  manifest, and the rename of the staging directory into place.
+  manifest, and the commit that publishes the index (`store.IndexWriter.commit`, which survives
+  a kill at any step).
 
 `fra merge --out DIR` takes whatever step is due, layer by layer, and says what is missing:
 with the count blocks all present it selects the channels (the shards then run again for the
 statistics); with the statistics blocks all present it finishes the layer, and with every layer
-finished it writes the index. Merging is idempotent: a finished block is never recomputed, and
-a re-run replaces the output whole.
+finished it writes the index. Every partial is checked against its file record first (a
+corrupt one is removed and named, for its shard to compute again). Merging is idempotent: a
+finished block is never recomputed, and a re-run replaces the output whole.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -
 
 
 def finish(writer: IndexWriter, job: Job) -> Path:
-    """The samples and features tables, the manifest, and the rename into place."""
+    """The samples and features tables, the manifest, and the commit that publishes the index."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
