@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .job import Job
 from .schema import PARTITIONED, TABLES, IndexFormatError, Manifest
 
 MARKER = ".fra-staging"
@@ -413,9 +414,7 @@ class IndexWriter:
     left by a different job is wiped (FRA made it), or refused with `keep_other` (shards of one
     job share it, and must not wipe each other's blocks)."""
 
-    def __init__(self, out: Path, job, keep_other: bool = False):
-        from .job import Job
-
+    def __init__(self, out: Path, job: Job, keep_other: bool = False):
         self.out = Path(out)
         self.staging = staging_dir(out)
         self.job = job
@@ -441,8 +440,6 @@ class IndexWriter:
     @classmethod
     def resume(cls, out: Path) -> "IndexWriter":
         """The writer of the job staged for `out` (by `fra ingest --shard i/n` runs)."""
-        from .job import Job
-
         state = _read_state(staging_dir(out))
         if state is None or "job" not in state:
             raise IndexFormatError(
