@@ -431,7 +431,7 @@ class IndexWriter:
         make_staging(self.out)
         (self.staging / "index").mkdir(exist_ok=True)
         job_file = self.staging / "job.json"
-        if not job_file.exists() or _read_state(self.staging) != self._state(None):
+        if _read_state(self.staging) != json.loads(json.dumps(self._state(None))):
             _write_json(job_file, self._state(None))  # shards on other nodes write the same
 
     def _state(self, commit: str | None) -> dict:
