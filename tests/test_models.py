@@ -15,6 +15,7 @@ def smollm2():
     return models.load_smollm2()
 
 
+@pytest.mark.slow  # loads SmolLM2 twice (TransformerLens and transformers): ~2 min on 2 CPUs
 def test_smollm2_logits_match_transformers(smollm2):
     hf, tok = models.smollm2_hf()
     for text in [
@@ -51,6 +52,7 @@ def test_shipped_sae_files_match_the_model_card_metrics():
     assert "4096x64:qk" in train["config"]["variants"] and train["tokens_per_layer"] >= 1_000_000
 
 
+@pytest.mark.slow  # loads SmolLM2
 def test_shipped_saes_load_and_reconstruct(smollm2):
     from fra.ingest.registry import load_shipped_sae
 
