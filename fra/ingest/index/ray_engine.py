@@ -9,9 +9,9 @@ so the index is identical to the single-process index.
 
 Failures. An actor that dies (a crash, an out-of-memory kill, a lost node) is restarted by Ray
 (`max_restarts`), which reloads the model; its unfinished block is handed out again. A block
-is finished exactly when its partial exists (written under a temporary name and renamed), so a
-retried or duplicated block cannot be counted twice, and an interrupted run resumes where it
-stopped: the next run skips every finished block.
+is finished exactly when its partial exists (written under a temporary name with its file
+record, then renamed), so a retried or duplicated block cannot be counted twice, and an
+interrupted run resumes where it stopped: the next run skips every finished block.
 
 Why a pool of actors and not a Ray Dataset: the work items are a few block numbers (each actor
 already holds the tokenised samples, which are small), and the passes are separated by
