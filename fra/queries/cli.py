@@ -56,24 +56,26 @@ def _print(df, max_rows=50):
 
 def main(argv):
     p = Parser(prog="fra query", description="Common questions over an FRA index.")
-    p.add_argument("--index", type=Path, default=Path("runs/demo"))
+    p.add_argument("--index", type=Path, default=Path("runs/demo"), help="the index directory (default: runs/demo)")
     sub = p.add_subparsers(dest="q", required=True, parser_class=Parser)
     s = sub.add_parser("top-channels", help="the top channels of a head, by |mean-when-active|")
-    s.add_argument("--layer", type=int, required=True)
-    s.add_argument("--head", type=int, required=True)
-    s.add_argument("--n", type=int, default=20)
-    s.add_argument("--min-count", type=int, default=8)
+    s.add_argument("--layer", type=int, required=True, help="the layer (one the index holds)")
+    s.add_argument("--head", type=int, required=True, help="the head (one the index holds)")
+    s.add_argument("--n", type=int, default=20, help="rows to show (default: 20)")
+    s.add_argument(
+        "--min-count", type=int, default=8, help="only channels with at least this many (q, k) pairs (default: 8)"
+    )
     s.add_argument("--drop-noise", action="store_true", help="drop BOS and punctuation features")
     s = sub.add_parser("feature", help="every channel a feature appears in")
-    s.add_argument("feature", type=int)
-    s.add_argument("--layer", type=int)
-    s.add_argument("--n", type=int, default=30)
+    s.add_argument("feature", type=int, help="the SAE feature id")
+    s.add_argument("--layer", type=int, help="only this layer (default: every indexed layer)")
+    s.add_argument("--n", type=int, default=30, help="rows to show (default: 30)")
     s = sub.add_parser("channel", help="the top examples of one channel, with tokens")
-    s.add_argument("--layer", type=int, required=True)
-    s.add_argument("--head", type=int, required=True)
-    s.add_argument("--feat-q", type=int, required=True)
-    s.add_argument("--feat-k", type=int, required=True)
-    s.add_argument("--n", type=int, default=20)
+    s.add_argument("--layer", type=int, required=True, help="the layer (one the index holds)")
+    s.add_argument("--head", type=int, required=True, help="the head (one the index holds)")
+    s.add_argument("--feat-q", type=int, required=True, help="query-side feature")
+    s.add_argument("--feat-k", type=int, required=True, help="key-side feature")
+    s.add_argument("--n", type=int, default=20, help="examples to show (default: 20)")
     sub.add_parser("heads", help="per head: score shares of the terms and induction behaviour")
     sub.add_parser(
         "verify",
@@ -131,7 +133,7 @@ def sql_main(argv):
         "(with DESCRIBE, SHOW, SUMMARIZE) and EXPLAIN run, and no file outside the index can be read; "
         "write results with `fra export`.",
     )
-    p.add_argument("--index", type=Path, default=Path("runs/demo"))
+    p.add_argument("--index", type=Path, default=Path("runs/demo"), help="the index directory (default: runs/demo)")
     p.add_argument("query", nargs="?", help="SQL to run; without it, an interactive shell")
     a = p.parse_args(argv)
     con = open_cli(a.index)
@@ -157,11 +159,11 @@ def export_main(argv):
         "export (replaced with --overwrite); it may not be inside the index. Only files an earlier export "
         "wrote (listed in OUT/_fra_export.json) are ever deleted.",
     )
-    p.add_argument("--index", type=Path, default=Path("runs/demo"))
-    p.add_argument("--view", default="rows", choices=VIEWS)
+    p.add_argument("--index", type=Path, default=Path("runs/demo"), help="the index directory (default: runs/demo)")
+    p.add_argument("--view", default="rows", choices=VIEWS, help="the view or table to write (default: rows)")
     p.add_argument("--out", type=Path, required=True, help="directory to write; new or empty unless --overwrite")
-    p.add_argument("--layer", type=int)
-    p.add_argument("--head", type=int)
+    p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--head", type=int, help="only this head")
     p.add_argument("--feature", type=int, help="keep rows where feat_q or feat_k is this feature")
     p.add_argument("--partition-by", default="layer,head", help="comma-separated columns, or '' for none")
     p.add_argument(
