@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("app", help="serve the Streamlit explorer over an index")
-    p.add_argument("--index", type=Path, default=Path("runs/demo"))
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--index", type=Path, default=Path("runs/demo"), help="the index to explore (default: runs/demo)")
+    p.add_argument("--port", type=int, default=8501, help="the port to serve on (default: 8501)")
     p.set_defaults(func=cmd_app)
 
     return parser
