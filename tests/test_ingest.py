@@ -597,6 +597,17 @@ def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch):
     base = dict(model="tiny", sae=str(sae_dir), corpus=corpus, progress=False, device="cpu")
     with pytest.raises(IndexFormatError, match=r"--layers 3: the SAEs at .*sae are for layers 0"):
         run(IngestConfig(out=tmp_path / "i", layers=(3,), **base))
+    from fra.ingest.index.schema import Manifest
+
+    other = tmp_path / "other"
+    other.mkdir()
+    Manifest(
+        model="tiny", sae={"0": "another"}, corpus="c", policy={}, layers=[0], heads=[0], n_samples=1, shard="0/1"
+    ).write(other)
+    with pytest.raises(
+        IndexFormatError, match=r"--out .*other holds an index of model tiny with SAEs \{'0': 'another'\}"
+    ):
+        run(IngestConfig(out=other, **base))
     with pytest.raises(IndexFormatError, match=r"--hook blocks.0.hook_resid_pre but the layer-0 SAE reads"):
         run(IngestConfig(out=tmp_path / "i", hook="blocks.{layer}.hook_resid_pre", **base))
     cfg = json.loads((sae_dir / "cfg.json").read_text())

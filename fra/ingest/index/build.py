@@ -71,7 +71,7 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
         # with Ray the actors compute, so this process keeps its copy of the model on the CPU
         device = cfg.device or ("cuda" if torch.cuda.is_available() and cfg.engine == "local" else "cpu")
         t0 = time.time()
-        inp = inputs or load_inputs(cfg, device)
+        inp = inputs or load_inputs(cfg, device, lambda sae: check_out(cfg.out, {"model": cfg.model, "sae": sae}))
         if not inp.tokens:
             raise IndexFormatError("no samples to index")
         job = inp.job(cfg)

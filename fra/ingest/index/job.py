@@ -320,9 +320,10 @@ def _weights_hash(sae) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(cfg: IngestConfig, device: str) -> Inputs:
+def load_inputs(cfg: IngestConfig, device: str, check_saes=None) -> Inputs:
     """SAEs (their layers and hooks checked), then the model, then the tokenised samples (the
-    first max_samples). Everything that can be checked without the model is checked first."""
+    first max_samples). Everything that can be checked without the model is checked first,
+    `check_saes({str(layer): SAE identity})` too (e.g. that --out is not another SAE's index)."""
     from ..corpus import DEMO_CORPUS, read_corpus, tokenize_samples
     from ..registry import PRESETS, file_hash, load_model, sae_source
 
@@ -355,6 +356,8 @@ def load_inputs(cfg: IngestConfig, device: str) -> Inputs:
             where = source.path or source.sae_id
             raise IndexFormatError(f"the layer-{layer} SAE at {where} cannot be read: {exc}") from None
         check_hook(saes[layer], cfg.hook, layer)
+    if check_saes is not None:
+        check_saes(sae_ids)
     lm = load_model(cfg.model, device=device)
     for layer in layers:
         if not 0 <= layer < lm.model.cfg.n_layers:
