@@ -112,3 +112,31 @@ def test_manifest_records_every_file_with_its_checksum(tiny_index):
         path = tiny_index / rel
         assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert rec["rows"] == pq.read_metadata(path).num_rows and rec["bytes"] == path.stat().st_size
+
+
+def test_job_round_trips_and_the_budget_owns_every_split():
+    from fra.ingest.index.job import Budget, IngestConfig, Job
+
+    cfg = IngestConfig(min_count=3, block_size=5, memory_budget_gb=2.0)
+    job = Job(
+        model="m",
+        sae={"3": "abc"},
+        corpus="c",
+        policy=cfg.policy,
+        layers=(3,),
+        heads=(0, 2),
+        n_samples=11,
+        d_sae={"3": 24},
+    )
+    data = json.loads(json.dumps(job.to_json()))  # as job.json holds it
+    assert Job.from_json(data) == job and job.n_blocks == 3  # ceil(11 / 5)
+    assert data["policy"]["min_count"] == 3 and data["layers"] == [3]
+    with pytest.raises(IndexFormatError, match="job file: keys"):
+        Job.from_json({**data, "extra": 1})
+    assert job.differences(Job.from_json({**data, "heads": [0]})) == ["heads"]
+    b = job.budget  # 2 GB: a quarter for counts, three quarters per sweep, an eighth of rows buffered
+    assert (b.total_bytes, b.count_bytes, b.sweep_bytes, b.flush_bytes) == (2e9, 5e8, 15e8, 25e7)
+    assert (b.select_bytes, b.merge_bytes) == (5e8, 2e9)
+    assert b.channels_per_sweep(1000) == 1_500_000 and Budget(10).channels_per_sweep(1000) == 1
+    # floor at 128 tokens: 128 * 129 / 2 = 8256 pairs x 16 bytes x 3 (buffer = a third) x 4 (a quarter)
+    assert Budget.floor_bytes(128) == 8256 * 16 * 3 * 4 == 1_585_152
