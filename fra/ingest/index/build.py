@@ -73,7 +73,7 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
         t0 = time.time()
         inp = inputs or load_inputs(cfg, device, lambda sae: check_out(cfg.out, {"model": cfg.model, "sae": sae}))
         if not inp.tokens:
-            raise IndexFormatError("no samples to index")
+            raise IndexFormatError(f"no samples to index in --corpus {cfg.corpus or '(the demo corpus)'}")
         job = inp.job(cfg)
         check_out(cfg.out, job.identity)
         # the decomposition is validated here (Decomposer), on the path users run, before anything is written
