@@ -146,8 +146,10 @@ def open_index(root: Path, full: bool = False) -> Manifest:
                 if lost
                 else f"holds layer {extra[0][0]} head {extra[0][1]}, not in the manifest"
             )
+            data = f"layers {sorted({x[0] for x in have})}, heads {sorted({x[1] for x in have if x[1] is not None})}"
             raise IndexFormatError(
-                f"the index at {root} {what} (manifest: layers {m.layers}, heads {m.heads}); rebuild it with fra ingest"
+                f"the index at {root} {what}: its manifest says layers {m.layers}, heads {m.heads}, the data holds "
+                f"{data}; rebuild it with fra ingest"
             )
     if m.files:  # indexes written by `fra ingest` record their files; hand-made fixtures may not
         why = check_files(root, m.files, full, skip=MANIFEST_FILES)
