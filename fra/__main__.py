@@ -1,5 +1,7 @@
 """`python -m fra` is the `fra` command."""
 
+import sys
+
 from fra.cli import main
 
-main()
+sys.exit(main())

@@ -11,6 +11,8 @@ import sys
 import typing
 from pathlib import Path
 
+from fra.errors import Parser, UsageError, debug_wanted, run_reporting
+
 
 def _flag_type(tp):
     origin = typing.get_origin(tp)
@@ -56,7 +58,10 @@ def config_from_args(cls, args):
             value = tuple(value)
         if value is not None:
             kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # the config's own checks name the flag
+        raise UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +194,14 @@ def cmd_report(args):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
-        prog="fra", description="Feature-Resolved Attention: index attention scores by SAE feature pairs."
+    parser = Parser(
+        prog="fra",
+        description="Feature-Resolved Attention: index attention scores by SAE feature pairs. A failure prints "
+        "one line on stderr (exit 2: a wrong flag, 1: a failure while running); --debug anywhere on the "
+        "line, or FRA_DEBUG=1, shows the traceback.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (also FRA_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def config_of(module, name):
         # the config dataclasses import nothing heavy at module level
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_census,
             "induction / previous-token / duplicate-token scores of every head",
         ),
-        ("ingest", "index.build", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
+        ("ingest", "index.job", "IngestConfig", cmd_ingest, "build the feature-pair index of a corpus"),
         (
             "merge",
             "index.merge",
@@ -259,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("app", help="serve the Streamlit explorer over an index")
-    p.add_argument("--index", type=Path, default=Path("runs/demo"))
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--index", type=Path, default=Path("runs/demo"), help="the index to explore (default: runs/demo)")
+    p.add_argument("--port", type=int, default=8501, help="the port to serve on (default: 8501)")
     p.set_defaults(func=cmd_app)
 
     return parser
@@ -269,14 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH = {"query": cmd_query, "sql": cmd_sql, "export": cmd_export, "bench-views": cmd_bench_views}
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug, argv = debug_wanted(argv)
+    if not debug:  # the hub's retry warnings: its final error is reported in one line
+        import os
+
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if argv and argv[0] in PASSTHROUGH:  # these parse their own arguments (fra.queries.cli)
-        PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-        return
+        return run_reporting(f"fra {argv[0]}", lambda: PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])), debug)
     args = build_parser().parse_args(argv)
-    args.func(args)
+    return run_reporting(f"fra {args.command}", lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,18 +1,10 @@
-"""Shared fixtures: tiny seeded random models of both families and random sae-lens SAEs."""
+"""Shared fixtures: a tiny real index. Markers (pyproject.toml): `slow` marks tests that take
+more than ~20 s on 2 CPUs (subprocess ingests, Ray); `pytest -m "not slow"` is the quick run,
+and `.ci/run` runs everything."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,7 @@ def test_out_of_core_equals_in_memory(tmp_path):
             top_pairs=3,
             examples_per_channel=4,
             memory_budget_gb=2e-5,
+            max_tokens=13,  # the longest sample; the budget floor grows with max_tokens (20 kB > 17.5 kB)
             progress=False,
         ),
         inp,
@@ -180,37 +182,50 @@ def _tables(index: Path) -> dict:
 
 
 SCRIPT = textwrap.dedent("""
-    import sys
+    import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from fra.ingest.tools.testing import tiny_inputs
+    from fra.ingest.index import blocks, store
     from fra.ingest.index.build import IngestConfig, run
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+    {fault}
     run(IngestConfig(out=Path({out!r}), model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4,
                      progress=False), tiny_inputs())
 """)
 
+# Faults injected into the subprocess by replacing a function of the code under test (SIGKILL = kill -9).
+FAULTS = {
+    # a block dies after computing its files, before its partial is renamed into place
+    "in a block": "_rec = blocks.record_files\n"
+    "blocks.record_files = lambda root, skip=(): "
+    "kill() if 'layer=1/stats/block=000000' in str(root) else _rec(root, skip)",
+    # right after layer 0 is marked done
+    "after a layer": "_w = store._write_json\n"
+    "store._write_json = lambda path, data: (_w(path, data), path.name == 'layer=0.json' and kill())",
+    # while layer 1's tables move from its work directory into the staged index
+    "moving tables": "_r = store._replace\n"
+    "store._replace = lambda a, b: kill() if str(a).endswith('pairs/layer=1') else _r(a, b)",
+}
 
-@pytest.mark.parametrize(
-    "fault,rc",
-    [
-        ({"FRA_KILL_AT": "done:0"}, -9),
-        ({"FRA_KILL_AT": "moved:1:pairs"}, -9),
-        ({"FRA_FAIL_BLOCK": "stats:1:0"}, 1),  # dies inside a block, before its partial is in place
-    ],
-)
-def test_resume_after_kill_gives_identical_index(built, tmp_path, fault, rc):
+
+@pytest.mark.slow  # three subprocess ingests, each importing torch
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_resume_after_kill_gives_identical_index(built, tmp_path, fault):
     _, reference = built
     out = tmp_path / "index"
     root = str(Path(__file__).resolve().parent.parent)
-    code = SCRIPT.format(root=root, out=str(out))
-    env = {**os.environ, **fault, "FRA_FAIL_MARKER": str(tmp_path / "died")}
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
-    assert p.returncode == rc, p.stderr.decode()[-2000:]
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(root=root, out=str(out), fault=FAULTS[fault])], capture_output=True
+    )
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
     assert not out.exists()  # nothing half-written at the final path
-    assert (tmp_path / "index.staging").exists()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert (tmp_path / "index.staging").exists() and (tmp_path / "index.lock").exists()  # a stale lock
+    p = subprocess.run([sys.executable, "-c", SCRIPT.format(root=root, out=str(out), fault="")], capture_output=True)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
-    assert not (tmp_path / "index.staging").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["index"]  # staging and the stale lock are gone
     assert _tables(out) == _tables(reference)
     m = json.loads((out / "manifest.json").read_text())
     assert m["layers"] == list(LAYERS) and m["n_samples"] == 3
@@ -331,3 +346,281 @@ def test_merge_adds_block_sums_exactly():
         con.execute("SET threads = 1")  # rows are added in the order given
         got = con.execute(f"SELECT {_exact_sum('x')} FROM (SELECT unnest(?::DOUBLE[]) AS x)", [order]).fetchall()[0][0]
         assert got == 2.0**53 + 2, order
+
+
+# ---------------------------------------------------------------------------------------------
+# the commit protocol, partial verification, one writer per --out, inputs checked before the model
+
+
+OPTS = dict(model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4, progress=False)
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at a step: raised past every `except Exception`, and nothing on the
+    commit path cleans up after it (the lock's release aside, which a stale lock also gets)."""
+
+
+@pytest.fixture(scope="module")
+def staged(built, tmp_path_factory):
+    """A staging directory whose every layer is done, with the commit not yet begun; and an
+    older index of the same model, with other contents, to be replaced."""
+    import shutil
+
+    from fra.ingest.index import store
+
+    work = tmp_path_factory.mktemp("staged")
+    original = store.IndexWriter.commit
+
+    def stop(self, manifest):
+        raise Killed
+
+    store.IndexWriter.commit = stop
+    try:
+        with pytest.raises(Killed):
+            run(IngestConfig(out=work / "index", **OPTS), tiny_inputs())
+    finally:
+        store.IndexWriter.commit = original
+    assert not (work / "index.lock").exists()  # released on the way out
+    template = work / "template.staging"
+    shutil.move(work / "index.staging", template)
+    old = work / "old"
+    run(IngestConfig(out=old, **{**OPTS, "top_keys": 1}), tiny_inputs())
+    return template, old
+
+
+@pytest.mark.parametrize("replace_old", [False, True], ids=["new-out", "replacing-an-index"])
+def test_commit_survives_a_kill_at_every_step(built, staged, tmp_path, monkeypatch, capsys, replace_old):
+    """Kill the commit before each of its filesystem steps in turn (every call of the store's
+    `_replace`, `_write_json`, `_remove`). After each kill OUT is the old index, absent, or the
+    new index, never anything else; the next command (`fra query` once the staged index is
+    complete, else `fra merge`) finishes the commit, and says so, and the index equals an
+    uninterrupted run's, with no staging directory or lock left."""
+    import shutil
+
+    from fra.cli import main
+    from fra.ingest.index import store
+    from fra.ingest.index.merge import MergeConfig
+    from fra.ingest.index.merge import run as merge
+
+    template, old = staged
+    reference, old_tables = _tables(built[1]), _tables(old)
+    steps = {name: getattr(store, name) for name in ("_replace", "_write_json", "_remove")}
+    seen_publish = 0
+    for n in range(1, 50):
+        work = tmp_path / f"kill-before-step-{n}"
+        out = work / "index"
+        shutil.copytree(template, work / "index.staging")
+        if replace_old:
+            shutil.copytree(old, out)
+        calls = [0]
+
+        def step(name, *args, _n=n, _calls=calls):
+            _calls[0] += 1
+            if _calls[0] == _n:
+                raise Killed
+            return steps[name](*args)
+
+        for name in steps:
+            monkeypatch.setattr(store, name, lambda *a, _name=name, _step=step: _step(_name, *a))
+        try:
+            merge(MergeConfig(out=out))
+        except Killed:
+            pass
+        else:
+            assert n > 4, "the commit has at least four steps"
+            break
+        finally:
+            for name, f in steps.items():
+                monkeypatch.setattr(store, name, f)
+        if out.exists():
+            assert _tables(out) in (reference, old_tables), n
+        else:
+            assert not replace_old or (work / "index.staging" / "old").exists(), n
+        capsys.readouterr()
+        pending = store.pending_commit(out)
+        if pending or out.exists() and _tables(out) == reference:
+            assert main(["query", "--index", str(out), "heads"]) == 0
+            assert ("finished an interrupted commit" in capsys.readouterr().err) == pending, n
+            seen_publish += pending
+        else:
+            merge(MergeConfig(out=out))
+        assert _tables(out) == reference, n
+        assert sorted(p.name for p in work.iterdir()) == ["index"], n
+    else:
+        pytest.fail("the commit never completed")
+    assert seen_publish >= 3  # the steps after the index is complete were each recovered by `fra query`
+    assert _tables(out) == reference
+
+
+def test_a_complete_staged_index_is_published_by_the_next_ingest(built, staged, tmp_path, capsys):
+    """A kill after the staged index is complete: the next `fra ingest` publishes it (no work
+    lost, nothing recomputed) before it looks at its own job."""
+    import shutil
+
+    from fra.ingest.index import store
+
+    template, _ = staged
+    out = tmp_path / "index"
+    shutil.copytree(template, tmp_path / "index.staging")
+    original = store._publish
+    store._publish = lambda out, staging: (_ for _ in ()).throw(Killed)
+    try:
+        with pytest.raises(Killed):
+            from fra.ingest.index.merge import MergeConfig
+            from fra.ingest.index.merge import run as merge
+
+            merge(MergeConfig(out=out))
+    finally:
+        store._publish = original
+    assert store.pending_commit(out) and not out.exists()
+    blocks_before = sorted((tmp_path / "index.staging" / "partials").rglob("files.json"))
+    assert blocks_before  # the resume state is kept until the index is in place
+    with pytest.raises(IndexFormatError, match="waits in .*index.staging after an interrupted commit"):
+        connect(out)
+    run(IngestConfig(out=out, **OPTS), tiny_inputs())
+    assert "finished an interrupted commit" in capsys.readouterr().err
+    assert _tables(out) == _tables(built[1])
+
+
+def test_corrupt_partial_is_recomputed_and_named(built, tmp_path, capsys):
+    """A statistics partial rewritten as valid Parquet with `sum` doubled (so a plain reader
+    accepts it): the resumed run names the block, recomputes it, and the index is exact."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from fra.ingest.index import store
+
+    out = tmp_path / "index"
+    original = store.IndexWriter.commit
+    store.IndexWriter.commit = lambda self, manifest: (_ for _ in ()).throw(Killed)
+    try:
+        with pytest.raises(Killed):
+            run(IngestConfig(out=out, **OPTS), tiny_inputs())
+    finally:
+        store.IndexWriter.commit = original
+    assert not (tmp_path / "index.lock").exists()
+    staging = tmp_path / "index.staging"
+    for name in ("_done", "index"):  # as if killed before the layers were merged
+        import shutil
+
+        shutil.rmtree(staging / name)
+    f = staging / "partials" / "layer=1" / "stats" / "block=000000" / "channels.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.schema.get_field_index("sum"), "sum", pc.multiply(t["sum"], 2.0)), f)
+    run(IngestConfig(out=out, **OPTS), tiny_inputs())
+    err = capsys.readouterr().err
+    assert "recomputing corrupt partial(s): layer 1 stats block 0: " in err
+    assert re.search(r"block=000000/channels.parquet (has \d+ bytes, \d+ were written|changed after it was)", err)
+    assert _tables(out) == _tables(built[1])
+
+
+def test_merge_refuses_a_corrupt_partial_and_names_it(tmp_path):
+    """`fra merge` (shards) removes a truncated partial and names its block, so its shard reruns it."""
+    from fra.ingest.index.merge import MergeConfig
+    from fra.ingest.index.merge import run as merge
+
+    out = tmp_path / "index"
+    for i in (0, 1):
+        run(IngestConfig(out=out, shard=f"{i}/2", block_size=2, **OPTS), tiny_inputs())
+    f = tmp_path / "index.staging" / "partials" / "layer=0" / "count" / "block=000001" / "counts.parquet"
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(IndexFormatError, match=r"layer 0 count block 1: .*counts.parquet has 50 bytes"):
+        merge(MergeConfig(out=out))
+    assert not f.parent.exists()
+    run(IngestConfig(out=out, shard="1/2", block_size=2, **OPTS), tiny_inputs())
+    assert merge(MergeConfig(out=out)) is None  # channels selected: the block was recomputed
+
+
+def test_one_writer_per_out_and_a_stale_lock_is_taken_over(tmp_path):
+    from fra.ingest.index.store import OutLock
+
+    out = tmp_path / "index"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "index.lock").write_text(json.dumps({"pid": live.pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(IndexFormatError, match=rf"another fra process \(pid {live.pid} "):
+            run(IngestConfig(out=out, **OPTS), tiny_inputs())
+        assert not out.exists() and not (tmp_path / "index.staging").exists()
+    finally:
+        live.kill()
+        live.wait()
+    # the same lock, its process now dead: taken over
+    with OutLock(out):
+        assert json.loads((tmp_path / "index.lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "index.lock").exists()
+
+
+def test_refuses_a_staging_directory_fra_did_not_make(tmp_path):
+    """A user's own directory named OUT.staging is never deleted; OUT that is a mount point is
+    refused before anything is computed."""
+    from fra.ingest.index import store
+
+    mine = tmp_path / "index.staging"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(IndexFormatError, match=r"index.staging exists and was not made by FRA"):
+        run(IngestConfig(out=tmp_path / "index", **OPTS), tiny_inputs())
+    assert (mine / "notes.txt").read_text() == "mine"
+    (tmp_path / "mnt").mkdir()
+    orig = store.os.path.ismount
+    store.os.path.ismount = lambda p: Path(p) == tmp_path / "mnt" or orig(p)
+    try:
+        with pytest.raises(IndexFormatError, match="is a mount point"):
+            run(IngestConfig(out=tmp_path / "mnt", **OPTS), tiny_inputs())
+    finally:
+        store.os.path.ismount = orig
+
+
+def test_budget_below_the_floor_is_refused_with_the_floor():
+    with pytest.raises(ValueError, match=r"below the floor of 0.0016 GB at --max-tokens 128"):
+        IngestConfig(memory_budget_gb=1e-6)
+    IngestConfig(memory_budget_gb=0.0016)
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """--layers the SAEs are not for, a wrong --hook, an SAE cfg without a hook, a non-index
+    --out: each refused with no model loaded."""
+    from fra.ingest import registry
+    from fra.ingest.tools.testing import make_sae
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(registry, "load_model", no_model)
+    sae_dir = tmp_path / "sae"
+    make_sae(16, "blocks.0.ln1.hook_normalized", d_sae=24, k=3).save_model(str(sae_dir))
+    corpus = tmp_path / "c.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b c"]}), corpus)
+    base = dict(model="tiny", sae=str(sae_dir), corpus=corpus, progress=False, device="cpu")
+    with pytest.raises(IndexFormatError, match=r"--layers 3: the SAEs at .*sae are for layers 0"):
+        run(IngestConfig(out=tmp_path / "i", layers=(3,), **base))
+    from fra.ingest.index.schema import Manifest
+
+    other = tmp_path / "other"
+    other.mkdir()
+    Manifest(
+        model="tiny", sae={"0": "another"}, corpus="c", policy={}, layers=[0], heads=[0], n_samples=1, shard="0/1"
+    ).write(other)
+    with pytest.raises(
+        IndexFormatError, match=r"--out .*other holds an index of model tiny with SAEs \{'0': 'another'\}"
+    ):
+        run(IngestConfig(out=other, **base))
+    with pytest.raises(IndexFormatError, match=r"--hook blocks.0.hook_resid_pre but the layer-0 SAE reads"):
+        run(IngestConfig(out=tmp_path / "i", hook="blocks.{layer}.hook_resid_pre", **base))
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg.pop("metadata", None)
+    cfg.pop("hook_name", None)
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(IndexFormatError, match=r"names no hook .* pass --hook"):
+        run(IngestConfig(out=tmp_path / "i", layers=(0,), **base))
+    (tmp_path / "notindex").mkdir()
+    (tmp_path / "notindex" / "x").write_text("x")
+    with pytest.raises(IndexFormatError, match="is not empty and is not an FRA index"):
+        run(IngestConfig(out=tmp_path / "notindex", **base))
+    (sae_dir / "cfg.json").write_text("{\n")
+    with pytest.raises(IndexFormatError, match=r"the layer-0 SAE at .*sae cannot be read"):
+        run(IngestConfig(out=tmp_path / "i", layers=(0,), **base))
+    assert not (tmp_path / "i").exists()

@@ -15,6 +15,7 @@ def smollm2():
     return models.load_smollm2()
 
 
+@pytest.mark.slow  # loads SmolLM2 twice (TransformerLens and transformers): ~2 min on 2 CPUs
 def test_smollm2_logits_match_transformers(smollm2):
     hf, tok = models.smollm2_hf()
     for text in [
@@ -51,6 +52,7 @@ def test_shipped_sae_files_match_the_model_card_metrics():
     assert "4096x64:qk" in train["config"]["variants"] and train["tokens_per_layer"] >= 1_000_000
 
 
+@pytest.mark.slow  # loads SmolLM2
 def test_shipped_saes_load_and_reconstruct(smollm2):
     from fra.ingest.registry import load_shipped_sae
 
@@ -125,7 +127,7 @@ def test_gpt2_registry_path_on_a_tiny_model(monkeypatch, tmp_path):
     corpus = tmp_path / "c.parquet"
     pq.write_table(pa.table({"sample_id": [0, 1], "text": ["hello hello world", "abc abc abd"]}), corpus)
     run(IngestConfig(out=tmp_path / "idx", model="gpt2", corpus=corpus, min_count=1, progress=False))
-    assert requested == ["gpt2", ("gpt2-small-res-jb", "blocks.1.hook_resid_pre")]
+    assert requested == [("gpt2-small-res-jb", "blocks.1.hook_resid_pre"), "gpt2"]  # SAEs are checked first
     con = connect(tmp_path / "idx")
     err = con.execute(
         "SELECT max(abs(score - (ff + f_bdec + f_err + bdec_f + err_f + resid_resid + bias))) FROM pairs"
@@ -155,19 +157,22 @@ def test_any_model_and_sae_through_the_cli(monkeypatch, tmp_path):
     pq.write_table(pa.table({"token_ids": [[1, 5, 6, 7, 5, 6]], "text": ["x"]}), corpus)
     monkeypatch.setattr("fra.ingest.corpus.tokenize_samples", lambda texts, tok, bos, n: [[0, 5, 6, 7, 5, 6, 7]])
     args = ["ingest", "--model", "some-tl-model", "--corpus", str(corpus), "--min-count", "1", "--no-progress"]
-    main(
-        args
-        + [
-            "--out",
-            str(tmp_path / "a"),
-            "--sae",
-            "my-release:blocks.{layer}.hook_resid_pre",
-            "--layers",
-            "0",
-            "1",
-            "--hook",
-            "blocks.{layer}.hook_resid_pre",
-        ]
+    assert (
+        main(
+            args
+            + [
+                "--out",
+                str(tmp_path / "a"),
+                "--sae",
+                "my-release:blocks.{layer}.hook_resid_pre",
+                "--layers",
+                "0",
+                "1",
+                "--hook",
+                "blocks.{layer}.hook_resid_pre",
+            ]
+        )
+        == 0
     )
     m = Manifest.read(tmp_path / "a")
     assert m.model == "some-tl-model" and m.layers == [0, 1]
@@ -184,11 +189,12 @@ def test_any_model_and_sae_through_the_cli(monkeypatch, tmp_path):
                 "0",
                 "--hook",
                 "blocks.{layer}.ln1.hook_normalized",
+                "--debug",  # the exception itself, not the one-line report
             ]
         )
     # a local sae-lens directory: the layer comes from the SAE's own hook name
     make_sae(16, "blocks.1.hook_resid_pre", d_sae=40, k=3).save_model(tmp_path / "sae_dir")
-    main(args + ["--out", str(tmp_path / "c"), "--sae", str(tmp_path / "sae_dir")])
+    assert main(args + ["--out", str(tmp_path / "c"), "--sae", str(tmp_path / "sae_dir")]) == 0
     assert Manifest.read(tmp_path / "c").layers == [1]
 
 

@@ -1,6 +1,12 @@
-"""DuckDB access to an FRA index: `connect(index)` validates the manifest and defines one view per
-table of the index (names and layouts from `fra.ingest.index.schema`) and the views of
-views.sql. Reads only; never imports torch."""
+"""DuckDB access to an FRA index: `connect(index)` checks the manifest against the data
+(`fra.ingest.index.store.open_index`) and defines one view per table of the index (names and
+layouts from `fra.ingest.index.schema`) and the views of views.sql.
+
+The connection reads the index only: after the views are defined, DuckDB's external access is
+limited to the index directory (`allowed_directories`, `enable_external_access = false`) and the
+configuration is locked, so no statement run on it can read or write another file. `fra sql`
+also refuses every statement but SELECT and EXPLAIN (`read_only_statements`), which keeps
+COPY ... TO out of the index itself. Never imports torch."""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from pathlib import Path
 import duckdb
 
 from fra.ingest.index.schema import TABLES, IndexFormatError, Manifest, table_glob
+from fra.ingest.index.store import open_index
 
 HERE = Path(__file__).parent
 IndexNotFound = IndexFormatError  # the name the app and CLI catch
+READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 
 
 def _literal(s: str) -> str:
@@ -24,9 +32,12 @@ def sql_file(name: str) -> str:
 
 
 def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with every view defined over `index` (read-only on the files)."""
+    """A DuckDB connection with every view defined over `index`. A connection made here can read
+    the index's files and no others, and write none; a connection passed in as `con` is left
+    as configured."""
     root = Path(index).resolve()
-    Manifest.read(root)  # raises IndexFormatError with the reason
+    open_index(root)  # raises IndexFormatError naming the file that does not match
+    own = con is None
     con = con or duckdb.connect(":memory:")
     for name, table in TABLES.items():
         con.execute(
@@ -34,7 +45,27 @@ def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> 
             f"{', hive_partitioning = true' if table.partitioned else ''})"
         )
     con.execute(sql_file("views"))
+    if own:
+        con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
+
+
+def read_only_statements(sql: str) -> list[str]:
+    """The statements of `sql`, if each is a SELECT (DESCRIBE, SHOW, SUMMARIZE and WITH are
+    SELECTs) or an EXPLAIN; else `IndexFormatError` naming the first other statement."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise IndexFormatError(f"SQL does not parse: {str(exc).splitlines()[0]}") from None
+    for st in statements:
+        if st.type not in READ_STATEMENTS:
+            raise IndexFormatError(
+                f"fra sql runs read statements only (SELECT, EXPLAIN); refused {st.type.name}: {st.query.strip()[:80]}"
+                " (to write results use `fra export`)"
+            )
+    return [st.query for st in statements]
 
 
 def manifest(index: str | Path) -> dict:

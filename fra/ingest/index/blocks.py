@@ -8,7 +8,9 @@ so the work is cut into a fixed plan in which no float addition depends on the s
   positions [b * block_size, (b + 1) * block_size));
 - one block is always computed by the same code (`BlockWorker`), sample by sample in list order,
   into a *partial*: a directory of Parquet files under `<out>.staging/partials/`, written under
-  a temporary name and renamed, so a partial that exists is a finished block;
+  a temporary name and renamed, so a partial that exists is a finished block. Its `files.json`
+  records each file's sha256 and row count; `verify` checks them before a partial is merged,
+  and a partial that fails is removed and computed again;
 - `merge.py` adds the partials of all blocks exactly (integers, and float64 sums in 128-bit
   fixed point), so in any order (the one merge, used by every engine and by `fra merge`).
 
@@ -41,9 +43,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .store import conform, write_parquet
+from .job import Job
+from .store import check_files, conform, record_files, write_parquet
 
 PHASES = ("count", "stats")
+RECORD = "files.json"  # a partial's file record: {path: {sha256, bytes, rows}}
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,8 @@ class Task:
         return f"{self.phase}:{self.layer}:{self.block}"
 
 
-def n_blocks(n_samples: int, block_size: int) -> int:
-    return -(-n_samples // block_size)
+def tasks(job: Job, phase: str, layer: int) -> list[Task]:
+    return [Task(phase, layer, b) for b in range(job.n_blocks)]
 
 
 def block_positions(block: int, block_size: int, n_samples: int) -> range:
@@ -80,32 +84,45 @@ def kept_path(partials: Path, layer: int) -> Path:
 
 
 def missing(partials: Path, tasks: list[Task]) -> list[Task]:
-    """The tasks whose partial is not there yet."""
-    return [t for t in tasks if not partial_dir(partials, t).exists()]
+    """The tasks whose partial is not there yet (a partial without its file record is not one)."""
+    return [t for t in tasks if not (partial_dir(partials, t) / RECORD).exists()]
 
 
-def fail_once(task: Task) -> None:
-    """Tests make a worker die (`os._exit`, like a killed process) at the end of the block that
-    FRA_FAIL_BLOCK names ("phase:layer:block"), before its partial is in place, unless the file
-    FRA_FAIL_MARKER exists; dying creates it, so the retry succeeds."""
-    marker = os.environ.get("FRA_FAIL_MARKER")
-    if os.environ.get("FRA_FAIL_BLOCK") == task.name and marker and not Path(marker).exists():
-        Path(marker).touch()
-        os._exit(1)
+def verify(partials: Path, tasks: list[Task]) -> list[tuple[Task, str]]:
+    """Check the finished partials of `tasks` against their file records (sha256, size, rows).
+    Each that fails is removed, so that it is computed again; returns them with the reason."""
+    bad = []
+    for t in tasks:
+        d = partial_dir(partials, t)
+        if not (d / RECORD).exists():
+            continue
+        try:
+            why = check_files(d, json.loads((d / RECORD).read_text()), full=True, skip=(RECORD,))
+        except ValueError as exc:
+            why = f"{d / RECORD} is unreadable ({exc})"
+        if why is not None:
+            shutil.rmtree(d)
+            bad.append((t, why))
+    return bad
+
+
+def describe(bad: list[tuple[Task, str]]) -> str:
+    return "; ".join(f"layer {t.layer} {t.phase} block {t.block}: {why}" for t, why in bad)
 
 
 class BlockWorker:
     """Runs block tasks of one job: what the local engine, each Ray actor and each Slurm shard
     call. Holds the model, the SAEs (validated by `Decomposer`) and the samples."""
 
-    def __init__(self, cfg, inp, device: str, partials: Path):
+    def __init__(self, job: Job, inp, device: str, partials: Path, q_block: int = 32):
         from ..core.decompose import Decomposer
-        from .build import job_heads
 
-        self.cfg, self.inp, self.device, self.partials = cfg, inp, device, Path(partials)
-        self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in inp.layers}
-        self.heads = job_heads(cfg, inp.lm.model)
-        self.budget = int(cfg.memory_budget_gb * 1e9)
+        self.job, self.inp, self.device, self.partials = job, inp, device, Path(partials)
+        self.cfg = job.policy  # the policy options, by the name the inner loop reads them
+        self.q_block = q_block
+        self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in job.layers}
+        self.heads = job.heads
+        self.budget = job.budget
         self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
 
     def run(self, task: Task) -> None:
@@ -113,8 +130,10 @@ class BlockWorker:
         import torch
 
         dest = partial_dir(self.partials, task)
-        if dest.exists():
+        if (dest / RECORD).exists():
             return
+        if dest.exists():  # not a finished partial: no file record
+            shutil.rmtree(dest)
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         t0 = time.time()
@@ -122,7 +141,7 @@ class BlockWorker:
             stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
         stats["seconds"] = time.time() - t0
         (tmp / "stats.json").write_text(json.dumps(stats))
-        fail_once(task)
+        (tmp / RECORD).write_text(json.dumps(record_files(tmp, skip=(RECORD,))))
         try:
             os.replace(tmp, dest)
         except OSError:  # another worker finished the same block first: its partial is identical
@@ -131,7 +150,7 @@ class BlockWorker:
     def _samples(self, block: int):
         import torch
 
-        for s in block_positions(block, self.cfg.block_size, len(self.inp.tokens)):
+        for s in block_positions(block, self.job.policy.block_size, len(self.inp.tokens)):
             yield s, torch.tensor(self.inp.tokens[s], device=self.device)
 
     def _count(self, task: Task, tmp: Path) -> dict:
@@ -144,7 +163,7 @@ class BlockWorker:
         F = dec.sae.cfg.d_sae
         fires_F = torch.zeros(F, dtype=torch.long)
         bos_F = torch.zeros(F, dtype=torch.long)
-        counts = CountAggregator(self.budget // 4, tmp / "_count_runs")
+        counts = CountAggregator(self.budget.count_bytes, tmp / "_count_runs")
         for _, toks in self._samples(task.block):
             sparse = dec.encode(toks)
             idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
@@ -186,10 +205,10 @@ class BlockWorker:
         block_keys, block_counts = block_keys[touched], block_counts[touched]
 
         per_channel = ChannelChunk.bytes_per_channel(len(heads), cfg.examples_per_channel)
-        chunk = max(1, (self.budget * 3 // 4) // per_channel)
+        chunk = self.budget.channels_per_sweep(per_channel)
         starts = list(range(0, len(block_keys), chunk)) or [0]
         head_pos = torch.tensor(heads)
-        tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget // 8)
+        tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget.flush_bytes)
         channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
@@ -213,7 +232,7 @@ class BlockWorker:
                     keys.to(self.device),
                     cfg.top_keys,
                     cfg.top_pairs,
-                    cfg.q_block,
+                    self.q_block,
                     with_rows=first,
                 )
                 acc.add(red, self.inp.sample_ids[s])

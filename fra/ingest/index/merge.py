@@ -16,17 +16,20 @@ Every engine ends here, so there is no second implementation. Per layer:
   ascending (each block kept its strongest samples of each channel, so the union holds the
   strongest of all). Rows and pairs are the blocks' part files, in block order.
 - `finish`: the samples table, the features table (fire counts summed over blocks), the
-  manifest, and the rename of the staging directory into place.
+  manifest, and the commit that publishes the index (`store.IndexWriter.commit`, which survives
+  a kill at any step).
 
 `fra merge --out DIR` takes whatever step is due, layer by layer, and says what is missing:
 with the count blocks all present it selects the channels (the shards then run again for the
 statistics); with the statistics blocks all present it finishes the layer, and with every layer
-finished it writes the index. Merging is idempotent: a finished block is never recomputed, and
-a re-run replaces the output whole.
+finished it writes the index. Every partial is checked against its file record first (a
+corrupt one is removed and named, for its shard to compute again). Merging is idempotent: a
+finished block is never recomputed, and a re-run replaces the output whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -34,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from .blocks import Task, kept_path, layer_dir, missing, n_blocks, partial_dir
+from .blocks import Task, describe, kept_path, layer_dir, missing, partial_dir, tasks, verify
+from .job import Job
 from .schema import IndexFormatError, Manifest
-from .store import IndexWriter, write_parquet
+from .store import IndexWriter, OutLock, recover, write_parquet
 
 
 @dataclass(frozen=True)
@@ -49,24 +53,28 @@ class MergeConfig:
     )
 
 
-def _connect(budget_gb: float, tmp: Path):
+def _connect(budget_bytes: int, tmp: Path):
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{max(int(budget_gb * 1e9) // 2**20, 64)}MB'")
+    con.execute(f"SET memory_limit = '{max(budget_bytes // 2**20, 64)}MB'")
     con.execute("SET temp_directory = ?", [str(tmp)])
     return con
 
 
-def tasks(job: dict, phase: str, layer: int) -> list[Task]:
-    return [Task(phase, layer, b) for b in range(n_blocks(job["n_samples"], job["policy"]["block_size"]))]
-
-
-def _files(partials: Path, job: dict, phase: str, layer: int, name: str) -> list[str]:
+def _files(partials: Path, job: Job, phase: str, layer: int, name: str) -> list[str]:
     return [str(partial_dir(partials, t) / name) for t in tasks(job, phase, layer)]
 
 
-def _require(partials: Path, todo: list[Task], what: str) -> None:
+def _require(partials: Path, todo: list[Task], what: str, check: bool = True) -> None:
+    """Every block of `todo` done, and (with `check`) its partial as written; a corrupt partial
+    is removed and named, so that its shard computes it again."""
+    bad = verify(partials, todo) if check else []
+    if bad:
+        raise IndexFormatError(
+            f"{what}: {len(bad)} partial(s) failed verification and were removed ({describe(bad)}); "
+            "run the shards that own those blocks again (`fra ingest` recomputes them by itself)"
+        )
     absent = missing(partials, todo)
     if absent:
         shown = ", ".join(str(t.block) for t in absent[:20]) + (" ..." if len(absent) > 20 else "")
@@ -76,12 +84,13 @@ def _require(partials: Path, todo: list[Task], what: str) -> None:
         )
 
 
-def select_channels(partials: Path, job: dict, layer: int) -> None:
-    """Sum the count partials of all blocks and keep channels with count >= min_count."""
+def select_channels(partials: Path, job: Job, layer: int, check: bool = True) -> None:
+    """Sum the count partials of all blocks and keep channels with count >= min_count
+    (`check=False`: the caller has just verified the partials)."""
     todo = tasks(job, "count", layer)
-    _require(partials, todo, f"layer {layer}: cannot select channels")
+    _require(partials, todo, f"layer {layer}: cannot select channels", check)
     t0 = time.time()
-    con = _connect(job["policy"]["memory_budget_gb"] / 4, layer_dir(partials, layer) / "_duckdb")
+    con = _connect(job.budget.select_bytes, layer_dir(partials, layer) / "_duckdb")
     con.execute(
         "CREATE TEMP TABLE agg AS SELECT key, sum(count)::BIGINT AS count FROM read_parquet(?) GROUP BY key",
         [_files(partials, job, "count", layer, "counts.parquet")],
@@ -89,7 +98,7 @@ def select_channels(partials: Path, job: dict, layer: int) -> None:
     n_seen = con.execute("SELECT count(*) FROM agg").fetchall()[0][0]
     # every statistics block reads the whole kept set, so it fits in memory
     kept = con.sql(
-        "SELECT key, count FROM agg WHERE count >= ? ORDER BY key", params=[job["policy"]["min_count"]]
+        "SELECT key, count FROM agg WHERE count >= ? ORDER BY key", params=[job.policy.min_count]
     ).to_arrow_table()
     con.close()
     (layer_dir(partials, layer) / "seen.json").write_text(
@@ -111,19 +120,22 @@ def _exact_sum(column: str) -> str:
     return f"sum(({column} * {unit})::HUGEINT)::DOUBLE / {unit}"
 
 
-def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
-    """Add up the statistics partials of all blocks into the layer's tables; returns its stats."""
+def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -> dict:
+    """Add up the statistics partials of all blocks into the layer's tables; returns its stats
+    (`check=False`: the caller has just verified the partials)."""
     import pyarrow.parquet as pq
 
     partials = writer.partials
     todo = tasks(job, "stats", layer)
-    _require(partials, todo, f"layer {layer}: cannot merge")
+    _require(partials, todo, f"layer {layer}: cannot merge", check)
+    if check:
+        _require(partials, tasks(job, "count", layer), f"layer {layer}: cannot merge")
     t0 = time.time()
     writer.begin_layer(layer)
-    con = _connect(job["policy"]["memory_budget_gb"], writer.work_dir(layer) / "_duckdb")
+    con = _connect(job.budget.merge_bytes, writer.work_dir(layer) / "_duckdb")
     channels = _files(partials, job, "stats", layer, "channels.parquet")
     examples = _files(partials, job, "stats", layer, "examples.parquet")
-    for head in job["heads"]:
+    for head in job.heads:
         chan = con.sql(
             f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum("sum")} AS sum,
                        {_exact_sum("sumsq")} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
@@ -137,7 +149,7 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
                FROM read_parquet(?) WHERE head = ?
                WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
                QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank""",
-            params=[examples, head, job["policy"]["examples_per_channel"]],
+            params=[examples, head, job.policy.examples_per_channel],
         ).to_arrow_table()
         writer.write("examples", ex, layer, head)
         for name in ("rows", "pairs"):
@@ -153,7 +165,7 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
 
     counted, measured = block_stats("count"), block_stats("stats")
     stats = {}
-    for j, h in enumerate(job["heads"]):
+    for j, h in enumerate(job.heads):
         ff_abs = sum(b["ff_abs"][j] for b in measured)
         stats[str(h)] = {
             "rows": sum(b["rows"][j] for b in measured),
@@ -169,7 +181,7 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
             "kept_channels_per_sweep": max(b["kept_channels_per_sweep"] for b in measured),
             "blocks": len(todo),
             "block_seconds": seconds,
-            "samples_per_s": job["n_samples"] / seconds if seconds else 0.0,
+            "samples_per_s": job.n_samples / seconds if seconds else 0.0,
             "merge_seconds": time.time() - t0,
         }
     )
@@ -177,8 +189,8 @@ def merge_layer(writer: IndexWriter, job: dict, layer: int) -> dict:
     return stats
 
 
-def finish(writer: IndexWriter, job: dict) -> Path:
-    """The samples and features tables, the manifest, and the rename into place."""
+def finish(writer: IndexWriter, job: Job) -> Path:
+    """The samples and features tables, the manifest, and the commit that publishes the index."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -186,26 +198,26 @@ def finish(writer: IndexWriter, job: dict) -> Path:
     from ..registry import FeatureLabel
 
     partials = writer.partials
-    stats = {str(layer): writer.layer_stats(layer) for layer in job["layers"]}
+    stats = {str(layer): writer.layer_stats(layer) for layer in job.layers}
     samples = pq.read_table(partials / "samples.parquet")
     writer.write("samples", samples)
     n_tok = pa.compute.sum(samples["n_tokens"].cast(pa.int64())).as_py()
-    con = _connect(job["policy"]["memory_budget_gb"], partials / "_duckdb")
+    con = _connect(job.budget.merge_bytes, partials / "_duckdb")
     frames = []
-    for layer in job["layers"]:
+    for layer in job.layers:
         fired = con.execute(
             "SELECT feature, sum(fires)::BIGINT AS fires, sum(bos)::BIGINT AS bos FROM read_parquet(?) "
             "GROUP BY feature",
             [_files(partials, job, "count", layer, "features.parquet")],
         ).df()
-        df = pd.DataFrame({"layer": layer, "feature": range(job["d_sae"][str(layer)])})
+        df = pd.DataFrame({"layer": layer, "feature": range(job.d_sae[str(layer)])})
         df = df.merge(fired, on="feature", how="left").fillna({"fires": 0, "bos": 0})
         df["index_frequency"] = df["fires"] / n_tok
         df["bos_rate"] = df["bos"] / samples.num_rows
         frames.append(df.drop(columns=["fires", "bos"]))
     con.close()
     df = pd.concat(frames)
-    table = job["feature_table"]
+    table = job.feature_table
     if table is not None and Path(table).exists():
         df = df.merge(pq.read_table(table).to_pandas(), on=["layer", "feature"], how="left")
     for col in ("label", "top_tokens", "prev_token", "frequency", "mean_act_when_active", "max_act", "top_contexts"):
@@ -215,26 +227,26 @@ def finish(writer: IndexWriter, job: dict) -> Path:
     df["punct_or_bos"] = punct | (df["bos_rate"] > 0.5)
     writer.write("features", pa.Table.from_pandas(df, preserve_index=False))
     manifest = Manifest(
-        model=job["model"],
-        sae=job["sae"],
-        corpus=job["corpus"],
-        policy=job["policy"],
-        layers=job["layers"],
-        heads=job["heads"],
-        n_samples=job["n_samples"],
+        model=job.model,
+        sae=job.sae,
+        corpus=job.corpus,
+        policy=dataclasses.asdict(job.policy),
+        layers=list(job.layers),
+        heads=list(job.heads),
+        n_samples=job.n_samples,
         shard="0/1",
         stats=stats,
-        code_version=job["code_version"],
+        code_version=job.code_version,
     )
     return writer.commit(manifest)
 
 
-def advance(writer: IndexWriter, job: dict) -> Path | None:
+def advance(writer: IndexWriter, job: Job) -> Path | None:
     """Take every step that is due: select channels where all count blocks are done, merge
     layers where all statistics blocks are done, and write the index when every layer is
     merged (its path is returned; None while blocks are missing)."""
     partials = writer.partials
-    for layer in job["layers"]:
+    for layer in job.layers:
         if writer.layer_stats(layer) is not None:
             continue
         if not kept_path(partials, layer).exists():
@@ -245,11 +257,17 @@ def advance(writer: IndexWriter, job: dict) -> Path | None:
             print(f"layer {layer}: merged")
         else:
             _require(partials, tasks(job, "stats", layer), f"layer {layer}: cannot merge")
-    if all(writer.layer_stats(layer) is not None for layer in job["layers"]):
+    if all(writer.layer_stats(layer) is not None for layer in job.layers):
         return finish(writer, job)
     return None
 
 
 def run(cfg: MergeConfig) -> Path | None:
-    writer = IndexWriter.resume(Path(cfg.out))
-    return advance(writer, writer.job)
+    """`fra merge`: finish an interrupted commit if there is one, else take the step that is due."""
+    done = recover(Path(cfg.out))
+    if done is not None:
+        print(done)
+        return Path(cfg.out)
+    with OutLock(Path(cfg.out)):
+        writer = IndexWriter.resume(Path(cfg.out))
+        return advance(writer, writer.job)

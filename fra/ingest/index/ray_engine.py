@@ -9,9 +9,9 @@ so the index is identical to the single-process index.
 
 Failures. An actor that dies (a crash, an out-of-memory kill, a lost node) is restarted by Ray
 (`max_restarts`), which reloads the model; its unfinished block is handed out again. A block
-is finished exactly when its partial exists (written under a temporary name and renamed), so a
-retried or duplicated block cannot be counted twice, and an interrupted run resumes where it
-stopped: the next run skips every finished block.
+is finished exactly when its partial exists (written under a temporary name with its file
+record, then renamed), so a retried or duplicated block cannot be counted twice, and an
+interrupted run resumes where it stopped: the next run skips every finished block.
 
 Why a pool of actors and not a Ray Dataset: the work items are a few block numbers (each actor
 already holds the tokenised samples, which are small), and the passes are separated by
@@ -25,10 +25,10 @@ multi-node cluster OUT must be on a filesystem that every node mounts at the sam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .blocks import BlockWorker, Task, missing
+from .job import Job, load_inputs
 
 MAX_ROUNDS = 3  # hand-outs of a block before the run gives up
 
@@ -44,9 +44,7 @@ def import_ray():
 class _Actor:
     """One Ray worker process: a `BlockWorker` over the model and SAEs it loaded once."""
 
-    def __init__(self, cfg, inputs, partials: str, use_gpu: bool):
-        from .build import load_inputs
-
+    def __init__(self, cfg, job: Job, inputs, partials: str, use_gpu: bool):
         device = "cuda" if use_gpu else "cpu"
         if inputs is None:
             inputs = load_inputs(cfg, device)
@@ -54,7 +52,7 @@ class _Actor:
             inputs.lm.model.to(device)
             for sae in inputs.saes.values():
                 sae.to(device)
-        self.worker = BlockWorker(cfg, inputs, device, Path(partials))
+        self.worker = BlockWorker(job, inputs, device, Path(partials), cfg.q_block)
 
     def run(self, task: Task) -> str:
         self.worker.run(task)
@@ -64,7 +62,7 @@ class _Actor:
 class RayEngine:
     """Block tasks on a Ray cluster: the one at `cfg.address`, or a local instance started here."""
 
-    def __init__(self, cfg, inputs, partials: Path):
+    def __init__(self, cfg, job: Job, inputs, partials: Path):
         ray = import_ray()
         self.ray, self.partials, self.progress = ray, Path(partials), cfg.progress
         self.started = not ray.is_initialized()
@@ -74,13 +72,10 @@ class RayEngine:
         gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
         self.n = cfg.workers or gpus or cpus
         options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        env = {k: v for k, v in os.environ.items() if k.startswith("FRA_")}  # e.g. the tests' fault injection
-        if env:
-            options["runtime_env"] = {"env_vars": env}
         actor = ray.remote(max_restarts=MAX_ROUNDS, **options)(_Actor)
         # objects from the Python API (a model in memory) travel once, through the object store
         ref = ray.put(inputs) if inputs is not None else None
-        self.actors = [actor.remote(cfg, ref, str(self.partials), bool(gpus)) for _ in range(self.n)]
+        self.actors = [actor.remote(cfg, job, ref, str(self.partials), bool(gpus)) for _ in range(self.n)]
 
     def run(self, tasks: list[Task], desc: str) -> None:
         ray = self.ray

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the manifest records every file (`files`)
 
 
 class IndexFormatError(ValueError):
@@ -34,7 +34,9 @@ class Table:
 
     @property
     def schema(self) -> pa.Schema:
-        return pa.schema([(n, t) for n, t, _ in self.columns])
+        """The Arrow schema; each field carries its meaning as metadata `description`, so the
+        Parquet files describe themselves."""
+        return pa.schema([pa.field(n, t, metadata={"description": m}) for n, t, m in self.columns])
 
 
 TABLES: dict[str, Table] = {
@@ -190,6 +192,7 @@ class Manifest:
     n_samples: int
     shard: str  # "0/1": every sample (the blocks of `--shard i/n` runs finish into one index)
     stats: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # path -> {sha256, bytes, rows}, written by `store.IndexWriter.commit`
     code_version: str = field(default_factory=code_version)
     created: str = field(default_factory=lambda: now())
     schema_version: int = SCHEMA_VERSION
@@ -234,6 +237,8 @@ def markdown() -> str:
         "",
         "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
         "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.",
+        "Each column's meaning below is also stored in the Parquet files, as the Arrow field metadata",
+        "`description` (`pyarrow.parquet.read_schema(path).field(name).metadata`).",
         "",
         "```",
         "manifest.json",
@@ -265,6 +270,8 @@ def markdown() -> str:
         "blocks, and `fra merge` writes one index of all of them)",
         "stats": "per layer: blocks, worker seconds summed over blocks, samples/s per worker, merge "
         "seconds, channels seen / kept / spilled runs; per head the rows kept and `kept_abs_share`",
+        "files": "every file of the index (path relative to the index) with its sha256, size in bytes and "
+        "Parquet row count, recorded when written; checked when the index is opened (`store.open_index`)",
         "code_version": "sha256 prefix of `fra/ingest/core/*.py` and `fra/ingest/index/*.py`",
         "created": "UTC time",
         "schema_version": str(SCHEMA_VERSION),
