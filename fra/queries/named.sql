@@ -72,3 +72,70 @@ SELECT * FROM features WHERE layer = ? ORDER BY feature;
 
 -- name: explorer_strongest_channels
 SELECT * FROM top_channels(NULL, NULL, ?, ?, ?) ORDER BY abs(mean) DESC, layer, head LIMIT ?;
+
+-- explorer v3 (the example-explanation tables: see fra/ingest/index/schema.py)
+-- name: optional_relations
+SELECT view_name AS name FROM duckdb_views() WHERE NOT internal
+  AND view_name IN ('example_terms', 'activations', 'query_feature_marginals', 'key_feature_marginals');
+
+-- name: example_terms_at
+-- The exact split of the score at one (sample, q, k): the top pairs, the rest, b_dec, error, bias, score.
+SELECT rank, kind, feat_q, feat_k, value FROM example_terms
+WHERE layer = ? AND head = ? AND sample = ? AND q = ? AND k = ? ORDER BY kind = 'score', rank, kind;
+
+-- name: channel_at
+-- The channel's own FA at one (sample, q, k), where the index stores it (an example, or a kept row).
+SELECT 'example' AS source, value FROM examples
+WHERE layer = $1 AND head = $2 AND feat_q = $3 AND feat_k = $4 AND sample = $5 AND q = $6 AND k = $7
+UNION ALL
+SELECT 'row' AS source, value FROM rows
+WHERE layer = $1 AND head = $2 AND feat_q = $3 AND feat_k = $4 AND sample = $5 AND q = $6 AND k = $7;
+
+-- name: stored_channels_among
+-- Which of the given (feat_q, feat_k) pairs are stored channels of a head, with their count.
+SELECT c.feat_q, c.feat_k, c.count FROM channels c
+JOIN (SELECT unnest($3::INTEGER[]) AS feat_q, unnest($4::INTEGER[]) AS feat_k) p USING (feat_q, feat_k)
+WHERE c.layer = $1 AND c.head = $2;
+
+-- name: cooccurrence
+-- Causal (q, k) pairs (k <= q) of the indexed samples where feat_q fires at q and feat_k at k.
+SELECT count(*) AS n FROM activations a JOIN activations b USING (sample)
+WHERE a.layer = $1 AND b.layer = $1 AND a.feat = $2 AND b.feat = $3 AND b.pos <= a.pos;
+
+-- name: ranked_channels
+-- Channels of one head (or of every head: NULL, NULL), ranked by `by`: 'mean' (|mean-when-active|),
+-- 'total' (|summed FA|) or 'share' (|share of the head's feature x feature part|), at most $7 per
+-- head and $8 in all. Params: layer, head, by, min_count, drop_noise, exclude_self, per_head, n.
+WITH s AS (
+  SELECT *, CASE $3 WHEN 'mean' THEN abs(mean) WHEN 'total' THEN abs(sum) ELSE abs(share_of_head) END AS rank_key
+  FROM channel_stats_at($1, $2)
+  WHERE count >= $4 AND NOT ($6 AND self_pair)
+), noise AS (
+  SELECT layer, feature FROM noise_features WHERE $5
+)
+SELECT * EXCLUDE (r) FROM (
+  SELECT s.*, row_number() OVER (PARTITION BY s.layer, s.head ORDER BY s.rank_key DESC, s.feat_q, s.feat_k) AS r
+  FROM s
+  ANTI JOIN noise nq ON nq.layer = s.layer AND nq.feature = s.feat_q
+  ANTI JOIN noise nk ON nk.layer = s.layer AND nk.feature = s.feat_k
+) WHERE r <= $7 ORDER BY rank_key DESC, layer, head, feat_q, feat_k LIMIT $8;
+
+-- name: query_marginals
+SELECT feat_q, n_channels, total, share_of_head FROM query_feature_marginals
+WHERE layer = ? AND head = ? ORDER BY abs(total) DESC LIMIT ?;
+
+-- name: key_marginals
+SELECT feat_k, n_channels, total, share_of_head FROM key_feature_marginals
+WHERE layer = ? AND head = ? ORDER BY abs(total) DESC LIMIT ?;
+
+-- name: feature_activations
+-- Every activation of one feature in the indexed samples.
+SELECT sample, pos, act FROM activations WHERE layer = ? AND feat = ? ORDER BY act DESC;
+
+-- name: sample_feature_acts
+-- One feature's activations over chosen samples (to colour their contexts).
+SELECT sample, pos, act FROM activations WHERE layer = ? AND feat = ? AND list_contains(?::INTEGER[], sample);
+
+-- name: query_pattern
+-- The attention of one query over its keys.
+SELECT k, score, prob, induction FROM pattern WHERE layer = ? AND head = ? AND sample = ? AND q = ? ORDER BY k;
