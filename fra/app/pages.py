@@ -712,8 +712,8 @@ def page_channel() -> None:
     fk = ui.number_int(c2, "feat_k (key-side feature)", "fk", n, dk, f"features of layer {layer}", "chan_fk", fallback)
     st.markdown(f"Query feature {_feature_ref(layer, fq)} → key feature {_feature_ref(layer, fk)}")
     n1, n2, _ = st.columns([1, 1, 3])
-    ui.nav(n1, f"feature {fq} ▸", ui.feature_link(layer, fq))
-    ui.nav(n2, f"feature {fk} ▸", ui.feature_link(layer, fk))
+    ui.nav(n1, f"query feature {fq} ▸", ui.feature_link(layer, fq))
+    ui.nav(n2, f"key feature {fk} ▸", ui.feature_link(layer, fk))
     stats = ui.q("channel_one", layer, head, fq, fk)
     if stats.empty:
         _not_stored(layer, head, fq, fk, dq, dk)

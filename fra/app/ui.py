@@ -10,7 +10,7 @@ URL state, both ways, with a browser history that works:
   a new history entry when the query string changes (and replaces it while it replays Back /
   Forward), so every view the user makes is one step of the browser history.
 - Links stay in the tab and the session: `goto` (cells of tables and of the attention map, through
-  selection callbacks) and `nav` (st.page_link with query parameters).
+  selection callbacks) and `nav` (link-styled buttons).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from fra.app.text import readable_label, readable_tokens
 from fra.queries import connect
 from fra.queries import manifest as read_manifest
 from fra.queries.lib import INDEX_LACKS, attach_optional, run
-
-MAIN = "main.py"  # the app's one script: st.page_link targets it with query parameters
 
 
 class QueryFailed(RuntimeError):
@@ -209,9 +207,10 @@ def goto(target: dict | str) -> None:
 
 
 def nav(container, label: str, target: str, help: str | None = None) -> None:
-    """A link that stays in this tab and session (st.page_link to this script with query parameters)."""
-    params = parse_link(target) or {}
-    container.page_link(MAIN, label=label, query_params=params, help=help)
+    """A link that stays in this tab and session: a link-styled button that navigates with `goto`."""
+    container.button(
+        label, key=f"nav_{target}_{label}", on_click=goto, args=(target,), type="tertiary", help=help or target
+    )
 
 
 def _init(wkey: str, param: str, options: Sequence, default, what: str, fallback: str = "") -> None:
