@@ -439,9 +439,9 @@ def _explain(layer: int, head: int, sample: int, qpos: int, kpos: int, toks: lis
         st.info(
             why
             + (
-                f"; it is, and its {len(top)} strongest pairs are listed below."
+                f"; here it stores {len(top)} pairs, listed below."
                 if len(top)
-                else "; it is not, so no pair is listed. The exact split of the score into its parts is below."
+                else "; it stores none for this (q, k). The exact split of the score into its parts is below."
             )
         )
         steps = pd.DataFrame(
