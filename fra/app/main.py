@@ -51,7 +51,7 @@ except (IndexNotFound, FileNotFoundError, ValueError) as exc:
 st.session_state["_index"] = str(INDEX.resolve())
 st.session_state["_url"] = {}
 if ui.adopt_url() or "page" not in st.session_state:
-    choice = pick_page(st.query_params.get("page"), list(PAGES), "Home")
+    choice = pick_page(ui.url_param("page"), list(PAGES), "Home")
     if choice.problem:
         st.warning(choice.problem)
     st.session_state["page"] = choice.value
@@ -75,6 +75,6 @@ except ui.Refused as exc:
     st.warning(str(exc))
     for label, params in exc.links:
         ui.nav(st, label, ui.link(page, **{k: v for k, v in params.items() if k != "page"}))
-    ui.url().update({k: v for k, v in st.query_params.to_dict().items() if k != "page"})  # the URL stays as asked
+    ui.url().update({k: v for k, v in ui.params().items() if k != "page"})  # the URL stays as asked
 finally:
     ui.sync_url(page)

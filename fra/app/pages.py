@@ -279,7 +279,7 @@ def page_feature() -> None:
     d = ui.indexed_layer("feature", lh, layers[0])
     layer = ui.select_int(c2, "layer", "layer", layers, d, "layers of this index", "feature_layer")
     if st.session_state.get("_adopt") or "feature_id" not in st.session_state:
-        st.session_state["feature_id"] = str(st.query_params.get("feature", ""))
+        st.session_state["feature_id"] = str(ui.url_param("feature", ""))
     raw = c1.text_input(
         "feature ID, label or token text",
         key="feature_id",
@@ -515,7 +515,7 @@ def _head_channel(layer: int, head: int) -> None:
     """fq / fk in the URL: the channel the user came from, shown at each (q, k) until the head changes."""
     if st.session_state.get("_adopt") or "head_channel" not in st.session_state:
         n = len(ui.features(layer))
-        picks = [pick_int(st.query_params.get(p), p, range(n), -1, f"features of layer {layer}") for p in ("fq", "fk")]
+        picks = [pick_int(ui.url_param(p), p, range(n), -1, f"features of layer {layer}") for p in ("fq", "fk")]
         ok = all(pk.value >= 0 and not pk.problem for pk in picks)
         for pk in picks:
             if pk.problem:
@@ -698,7 +698,7 @@ def page_channel() -> None:
     if st.session_state.get("_adopt") or ("chan_fq" not in st.session_state and "chan_fk" not in st.session_state):
         # one bad feature id replaces both: half of the top channel is not a channel anyone asked for
         picks = [
-            pick_int(st.query_params.get(p), p, range(n), d, f"features of layer {layer}", fallback)
+            pick_int(ui.url_param(p), p, range(n), d, f"features of layer {layer}", fallback)
             for p, d in (("fq", dq), ("fk", dk))
         ]
         for pk in picks:

@@ -49,11 +49,19 @@ class Refused(Exception):
 
 
 @st.cache_resource
-def connection(path: str):
-    """One read-only DuckDB connection, shared; every query takes its own cursor."""
+def _open(path: str):
+    """One read-only DuckDB connection, shared (every query takes its own cursor), and the optional
+    tables and views it has (`fra.queries.lib.attach_optional`)."""
     con = connect(path)
-    attach_optional(con, path)
-    return con
+    return con, frozenset(attach_optional(con, path))
+
+
+def connection(path: str):
+    return _open(path)[0]
+
+
+def _optional(path: str) -> frozenset[str]:
+    return _open(path)[1]
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -81,7 +89,7 @@ def manifest() -> dict:
 
 def has(name: str) -> bool:
     """Whether the index has an optional table or view (`example_terms`, `activations`, the marginals)."""
-    return name in set(q("optional_relations")["name"])
+    return name in _optional(str(st.session_state["_index"]))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -176,11 +184,21 @@ def parse_link(target: str) -> dict | None:
     return dict(parse_qsl(target[1:], keep_blank_values=True))
 
 
+def params() -> dict[str, str]:
+    """The URL parameters this run reads: the target of a link clicked in this session (`goto`), else
+    the address bar."""
+    return st.session_state.get("_goto") or st.query_params.to_dict()
+
+
+def url_param(name: str, default=None):
+    return params().get(name, default)
+
+
 def adopt_url() -> bool:
-    """Start of a run: if the address bar is not what this session last wrote (first load, Back /
-    Forward, a link), every URL-bound widget is set from it in this run. Returns whether it was."""
-    now = st.query_params.to_dict()
-    adopt = st.session_state.get("_written") != now
+    """Start of a run: after a link in the app (`goto`), or if the address bar is not what this session
+    last wrote (first load, Back / Forward), every URL-bound widget is set from the URL in this run.
+    Returns whether it was."""
+    adopt = bool(st.session_state.get("_goto")) or st.session_state.get("_written") != st.query_params.to_dict()
     st.session_state["_adopt"] = adopt
     if adopt:  # fresh tables and charts: no selection of the previous view survives into this one
         st.session_state["_epoch"] = st.session_state.get("_epoch", 0) + 1
@@ -197,13 +215,16 @@ def sync_url(page: str) -> None:
     if st.query_params.to_dict() != want:
         st.query_params.from_dict(want)
     st.session_state["_written"] = want
+    st.session_state.pop("_goto", None)
 
 
 def goto(target: dict | str) -> None:
-    """Navigate in this tab and session (from a widget callback: the run that follows adopts the URL)."""
-    params = parse_link(target) if isinstance(target, str) else target
-    if params:
-        st.query_params.from_dict({k: str(v) for k, v in params.items() if v is not None})
+    """Navigate in this tab and session (from a widget callback). The run that follows reads the
+    target's parameters and writes the address once, completed with the page's defaults, so that a
+    link makes one step of the browser history."""
+    target = parse_link(target) if isinstance(target, str) else target
+    if target:
+        st.session_state["_goto"] = {k: str(v) for k, v in target.items() if v is not None}
 
 
 def nav(container, label: str, target: str, help: str | None = None) -> None:
@@ -217,7 +238,7 @@ def _init(wkey: str, param: str, options: Sequence, default, what: str, fallback
     """Set a widget's state from the URL when the URL is the truth (see adopt_url) or the widget is
     new, else keep it valid."""
     if st.session_state.get("_adopt") or wkey not in st.session_state:
-        choice = pick_int(st.query_params.get(param), param, options, default, what, fallback)
+        choice = pick_int(url_param(param), param, options, default, what, fallback)
         if choice.problem:
             st.warning(choice.problem)
         st.session_state[wkey] = choice.value
@@ -281,7 +302,7 @@ def choose(
     """A radio of strings whose value lives in URL parameter `param`."""
     options = list(options)
     if st.session_state.get("_adopt") or key not in st.session_state:
-        raw = st.query_params.get(param)
+        raw = url_param(param)
         if raw is not None and raw not in options:
             st.warning(f"{param}={raw!r} is not one of {', '.join(options)}. Showing {default}.")
         st.session_state[key] = raw if raw in options else default
@@ -293,7 +314,7 @@ def choose(
 def toggle(container, label: str, param: str, default: bool, key: str, help: str | None = None) -> bool:
     """A toggle whose value lives in URL parameter `param` (1 / 0)."""
     if st.session_state.get("_adopt") or key not in st.session_state:
-        raw = st.query_params.get(param)
+        raw = url_param(param)
         if raw not in (None, "", "0", "1"):
             st.warning(f"{param}={raw!r} is not 0 or 1. Showing {int(default)}.")
         st.session_state[key] = default if raw not in ("0", "1") else raw == "1"
@@ -305,11 +326,11 @@ def toggle(container, label: str, param: str, default: bool, key: str, help: str
 def indexed_layer(page: str, lh: dict[int, list[int]], default: int) -> int:
     """The URL's layer if the index has it; a layer it lacks is refused (never replaced by another)."""
     layers = sorted(lh)
-    raw = st.query_params.get("layer")
+    raw = url_param("layer")
     if (st.session_state.get("_adopt") or f"{page}_layer" not in st.session_state) and raw not in (None, ""):
         choice = pick_int(raw, "layer", layers, default, "layers of this index")
         if choice.problem:
-            keep = {k: v for k, v in st.query_params.to_dict().items() if k != "layer"}
+            keep = {k: v for k, v in params().items() if k != "layer"}
             raise Refused(
                 f"layer={raw} is not indexed: this index has layer{'s' if len(layers) > 1 else ''} "
                 f"{describe(layers)}. Nothing is shown in its place; open one of them:",
@@ -414,6 +435,8 @@ def show_table(
             cfg[c] = st.column_config.TextColumn(c, help=h or HELP["open"])
         elif "share" in c and pd.api.types.is_float_dtype(data[c]):
             cfg[c] = st.column_config.NumberColumn(c, help=h, format="percent")
+        elif pd.api.types.is_float_dtype(data[c]):
+            cfg[c] = st.column_config.NumberColumn(c, help=h, format="%.4g")
         elif c in feature_cols and layer is not None:
             cfg[c] = st.column_config.NumberColumn(c, help=(h or "") + " Click to open the feature.", format="%d")
         elif h:

@@ -74,10 +74,6 @@ SELECT * FROM features WHERE layer = ? ORDER BY feature;
 SELECT * FROM top_channels(NULL, NULL, ?, ?, ?) ORDER BY abs(mean) DESC, layer, head LIMIT ?;
 
 -- explorer v3 (the example-explanation tables: see fra/ingest/index/schema.py)
--- name: optional_relations
-SELECT view_name AS name FROM duckdb_views() WHERE NOT internal
-  AND view_name IN ('example_terms', 'activations', 'query_feature_marginals', 'key_feature_marginals');
-
 -- name: example_terms_at
 -- The exact split of the score at one (sample, q, k): the top pairs, the rest, b_dec, error, bias, score.
 SELECT rank, kind, feat_q, feat_k, value FROM example_terms
