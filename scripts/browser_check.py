@@ -64,6 +64,7 @@ STATE_JS = r"""(() => {
     tables: document.querySelectorAll('[data-testid="stDataFrame"]').length,
     downloads: document.querySelectorAll('[data-testid="stDownloadButton"]').length,
     search: location.search,
+    old: !!window.__fraOld,
   });
 })()"""
 
@@ -171,7 +172,8 @@ class CDP:
             await asyncio.sleep(0.1)
             st = await self.state()
             done = (
-                st["script"] == "notRunning"
+                not st["old"]
+                and st["script"] == "notRunning"
                 and st["connection"] == "CONNECTED"
                 and st["main"].strip()
                 and st["plotsDrawn"] >= st["plots"]
@@ -292,6 +294,7 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
         await cdp.call("Runtime.enable")
         for c in checks:
             t0 = time.time()
+            await cdp.call("Runtime.evaluate", expression="window.__fraOld = 1")  # settle waits for the new page
             await cdp.call("Page.navigate", url=f"{base}/?{c.query}")
             st = await cdp.settle(t0=t0)
             load_s = st.get("load_s")
@@ -302,8 +305,12 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
                     f".find(e => e.innerText.trim() === {json.dumps(c.click_sidebar)}); if (l) "
                     "l.click(); return !!l; }})()"
                 )
-                r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
-                if not r["result"].get("value"):
+                for _ in range(25):  # the sidebar may still be drawing
+                    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
+                    if r["result"].get("value"):
+                        break
+                    await asyncio.sleep(0.2)
+                else:
                     problems.append(f"no sidebar entry {c.click_sidebar!r}")
                 await asyncio.sleep(0.5)
                 st = await cdp.settle()
