@@ -397,7 +397,9 @@ def test_url_sets_the_widgets_and_the_widgets_set_the_url(open_app, con):
     # switching pages keeps the layer and head, and the address follows
     at.sidebar.radio(key="page").set_value("Head").run()
     assert at.query_params["page"] == "Head" and at.query_params["head"] == str((h + 1) % 4)
-    assert "fq" not in at.query_params and {"sample", "q", "k"} <= set(at.query_params)
+    assert {"sample", "q", "k"} <= set(at.query_params)
+    # the channel the user was on follows to the Head page, shown at the selected (q, k)
+    assert (at.query_params["fq"], at.query_params["fk"]) == (str((fq + 1) % 24), str(fk))
 
 
 def test_default_channel_is_the_heads_top_channel(open_app, con):
@@ -468,6 +470,10 @@ def test_a_pair_below_min_count_says_so_with_its_count(open_app, explained_index
     assert "never active together" not in warnings(at)
 
 
+def _pairs_table(at):
+    return next(d.value for d in at.dataframe if "channel_count" in d.value.columns)
+
+
 def _waterfall(at) -> dict:
     return next(t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"] if t["type"] == "waterfall")
 
@@ -483,10 +489,10 @@ def test_an_older_index_explains_a_score_with_its_kept_rows_and_says_what_it_lac
     ).fetchone()
     at = open_app(page="Head", layer=l, head=h, sample=s, q=qpos, k=kpos)
     assert not errors(at) and not at.warning
-    assert at.subheader[1].value.startswith(f"Why query {qpos} ")
+    assert any(h.value.startswith(f"Why query {qpos} ") for h in at.subheader)
     assert "This index has no `example_terms` table (it was built by an older `fra ingest`)" in all_text(at)
     assert "spread over smaller terms" not in all_text(at)
-    pairs = at.dataframe[-1].value
+    pairs = _pairs_table(at)
     assert pairs["value"].sum() == pytest.approx(kept, rel=1e-5)
     # the split of the score: absolute terms that add up to it (the last bar is the score itself)
     w = _waterfall(at)
@@ -556,7 +562,7 @@ def test_pairs_below_min_count_have_no_link_but_say_why(open_app, explained_inde
     ).fetchone()
     at = open_app(explained_index, page="Head", layer=l, head=h, sample=s, q=qpos, k=kpos)
     key = f"pairs_{l}_{h}_{s}_{qpos}_{kpos}"
-    table = at.dataframe[-1].value
+    table = _pairs_table(at)
     row = table.index[(table["feat_q"] == fq) & (table["feat_k"] == fk)][0]
     assert table.at[row, "open"] == "not stored (count < 4)" and table["channel_count"].isna()[row]
     t = targets(at, key)
@@ -604,28 +610,47 @@ def test_bad_feature_id_is_a_friendly_message(open_app, bad):
     assert "does not exist in layer 0: this SAE has features 0 to 23" in warnings(at)
 
 
+class _Recorder:
+    """A DuckDB connection whose cursors record every statement they execute, with its parameters."""
+
+    def __init__(self, con, log):
+        self.con, self.log = con, log
+
+    def cursor(self):
+        return _Recorder(self.con.cursor(), self.log)
+
+    def execute(self, sql, params=None):
+        self.log.append((sql, list(params or [])))
+        self.con.execute(sql, params)
+        return self
+
+    def df(self):
+        return self.con.df()
+
+
 @pytest.mark.parametrize("evil", ["1; DROP TABLE rows; --", "1 OR 1=1", "'); DELETE FROM channels; --"])
-def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch, evil):
-    """Typed text reaches the index only as a bound parameter of a fixed named query: every SQL
-    statement the page runs is one of queries/named.sql, and the app never calls execute itself."""
+@pytest.mark.parametrize("page", ["Feature search", "Head", "Channel"])
+def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch, evil, page):
+    """Text from the URL reaches the index only as a bound parameter of a fixed named query: every
+    statement the page executes is, character for character, one of queries/named.sql, none holds
+    the typed text, and the app never calls execute itself."""
+    import streamlit as st
+
     import fra.app.ui as ui
     from fra.queries import connect
     from fra.queries.lib import QUERIES
 
     executed = []
-    real = ui.run
-    monkeypatch.setattr(
-        ui, "run", lambda c, name, params: executed.append((name, list(params))) or real(c, name, params)
-    )
-    import streamlit as st
-
+    real = ui.connection
+    monkeypatch.setattr(ui, "connection", lambda path: _Recorder(real(path), executed))
     st.cache_data.clear()  # so the queries of this page really run
     before = con.execute("SELECT count(*) FROM channels").fetchone()[0]
-    at = open_app(page="Feature search", feature=evil)
+    at = open_app(page=page, feature=evil, layer=0, head=evil, sample=evil, q=evil, fq=evil, fk=evil, rank=evil)
     assert not errors(at)
-    assert "is not a feature ID" in warnings(at) + all_text(at)
-    assert executed and all(name in QUERIES for name, _ in executed)
-    assert not any(evil in QUERIES[name] for name, _ in executed)
+    assert executed, "the page ran no statement through the connection"
+    named = set(QUERIES.values())
+    assert all(sql in named for sql, _ in executed), [sql for sql, _ in executed if sql not in named][:1]
+    assert not any(evil in sql or any(evil == p for p in params) for sql, params in executed)
     for path in (ROOT / "fra" / "app").glob("*.py"):
         calls = [
             n.func.attr
@@ -634,6 +659,119 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
         ]
         assert "execute" not in calls and "sql" not in calls, path
     assert connect(tiny_index).execute("SELECT count(*) FROM channels").fetchone()[0] == before
+
+
+def test_cell_targets_send_feature_ids_to_features_and_other_cells_to_the_row():
+    import pandas as pd
+
+    from fra.app.ui import cell_targets
+
+    df = pd.DataFrame(
+        {"feat_q": [3, 4], "value": [0.5, 0.1], "open": ["?page=Channel&layer=1&head=2&fq=3&fk=9", "not stored"]}
+    )
+    t = cell_targets(df, ["feat_q", "value", "open"], ("feat_q",), 1, "open")
+    assert t[(0, "feat_q")] == {"page": "Feature search", "layer": "1", "feature": "3"}
+    assert t[(0, "value")] == t[(0, "open")] == {"page": "Channel", "layer": "1", "head": "2", "fq": "3", "fk": "9"}
+    assert (1, "value") not in t and (1, "open") not in t and t[(1, "feat_q")]["feature"] == "4"
+
+
+def _most_attended(con, l, h, s, qpos):
+    return con.execute(
+        "SELECT k FROM pattern WHERE layer=? AND head=? AND sample=? AND q=? AND k > 0 ORDER BY prob DESC, k LIMIT 1",
+        [l, h, s, qpos],
+    ).fetchone()[0]
+
+
+def test_back_restores_the_previous_view_and_a_new_query_opens_on_its_most_attended_key(open_app, con):
+    l, h = 1, 2
+    s, n = con.execute("SELECT sample, n_tokens FROM samples ORDER BY n_tokens DESC, sample LIMIT 1").fetchone()
+    q1, q2, k1 = n - 4, n - 1, 2
+    at = open_app(page="Head", layer=l, head=h, sample=s, q=q1, k=k1, scale="clipped")
+    first = at.query_params.to_dict() if hasattr(at.query_params, "to_dict") else dict(at.query_params)
+    assert (first["q"], first["k"]) == (str(q1), str(k1))
+    at.selectbox(key="head_q").set_value(q2).run()
+    k2 = _most_attended(con, l, h, s, q2)
+    assert (at.query_params["q"], at.query_params["k"]) == (str(q2), str(k2))
+    assert at.selectbox(key="head_k").value == k2
+    # Back: the browser restores the previous address and Streamlit reruns the script with it
+    for key in list(at.query_params):
+        del at.query_params[key]
+    for key, v in first.items():
+        at.query_params[key] = v
+    at.run()
+    assert (at.selectbox(key="head_q").value, at.selectbox(key="head_k").value) == (q1, k1)
+    assert (at.query_params["q"], at.query_params["k"], at.query_params["scale"]) == (str(q1), str(k1), "clipped")
+    assert at.subheader[-2].value.startswith(f"Why query {q1} ") or any(
+        h.value.startswith(f"Why query {q1} ") for h in at.subheader
+    )
+
+
+def test_head_marginals_are_the_channel_sums_of_one_side(open_app, explained_index):
+    import pandas as pd
+
+    ch = pd.read_parquet(explained_index / "channels")
+    ch = ch[(ch["layer"].astype(int) == 1) & (ch["head"].astype(int) == 2)]
+    at = open_app(explained_index, page="Head", layer=1, head=2)
+    for i, side in enumerate(("feat_q", "feat_k")):
+        want = ch.groupby(side)["sum"].agg(["sum", "count"])
+        want["share"] = want["sum"] / ch["sum"].sum()
+        got = at.dataframe[i].value
+        top = want.loc[want["sum"].abs().sort_values(ascending=False).index[: len(got)]]
+        assert got[side].tolist() == top.index.tolist()
+        assert got["total"].to_numpy() == pytest.approx(top["sum"].to_numpy())
+        assert got["n_channels"].tolist() == top["count"].tolist()
+        assert got["share_of_head"].to_numpy() == pytest.approx(top["share"].to_numpy())
+
+
+def _array(v):
+    """A Plotly data array as the figure JSON holds it (a list, or base64 bytes with a dtype)."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]) if isinstance(v, dict) else np.asarray(v)
+
+
+def test_feature_page_shows_its_activations(open_app, explained_index):
+    import pandas as pd
+
+    acts = pd.read_parquet(explained_index / "activations")
+    acts = acts[acts["layer"].astype(int) == 0]
+    feat = int(acts["feat"].value_counts().index[0])
+    mine = acts[acts["feat"] == feat].sort_values("act", ascending=False)
+    at = open_app(explained_index, page="Feature search", layer=0, feature=feat)
+    assert not errors(at)
+    hist = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert hist["type"] == "histogram" and sorted(_array(hist["x"])) == pytest.approx(sorted(mine["act"]))
+    assert f"fires on {len(mine)} of " in all_text(at) and f"in {mine['sample'].nunique()} samples" in all_text(at)
+    top = mine.iloc[0]
+    ctx = next(m.value for m in at.markdown if "Top activations" not in m.value and "<span" in m.value)
+    assert f"sample {int(top['sample'])}, position {int(top['pos'])}, act {top['act']:.3g}" in ctx
+    assert f"<sub>{top['act']:.2g}</sub>".replace(".", "&#46;") in ctx  # the value printed on the token
+
+
+def test_older_index_feature_page_says_it_has_no_activations(open_app):
+    at = open_app(page="Feature search", layer=0, feature=5)
+    assert "This index has no `activations` table (it was built by an older `fra ingest`)" in all_text(at)
+
+
+def test_sample_page_colours_the_text_by_attention(open_app, con):
+    l, h = 1, 0
+    s, n = con.execute("SELECT sample, n_tokens FROM samples ORDER BY n_tokens DESC, sample LIMIT 1").fetchone()
+    qpos = n - 1
+    at = open_app(page="Sample", layer=l, head=h, sample=s, q=qpos)
+    probs = dict(
+        con.execute(
+            "SELECT k, prob FROM pattern WHERE layer=? AND head=? AND sample=? AND q=?", [l, h, s, qpos]
+        ).fetchall()
+    )
+    body = max(v for k, v in probs.items() if k > 0)
+    html = next(m.value for m in at.markdown if "<span" in m.value and "outline" in m.value)
+    for k in (1, qpos):
+        assert (
+            f'title="key {k}: attention {probs[k]:.4f}" style="background: rgba(33,113,181,{probs[k] / body:.3f})'
+            in html
+        )
 
 
 def test_cih_page_reads_findings_as_a_linked_table(tiny_index, monkeypatch, tmp_path):

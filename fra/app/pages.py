@@ -706,6 +706,7 @@ def page_channel() -> None:
                 st.warning(pk.problem)
         bad = any(pk.problem for pk in picks)
         st.session_state["chan_fq"], st.session_state["chan_fk"] = (dq, dk) if bad else (picks[0].value, picks[1].value)
+        st.session_state.setdefault("_from_url", set()).update({"chan_fq", "chan_fk"})
     fq = ui.number_int(
         c1, "feat_q (query-side feature)", "fq", n, dq, f"features of layer {layer}", "chan_fq", fallback
     )

@@ -200,6 +200,7 @@ def adopt_url() -> bool:
     Returns whether it was."""
     adopt = bool(st.session_state.get("_goto")) or st.session_state.get("_written") != st.query_params.to_dict()
     st.session_state["_adopt"] = adopt
+    st.session_state["_from_url"] = set()  # widgets already set from the URL in this run
     if adopt:  # fresh tables and charts: no selection of the previous view survives into this one
         st.session_state["_epoch"] = st.session_state.get("_epoch", 0) + 1
     return adopt
@@ -237,11 +238,13 @@ def nav(container, label: str, target: str, help: str | None = None) -> None:
 def _init(wkey: str, param: str, options: Sequence, default, what: str, fallback: str = "") -> None:
     """Set a widget's state from the URL when the URL is the truth (see adopt_url) or the widget is
     new, else keep it valid."""
-    if st.session_state.get("_adopt") or wkey not in st.session_state:
+    done = st.session_state.setdefault("_from_url", set())
+    if (st.session_state.get("_adopt") and wkey not in done) or wkey not in st.session_state:
         choice = pick_int(url_param(param), param, options, default, what, fallback)
         if choice.problem:
             st.warning(choice.problem)
         st.session_state[wkey] = choice.value
+        done.add(wkey)
     elif st.session_state[wkey] not in options:
         st.session_state[wkey] = default
 
