@@ -454,13 +454,22 @@ def test_a_pair_below_min_count_says_so_with_its_count(open_app, explained_index
     count (causal pairs where both fire, from the activations) and the index's min_count."""
     import pandas as pd
 
-    l, h, fq, fk = xcon.execute(
-        "SELECT layer, head, feat_q, feat_k FROM rows ANTI JOIN channels USING (layer, head, feat_q, feat_k) LIMIT 1"
-    ).fetchone()
     acts = pd.read_parquet(explained_index / "activations")
-    acts = acts[acts["layer"].astype(int) == l]
-    a, b = acts[acts["feat"] == fq], acts[acts["feat"] == fk]
-    n = int((a.merge(b, on="sample").eval("pos_y <= pos_x")).sum())  # (q: a, k: b), k <= q
+    acts["layer"] = acts["layer"].astype(int)
+
+    def counts(l, fq, fk):
+        a = acts[(acts["layer"] == l) & (acts["feat"] == fq)]
+        b = acts[(acts["layer"] == l) & (acts["feat"] == fk)]
+        both = a.merge(b, on="sample")  # _x: the query side, _y: the key side
+        return int((both["pos_y"] <= both["pos_x"]).sum()), len(both)
+
+    below = xcon.execute(
+        "SELECT DISTINCT layer, head, feat_q, feat_k FROM rows ANTI JOIN channels USING (layer, head, feat_q, feat_k) "
+        "ORDER BY ALL"
+    ).fetchall()
+    # one whose features also fire in the wrong order (key after query), so that the count must be causal
+    l, h, fq, fk = next(r for r in below if counts(r[0], r[2], r[3])[0] != counts(r[0], r[2], r[3])[1])
+    n = counts(l, fq, fk)[0]
     assert 1 <= n < 4
     at = open_app(explained_index, page="Channel", layer=l, head=h, fq=fq, fk=fk)
     assert (
