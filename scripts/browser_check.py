@@ -303,7 +303,7 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
                 js = (
                     f"(() => {{ const l = Array.from(document.querySelectorAll('[data-testid=\"stSidebar\"] label'))"
                     f".find(e => e.innerText.trim() === {json.dumps(c.click_sidebar)}); if (l) "
-                    "l.click(); return !!l; }})()"
+                    "l.click(); return !!l; })()"
                 )
                 for _ in range(25):  # the sidebar may still be drawing
                     r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
