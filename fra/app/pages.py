@@ -241,7 +241,8 @@ def _activations(layer: int, feature: int) -> None:
 
 
 def _feature_channels(layer: int, feature: int) -> None:
-    chans = ui.q("feature_channels", feature, layer, 1, 20000)
+    limit = 20000
+    chans = ui.q("feature_channels", feature, layer, 1, limit)
     if chans.empty:
         st.info(
             "This feature appears in no stored channel of this index: no pair it forms is seen at least "
@@ -262,7 +263,8 @@ def _feature_channels(layer: int, feature: int) -> None:
             st.caption(f"No stored channel has this feature {label}.")
         else:
             ui.show_table(mine, cols, f"feature_{layer}_{feature}_{side}", layer="layer")
-    with st.expander(f"All {len(chans)} channels of this feature (by |mean|, the first 500 shown)"):
+    many = f"The {limit} channels of largest |mean|" if len(chans) == limit else f"All {len(chans)} channels"
+    with st.expander(f"{many} of this feature (by |mean|, the first 500 shown)"):
         ui.show_table(
             chans.sort_values("abs_mean", ascending=False).head(500),
             ["side", *cols],
@@ -816,15 +818,13 @@ def page_sample() -> None:
             {k: v / body for k, v in prob.items() if k > 0},
             titles={k: f"key {k}: attention {prob.get(k, 0.0):.4f}" for k in range(qpos + 1)},
             outline={qpos: "query"},
-        )
-        + "<div>"
-        + md_text("".join(toks[qpos + 1 :]))
-        + "</div>",
+            tail="".join(toks[qpos + 1 :]),
+        ),
         unsafe_allow_html=True,
     )
     st.caption(
-        f"BOS takes {prob.get(0, 0.0):.3f} of this query's attention. Text after the query is shown plain (it is "
-        "not visible to it). ⏎ is a newline; x[1/3] is the first of three tokens that spell the character x."
+        f"BOS takes {prob.get(0, 0.0):.3f} of this query's attention. Text after the query is grey (the query "
+        "cannot see it). ⏎ is a newline; x[1/3] is the first of three tokens that spell the character x."
     )
     with st.expander("The text with the query and its induction targets in bold"):
         st.markdown(

@@ -121,12 +121,14 @@ def html_tokens(
     outline: dict[int, str] | None = None,
     values: dict[int, str] | None = None,
     rgb: tuple[int, int, int] = (33, 113, 181),
+    tail: str = "",
 ) -> str:
     """Tokens as inline HTML, each on a background of `rgb` at opacity weights[i] (0..1), the way
     CircuitsVis colours attention and Neuronpedia colours activations.
 
     `titles` become tooltips, `outline` draws a labelled box around some tokens (the query), and
-    `values` prints a small number after a token (its activation)."""
+    `values` prints a small number after a token (its activation); `tail` is text shown after the
+    tokens in grey."""
     titles, outline, values = titles or {}, outline or {}, values or {}
     parts = []
     for i, t in enumerate(tokens):
@@ -139,4 +141,5 @@ def html_tokens(
         title = html.escape(titles.get(i, f"{i}"), quote=True)
         sub = f"<sub>{md_text(values[i])}</sub>" if i in values else ""
         parts.append(f'<span title="{title}" style="{style}">{md_text(t) or "&#9251;"}{sub}</span>')
-    return '<div style="line-height: 2.1; white-space: pre-wrap;">' + "".join(parts) + "</div>"
+    grey = f'<span style="color: #999;">{md_text(tail)}</span>' if tail else ""
+    return '<div style="line-height: 2.1; white-space: pre-wrap;">' + "".join(parts) + grey + "</div>"

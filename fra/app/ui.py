@@ -460,8 +460,8 @@ def show_table(
 
 
 def downloads(df: pd.DataFrame, key: str) -> None:
-    c1, c2, _ = st.columns([1, 1, 6])
-    c1.download_button(
+    row = st.container(horizontal=True)
+    row.download_button(
         "⬇ CSV",
         df.to_csv(index=False).encode(),
         file_name=f"{key}.csv",
@@ -471,7 +471,7 @@ def downloads(df: pd.DataFrame, key: str) -> None:
     )
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    c2.download_button(
+    row.download_button(
         "⬇ Parquet",
         buf.getvalue(),
         file_name=f"{key}.parquet",
