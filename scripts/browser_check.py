@@ -419,6 +419,14 @@ def index_facts(index: Path) -> dict:
         "ORDER BY abs(value) DESC LIMIT 1"
     ).fetchone()
     layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM head_totals").fetchall()]
+    # for the screenshots: the head that attends most to induction targets, its strongest channel, and
+    # that channel's first example
+    show = con.execute(
+        "SELECT s.layer, s.head, s.feat_q, s.feat_k, e.sample, e.q, e.k FROM channel_stats s "
+        "JOIN examples e USING (layer, head, feat_q, feat_k) "
+        "JOIN (SELECT layer, head FROM head_summary ORDER BY ind_attn DESC NULLS LAST LIMIT 1) USING (layer, head) "
+        "WHERE NOT s.self_pair AND e.rank = 0 ORDER BY abs(s.sum) DESC LIMIT 1"
+    ).fetchone()
     return dict(
         layer=layer,
         head=head,
@@ -433,6 +441,7 @@ def index_facts(index: Path) -> dict:
         example=ex,
         below=below,
         missing_layer=max(layers) + 1,
+        show=show,
     )
 
 
@@ -498,7 +507,7 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
     f = index_facts(index)
     L, H = (18, 6) if issue_urls else (f["layer"], f["head"])
     H0 = 0 if issue_urls else f["head"]
-    feat = 1372 if issue_urls else f["fq"]
+    feat = 1372 if issue_urls else (f["show"][2] if f["show"] else f["fq"])
     chan = f"page=Channel&layer={L}&head={H}"
     # the channel page shown (and clicked through): on the demo, the first 'open' link of head 18.6
     cl, ch, cq, ck = (18, 6, 316, 316) if issue_urls else (f["layer"], f["head"], f["fq"], f["fk"])
@@ -522,9 +531,9 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
             "head at an example",
             (
                 "page=Head&layer={}&head={}&sample={}&q={}&k={}&fq={}&fk={}".format(
-                    *f["home"][:2], *f["example"], *f["home"][2:]
+                    *f["show"][:2], *f["show"][4:], *f["show"][2:4]
                 )
-                if f["home"] and f["example"]
+                if f["show"]
                 else f"page=Head&layer={L}&head={H}"
             ),
             ["Why query"],

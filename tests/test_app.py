@@ -759,6 +759,22 @@ def test_feature_page_shows_its_activations(open_app, explained_index):
     assert f"<sub>{top['act']:.2g}</sub>".replace(".", "&#46;") in ctx  # the value printed on the token
 
 
+def test_feature_page_ranks_its_channels_by_total_on_each_side(open_app, con):
+    (f,) = con.execute(
+        "SELECT feat_q FROM channels WHERE layer = 0 AND feat_q <> feat_k GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+    ).fetchone()
+    at = open_app(page="Feature search", layer=0, feature=f)
+    for i, side in enumerate(("feat_q", "feat_k")):
+        want = con.execute(
+            f"SELECT head, feat_q, feat_k, sum FROM channels WHERE layer = 0 AND {side} = ? "
+            "ORDER BY abs(sum) DESC, head, feat_q, feat_k LIMIT 15",
+            [f],
+        ).df()
+        got = at.dataframe[i].value
+        assert got[["head", "feat_q", "feat_k"]].values.tolist() == want[["head", "feat_q", "feat_k"]].values.tolist()
+        assert got["sum"].to_numpy() == pytest.approx(want["sum"].to_numpy())
+
+
 def test_older_index_feature_page_says_it_has_no_activations(open_app):
     at = open_app(page="Feature search", layer=0, feature=5)
     assert "This index has no `activations` table (it was built by an older `fra ingest`)" in all_text(at)

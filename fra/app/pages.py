@@ -253,21 +253,22 @@ def _feature_channels(layer: int, feature: int) -> None:
     chans["open"] = [ui.channel_link(r.layer, r.head, r.feat_q, r.feat_k) for r in chans.itertuples()]
     chans = ui.with_labels(chans, "layer", cols=("partner",))
     chans["abs_mean"] = chans["mean"].abs()
-    chans["sum"] = chans["mean"] * chans["count"]
-    chans["abs_sum"] = chans["sum"].abs()
     cols = ["head", "feat_q", "feat_k", "partner_label", "count", "sum", "mean", "share_of_head", "ind_diff", "open"]
     for side, label in (("query", "as the query feature"), ("key", "as the key feature")):
-        mine = chans[chans["side"].isin([side, "both"])].sort_values("abs_sum", ascending=False).head(15)
+        mine = ui.q("feature_side_channels", feature, layer, side, 15)
         st.markdown(f"**Strongest channels {label}** (by |summed FA| over the corpus, all heads)")
         if mine.empty:
             st.caption(f"No stored channel has this feature {label}.")
-        else:
-            ui.show_table(mine, cols, f"feature_{layer}_{feature}_{side}", layer="layer")
+            continue
+        mine["partner"] = mine["feat_k"] if side == "query" else mine["feat_q"]
+        mine["open"] = [ui.channel_link(r.layer, r.head, r.feat_q, r.feat_k) for r in mine.itertuples()]
+        mine = ui.with_labels(mine, "layer", cols=("partner",))
+        ui.show_table(mine, cols, f"feature_{layer}_{feature}_{side}", layer="layer")
     many = f"The {limit} channels of largest |mean|" if len(chans) == limit else f"All {len(chans)} channels"
     with st.expander(f"{many} of this feature (by |mean|, the first 500 shown)"):
         ui.show_table(
             chans.sort_values("abs_mean", ascending=False).head(500),
-            ["side", *cols],
+            ["side", "head", "feat_q", "feat_k", "partner_label", "count", "mean", "share_of_head", "ind_diff", "open"],
             f"feature_{layer}_{feature}_channels",
             layer="layer",
         )

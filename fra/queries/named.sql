@@ -135,3 +135,8 @@ SELECT sample, pos, act FROM activations WHERE layer = ? AND feat = ? AND list_c
 -- name: query_pattern
 -- The attention of one query over its keys.
 SELECT k, score, prob, induction FROM pattern WHERE layer = ? AND head = ? AND sample = ? AND q = ? ORDER BY k;
+
+-- name: feature_side_channels
+-- The channels of a feature on one side ('query' or 'key'; a self pair counts on both), by |summed FA|.
+SELECT side, layer, head, feat_q, feat_k, count, sum, mean, share_of_head, ind_diff
+FROM feature_lookup(?, ?) WHERE side IN (?, 'both') ORDER BY abs(sum) DESC, head, feat_q, feat_k LIMIT ?;
