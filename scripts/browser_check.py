@@ -510,7 +510,13 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
     feat = 1372 if issue_urls else (f["show"][2] if f["show"] else f["fq"])
     chan = f"page=Channel&layer={L}&head={H}"
     # the channel page shown (and clicked through): on the demo, the first 'open' link of head 18.6
-    cl, ch, cq, ck = (18, 6, 316, 316) if issue_urls else (f["layer"], f["head"], f["fq"], f["fk"])
+    cl, ch, cq, ck = (
+        (18, 6, 316, 316)
+        if issue_urls
+        else tuple(f["show"][:4])
+        if f["show"]
+        else (f["layer"], f["head"], f["fq"], f["fk"])
+    )
     return [
         Check("home", "", ["Strongest channels across heads"], ["page=Home"], screenshot="home"),
         Check(

@@ -773,7 +773,7 @@ def page_channel() -> None:
         fig.update_layout(
             title="The stored examples by offset q - k (value)",
             height=300,
-            xaxis_title="q - k",
+            xaxis=dict(title="q - k", type="category"),
             yaxis_title="mean value",
             margin=dict(l=10, r=10, t=40, b=10),
         )
