@@ -670,6 +670,42 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
     assert connect(tiny_index).execute("SELECT count(*) FROM channels").fetchone()[0] == before
 
 
+def test_a_bug_in_a_query_is_not_dressed_up_as_an_old_index(open_app, monkeypatch):
+    """Only the errors that mean "the index lacks this" become the rebuild message; a broken query
+    (a bug) surfaces as one."""
+    import streamlit as st
+
+    from fra.queries import lib
+
+    monkeypatch.setitem(lib.QUERIES, "head_summary", "SELEC broken")
+    st.cache_data.clear()
+    at = open_app()
+    assert at.exception and "Parser Error" in at.exception[0].value
+    assert not any("another version" in e.value for e in at.error)
+
+
+def test_an_index_that_lacks_a_column_gets_a_message_not_a_traceback(open_app, tiny_index, tmp_path, con):
+    import pyarrow.parquet as pq
+    import streamlit as st
+
+    def without(table, column):
+        out = tmp_path / f"{table}_{column}"
+        shutil.copytree(tiny_index, out)
+        for f in (out / table).rglob("*.parquet"):
+            pq.write_table(pq.read_table(f).drop([column]), f)
+        return out
+
+    st.cache_data.clear()
+    at = open_app(index=without("pairs", "kept_abs"))  # the views need it: the index cannot be opened
+    assert not at.exception and "Cannot open the index" in at.error[0].value and "kept_abs" in at.error[0].value
+    l, h, fq, fk = con.execute("SELECT layer, head, feat_q, feat_k FROM channels LIMIT 1").fetchone()
+    at = open_app(index=without("examples", "rank"), page="Channel", layer=l, head=h, fq=fq, fk=fk)
+    msg = " ".join(e.value for e in at.error)
+    assert not at.exception
+    assert "This page needs something the index does not have: query `channel_examples` failed" in msg
+    assert "rebuild it with `fra ingest`" in msg
+
+
 def test_cell_targets_send_feature_ids_to_features_and_other_cells_to_the_row():
     import pandas as pd
 

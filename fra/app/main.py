@@ -22,6 +22,7 @@ import streamlit as st
 from fra.app import pages, ui
 from fra.app.state import pick_page
 from fra.queries import IndexNotFound, manifest
+from fra.queries.lib import INDEX_LACKS
 
 PAGES = {
     "Home": None,
@@ -45,7 +46,7 @@ INDEX = index_path()
 try:
     meta = manifest(INDEX)
     ui.connection(str(INDEX.resolve()))
-except (IndexNotFound, FileNotFoundError, ValueError) as exc:
+except (IndexNotFound, FileNotFoundError, ValueError, *INDEX_LACKS) as exc:
     st.error(f"Cannot open the index {INDEX}: {exc}")
     st.stop()
 st.session_state["_index"] = str(INDEX.resolve())
