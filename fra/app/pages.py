@@ -614,7 +614,8 @@ def page_head() -> None:
     }
     eff_scale = scale if not (scale == "log" and show != "attention") else "clipped"
     title = f"{show} of head {layer}.{head}, sample {sample}, positions {lo} to {hi - 1} ({eff_scale} colour)"
-    ckey = f"head_map_{ui.epoch()}_{layer}_{head}_{sample}"
+    # a fresh chart per selected cell, so that no old selection swallows the next click
+    ckey = f"head_map_{ui.epoch()}_{layer}_{head}_{sample}_{qpos}_{kpos}"
     st.plotly_chart(
         ui.attention_map(z, toks, lo, hi, title, eff_scale, show != "attention", marks),
         width="stretch",
