@@ -102,19 +102,29 @@ WHERE a.layer = $1 AND b.layer = $1 AND a.feat = $2 AND b.feat = $3 AND b.pos <=
 -- Channels of one head (or of every head: NULL, NULL), ranked by `by`: 'mean' (|mean-when-active|),
 -- 'total' (|summed FA|) or 'share' (|share of the head's feature x feature part|), at most $7 per
 -- head and $8 in all. Params: layer, head, by, min_count, drop_noise, exclude_self, per_head, n.
-WITH s AS (
-  SELECT *, CASE $3 WHEN 'mean' THEN abs(mean) WHEN 'total' THEN abs(sum) ELSE abs(share_of_head) END AS rank_key
-  FROM channel_stats_at($1, $2)
-  WHERE count >= $4 AND NOT ($6 AND self_pair)
+-- The ranking reads only the narrow channel columns; the statistics are joined for the winners.
+WITH t AS (
+  SELECT layer, head, sum(ff) AS ff_total FROM pairs
+  WHERE ($1 IS NULL OR layer = $1) AND ($2 IS NULL OR head = $2) GROUP BY layer, head
 ), noise AS (
   SELECT layer, feature FROM noise_features WHERE $5
+), k AS (
+  SELECT c.layer, c.head, c.feat_q, c.feat_k,
+         CASE $3 WHEN 'mean' THEN abs(c.sum / c.count) WHEN 'total' THEN abs(c.sum)
+              ELSE abs(c.sum / nullif(t.ff_total, 0)) END AS rank_key
+  FROM channels c JOIN t USING (layer, head)
+  WHERE ($1 IS NULL OR c.layer = $1) AND ($2 IS NULL OR c.head = $2) AND c.count >= $4
+    AND NOT ($6 AND c.feat_q = c.feat_k)
+), best AS (
+  SELECT k.* FROM k
+  ANTI JOIN noise nq ON nq.layer = k.layer AND nq.feature = k.feat_q
+  ANTI JOIN noise nk ON nk.layer = k.layer AND nk.feature = k.feat_k
+  QUALIFY row_number() OVER (PARTITION BY k.layer, k.head ORDER BY k.rank_key DESC, k.feat_q, k.feat_k) <= $7
+  ORDER BY k.rank_key DESC, k.layer, k.head, k.feat_q, k.feat_k LIMIT $8
 )
-SELECT * EXCLUDE (r) FROM (
-  SELECT s.*, row_number() OVER (PARTITION BY s.layer, s.head ORDER BY s.rank_key DESC, s.feat_q, s.feat_k) AS r
-  FROM s
-  ANTI JOIN noise nq ON nq.layer = s.layer AND nq.feature = s.feat_q
-  ANTI JOIN noise nk ON nk.layer = s.layer AND nk.feature = s.feat_k
-) WHERE r <= $7 ORDER BY rank_key DESC, layer, head, feat_q, feat_k LIMIT $8;
+SELECT s.*, b.rank_key FROM best b
+JOIN channel_stats_at($1, $2) s USING (layer, head, feat_q, feat_k)
+ORDER BY b.rank_key DESC, s.layer, s.head, s.feat_q, s.feat_k;
 
 -- name: query_marginals
 SELECT feat_q, n_channels, total, share_of_head FROM query_feature_marginals
