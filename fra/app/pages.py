@@ -406,7 +406,9 @@ def _explain(layer: int, head: int, sample: int, qpos: int, kpos: int, toks: lis
     top_keys = (ui.manifest().get("policy") or {}).get("top_keys")
     if len(terms):
         top = terms[terms["kind"] == "pair"].copy()
-        groups = terms[~terms["kind"].isin(["pair", "score"])]
+        groups = terms[~terms["kind"].isin(["pair", "score"])].copy()
+        order = {k: i for i, k in enumerate(ui.TERM_ORDER)}
+        groups = groups.sort_values("kind", key=lambda c: c.map(lambda k: order.get(k, len(order))), kind="stable")
         st.caption(
             f"This (q, k) is a stored example: its {len(top)} strongest feature pairs and the rest of the score, "
             "exact (they sum to the score)."
