@@ -7,8 +7,11 @@ a DevTools port, and drives it over the DevTools protocol with the `websockets` 
 comes with streamlit, so nothing else is installed). For every URL it waits until the Streamlit
 script has finished, then fails the URL if the page shows a traceback or an exception box, has no
 header, is empty, lacks an expected text, or its address bar lacks an expected parameter (the URL
-state written back by the app). It also clicks a sidebar page and checks that the address follows.
-Prints one JSON line per check and exits 1 if any failed; `--json` writes the report to a file.
+state written back by the app). It also clicks a sidebar page and checks that the address follows,
+and walks the research journeys step by step in one tab: click a table cell (the same tab must
+follow, no new tab may open), click a cell of the attention map, press Back.
+Prints one JSON line per check (with `load_s`, the seconds until the page was drawn) and exits 1
+if any failed; `--json` writes the report to a file.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ STATE_JS = r"""(() => {
     tables: document.querySelectorAll('[data-testid="stDataFrame"]').length,
     downloads: document.querySelectorAll('[data-testid="stDownloadButton"]').length,
     search: location.search,
+    old: !!window.__fraOld,
   });
 })()"""
 
@@ -73,9 +77,11 @@ class Check:
     expect_url: list[str] = field(default_factory=list)  # substrings the address bar must hold after load
     click_sidebar: str | None = None  # then click this page in the sidebar ...
     expect_url_after_click: list[str] = field(default_factory=list)  # ... and the address must follow
-    click_open_in_table: int | None = None  # click the first row's 'open' link (last column) of this table ...
-    expect_new_tab: list[str] = field(default_factory=list)  # ... and a tab with these in its address must open
     screenshot: str | None = None
+    # then these steps, in the same tab: ("cell", table, row, col_x) clicks a table cell (col_x pixels
+    # from the table's left edge); ("map", q, k) clicks that cell of the first attention map; ("back",)
+    # presses Back. Each step is followed by (expected texts, expected address parts, absent texts).
+    steps: list[tuple[tuple, list[str], list[str], list[str]]] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -156,23 +162,30 @@ class CDP:
         r = await self.call("Runtime.evaluate", expression=STATE_JS, returnByValue=True)
         return json.loads(r["result"]["value"])
 
-    async def settle(self, timeout: float = 45) -> dict:
-        """Wait until the script has run and the page stopped changing (plots drawn)."""
-        t0, last, stable = time.time(), None, 0
+    async def settle(self, timeout: float = 45, t0: float | None = None) -> dict:
+        """Wait until the script has run and the page stopped changing (plots drawn); `load_s` is the
+        time from `t0` until the page reached the state it then kept."""
+        t0 = t0 or time.time()
+        last, stable, since = None, 0, None
         st = {}
         while time.time() - t0 < timeout:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             st = await self.state()
             done = (
-                st["script"] == "notRunning"
+                not st["old"]
+                and st["script"] == "notRunning"
                 and st["connection"] == "CONNECTED"
                 and st["main"].strip()
                 and st["plotsDrawn"] >= st["plots"]
             )
-            sig = (st["main"], st["plotsDrawn"], st["tables"])
-            stable = stable + 1 if done and sig == last else 0
+            sig = (st["main"], st["plotsDrawn"], st["tables"], st["search"])
+            if done and sig == last:
+                stable += 1
+            else:
+                stable, since = 0, time.time()
             last = sig
-            if stable >= 3:
+            if stable >= 5:
+                st["load_s"] = round(since - t0, 2)
                 return st
         st["timeout"] = True
         return st
@@ -210,38 +223,54 @@ def _pages(devtools_port: int) -> dict[str, str]:
         return {t["id"]: t["url"] for t in json.loads(r.read()) if t.get("type") == "page"}
 
 
-async def click_open(cdp: CDP, devtools_port: int, table: int, expect: list[str]) -> list[str]:
-    """Click the 'open' link of a table's first row (tables are drawn on a canvas, so by position)."""
-    js = f"JSON.stringify(document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}].getBoundingClientRect())"
-    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
-    if "value" not in r["result"]:
-        return [f"no table {table} to click"]
-    rect = json.loads(r["result"]["value"])
-    await cdp.call(
+async def _rect(cdp: CDP, selector: str, index: int) -> dict | None:
+    """The element's viewport rectangle after scrolling it to the middle of the window."""
+    el = f"document.querySelectorAll({json.dumps(selector)})[{index}]"
+    r = await cdp.call(
         "Runtime.evaluate",
-        expression=f"document.querySelectorAll('[data-testid=\"stDataFrame\"]')[{table}]"
-        ".scrollIntoView({block: 'center'})",
+        expression=f"(() => {{ const e = {el}; if (!e) return null; e.scrollIntoView({{block: 'center'}}); "
+        "return JSON.stringify(e.getBoundingClientRect()); })()",
+        returnByValue=True,
     )
-    await asyncio.sleep(0.5)
-    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
-    rect = json.loads(r["result"]["value"])
-    x, y = rect["right"] - 40, rect["top"] + 35 + 17  # header row, then the middle of the first row
-    before = _pages(devtools_port)
-    await cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x - 5, y=y)
-    await asyncio.sleep(0.5)
-    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+    await asyncio.sleep(0.4)
+    r = await cdp.call(
+        "Runtime.evaluate", expression=f"JSON.stringify({el}.getBoundingClientRect())", returnByValue=True
+    )
+    return json.loads(r["result"]["value"]) if r["result"].get("value") else None
+
+
+async def click_at(cdp: CDP, x: float, y: float) -> None:
+    await cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x - 3, y=y)
+    await asyncio.sleep(0.3)
+    await cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    await asyncio.sleep(0.2)
+    for kind in ("mousePressed", "mouseReleased"):
         await cdp.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-    for _ in range(50):
-        await asyncio.sleep(0.2)
-        new = {i: u for i, u in _pages(devtools_port).items() if i not in before}
-        if new:
-            break
-    if not new:
-        return ["clicking the first 'open' link opened no tab"]
-    url = next(iter(new.values()))
-    for i in new:
-        urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/close/{i}", timeout=10).read()
-    return [f"the 'open' link went to {url}, which lacks {part!r}" for part in expect if part not in url]
+
+
+async def click_cell(cdp: CDP, table: int, row: int, col_x: int) -> list[str]:
+    """Click a cell of a table (tables are drawn on a canvas, so by position: header row, then rows)."""
+    rect = await _rect(cdp, '[data-testid="stDataFrame"]', table)
+    if rect is None:
+        return [f"no table {table} to click"]
+    await click_at(cdp, rect["left"] + col_x, rect["top"] + 35 + 35 * row + 17)
+    return []
+
+
+async def click_map(cdp: CDP, qpos: int, kpos: int) -> list[str]:
+    """Click cell (q, k) of the first attention map, found through Plotly's own axes."""
+    rect = await _rect(cdp, ".js-plotly-plot", 0)
+    if rect is None:
+        return ["no attention map to click"]
+    js = (
+        "(() => { const gd = document.querySelectorAll('.js-plotly-plot')[0], fl = gd._fullLayout, "
+        "b = gd.getBoundingClientRect(); return JSON.stringify({x: b.left + fl.xaxis._offset + "
+        f"fl.xaxis.l2p({kpos}), y: b.top + fl.yaxis._offset + fl.yaxis.l2p({qpos})}}); }})()"
+    )
+    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
+    pt = json.loads(r["result"]["value"])
+    await click_at(cdp, pt["x"], pt["y"])
+    return []
 
 
 async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path | None) -> list[dict]:
@@ -265,17 +294,23 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
         await cdp.call("Runtime.enable")
         for c in checks:
             t0 = time.time()
+            await cdp.call("Runtime.evaluate", expression="window.__fraOld = 1")  # settle waits for the new page
             await cdp.call("Page.navigate", url=f"{base}/?{c.query}")
-            st = await cdp.settle()
+            st = await cdp.settle(t0=t0)
+            load_s = st.get("load_s")
             problems = judge(c, st)
             if c.click_sidebar and not problems:
                 js = (
                     f"(() => {{ const l = Array.from(document.querySelectorAll('[data-testid=\"stSidebar\"] label'))"
                     f".find(e => e.innerText.trim() === {json.dumps(c.click_sidebar)}); if (l) "
-                    "l.click(); return !!l; }})()"
+                    "l.click(); return !!l; })()"
                 )
-                r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
-                if not r["result"].get("value"):
+                for _ in range(25):  # the sidebar may still be drawing
+                    r = await cdp.call("Runtime.evaluate", expression=js, returnByValue=True)
+                    if r["result"].get("value"):
+                        break
+                    await asyncio.sleep(0.2)
+                else:
                     problems.append(f"no sidebar entry {c.click_sidebar!r}")
                 await asyncio.sleep(0.5)
                 st = await cdp.settle()
@@ -297,14 +332,34 @@ async def run_checks(base: str, checks: list[Check], chromium: str, shots: Path 
 
                 (shots / f"{c.screenshot}.png").write_bytes(base64.b64decode(png["data"]))
                 await cdp.call("Emulation.clearDeviceMetricsOverride")
-            if c.click_open_in_table is not None and not problems:
-                problems += await click_open(cdp, devtools_port, c.click_open_in_table, c.expect_new_tab)
+            step_times = []
+            for i, (step, texts, parts, absent) in enumerate(c.steps):
+                if problems:
+                    break
+                tabs = _pages(devtools_port)
+                t1 = time.time()
+                if step[0] == "cell":
+                    problems += await click_cell(cdp, *step[1:])
+                elif step[0] == "map":
+                    problems += await click_map(cdp, *step[1:])
+                elif step[0] == "back":
+                    await cdp.call("Runtime.evaluate", expression="history.back()")
+                await asyncio.sleep(0.3)
+                st = await cdp.settle(t0=t1)
+                step_times.append(st.get("load_s"))
+                where = f"step {i + 1} {step}"
+                problems += [f"{where}: {p}" for p in judge(Check(c.name, c.query, texts, parts), st)]
+                problems += [f"{where}: the page shows {t!r}" for t in absent if t.lower() in st["main"].lower()]
+                if set(_pages(devtools_port)) - set(tabs):
+                    problems.append(f"{where}: a new tab opened (links must stay in the tab)")
             results.append(
                 dict(
                     name=c.name,
                     url=f"?{c.query}",
                     ok=not problems,
                     problems=problems,
+                    load_s=load_s,
+                    step_load_s=step_times,
                     seconds=round(time.time() - t0, 2),
                     warnings=st.get("warnings", []),
                     headers=st.get("headers", [])[:2],
@@ -342,7 +397,108 @@ def index_facts(index: Path) -> dict:
         if "label" in [r[0] for r in con.execute("DESCRIBE features").fetchall()]
         else 0
     )
-    return dict(layer=layer, head=head, fq=fq, fk=fk, sample=sample, q=qpos, k=k, n_feat=n_feat, labelled=labelled)
+    # the journey: Home's first channel (the app's default ranking), its first example
+    home = con.execute(
+        "SELECT layer, head, feat_q, feat_k FROM channel_stats s WHERE count >= 8 AND NOT self_pair "
+        "AND feat_q NOT IN (SELECT feature FROM noise_features n WHERE n.layer = s.layer) "
+        "AND feat_k NOT IN (SELECT feature FROM noise_features n WHERE n.layer = s.layer) "
+        "ORDER BY abs(sum) DESC, layer, head, feat_q, feat_k LIMIT 1"
+    ).fetchone()
+    ex = (
+        con.execute(
+            "SELECT sample, q, k FROM examples WHERE layer = ? AND head = ? AND feat_q = ? AND feat_k = ? "
+            "ORDER BY rank LIMIT 1",
+            list(home),
+        ).fetchone()
+        if home
+        else None
+    )
+    # a feature pair stored at some (q, k) whose channel is below min_count
+    below = con.execute(
+        "SELECT layer, head, feat_q, feat_k FROM rows r ANTI JOIN channels c USING (layer, head, feat_q, feat_k) "
+        "ORDER BY abs(value) DESC LIMIT 1"
+    ).fetchone()
+    layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM head_totals").fetchall()]
+    # for the screenshots: the head that attends most to induction targets, its strongest channel, and
+    # that channel's first example
+    show = con.execute(
+        "SELECT s.layer, s.head, s.feat_q, s.feat_k, e.sample, e.q, e.k FROM channel_stats s "
+        "JOIN examples e USING (layer, head, feat_q, feat_k) "
+        "JOIN (SELECT layer, head FROM head_summary ORDER BY ind_attn DESC NULLS LAST LIMIT 1) USING (layer, head) "
+        "WHERE NOT s.self_pair AND e.rank = 0 ORDER BY abs(s.sum) DESC LIMIT 1"
+    ).fetchone()
+    return dict(
+        layer=layer,
+        head=head,
+        fq=fq,
+        fk=fk,
+        sample=sample,
+        q=qpos,
+        k=k,
+        n_feat=n_feat,
+        labelled=labelled,
+        home=home,
+        example=ex,
+        below=below,
+        missing_layer=max(layers) + 1,
+        show=show,
+    )
+
+
+def journeys(f: dict) -> list[Check]:
+    """The research path in one tab: Home -> channel -> example -> the channel at its (q, k); a click
+    on the attention map; Back; a pair below min_count; a layer the index lacks."""
+    out = []
+    if f["home"] and f["example"]:
+        l, h, fq, fk = f["home"]
+        s, qpos, kpos = f["example"]
+        k2 = qpos - 1 if qpos - 1 != kpos and qpos >= 1 else qpos
+        out.append(
+            Check(
+                "journey",
+                "",
+                ["Strongest channels across heads"],
+                ["page=Home"],
+                steps=[
+                    (
+                        ("cell", 0, 0, 20),
+                        ["Strongest examples"],
+                        [f"page=Channel&layer={l}&head={h}&fq={fq}&fk={fk}"],
+                        [],
+                    ),
+                    (
+                        ("cell", 0, 0, 20),
+                        [f"The channel {fq} → {fk} you came from gives FA", f"attends to key {kpos}"],
+                        ["page=Head", f"sample={s}&q={qpos}&k={kpos}&", f"fq={fq}&fk={fk}"],
+                        [],
+                    ),
+                    (("map", qpos, k2), [f"attends to key {k2}"], [f"&q={qpos}&k={k2}&"], []),
+                    (("back",), [f"attends to key {kpos}"], [f"&q={qpos}&k={kpos}&"], [f"attends to key {k2} "]),
+                    (("back",), ["Strongest examples"], [f"page=Channel&layer={l}&head={h}&fq={fq}&fk={fk}"], []),
+                    (("back",), ["Strongest channels across heads"], ["page=Home"], []),
+                ],
+            )
+        )
+    if f["below"]:
+        l, h, fq, fk = f["below"]
+        out.append(
+            Check(
+                "pair below min_count",
+                f"page=Channel&layer={l}&head={h}&fq={fq}&fk={fk}",
+                [f"Channel ({fq} → {fk}) of head {l}.{h} is not stored", "min_count"],
+                [f"fq={fq}&fk={fk}"],
+            )
+        )
+    ml = f["missing_layer"]
+    out.append(
+        Check(
+            "layer not indexed",
+            f"page=Feature+search&layer={ml}&feature=1",
+            [f"layer={ml} is not indexed"],
+            [f"layer={ml}"],
+        )
+    )
+    return out
 
 
 def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
@@ -351,10 +507,16 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
     f = index_facts(index)
     L, H = (18, 6) if issue_urls else (f["layer"], f["head"])
     H0 = 0 if issue_urls else f["head"]
-    feat = 1372 if issue_urls else f["fq"]
+    feat = 1372 if issue_urls else (f["show"][2] if f["show"] else f["fq"])
     chan = f"page=Channel&layer={L}&head={H}"
     # the channel page shown (and clicked through): on the demo, the first 'open' link of head 18.6
-    cl, ch, cq, ck = (18, 6, 316, 316) if issue_urls else (f["layer"], f["head"], f["fq"], f["fk"])
+    cl, ch, cq, ck = (
+        (18, 6, 316, 316)
+        if issue_urls
+        else tuple(f["show"][:4])
+        if f["show"]
+        else (f["layer"], f["head"], f["fq"], f["fk"])
+    )
     return [
         Check("home", "", ["Strongest channels across heads"], ["page=Home"], screenshot="home"),
         Check(
@@ -370,7 +532,20 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
             ["is not a feature ID"],
             ["feature=the"],
         ),
-        Check("head", f"page=Head&layer={L}&head={H}", ["Why query"], ["q=", "k=", "sample="], screenshot="head"),
+        Check("head", f"page=Head&layer={L}&head={H}", ["Why query"], ["q=", "k=", "sample="]),
+        Check(
+            "head at an example",
+            (
+                "page=Head&layer={}&head={}&sample={}&q={}&k={}&fq={}&fk={}".format(
+                    *f["show"][:2], *f["show"][4:], *f["show"][2:4]
+                )
+                if f["show"]
+                else f"page=Head&layer={L}&head={H}"
+            ),
+            ["Why query"],
+            ["q=", "k=", "sample="],
+            screenshot="head",
+        ),
         Check(
             "head with q and k",
             f"page=Head&layer={f['layer']}&head={f['head']}&sample={f['sample']}&q={f['q']}&k={f['k']}",
@@ -384,8 +559,6 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
             ["mean", "Strongest examples"],
             [f"fq={cq}"],
             screenshot="channel",
-            click_open_in_table=0,
-            expect_new_tab=["page=Head", "sample=", "&q=", "&k="],
         ),
         Check("sample", f"page=Sample&layer={L}&head={H}", ["Most-attended keys"], ["q="], screenshot="sample"),
         Check("cih", "page=CIH", ["CIH"], ["page=CIH"], screenshot="cih"),
@@ -400,7 +573,7 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
         Check("channel 316->316", f"{chan}&fq=316&fk=316", ["Channel"]),
         Check("channel 1372->1289", f"page=Channel&layer={L}&head={H0}&fq=1372&fk=1289", ["Channel"]),
         # bug 5: invalid parameters are explained
-        Check("layer=3", f"page=Channel&layer=3&head={H}", ["layer=3 is not one of the layers"]),
+        Check("layer=3", f"page=Channel&layer=3&head={H}", ["layer=3 is not indexed"]),
         Check("head=42", f"page=Head&layer={L}&head=42", ["head=42 is not one of the heads"]),
         Check("fq=abc", f"{chan}&fq=abc&fk=1", ["fq='abc' is not a whole number"]),
         Check("sample=999", f"page=Head&layer={L}&head={H}&sample=999", ["sample=999 is not one of the samples"]),
@@ -419,6 +592,7 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
             click_sidebar="Channel",
             expect_url_after_click=["page=Channel", f"layer={L}", f"head={H}", "fq="],
         ),
+        *journeys(f),
     ]
 
 

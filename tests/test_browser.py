@@ -1,7 +1,11 @@
 """The explorer in a real browser: Debian's headless Chromium, driven by scripts/browser_check.py,
-loads every page of a tiny index and every bad URL of issue 15 (with the tiny index's numbers),
-and fails on a traceback, an exception or error box, an empty page, a missing message, an address
-bar that does not follow the page, or deprecation noise in the server log.
+loads every page of a tiny index (with the example_terms and activations tables) and every bad URL
+of issue 15 (with the tiny index's numbers), walks the research journey in one tab (Home ->
+channel -> example -> the channel at its (q, k) -> a click on the attention map -> Back, Back,
+Back), opens a pair below min_count and a layer the index lacks, and fails on a traceback, an
+exception or error box, an empty page, a missing message, an address bar that does not follow the
+page, a link that opens a new tab, or deprecation noise in the server log. It prints how long each
+page took to draw (not asserted: speed belongs to benchmarks).
 
 Chromium comes from `FRA_BROWSER_TESTS=1 bash scripts/setup.sh` (CI sets it); without it this test
 is skipped with that reason, never silently."""
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_app import explained_index  # noqa: F401  (the fixture, shared with the AppTest tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "browser_check.py"
 
@@ -26,7 +32,7 @@ def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
             "chromium is not installed: run `FRA_BROWSER_TESTS=1 bash scripts/setup.sh` "
             "(apt-get install -y chromium) to run the real-browser test"
         )
-    tiny_index = request.getfixturevalue("tiny_index")  # built only when the test runs
+    tiny_index = request.getfixturevalue("explained_index")  # built only when the test runs
     cih = tmp_path / "cih.json"  # the new report format, so that the browser sees its linked table
     cih.write_text(
         json.dumps(
@@ -56,6 +62,8 @@ def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
     )
     assert report.exists(), proc.stdout + proc.stderr
     rep = json.loads(report.read_text())
+    for r in rep["results"]:  # page times, for the reader (not asserted)
+        print(f"{r['name']:28s} drawn in {r['load_s']} s; steps: {r.get('step_load_s')}")
     failed = {r["name"]: r["problems"] for r in rep["results"] if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)
     assert not rep["app_log_noise"], rep["app_log_noise"]
@@ -79,5 +87,9 @@ def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
         "channel 316->316",
         "channel 1372->1289",
         "switch page",
+        "head at an example",
+        "journey",
+        "pair below min_count",
+        "layer not indexed",
     } <= names
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,6 +29,7 @@ HELP = {
     "partner_label": "Label of the other feature of the channel.",
     "side": "Whether the feature is on the query side, the key side, or both (a self pair).",
     "count": "Number of causal (q, k) pairs in the corpus where feat_q is active at q and feat_k at k.",
+    "sum": "The channel's FA summed over the corpus: its total contribution to the head's scores.",
     "mean": "Mean-when-active: the channel's FA summed over the corpus divided by count.",
     "std": "Standard deviation of the channel's FA over those count pairs.",
     "ind_count": "How many of those pairs are induction targets.",
@@ -96,6 +97,7 @@ PAGE_TERMS = {
     "Home": [
         "channel",
         "FA",
+        "sum",
         "mean",
         "count",
         "ind_diff",
@@ -109,6 +111,7 @@ PAGE_TERMS = {
     "Feature search": ["label", "index_frequency", "bos_rate", "side", "channel", "mean", "ind_diff", "self pair"],
     "Head": [
         "FA",
+        "sum",
         "ff_share",
         "error share",
         "bdec_resid_share",

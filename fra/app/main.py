@@ -4,8 +4,10 @@ Run with `fra app --index runs/demo` (or FRA_INDEX=... streamlit run fra/app/mai
 Pages: Home, Feature search, Head, Channel, Sample, CIH. Every page keeps its state in the URL
 query parameters, both ways (see fra.app.ui), so a channel is a link:
 ?page=Channel&layer=17&head=6&fq=12&fk=40, and an attention score is a link:
-?page=Head&layer=18&head=6&sample=3&q=40&k=21. A value in the URL that the index does not have is
-replaced by a default, with a message saying what was wrong and what is available.
+?page=Head&layer=18&head=6&sample=3&q=40&k=21. Every view is a step of the browser history (Back
+and Forward work), and links stay in the tab. A value in the URL that the index does not have is
+replaced by a default, with a message saying what was wrong and what is available; a layer the
+index did not index is refused (with the indexed layers), never replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import streamlit as st
 from fra.app import pages, ui
 from fra.app.state import pick_page
 from fra.queries import IndexNotFound, manifest
+from fra.queries.lib import INDEX_LACKS
 
 PAGES = {
     "Home": None,
@@ -43,13 +46,13 @@ INDEX = index_path()
 try:
     meta = manifest(INDEX)
     ui.connection(str(INDEX.resolve()))
-except (IndexNotFound, FileNotFoundError, ValueError) as exc:
+except (IndexNotFound, FileNotFoundError, ValueError, *INDEX_LACKS) as exc:
     st.error(f"Cannot open the index {INDEX}: {exc}")
     st.stop()
 st.session_state["_index"] = str(INDEX.resolve())
 st.session_state["_url"] = {}
-if "page" not in st.session_state:
-    choice = pick_page(st.query_params.get("page"), list(PAGES), "Home")
+if ui.adopt_url() or "page" not in st.session_state:
+    choice = pick_page(ui.url_param("page"), list(PAGES), "Home")
     if choice.problem:
         st.warning(choice.problem)
     st.session_state["page"] = choice.value
@@ -69,5 +72,10 @@ except ui.QueryFailed as exc:
         f"This page needs something the index does not have: {exc}. The index may come from another "
         "version of FRA; rebuild it with `fra ingest`."
     )
+except ui.Refused as exc:
+    st.warning(str(exc))
+    for label, params in exc.links:
+        ui.nav(st, label, ui.link(page, **{k: v for k, v in params.items() if k != "page"}))
+    ui.url().update({k: v for k, v in ui.params().items() if k != "page"})  # the URL stays as asked
 finally:
     ui.sync_url(page)

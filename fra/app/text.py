@@ -112,3 +112,34 @@ def md_tokens(tokens: list[str], bold: dict[int, str] | None = None) -> str:
         else:
             parts.append(md_text(t))
     return "".join(parts)
+
+
+def html_tokens(
+    tokens: list[str],
+    weights: dict[int, float],
+    titles: dict[int, str] | None = None,
+    outline: dict[int, str] | None = None,
+    values: dict[int, str] | None = None,
+    rgb: tuple[int, int, int] = (33, 113, 181),
+    tail: str = "",
+) -> str:
+    """Tokens as inline HTML, each on a background of `rgb` at opacity weights[i] (0..1), the way
+    CircuitsVis colours attention and Neuronpedia colours activations.
+
+    `titles` become tooltips, `outline` draws a labelled box around some tokens (the query), and
+    `values` prints a small number after a token (its activation); `tail` is text shown after the
+    tokens in grey."""
+    titles, outline, values = titles or {}, outline or {}, values or {}
+    parts = []
+    for i, t in enumerate(tokens):
+        w = max(0.0, min(1.0, float(weights.get(i, 0.0))))
+        style = f"background: rgba({rgb[0]},{rgb[1]},{rgb[2]},{w:.3f}); border-radius: 3px; padding: 1px 0;"
+        if w > 0.6:
+            style += " color: white;"
+        if i in outline:
+            style += " outline: 2px solid #d62728; outline-offset: 1px;"
+        title = html.escape(titles.get(i, f"{i}"), quote=True)
+        sub = f"<sub>{md_text(values[i])}</sub>" if i in values else ""
+        parts.append(f'<span title="{title}" style="{style}">{md_text(t) or "&#9251;"}{sub}</span>')
+    grey = f'<span style="color: #999;">{md_text(tail)}</span>' if tail else ""
+    return '<div style="line-height: 2.1; white-space: pre-wrap;">' + "".join(parts) + grey + "</div>"
