@@ -23,12 +23,23 @@ def sql_file(name: str) -> str:
     return (HERE / f"{name}.sql").read_text()
 
 
+def _empty(table):
+    """An empty Arrow table with the columns a read of `table`'s Parquet files would have."""
+    import pyarrow as pa
+
+    parts = [(c, pa.int64()) for c in table.by] if table.partitioned else []
+    return pa.schema(list(table.schema) + [pa.field(c, t) for c, t in parts]).empty_table()
+
+
 def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with every view defined over `index` (read-only on the files)."""
     root = Path(index).resolve()
     Manifest.read(root)  # raises IndexFormatError with the reason
     con = con or duckdb.connect(":memory:")
     for name, table in TABLES.items():
+        if table.optional and not list(root.glob(f"{name}/**/*.parquet")):
+            con.register(name, _empty(table))  # not written yet (`fra explain`): an empty table
+            continue
         con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_literal(table_glob(root, name))}"
             f"{', hive_partitioning = true' if table.partitioned else ''})"

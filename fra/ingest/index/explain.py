@@ -1,0 +1,482 @@
+"""The explain pass: the exact split of the score at every stored example, every SAE activation,
+and the q = k part of every channel.
+
+`examples` names, per kept channel and head, the (sample, q, k) where the channel is strongest,
+while `rows` covers only each query's most-attended keys, so most examples have no stored split.
+This pass visits every indexed sample once per layer (`Decomposer.prepare`: one forward pass to
+the layer, the SAE, and the per-token query / key vectors of every active feature; nothing dense
+in d_sae is formed) and writes:
+
+  example_terms  at each distinct example point (head, q, k): the FA block of the point (one
+                 [A, A] matmul), its `explain_pairs` pairs of largest |FA|, the pairs of the
+                 channels that have an example there (with their rank), the rest of the
+                 feature x feature terms, the b_dec, error and bias groups (component dot
+                 products) and the model's score. The parts sum to the score (`split_points`);
+  activations    every nonzero SAE activation, for the feature pages;
+  channel_diag   per kept channel, the count and FA sum of its q = k entries, so that views can
+                 leave out each token's attention to itself (`diagonal_entries`).
+
+It runs at the end of `fra ingest --engine local` (`--explain-pairs 0` skips it) and as
+`fra explain --index OUT`: after `fra merge` for `--shard i/n` runs, and after `--engine ray`
+runs (it runs in one process). The tables are staged in `OUT.explain-staging/` and renamed into
+the index, replacing earlier ones; the manifest's policy then records `explain_pairs`. An
+interrupted pass leaves the index as it was; run `fra explain` again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import opt
+from .schema import TABLES, IndexFormatError, Manifest, table_glob
+from .store import conform
+
+GROUPS = ("ff_rest", "b_dec", "error", "bias")
+KINDS = ("pair", *GROUPS, "score")
+OUT_TABLES = ("example_terms", "activations", "channel_diag")
+# component-pair terms (decompose.TERM_NAMES) per group; feat_feat is resolved into pairs + ff_rest
+TERM_GROUPS = {
+    "b_dec": ("feat_bdec", "bdec_feat", "bdec_bdec"),
+    "error": ("feat_err", "err_feat", "err_err", "bdec_err", "err_bdec"),
+    "bias": ("feat_bias", "bdec_bias", "err_bias", "bias_feat", "bias_bdec", "bias_err", "bias_bias"),
+}
+POINTS_PER_CHUNK = 1024  # example points whose [A, A] FA blocks are formed at once
+RANK_MAX = 32767  # ranks are int16; a pair ranked lower is stored with this rank
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    index: Path = opt(Path("runs/demo"), "the index to explain (written by `fra ingest`, or `fra merge`)")
+    model: str | None = opt(None, "the model the index was built with; default: the manifest's")
+    sae: str | None = opt(
+        None,
+        "the --sae given to `fra ingest` (checked against the manifest's SAE identities); default: the preset's",
+    )
+    explain_pairs: int = opt(16, "feature pairs of largest |FA| stored at each example's (q, k)")
+    device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
+    progress: bool = opt(True, "show progress bars and a summary")
+
+    def __post_init__(self):
+        if self.explain_pairs < 1:
+            raise ValueError("--explain-pairs must be at least 1")
+
+
+# --------------------------------------------------------------------------------------------
+# The math: tensors in, tensors out
+
+
+class PointSplit(NamedTuple):
+    """The split of the score at P points (head, q, k) of one sample."""
+
+    top_value_PN: object  # [P, N] FA of the N pairs of largest |FA|, largest first
+    top_fq_PN: object  # [P, N] their query-side features
+    top_fk_PN: object  # [P, N] their key-side features
+    top_valid_PN: object  # [P, N] False past the point's number of pairs
+    extra_point_X: object  # [X] point of each asked-for pair that is not among the top N
+    extra_rank_X: object  # [X] its rank among all the point's pairs (0 = largest |FA|)
+    extra_value_X: object  # [X] its FA
+    extra_fq_X: object
+    extra_fk_X: object
+    groups_PG: object  # [P, 4] float64: ff_rest, b_dec, error, bias (as GROUPS)
+    score_P: object  # [P] the model's score
+
+
+def _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae: int):
+    """An int64 key per pair that orders by |FA| descending, then feat_q, then feat_k ascending;
+    -1 for padding. |FA| goes in the high 32 bits: a non-negative float32's bits order as it does."""
+    import torch
+
+    P, A = fq_PA.shape
+    if d_sae <= 1 << 16:
+        pid = fq_PA[:, :, None].long() * d_sae + fk_PA[:, None, :].long()
+    else:  # the pair id does not fit in 32 bits: ties go by slot order instead
+        pid = torch.arange(A * A, device=fq_PA.device).view(1, A, A).expand(P, A, A)
+    key = (fa_PAA.abs().contiguous().view(torch.int32).long() << 32) | ((1 << 32) - 1 - pid)
+    return torch.where(live_PAA, key, torch.full_like(key, -1))
+
+
+def split_points(
+    q,
+    k,
+    feat_idx_TA,
+    live_TA,
+    scores_HQK,
+    h_P,
+    q_P,
+    k_P,
+    n_top: int,
+    d_sae: int,
+    want_point_X=None,
+    want_fq_X=None,
+    want_fk_X=None,
+) -> PointSplit:
+    """The split of the score at the points (h_P, q_P, k_P) of one sample (batch index 0 of the
+    `SideVectors` q and k): the n_top feature pairs of largest |FA|, the asked-for pairs
+    (want_*: a point and two features each) that are not among them, the rest of the
+    feature x feature terms, the b_dec, error and bias groups, and the model's score."""
+    import torch
+
+    from ..core.decompose import COMPONENTS, TERM_NAMES
+
+    Qf_PAE = q.feat_BHTAE[0][h_P, q_P]
+    Kf_PAE = k.feat_BHTAE[0][h_P, k_P]
+    fa_PAA = Qf_PAE @ Kf_PAE.transpose(1, 2)
+    P, A = Qf_PAE.shape[:2]
+    live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
+    fq_PA, fk_PA = feat_idx_TA[q_P], feat_idx_TA[k_P]
+    key_PM = _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae).flatten(1)
+    n = min(n_top, A * A)
+    top_key_PN, top_i_PN = key_PM.topk(n, dim=1)
+    valid_PN = top_key_PN >= 0
+    top_value_PN = fa_PAA.flatten(1).gather(1, top_i_PN)
+    top_fq_PN = fq_PA.gather(1, top_i_PN // A)
+    top_fk_PN = fk_PA.gather(1, top_i_PN % A)
+    stored_P = torch.where(valid_PN, top_value_PN, torch.zeros_like(top_value_PN)).double().sum(1)
+
+    empty = torch.zeros(0, dtype=torch.long, device=fa_PAA.device)
+    ex_p, ex_rank, ex_val, ex_fq, ex_fk = empty, empty, fa_PAA.new_zeros(0), empty, empty
+    if want_point_X is not None and len(want_point_X):
+        wp = want_point_X
+        match_a = (fq_PA[wp] == want_fq_X[:, None]) & live_TA[q_P[wp]]
+        match_b = (fk_PA[wp] == want_fk_X[:, None]) & live_TA[k_P[wp]]
+        if not bool(match_a.any(1).all() and match_b.any(1).all()):
+            raise IndexFormatError(
+                "an example's features are not active at its (q, k) in this run: the model, SAEs or "
+                "tokens differ from those the index was built with"
+            )
+        a, b = match_a.int().argmax(1), match_b.int().argmax(1)
+        key_X = key_PM[wp, a * A + b]
+        rank_X = (key_PM[wp] > key_X[:, None]).sum(1)
+        out = rank_X >= n
+        ex_p, ex_rank = wp[out], rank_X[out].clamp(max=RANK_MAX)
+        ex_val = fa_PAA[wp, a, b][out]
+        ex_fq, ex_fk = want_fq_X[out], want_fk_X[out]
+        stored_P = stored_P.index_add(0, ex_p, ex_val.double())
+
+    ff_P = torch.where(live_PAA, fa_PAA, torch.zeros_like(fa_PAA)).double().sum((1, 2))
+    qc = {c: q.component(c)[0][h_P, q_P] for c in COMPONENTS}
+    kc = {c: k.component(c)[0][h_P, k_P] for c in COMPONENTS}
+    term = {f"{a}_{b}": (qc[a] * kc[b]).double().sum(-1) for a in COMPONENTS for b in COMPONENTS}
+    assert set(sum(TERM_GROUPS.values(), ("feat_feat",))) == set(TERM_NAMES)
+    groups_PG = torch.stack(
+        [ff_P - stored_P] + [sum(term[t] for t in TERM_GROUPS[g]) for g in GROUPS[1:]],
+        dim=1,
+    )
+    return PointSplit(
+        top_value_PN,
+        top_fq_PN,
+        top_fk_PN,
+        valid_PN,
+        ex_p,
+        ex_rank,
+        ex_val,
+        ex_fq,
+        ex_fk,
+        groups_PG,
+        scores_HQK[h_P, q_P, k_P],
+    )
+
+
+def diagonal_entries(q, k, feat_idx_TA, live_TA, heads, d_sae: int):
+    """Every q = k feature pair of one sample: channel keys (feat_q * d_sae + feat_k) [n] and
+    FA[t, t, feat_q, feat_k] per head [len(heads), n]."""
+    import torch
+
+    h = torch.as_tensor(heads, device=feat_idx_TA.device)
+    fa_HTAA = q.feat_BHTAE[0][h] @ k.feat_BHTAE[0][h].transpose(-1, -2)
+    live_TAA = live_TA[:, :, None] & live_TA[:, None, :]
+    keys_TAA = feat_idx_TA[:, :, None].long() * d_sae + feat_idx_TA[:, None, :].long()
+    return keys_TAA[live_TAA], fa_HTAA[:, live_TAA]
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulators and writers
+
+
+class DiagSums:
+    """Exact per-channel count and float64 sum of q = k entries over samples, for the kept
+    channels only. Entries are added in sample order and reduced by channel (np.unique and
+    bincount) whenever `limit` of them are pending, so memory follows the channels, not the corpus."""
+
+    def __init__(self, kept_keys: np.ndarray, n_heads: int, limit: int = 1 << 21):
+        self.kept, self.limit = np.asarray(kept_keys, np.int64), limit
+        self.keys = np.zeros(0, np.int64)
+        self.count = np.zeros(0, np.int64)
+        self.sum_H = np.zeros((n_heads, 0))
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.n_pending = 0
+
+    def add(self, keys: np.ndarray, vals_H: np.ndarray) -> None:
+        if len(self.kept) == 0 or len(keys) == 0:
+            return
+        at = np.searchsorted(self.kept, keys).clip(max=len(self.kept) - 1)
+        hit = self.kept[at] == keys
+        self.pending.append((keys[hit], vals_H[:, hit].astype(np.float64)))
+        self.n_pending += int(hit.sum())
+        if self.n_pending >= self.limit:
+            self.reduce()
+
+    def reduce(self) -> None:
+        if not self.pending:
+            return
+        keys = np.concatenate([self.keys, *[k for k, _ in self.pending]])
+        ones = np.concatenate([self.count, *[np.ones(len(k), np.int64) for k, _ in self.pending]])
+        vals = np.concatenate([self.sum_H, *[v for _, v in self.pending]], axis=1)
+        self.keys, inv = np.unique(keys, return_inverse=True)
+        self.count = np.bincount(inv, weights=ones, minlength=len(self.keys)).astype(np.int64)
+        self.sum_H = np.stack([np.bincount(inv, weights=v, minlength=len(self.keys)) for v in vals])
+        self.pending, self.n_pending = [], 0
+
+
+class PartWriter:
+    """One Parquet file of a table, written in row groups of up to `rows` rows."""
+
+    def __init__(self, name: str, path: Path, rows: int = 1 << 20):
+        self.name, self.path, self.rows = name, Path(path), rows
+        self.buf: list[pa.Table] = []
+        self.n, self.writer = 0, None
+
+    def add(self, columns: dict) -> None:
+        table = conform(self.name, pa.table(columns))
+        if table.num_rows:
+            self.buf.append(table)
+            self.n += table.num_rows
+        if self.n >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self.buf:
+            return
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.path, TABLES[self.name].schema, compression="zstd")
+        self.writer.write_table(pa.concat_tables(self.buf), row_group_size=self.rows)
+        self.buf, self.n = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _kind_column(codes: np.ndarray) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(KINDS)).cast(pa.string())
+
+
+def _term_rows(sample: int, pts: np.ndarray, sp: PointSplit) -> dict:
+    """example_terms rows of one chunk of points (pts: [P, 3] head, q, k), with the head and an
+    order column (point, then pairs by rank, then the groups and the score)."""
+    top_valid = sp.top_valid_PN.cpu().numpy()
+    P, N = top_valid.shape
+    pi, ri = np.nonzero(top_valid)
+    ex_p = sp.extra_point_X.cpu().numpy()
+    g_p = np.repeat(np.arange(P), len(GROUPS) + 1)
+    point = np.concatenate([pi, ex_p, g_p])
+    rank = np.concatenate([ri, sp.extra_rank_X.cpu().numpy(), np.full(len(g_p), -1)])
+    kind = np.concatenate([np.zeros(len(pi) + len(ex_p), np.int8), np.tile(np.arange(1, len(KINDS), dtype=np.int8), P)])
+    groups = np.concatenate([sp.groups_PG.cpu().numpy(), sp.score_P.double().cpu().numpy()[:, None]], axis=1)
+    value = np.concatenate(
+        [sp.top_value_PN.cpu().numpy()[pi, ri], sp.extra_value_X.cpu().numpy(), groups.reshape(-1)]
+    ).astype(np.float32)
+    none = np.full(len(g_p), -1)
+    fq = np.concatenate([sp.top_fq_PN.cpu().numpy()[pi, ri], sp.extra_fq_X.cpu().numpy(), none])
+    fk = np.concatenate([sp.top_fk_PN.cpu().numpy()[pi, ri], sp.extra_fk_X.cpu().numpy(), none])
+    sub = np.where(kind == 0, rank, RANK_MAX + kind.astype(np.int64))
+    order = np.lexsort((sub, point))
+    return {
+        "head": pts[point[order], 0],
+        "sample": np.full(len(order), sample, np.int32),
+        "q": pts[point[order], 1].astype(np.int16),
+        "k": pts[point[order], 2].astype(np.int16),
+        "rank": rank[order].astype(np.int16),
+        "kind": kind[order],
+        "feat_q": fq[order].astype(np.int32),
+        "feat_k": fk[order].astype(np.int32),
+        "value": value[order],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+
+
+def _read_examples(con, root: Path, layer: int) -> dict[str, np.ndarray]:
+    """The layer's examples, sorted by sample, head, q, k."""
+    t = con.execute(
+        "SELECT sample, head::INTEGER AS head, q, k, feat_q, feat_k "
+        "FROM read_parquet(?, hive_partitioning = true) WHERE layer = ? ORDER BY sample, head, q, k, feat_q, feat_k",
+        [table_glob(root, "examples"), layer],
+    ).fetchnumpy()
+    return {c: np.asarray(v) for c, v in t.items()}
+
+
+def _kept_keys(con, root: Path, layer: int, d_sae: int) -> np.ndarray:
+    return np.asarray(
+        con.execute(
+            "SELECT DISTINCT feat_q::BIGINT * ? + feat_k AS key FROM read_parquet(?, hive_partitioning = true) "
+            "WHERE layer = ? ORDER BY key",
+            [d_sae, table_glob(root, "channels"), layer],
+        ).fetchnumpy()["key"],
+        np.int64,
+    )
+
+
+def explain_layer(dec, heads, samples: pa.Table, ex: dict, kept: np.ndarray, n_top: int, staging: Path, progress):
+    """Write one layer's example_terms, activations and channel_diag under `staging`."""
+    import torch
+    from tqdm import tqdm
+
+    layer, F = dec.layer, int(dec.sae.cfg.d_sae)
+    device = dec.proj.dec_q_FHE.device
+    terms = {
+        h: PartWriter("example_terms", staging / "example_terms" / f"layer={layer}" / f"head={h}" / "part-0.parquet")
+        for h in heads
+    }
+    acts = PartWriter("activations", staging / "activations" / f"layer={layer}" / "part-0.parquet")
+    diag = DiagSums(kept, len(heads))
+    ids = samples["sample"].to_numpy()
+    bounds = np.searchsorted(ex["sample"], np.concatenate([ids, [np.iinfo(np.int64).max]]))
+    n_points = 0
+    for s, (sample, token_ids) in enumerate(
+        tqdm(list(zip(ids, samples["token_ids"].to_pylist())), desc=f"layer {layer}: explain", disable=not progress)
+    ):
+        p = dec.prepare(torch.tensor(token_ids, device=device))
+        feat_idx_TA, live_TA = p.sparse.feat_idx_BTA[0], p.live_BTA[0]
+        pos, slot = torch.nonzero(live_TA, as_tuple=True)
+        feat = feat_idx_TA[pos, slot]
+        order = np.lexsort((feat.cpu().numpy(), pos.cpu().numpy()))
+        acts.add(
+            {
+                "sample": np.full(len(order), sample, np.int32),
+                "pos": pos.cpu().numpy()[order].astype(np.int16),
+                "feat": feat.cpu().numpy()[order].astype(np.int32),
+                "act": p.sparse.acts_BTA[0][pos, slot].float().cpu().numpy()[order],
+            }
+        )
+        keys, vals_H = diagonal_entries(p.q, p.k, feat_idx_TA, live_TA, heads, F)
+        diag.add(keys.cpu().numpy(), vals_H.float().cpu().numpy())
+
+        lo, hi = bounds[s], bounds[s + 1]
+        if hi == lo:
+            continue
+        rows = np.stack([ex["head"][lo:hi], ex["q"][lo:hi], ex["k"][lo:hi]], axis=1).astype(np.int64)
+        pts, row_point = np.unique(rows, axis=0, return_inverse=True)
+        row_point = row_point.reshape(-1)
+        n_points += len(pts)
+        scores_HQK = p.hooks.model_scores_BHQK[0].to(dec.dtype)
+        for c0 in range(0, len(pts), POINTS_PER_CHUNK):
+            c1 = min(c0 + POINTS_PER_CHUNK, len(pts))
+            want = (row_point >= c0) & (row_point < c1)
+            t = torch.from_numpy
+            sp = split_points(
+                p.q,
+                p.k,
+                feat_idx_TA,
+                live_TA,
+                scores_HQK,
+                t(pts[c0:c1, 0]).to(device),
+                t(pts[c0:c1, 1]).to(device),
+                t(pts[c0:c1, 2]).to(device),
+                n_top,
+                F,
+                t(row_point[want] - c0).to(device),
+                t(ex["feat_q"][lo:hi][want].astype(np.int64)).to(device),
+                t(ex["feat_k"][lo:hi][want].astype(np.int64)).to(device),
+            )
+            cols = _term_rows(int(sample), pts[c0:c1], sp)
+            head = cols.pop("head")
+            for h in np.unique(head):
+                m = head == h
+                terms[int(h)].add({c: (_kind_column(v[m]) if c == "kind" else v[m]) for c, v in cols.items()})
+    for w in [*terms.values(), acts]:
+        w.close()
+    diag.reduce()
+    for j, h in enumerate(heads):
+        w = PartWriter("channel_diag", staging / "channel_diag" / f"layer={layer}" / f"head={h}" / "part-0.parquet")
+        w.add(
+            {
+                "feat_q": (diag.keys // F).astype(np.int32),
+                "feat_k": (diag.keys % F).astype(np.int32),
+                "count": diag.count,
+                "sum": diag.sum_H[j] if len(diag.keys) else np.zeros(0),
+            }
+        )
+        w.close()
+    return {"points": n_points, "diag_channels": int(len(diag.keys))}
+
+
+def explain_index(index: Path, model, saes: dict, explain_pairs: int = 16, progress: bool = True) -> dict:
+    """Python API: add example_terms, activations and channel_diag to the index at `index`, with the
+    HookedTransformer and {layer: SAE} it was built with (not checked here; `run` checks the
+    SAEs' identities). Replaces these tables if present; returns per-layer counts."""
+    import duckdb
+    import pyarrow.parquet as pq
+    import torch
+
+    from ..core.decompose import Decomposer
+
+    if explain_pairs < 1:
+        raise ValueError("explain_pairs must be at least 1")
+    root = Path(index)
+    man = Manifest.read(root)
+    missing = [layer for layer in man.layers if layer not in saes]
+    if missing:
+        raise IndexFormatError(f"no SAE given for layer(s) {missing} of the index {root}")
+    samples = pq.read_table(root / "samples", columns=["sample", "token_ids"]).sort_by("sample")
+    staging = root.with_name(root.name + ".explain-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    con = duckdb.connect()
+    t0, stats = time.time(), {}
+    with torch.no_grad():
+        for layer in man.layers:
+            dec = Decomposer(model, layer, saes[layer])
+            ex = _read_examples(con, root, layer)
+            kept = _kept_keys(con, root, layer, int(dec.sae.cfg.d_sae))
+            stats[str(layer)] = explain_layer(dec, man.heads, samples, ex, kept, explain_pairs, staging, progress)
+    con.close()
+    for name in OUT_TABLES:  # into place, replacing an earlier pass's tables
+        old = staging / f"{name}.old"
+        if (root / name).exists():
+            os.replace(root / name, old)
+        if (staging / name).exists():
+            os.replace(staging / name, root / name)
+    dataclasses.replace(man, policy={**man.policy, "explain_pairs": explain_pairs}).write(root)
+    shutil.rmtree(staging)
+    if progress:
+        per = ", ".join(f"layer {l}: {s['points']} example points" for l, s in stats.items())
+        print(f"explained {root} in {time.time() - t0:.0f} s ({per})")
+    return stats
+
+
+def run(cfg: ExplainConfig) -> dict:
+    """`fra explain`: load the index's model and SAEs by name, check them against the manifest, explain."""
+    import torch
+
+    from ..registry import load_model, sae_source
+
+    man = Manifest.read(cfg.index)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_name = cfg.model or man.model
+    source = sae_source(model_name, cfg.sae)
+    saes = {}
+    for layer in man.layers:
+        saes[layer], identity = source.load(layer, device)
+        if identity != man.sae[str(layer)]:
+            raise IndexFormatError(
+                f"the layer-{layer} SAE {identity} is not the one the index {cfg.index} was built with "
+                f"({man.sae[str(layer)]}); pass the --sae given to `fra ingest`"
+            )
+    lm = load_model(model_name, device=device)
+    return explain_index(cfg.index, lm.model, saes, cfg.explain_pairs, cfg.progress)
