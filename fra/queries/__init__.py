@@ -44,8 +44,19 @@ def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> 
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_literal(table_glob(root, name))}"
             f"{', hive_partitioning = true' if table.partitioned else ''})"
         )
+    _describe_tables(con)
     con.execute(sql_file("views"))
     return con
+
+
+def _describe_tables(con) -> None:
+    """The tables' descriptions from the schema, as DuckDB comments (duckdb_views(), duckdb_columns())."""
+    for name, table in TABLES.items():
+        con.execute(f'COMMENT ON VIEW "{name}" IS {_literal(table.about)}')
+        parts = [(c, f"{c} (hive partition)") for c in table.by] if table.partitioned else []
+        present = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
+        for col, meaning in [(c, m) for c, _, m in table.columns if c in present] + parts:
+            con.execute(f'COMMENT ON COLUMN "{name}"."{col}" IS {_literal(meaning)}')
 
 
 def manifest(index: str | Path) -> dict:

@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 from . import connect
-from .lib import QUERIES, channel_examples, feature_channels, head_summary, top_channels
+from .lib import (
+    QUERIES,
+    RANK_BY,
+    channel_examples,
+    feature_channels,
+    feature_marginals,
+    head_summary,
+    ranked_channels,
+    top_channels,
+)
 
 VIEWS = (
     "rows",
@@ -20,6 +29,11 @@ VIEWS = (
     "head_summary",
     "top_entries",
     "pattern",
+    "example_terms",
+    "activations",
+    "channel_diag",
+    "query_feature_marginals",
+    "key_feature_marginals",
 )
 
 
@@ -49,6 +63,22 @@ def main(argv):
     s.add_argument("--n", type=int, default=20)
     s.add_argument("--min-count", type=int, default=8)
     s.add_argument("--drop-noise", action="store_true", help="drop BOS and punctuation features")
+    s.add_argument(
+        "--by",
+        choices=RANK_BY,
+        default="mean",
+        help="rank by |mean-when-active| (default), |total contribution| = |count * mean| (total) "
+        "or |share of the head's feature x feature sum| (share)",
+    )
+    s.add_argument("--no-diag", action="store_true", help="leave out q = k entries (needs `fra explain`)")
+    s.add_argument("--no-self", action="store_true", help="leave out self pairs (feat_q = feat_k)")
+    s = sub.add_parser("marginals", help="a head's query or key features by summed channel contribution")
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--head", type=int, required=True)
+    s.add_argument("--side", choices=("q", "k"), default="q", help="group the channels by their query or key feature")
+    s.add_argument("--n", type=int, default=20, help="features shown (largest |total| first)")
+    s.add_argument("--no-diag", action="store_true", help="leave out q = k entries (needs `fra explain`)")
+    s.add_argument("--no-self", action="store_true", help="leave out self pairs (feat_q = feat_k)")
     s = sub.add_parser("feature", help="every channel a feature appears in")
     s.add_argument("feature", type=int)
     s.add_argument("--layer", type=int)
@@ -62,8 +92,12 @@ def main(argv):
     sub.add_parser("heads", help="per head: score shares of the terms and induction behaviour")
     a = p.parse_args(argv)
     con = connect(a.index)
-    if a.q == "top-channels":
+    if a.q == "top-channels" and (a.by != "mean" or a.no_diag or a.no_self):
+        _print(ranked_channels(con, a.layer, a.head, a.n, a.min_count, a.drop_noise, a.by, a.no_diag, a.no_self))
+    elif a.q == "top-channels":
         _print(top_channels(con, a.layer, a.head, a.n, a.min_count, a.drop_noise))
+    elif a.q == "marginals":
+        _print(feature_marginals(con, a.layer, a.head, a.side, a.n, a.no_diag, a.no_self))
     elif a.q == "feature":
         _print(feature_channels(con, a.feature, a.layer, a.n))
     elif a.q == "channel":

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import IndexNotFound
+
 
 def _load(path: Path) -> dict[str, str]:
     blocks = re.split(r"^-- name: (\w+)\s*$", path.read_text(), flags=re.M)
     return {name: body.strip().rstrip(";") for name, body in zip(blocks[1::2], blocks[2::2])}
 
 
+RANK_BY = ("mean", "total", "share")
 QUERIES = _load(Path(__file__).parent / "named.sql")
 
 
@@ -33,3 +36,27 @@ def channel_examples(con, layer, head, feat_q, feat_k, n=20):
 
 def head_summary(con):
     return run(con, "head_summary", [])
+
+
+def _check_diag(con, no_diag: bool) -> None:
+    if no_diag and not bool(run(con, "has_channel_diag", [])["present"].iloc[0]):
+        raise IndexNotFound(
+            "this index has no channel_diag table (the q = k part of each channel), so q = k entries "
+            "cannot be left out; run `fra explain --index INDEX` first"
+        )
+
+
+def feature_marginals(con, layer, head, side="q", n=20, no_diag=False, no_self=False):
+    """A head's query (side 'q') or key ('k') features ranked by |summed channel contribution|."""
+    if side not in ("q", "k"):
+        raise ValueError(f"side must be 'q' or 'k', got {side!r}")
+    _check_diag(con, no_diag)
+    return run(con, "feature_marginals", [side, layer, head, no_diag, no_self, n])
+
+
+def ranked_channels(con, layer, head, n=20, min_count=8, drop_noise=False, by="total", no_diag=False, no_self=False):
+    """A head's channels ranked by |mean| ('mean'), |sum| ('total') or |share of the head| ('share')."""
+    if by not in RANK_BY:
+        raise ValueError(f"rank by one of {RANK_BY}, got {by!r}")
+    _check_diag(con, no_diag)
+    return run(con, "ranked_channels", [layer, head, min_count, drop_noise, no_diag, no_self, by, n])
