@@ -23,12 +23,15 @@ def sql_file(name: str) -> str:
     return (HERE / f"{name}.sql").read_text()
 
 
-def _empty(table):
-    """An empty Arrow table with the columns a read of `table`'s Parquet files would have."""
-    import pyarrow as pa
+DUCKDB_TYPES = {"int16": "SMALLINT", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE"}
+DUCKDB_TYPES |= {"string": "VARCHAR", "bool": "BOOLEAN"}
 
-    parts = [(c, pa.int64()) for c in table.by] if table.partitioned else []
-    return pa.schema(list(table.schema) + [pa.field(c, t) for c, t in parts]).empty_table()
+
+def _empty(table) -> str:
+    """A SELECT of no rows with the columns a read of `table`'s Parquet files would have."""
+    cols = [(f.name, DUCKDB_TYPES[str(f.type)]) for f in table.schema]
+    cols += [(c, "BIGINT") for c in table.by] if table.partitioned else []
+    return "SELECT " + ", ".join(f'NULL::{t} AS "{c}"' for c, t in cols) + " WHERE false"
 
 
 def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
@@ -38,7 +41,7 @@ def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> 
     con = con or duckdb.connect(":memory:")
     for name, table in TABLES.items():
         if table.optional and not list(root.glob(f"{name}/**/*.parquet")):
-            con.register(name, _empty(table))  # not written yet (`fra explain`): an empty table
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {_empty(table)}")  # `fra explain` not run yet
             continue
         con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_literal(table_glob(root, name))}"
