@@ -8,10 +8,11 @@ the layer, the SAE, and the per-token query / key vectors of every active featur
 in d_sae is formed) and writes:
 
   example_terms  at each distinct example point (head, q, k): the FA block of the point (one
-                 [A, A] matmul), its `explain_pairs` pairs of largest |FA|, the pairs of the
-                 channels that have an example there (with their rank), the rest of the
+                 [A, A] matmul), its `explain_pairs` pairs of largest |FA|, the rest of the
                  feature x feature terms, the b_dec, error and bias groups (component dot
-                 products) and the model's score. The parts sum to the score (`split_points`);
+                 products) and the model's score. The parts sum to the score (`split_points`).
+                 A channel's own FA at its example is `examples.value`; when it is not among
+                 the stored pairs, it is smaller in |FA| than all of them (and part of ff_rest);
   activations    every nonzero SAE activation, for the feature pages;
   channel_diag   per kept channel, the count and FA sum of its q = k entries, so that views can
                  leave out each token's attention to itself (`diagonal_entries`).
@@ -50,7 +51,6 @@ TERM_GROUPS = {
     "bias": ("feat_bias", "bdec_bias", "err_bias", "bias_feat", "bias_bdec", "bias_err", "bias_bias"),
 }
 POINTS_PER_CHUNK = 1024  # example points whose [A, A] FA blocks are formed at once
-RANK_MAX = 32767  # ranks are int16; a pair ranked lower is stored with this rank
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,6 @@ class PointSplit(NamedTuple):
     top_fq_PN: object  # [P, N] their query-side features
     top_fk_PN: object  # [P, N] their key-side features
     top_valid_PN: object  # [P, N] False past the point's number of pairs
-    extra_point_X: object  # [X] point of each asked-for pair that is not among the top N
-    extra_rank_X: object  # [X] its rank among all the point's pairs (0 = largest |FA|)
-    extra_value_X: object  # [X] its FA
-    extra_fq_X: object
-    extra_fk_X: object
     groups_PG: object  # [P, 4] float64: ff_rest, b_dec, error, bias (as GROUPS)
     score_P: object  # [P] the model's score
 
@@ -104,83 +99,35 @@ def _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae: int):
     return torch.where(live_PAA, key, torch.full_like(key, -1))
 
 
-def split_points(
-    q,
-    k,
-    feat_idx_TA,
-    live_TA,
-    scores_HQK,
-    h_P,
-    q_P,
-    k_P,
-    n_top: int,
-    d_sae: int,
-    want_point_X=None,
-    want_fq_X=None,
-    want_fk_X=None,
-) -> PointSplit:
+def split_points(q, k, feat_idx_TA, live_TA, scores_HQK, h_P, q_P, k_P, n_top: int, d_sae: int) -> PointSplit:
     """The split of the score at the points (h_P, q_P, k_P) of one sample (batch index 0 of the
-    `SideVectors` q and k): the n_top feature pairs of largest |FA|, the asked-for pairs
-    (want_*: a point and two features each) that are not among them, the rest of the
+    `SideVectors` q and k): the n_top feature pairs of largest |FA|, the rest of the
     feature x feature terms, the b_dec, error and bias groups, and the model's score."""
     import torch
 
-    from ..core.decompose import COMPONENTS, TERM_NAMES
+    from ..core.decompose import COMPONENTS
 
     Qf_PAE = q.feat_BHTAE[0][h_P, q_P]
     Kf_PAE = k.feat_BHTAE[0][h_P, k_P]
     fa_PAA = Qf_PAE @ Kf_PAE.transpose(1, 2)
-    P, A = Qf_PAE.shape[:2]
+    A = Qf_PAE.shape[1]
     live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
     fq_PA, fk_PA = feat_idx_TA[q_P], feat_idx_TA[k_P]
     key_PM = _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae).flatten(1)
-    n = min(n_top, A * A)
-    top_key_PN, top_i_PN = key_PM.topk(n, dim=1)
+    top_key_PN, top_i_PN = key_PM.topk(min(n_top, A * A), dim=1)
     valid_PN = top_key_PN >= 0
     top_value_PN = fa_PAA.flatten(1).gather(1, top_i_PN)
-    top_fq_PN = fq_PA.gather(1, top_i_PN // A)
-    top_fk_PN = fk_PA.gather(1, top_i_PN % A)
     stored_P = torch.where(valid_PN, top_value_PN, torch.zeros_like(top_value_PN)).double().sum(1)
-
-    empty = torch.zeros(0, dtype=torch.long, device=fa_PAA.device)
-    ex_p, ex_rank, ex_val, ex_fq, ex_fk = empty, empty, fa_PAA.new_zeros(0), empty, empty
-    if want_point_X is not None and len(want_point_X):
-        wp = want_point_X
-        match_a = (fq_PA[wp] == want_fq_X[:, None]) & live_TA[q_P[wp]]
-        match_b = (fk_PA[wp] == want_fk_X[:, None]) & live_TA[k_P[wp]]
-        if not bool(match_a.any(1).all() and match_b.any(1).all()):
-            raise IndexFormatError(
-                "an example's features are not active at its (q, k) in this run: the model, SAEs or "
-                "tokens differ from those the index was built with"
-            )
-        a, b = match_a.int().argmax(1), match_b.int().argmax(1)
-        key_X = key_PM[wp, a * A + b]
-        rank_X = (key_PM[wp] > key_X[:, None]).sum(1)
-        out = rank_X >= n
-        ex_p, ex_rank = wp[out], rank_X[out].clamp(max=RANK_MAX)
-        ex_val = fa_PAA[wp, a, b][out]
-        ex_fq, ex_fk = want_fq_X[out], want_fk_X[out]
-        stored_P = stored_P.index_add(0, ex_p, ex_val.double())
-
     ff_P = torch.where(live_PAA, fa_PAA, torch.zeros_like(fa_PAA)).double().sum((1, 2))
     qc = {c: q.component(c)[0][h_P, q_P] for c in COMPONENTS}
     kc = {c: k.component(c)[0][h_P, k_P] for c in COMPONENTS}
     term = {f"{a}_{b}": (qc[a] * kc[b]).double().sum(-1) for a in COMPONENTS for b in COMPONENTS}
-    assert set(sum(TERM_GROUPS.values(), ("feat_feat",))) == set(TERM_NAMES)
-    groups_PG = torch.stack(
-        [ff_P - stored_P] + [sum(term[t] for t in TERM_GROUPS[g]) for g in GROUPS[1:]],
-        dim=1,
-    )
+    groups_PG = torch.stack([ff_P - stored_P] + [sum(term[t] for t in TERM_GROUPS[g]) for g in GROUPS[1:]], dim=1)
     return PointSplit(
         top_value_PN,
-        top_fq_PN,
-        top_fk_PN,
+        fq_PA.gather(1, top_i_PN // A),
+        fk_PA.gather(1, top_i_PN % A),
         valid_PN,
-        ex_p,
-        ex_rank,
-        ex_val,
-        ex_fq,
-        ex_fk,
         groups_PG,
         scores_HQK[h_P, q_P, k_P],
     )
@@ -275,35 +222,35 @@ def _kind_column(codes: np.ndarray) -> pa.Array:
 
 
 def _term_rows(sample: int, pts: np.ndarray, sp: PointSplit) -> dict:
-    """example_terms rows of one chunk of points (pts: [P, 3] head, q, k), with the head and an
-    order column (point, then pairs by rank, then the groups and the score)."""
-    top_valid = sp.top_valid_PN.cpu().numpy()
-    P, N = top_valid.shape
-    pi, ri = np.nonzero(top_valid)
-    ex_p = sp.extra_point_X.cpu().numpy()
-    g_p = np.repeat(np.arange(P), len(GROUPS) + 1)
-    point = np.concatenate([pi, ex_p, g_p])
-    rank = np.concatenate([ri, sp.extra_rank_X.cpu().numpy(), np.full(len(g_p), -1)])
-    kind = np.concatenate([np.zeros(len(pi) + len(ex_p), np.int8), np.tile(np.arange(1, len(KINDS), dtype=np.int8), P)])
+    """example_terms rows of one chunk of points (pts: [P, 3] head, q, k), with their head: per
+    point the pairs by rank, then the groups and the score."""
+    valid = sp.top_valid_PN.cpu().numpy()
+    P, N = valid.shape
+    n_groups = len(KINDS) - 1
     groups = np.concatenate([sp.groups_PG.cpu().numpy(), sp.score_P.double().cpu().numpy()[:, None]], axis=1)
-    value = np.concatenate(
-        [sp.top_value_PN.cpu().numpy()[pi, ri], sp.extra_value_X.cpu().numpy(), groups.reshape(-1)]
-    ).astype(np.float32)
-    none = np.full(len(g_p), -1)
-    fq = np.concatenate([sp.top_fq_PN.cpu().numpy()[pi, ri], sp.extra_fq_X.cpu().numpy(), none])
-    fk = np.concatenate([sp.top_fk_PN.cpu().numpy()[pi, ri], sp.extra_fk_X.cpu().numpy(), none])
-    sub = np.where(kind == 0, rank, RANK_MAX + kind.astype(np.int64))
-    order = np.lexsort((sub, point))
+    # a [P, N + n_groups] grid of rows, then the padding pairs (fewer live pairs than N) dropped
+    keep = np.concatenate([valid, np.ones((P, n_groups), bool)], axis=1).reshape(-1)
+    none = np.full((P, n_groups), -1)
+    grid = {
+        "rank": np.concatenate([np.broadcast_to(np.arange(N), (P, N)), none], axis=1),
+        "kind": np.concatenate(
+            [np.zeros((P, N), np.int8), np.broadcast_to(np.arange(1, len(KINDS), dtype=np.int8), (P, n_groups))], axis=1
+        ),
+        "feat_q": np.concatenate([sp.top_fq_PN.cpu().numpy(), none], axis=1),
+        "feat_k": np.concatenate([sp.top_fk_PN.cpu().numpy(), none], axis=1),
+        "value": np.concatenate([sp.top_value_PN.cpu().numpy(), groups], axis=1),
+    }
+    point = np.repeat(np.arange(P), N + n_groups)[keep]
     return {
-        "head": pts[point[order], 0],
-        "sample": np.full(len(order), sample, np.int32),
-        "q": pts[point[order], 1].astype(np.int16),
-        "k": pts[point[order], 2].astype(np.int16),
-        "rank": rank[order].astype(np.int16),
-        "kind": kind[order],
-        "feat_q": fq[order].astype(np.int32),
-        "feat_k": fk[order].astype(np.int32),
-        "value": value[order],
+        "head": pts[point, 0],
+        "sample": np.full(len(point), sample, np.int32),
+        "q": pts[point, 1].astype(np.int16),
+        "k": pts[point, 2].astype(np.int16),
+        "rank": grid["rank"].reshape(-1)[keep].astype(np.int16),
+        "kind": grid["kind"].reshape(-1)[keep],
+        "feat_q": grid["feat_q"].reshape(-1)[keep].astype(np.int32),
+        "feat_k": grid["feat_k"].reshape(-1)[keep].astype(np.int32),
+        "value": grid["value"].reshape(-1)[keep].astype(np.float32),
     }
 
 
@@ -311,14 +258,26 @@ def _term_rows(sample: int, pts: np.ndarray, sp: PointSplit) -> dict:
 # The pass
 
 
-def _read_examples(con, root: Path, layer: int) -> dict[str, np.ndarray]:
-    """The layer's examples, sorted by sample, head, q, k."""
-    t = con.execute(
-        "SELECT sample, head::INTEGER AS head, q, k, feat_q, feat_k "
-        "FROM read_parquet(?, hive_partitioning = true) WHERE layer = ? ORDER BY sample, head, q, k, feat_q, feat_k",
+def _example_points(con, root: Path, layer: int, batch_rows: int = 1 << 16):
+    """The layer's distinct example points, streamed in sample order: yields (sample, [P, 3] int64
+    array of head, q, k sorted). DuckDB spills the distinct and the sort past its memory limit."""
+    reader = con.execute(
+        "SELECT DISTINCT sample, head::INTEGER AS head, q, k FROM read_parquet(?, hive_partitioning = true) "
+        "WHERE layer = ? ORDER BY sample, head, q, k",
         [table_glob(root, "examples"), layer],
-    ).fetchnumpy()
-    return {c: np.asarray(v) for c, v in t.items()}
+    ).to_arrow_reader(batch_rows)
+    held = None
+    for batch in reader:
+        cols = np.stack([batch.column(c).to_numpy().astype(np.int64) for c in ("sample", "head", "q", "k")], axis=1)
+        if held is not None:
+            cols = np.concatenate([held, cols])
+        cut = np.flatnonzero(np.diff(cols[:, 0])) + 1
+        parts = np.split(cols, cut)
+        for part in parts[:-1]:
+            yield int(part[0, 0]), part[:, 1:]
+        held = parts[-1]
+    if held is not None and len(held):
+        yield int(held[0, 0]), held[:, 1:]
 
 
 def _kept_keys(con, root: Path, layer: int, d_sae: int) -> np.ndarray:
@@ -332,7 +291,7 @@ def _kept_keys(con, root: Path, layer: int, d_sae: int) -> np.ndarray:
     )
 
 
-def explain_layer(dec, heads, samples: pa.Table, ex: dict, kept: np.ndarray, n_top: int, staging: Path, progress):
+def explain_layer(dec, heads, samples: pa.Table, points, kept: np.ndarray, n_top: int, staging: Path, progress):
     """Write one layer's example_terms, activations and channel_diag under `staging`."""
     import torch
     from tqdm import tqdm
@@ -346,10 +305,9 @@ def explain_layer(dec, heads, samples: pa.Table, ex: dict, kept: np.ndarray, n_t
     acts = PartWriter("activations", staging / "activations" / f"layer={layer}" / "part-0.parquet")
     diag = DiagSums(kept, len(heads))
     ids = samples["sample"].to_numpy()
-    bounds = np.searchsorted(ex["sample"], np.concatenate([ids, [np.iinfo(np.int64).max]]))
-    n_points = 0
-    for s, (sample, token_ids) in enumerate(
-        tqdm(list(zip(ids, samples["token_ids"].to_pylist())), desc=f"layer {layer}: explain", disable=not progress)
+    n_points, pending = 0, next(points, None)
+    for sample, token_ids in tqdm(
+        zip(ids, samples["token_ids"].to_pylist()), total=len(ids), desc=f"layer {layer}: explain", disable=not progress
     ):
         p = dec.prepare(torch.tensor(token_ids, device=device))
         feat_idx_TA, live_TA = p.sparse.feat_idx_BTA[0], p.live_BTA[0]
@@ -367,38 +325,23 @@ def explain_layer(dec, heads, samples: pa.Table, ex: dict, kept: np.ndarray, n_t
         keys, vals_H = diagonal_entries(p.q, p.k, feat_idx_TA, live_TA, heads, F)
         diag.add(keys.cpu().numpy(), vals_H.float().cpu().numpy())
 
-        lo, hi = bounds[s], bounds[s + 1]
-        if hi == lo:
+        if pending is None or pending[0] != sample:
             continue
-        rows = np.stack([ex["head"][lo:hi], ex["q"][lo:hi], ex["k"][lo:hi]], axis=1).astype(np.int64)
-        pts, row_point = np.unique(rows, axis=0, return_inverse=True)
-        row_point = row_point.reshape(-1)
+        pts, pending = pending[1], next(points, None)
         n_points += len(pts)
         scores_HQK = p.hooks.model_scores_BHQK[0].to(dec.dtype)
         for c0 in range(0, len(pts), POINTS_PER_CHUNK):
-            c1 = min(c0 + POINTS_PER_CHUNK, len(pts))
-            want = (row_point >= c0) & (row_point < c1)
-            t = torch.from_numpy
+            chunk = torch.from_numpy(pts[c0 : c0 + POINTS_PER_CHUNK]).to(device)
             sp = split_points(
-                p.q,
-                p.k,
-                feat_idx_TA,
-                live_TA,
-                scores_HQK,
-                t(pts[c0:c1, 0]).to(device),
-                t(pts[c0:c1, 1]).to(device),
-                t(pts[c0:c1, 2]).to(device),
-                n_top,
-                F,
-                t(row_point[want] - c0).to(device),
-                t(ex["feat_q"][lo:hi][want].astype(np.int64)).to(device),
-                t(ex["feat_k"][lo:hi][want].astype(np.int64)).to(device),
+                p.q, p.k, feat_idx_TA, live_TA, scores_HQK, chunk[:, 0], chunk[:, 1], chunk[:, 2], n_top, F
             )
-            cols = _term_rows(int(sample), pts[c0:c1], sp)
+            cols = _term_rows(int(sample), pts[c0 : c0 + POINTS_PER_CHUNK], sp)
             head = cols.pop("head")
             for h in np.unique(head):
                 m = head == h
                 terms[int(h)].add({c: (_kind_column(v[m]) if c == "kind" else v[m]) for c, v in cols.items()})
+    if pending is not None:
+        raise IndexFormatError(f"layer {layer}: examples name sample {pending[0]}, which the samples table lacks")
     for w in [*terms.values(), acts]:
         w.close()
     diag.reduce()
@@ -438,13 +381,15 @@ def explain_index(index: Path, model, saes: dict, explain_pairs: int = 16, progr
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     con = duckdb.connect()
+    con.execute("SET memory_limit = '1GB'")
+    con.execute("SET temp_directory = ?", [str(staging / "_duckdb")])
     t0, stats = time.time(), {}
     with torch.no_grad():
         for layer in man.layers:
             dec = Decomposer(model, layer, saes[layer])
-            ex = _read_examples(con, root, layer)
             kept = _kept_keys(con, root, layer, int(dec.sae.cfg.d_sae))
-            stats[str(layer)] = explain_layer(dec, man.heads, samples, ex, kept, explain_pairs, staging, progress)
+            points = _example_points(con, root, layer)
+            stats[str(layer)] = explain_layer(dec, man.heads, samples, points, kept, explain_pairs, staging, progress)
     con.close()
     for name in OUT_TABLES:  # into place, replacing an earlier pass's tables
         old = staging / f"{name}.old"
