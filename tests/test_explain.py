@@ -212,3 +212,61 @@ def test_example_points_stream_in_sample_order_across_batches(explained):
             [str(out / "examples/**/*.parquet"), layer],
         ).fetchall()
         assert [(s, *p) for s, pts in whole for p in pts] == want
+
+
+def test_split_points_hand_worked_ties():
+    """One head, query token 1 with features 5, 3, 7 (query vectors 1, 1, 1; d_head 1) and key token
+    0 with features 4, 9, 1 (key vectors 2, 2, -2): all nine |FA| are 2, so the top 4 go by feat_q,
+    then feat_k: (3, 1) -2, (3, 4) 2, (3, 9) 2, (5, 1) -2, summing to 0.
+    ff = (1 + 1 + 1) * (2 + 2 - 2) = 6, so ff_rest = 6 - 0 = 6. With b_dec 1 (query) and 0.5 (key),
+    error 0 (query) and 2 (key): b_dec group = 3 * 0.5 + 1 * 2 + 1 * 0.5 = 4 (feat x b_dec,
+    b_dec x feat, b_dec x b_dec); error group = 3 * 2 + 1 * 2 = 8 (feat x err, b_dec x err)."""
+    from fra.ingest.core.decompose import SideVectors
+    from fra.ingest.index.explain import side_components, split_points
+
+    feat_idx_TA = torch.tensor([[4, 9, 1], [5, 3, 7]])
+    live_TA = torch.ones(2, 3, dtype=torch.bool)
+    zeros = torch.zeros(1, 1, 2, 1)
+    q = SideVectors(
+        torch.tensor([0.0, 0, 0, 1, 1, 1]).view(1, 1, 2, 3, 1),
+        torch.ones(1, 1, 2, 1),
+        zeros,
+        zeros,
+    )
+    k = SideVectors(
+        torch.tensor([2.0, 2, -2, 0, 0, 0]).view(1, 1, 2, 3, 1),
+        torch.full((1, 1, 2, 1), 0.5),
+        torch.full((1, 1, 2, 1), 2.0),
+        zeros,
+    )
+    scores_HQK = torch.full((1, 2, 2), 18.0)
+    one = torch.tensor([1])
+    sp = split_points(
+        q, k, side_components(q), side_components(k), feat_idx_TA, live_TA, scores_HQK, one * 0, one, one * 0, 4, 10
+    )
+    pairs = list(zip(sp.top_fq_PN[0].tolist(), sp.top_fk_PN[0].tolist(), sp.top_value_PN[0].tolist()))
+    assert pairs == [(3, 1, -2.0), (3, 4, 2.0), (3, 9, 2.0), (5, 1, -2.0)]
+    assert sp.top_valid_PN.tolist() == [[True] * 4]
+    assert sp.groups_PG[0].tolist() == [6.0, 4.0, 8.0, 0.0]
+    assert sp.score_P.tolist() == [18.0]
+    # all nine pairs stored: nothing is left for ff_rest
+    sp = split_points(
+        q, k, side_components(q), side_components(k), feat_idx_TA, live_TA, scores_HQK, one * 0, one, one * 0, 12, 10
+    )
+    assert sp.top_valid_PN[0].tolist() == [True] * 9 and sp.groups_PG[0, 0].item() == 0.0
+    # key feature 1 not active (a padding slot, vector 0): 6 pairs, so 2 of 8 slots are invalid
+    live_TA[0, 2] = False
+    k.feat_BHTAE[0, 0, 0, 2] = 0.0
+    sp = split_points(
+        q, k, side_components(q), side_components(k), feat_idx_TA, live_TA, scores_HQK, one * 0, one, one * 0, 8, 10
+    )
+    assert sp.top_valid_PN[0].tolist() == [True] * 6 + [False] * 2
+    assert list(zip(sp.top_fq_PN[0, :6].tolist(), sp.top_fk_PN[0, :6].tolist())) == [
+        (3, 4),
+        (3, 9),
+        (5, 4),
+        (5, 9),
+        (7, 4),
+        (7, 9),
+    ]
+    assert sp.groups_PG[0, 0].item() == 0.0  # ff = 3 * (2 + 2) = 12, all stored

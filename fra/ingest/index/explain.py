@@ -85,44 +85,66 @@ class PointSplit(NamedTuple):
     score_P: object  # [P] the model's score
 
 
-def _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae: int):
-    """An int64 key per pair that orders by |FA| descending, then feat_q, then feat_k ascending;
-    -1 for padding. |FA| goes in the high 32 bits: a non-negative float32's bits order as it does."""
+def _pair_keys(abs_PM, fq_PM, fk_PM, d_sae: int, slot_PM):
+    """An int64 key per pair that orders by |FA| descending, then feat_q, then feat_k ascending
+    (by slot when d_sae > 2^16, where a pair id does not fit in 32 bits); -1 for padding (|FA| -1).
+    |FA| goes in the high 32 bits: a non-negative float32's bits order as it does."""
     import torch
 
-    P, A = fq_PA.shape
-    if d_sae <= 1 << 16:
-        pid = fq_PA[:, :, None].long() * d_sae + fk_PA[:, None, :].long()
-    else:  # the pair id does not fit in 32 bits: ties go by slot order instead
-        pid = torch.arange(A * A, device=fq_PA.device).view(1, A, A).expand(P, A, A)
-    key = (fa_PAA.abs().contiguous().view(torch.int32).long() << 32) | ((1 << 32) - 1 - pid)
-    return torch.where(live_PAA, key, torch.full_like(key, -1))
+    pid = fq_PM.long() * d_sae + fk_PM.long() if d_sae <= 1 << 16 else slot_PM
+    key = (abs_PM.contiguous().view(torch.int32).long() << 32) | ((1 << 32) - 1 - pid)
+    return torch.where(abs_PM >= 0, key, torch.full_like(key, -1))
 
 
-def split_points(q, k, feat_idx_TA, live_TA, scores_HQK, h_P, q_P, k_P, n_top: int, d_sae: int) -> PointSplit:
-    """The split of the score at the points (h_P, q_P, k_P) of one sample (batch index 0 of the
-    `SideVectors` q and k): the n_top feature pairs of largest |FA|, the rest of the
-    feature x feature terms, the b_dec, error and bias groups, and the model's score."""
+def side_components(side):
+    """[C, H, T, E]: the query- or key-side vectors of the four components (batch index 0)."""
     import torch
 
     from ..core.decompose import COMPONENTS
 
-    Qf_PAE = q.feat_BHTAE[0][h_P, q_P]
-    Kf_PAE = k.feat_BHTAE[0][h_P, k_P]
-    fa_PAA = Qf_PAE @ Kf_PAE.transpose(1, 2)
-    A = Qf_PAE.shape[1]
+    return torch.stack([side.component(c)[0] for c in COMPONENTS])
+
+
+def split_points(
+    q, k, qc_CHTE, kc_CHTE, feat_idx_TA, live_TA, scores_HQK, h_P, q_P, k_P, n_top: int, d_sae: int
+) -> PointSplit:
+    """The split of the score at the points (h_P, q_P, k_P) of one sample (batch index 0 of the
+    `SideVectors` q and k, whose components are qc_CHTE and kc_CHTE): the n_top feature pairs of
+    largest |FA| (ties: smaller feat_q, then feat_k, first), the rest of the feature x feature
+    terms, the b_dec, error and bias groups, and the model's score."""
+    import torch
+
+    from ..core.decompose import COMPONENTS
+
+    fa_PAA = q.feat_BHTAE[0][h_P, q_P] @ k.feat_BHTAE[0][h_P, k_P].transpose(1, 2)
+    P, A = fa_PAA.shape[:2]
+    n = min(n_top, A * A)
     live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
+    abs_PM = fa_PAA.abs().masked_fill_(~live_PAA, -1.0).view(P, A * A)
     fq_PA, fk_PA = feat_idx_TA[q_P], feat_idx_TA[k_P]
-    key_PM = _pair_keys(fa_PAA, live_PAA, fq_PA, fk_PA, d_sae).flatten(1)
-    top_key_PN, top_i_PN = key_PM.topk(min(n_top, A * A), dim=1)
-    valid_PN = top_key_PN >= 0
-    top_value_PN = fa_PAA.flatten(1).gather(1, top_i_PN)
+    top_abs_PN, top_i_PN = abs_PM.topk(n, dim=1)
+    # topk's choice among pairs tied with the n-th |FA| is unspecified: redo those points by key
+    thr_P1 = top_abs_PN[:, -1:]
+    tied_P = ((abs_PM == thr_P1).sum(1) > (top_abs_PN == thr_P1).sum(1)) & (thr_P1[:, 0] >= 0)
+    if bool(tied_P.any()):
+        t = tied_P.nonzero()[:, 0]
+        slot = torch.arange(A * A, device=fa_PAA.device).expand(len(t), -1)
+        fq, fk = fq_PA[t].repeat_interleave(A, 1), fk_PA[t].repeat(1, A)
+        top_i_PN[t] = _pair_keys(abs_PM[t], fq, fk, d_sae, slot).topk(n, dim=1).indices
+    # the n chosen pairs in key order
+    top_abs_PN = abs_PM.gather(1, top_i_PN)
+    top_fq_PN, top_fk_PN = fq_PA.gather(1, top_i_PN // A), fk_PA.gather(1, top_i_PN % A)
+    order_PN = _pair_keys(top_abs_PN, top_fq_PN, top_fk_PN, d_sae, top_i_PN).argsort(dim=1, descending=True)
+    top_i_PN = top_i_PN.gather(1, order_PN)
+    valid_PN = top_abs_PN.gather(1, order_PN) >= 0
+    top_value_PN = fa_PAA.view(P, A * A).gather(1, top_i_PN)
     stored_P = torch.where(valid_PN, top_value_PN, torch.zeros_like(top_value_PN)).double().sum(1)
-    ff_P = torch.where(live_PAA, fa_PAA, torch.zeros_like(fa_PAA)).double().sum((1, 2))
-    qc = {c: q.component(c)[0][h_P, q_P] for c in COMPONENTS}
-    kc = {c: k.component(c)[0][h_P, k_P] for c in COMPONENTS}
-    term = {f"{a}_{b}": (qc[a] * kc[b]).double().sum(-1) for a in COMPONENTS for b in COMPONENTS}
-    groups_PG = torch.stack([ff_P - stored_P] + [sum(term[t] for t in TERM_GROUPS[g]) for g in GROUPS[1:]], dim=1)
+    # component dot products in float64; feat_feat (= the sum of every pair) minus the stored pairs is ff_rest
+    dots = torch.einsum("ipe,jpe->ijp", qc_CHTE[:, h_P, q_P].double(), kc_CHTE[:, h_P, k_P].double())
+    term = {f"{a}_{b}": dots[i, j] for i, a in enumerate(COMPONENTS) for j, b in enumerate(COMPONENTS)}
+    groups_PG = torch.stack(
+        [term["feat_feat"] - stored_P] + [sum(term[t] for t in TERM_GROUPS[g]) for g in GROUPS[1:]], dim=1
+    )
     return PointSplit(
         top_value_PN,
         fq_PA.gather(1, top_i_PN // A),
@@ -261,10 +283,10 @@ def _term_rows(sample: int, pts: np.ndarray, sp: PointSplit) -> dict:
 def _example_points(con, root: Path, layer: int, batch_rows: int = 1 << 16):
     """The layer's distinct example points, streamed in sample order: yields (sample, [P, 3] int64
     array of head, q, k sorted). DuckDB spills the distinct and the sort past its memory limit."""
-    reader = con.execute(
+    reader = con.sql(
         "SELECT DISTINCT sample, head::INTEGER AS head, q, k FROM read_parquet(?, hive_partitioning = true) "
         "WHERE layer = ? ORDER BY sample, head, q, k",
-        [table_glob(root, "examples"), layer],
+        params=[table_glob(root, "examples"), layer],
     ).to_arrow_reader(batch_rows)
     held = None
     for batch in reader:
@@ -330,11 +352,11 @@ def explain_layer(dec, heads, samples: pa.Table, points, kept: np.ndarray, n_top
         pts, pending = pending[1], next(points, None)
         n_points += len(pts)
         scores_HQK = p.hooks.model_scores_BHQK[0].to(dec.dtype)
+        qc_CHTE, kc_CHTE = side_components(p.q), side_components(p.k)
         for c0 in range(0, len(pts), POINTS_PER_CHUNK):
             chunk = torch.from_numpy(pts[c0 : c0 + POINTS_PER_CHUNK]).to(device)
-            sp = split_points(
-                p.q, p.k, feat_idx_TA, live_TA, scores_HQK, chunk[:, 0], chunk[:, 1], chunk[:, 2], n_top, F
-            )
+            h_P, q_P, k_P = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+            sp = split_points(p.q, p.k, qc_CHTE, kc_CHTE, feat_idx_TA, live_TA, scores_HQK, h_P, q_P, k_P, n_top, F)
             cols = _term_rows(int(sample), pts[c0 : c0 + POINTS_PER_CHUNK], sp)
             head = cols.pop("head")
             for h in np.unique(head):
