@@ -122,10 +122,14 @@ def split_points(
     live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
     abs_PM = fa_PAA.abs().masked_fill_(~live_PAA, -1.0).view(P, A * A)
     fq_PA, fk_PA = feat_idx_TA[q_P], feat_idx_TA[k_P]
-    top_abs_PN, top_i_PN = abs_PM.topk(n, dim=1)
-    # topk's choice among pairs tied with the n-th |FA| is unspecified: redo those points by key
-    thr_P1 = top_abs_PN[:, -1:]
-    tied_P = ((abs_PM == thr_P1).sum(1) > (top_abs_PN == thr_P1).sum(1)) & (thr_P1[:, 0] >= 0)
+    # topk's choice among pairs tied at the n-th |FA| is unspecified: a tie is there iff the
+    # (n+1)-th largest equals the n-th, and those points are redone by key
+    top_abs_PN, top_i_PN = abs_PM.topk(min(n + 1, A * A), dim=1)
+    if top_abs_PN.shape[1] > n:
+        tied_P = (top_abs_PN[:, n] == top_abs_PN[:, n - 1]) & (top_abs_PN[:, n] >= 0)
+        top_i_PN = top_i_PN[:, :n].contiguous()
+    else:
+        tied_P = torch.zeros(P, dtype=torch.bool, device=fa_PAA.device)
     if bool(tied_P.any()):
         t = tied_P.nonzero()[:, 0]
         slot = torch.arange(A * A, device=fa_PAA.device).expand(len(t), -1)
