@@ -119,8 +119,10 @@ def split_points(
     fa_PAA = q.feat_BHTAE[0][h_P, q_P] @ k.feat_BHTAE[0][h_P, k_P].transpose(1, 2)
     P, A = fa_PAA.shape[:2]
     n = min(n_top, A * A)
-    live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
-    abs_PM = fa_PAA.abs().masked_fill_(~live_PAA, -1.0).view(P, A * A)
+    abs_PM = fa_PAA.abs().view(P, A * A)
+    if not bool(live_TA.all()):  # padding slots (tokens with fewer than A features) rank last
+        live_PAA = live_TA[q_P][:, :, None] & live_TA[k_P][:, None, :]
+        abs_PM.masked_fill_(~live_PAA.view(P, A * A), -1.0)
     fq_PA, fk_PA = feat_idx_TA[q_P], feat_idx_TA[k_P]
     # topk's choice among pairs tied at the n-th |FA| is unspecified: a tie is there iff the
     # (n+1)-th largest equals the n-th, and those points are redone by key
