@@ -45,12 +45,19 @@ WITH cand AS (
 ), noise AS (
   SELECT layer, feature FROM noise_features WHERE drop_noise AND (lyr IS NULL OR layer = lyr)
 )
-SELECT * FROM (
-  SELECT c.*, row_number() OVER (PARTITION BY c.layer, c.head ORDER BY abs(c.mean) DESC, c.feat_q, c.feat_k) AS rank
+, top AS (  -- a top-n aggregate per head, not a sort of every channel; ties: smaller feat_q, feat_k
+  SELECT c.layer, c.head,
+         max_by(struct_pack(feat_q := c.feat_q, feat_k := c.feat_k, count := c.count, mean := c.mean, std := c.std,
+                            sum := c.sum, ind_count := c.ind_count, ind_mean := c.ind_mean, other_mean := c.other_mean,
+                            ind_diff := c.ind_diff, share_of_head := c.share_of_head,
+                            abs_share_of_head := c.abs_share_of_head, self_pair := c.self_pair),
+                struct_pack(v := abs(c.mean), q := -c.feat_q, k := -c.feat_k), n) AS best
   FROM cand c
   ANTI JOIN noise nq ON nq.layer = c.layer AND nq.feature = c.feat_q
   ANTI JOIN noise nk ON nk.layer = c.layer AND nk.feature = c.feat_k
-) WHERE rank <= n;
+  GROUP BY c.layer, c.head
+)
+SELECT layer, head, unnest(best, recursive := true), generate_subscripts(best, 1) AS rank FROM top;
 
 -- Every channel in which a feature appears, on the query side or the key side.
 CREATE OR REPLACE MACRO feature_lookup(feat, lyr) AS TABLE
@@ -163,16 +170,18 @@ WITH t AS (
   WHERE c.count >= greatest(min_count, 1) AND NOT (no_self AND c.feat_q = c.feat_k)
 ), noise AS (
   SELECT layer, feature FROM noise_features WHERE drop_noise AND (lyr IS NULL OR layer = lyr)
-)
-SELECT * FROM (
-  SELECT c.*, row_number() OVER (
-    PARTITION BY c.layer, c.head
-    ORDER BY abs(CASE rank_by WHEN 'mean' THEN c.mean WHEN 'total' THEN c.sum ELSE c.share_of_head END) DESC,
-             c.feat_q, c.feat_k) AS rank
+), top AS (  -- a top-n aggregate per head, not a sort of every channel; ties: smaller feat_q, feat_k
+  SELECT c.layer, c.head,
+         max_by(struct_pack(feat_q := c.feat_q, feat_k := c.feat_k, count := c.count, mean := c.mean, sum := c.sum,
+                            share_of_head := c.share_of_head, self_pair := c.self_pair),
+                struct_pack(v := abs(CASE rank_by WHEN 'mean' THEN c.mean WHEN 'total' THEN c.sum ELSE c.share_of_head END),
+                            q := -c.feat_q, k := -c.feat_k), n) AS best
   FROM cand c
   ANTI JOIN noise nq ON nq.layer = c.layer AND nq.feature = c.feat_q
   ANTI JOIN noise nk ON nk.layer = c.layer AND nk.feature = c.feat_k
-) WHERE rank <= n;
+  GROUP BY c.layer, c.head
+)
+SELECT layer, head, unnest(best, recursive := true), generate_subscripts(best, 1) AS rank FROM top;
 
 -- What each view and macro holds, in the database itself: any DuckDB client lists these with
 -- duckdb_views(), duckdb_columns() and duckdb_functions() (the tables' own descriptions come from
