@@ -270,3 +270,17 @@ def test_split_points_hand_worked_ties():
         (7, 9),
     ]
     assert sp.groups_PG[0, 0].item() == 0.0  # ff = 3 * (2 + 2) = 12, all stored
+
+
+def test_fra_explain_refuses_other_saes(explained, tmp_path):
+    """`fra explain` loads the SAEs by name and refuses ones whose weights the manifest does not name."""
+    from fra.ingest.index.explain import ExplainConfig
+    from fra.ingest.index.explain import run as explain_run
+
+    inp, out = explained
+    for layer, sae in inp.saes.items():
+        sae.save_model(tmp_path / "saes" / f"blocks.{layer}.ln1.hook_normalized")
+    with pytest.raises(IndexFormatError, match="is not the one the index .* was built with"):
+        explain_run(ExplainConfig(index=out, model="tiny", sae=str(tmp_path / "saes"), progress=False))
+    with pytest.raises(ValueError, match="--explain-pairs must be at least 1"):
+        ExplainConfig(explain_pairs=0)
