@@ -11,7 +11,7 @@ import pytest
 from fra.ingest.index.schema import Manifest
 from fra.queries import connect
 from fra.queries.cli import export
-from fra.queries.lib import feature_channels, feature_marginals, ranked_channels, top_channels
+from fra.queries.lib import channel_ranking, feature_channels, feature_marginals, top_channels
 
 
 def write(path, table):
@@ -297,7 +297,7 @@ def test_ranked_channels(marg_index):
 
     def rank(by, **kw):
         opts = dict(n=10, min_count=1, by=by) | kw
-        return ranked_channels(con, 5, 0, **opts)[["feat_q", "feat_k"]].values.tolist()
+        return channel_ranking(con, 5, 0, **opts)[["feat_q", "feat_k"]].values.tolist()
 
     # |sum|: 30, 8, 5, 2, 1; |mean|: (3,2) 3, (1,2) 2, (2,2) 5/6, (1,1) 2/3, (2,1) 1/2
     assert rank("total") == [[3, 2], [1, 2], [2, 2], [1, 1], [2, 1]]
@@ -307,11 +307,11 @@ def test_ranked_channels(marg_index):
     assert rank("total", no_self=True) == [[3, 2], [1, 2], [2, 1]]
     # no q = k: (1,2) 7.5 over 3, (2,2) 1 over 4; |mean| then 3, 2.5, 1 (the 2/3 of (1,1)), 0.5, 0.25
     assert rank("mean", no_diag=True) == [[3, 2], [1, 2], [1, 1], [2, 1], [2, 2]]
-    df = ranked_channels(con, 5, 0, n=1, min_count=1, by="total", no_diag=True)
+    df = channel_ranking(con, 5, 0, n=1, min_count=1, by="total", no_diag=True)
     tot = (math.log(3) + math.log(4)) / 2  # the pairs' ff total; the fixture's q = k pairs have ff 0
     assert df[["count", "sum", "mean", "share_of_head"]].values.tolist()[0] == pytest.approx([10, -30, -3, -30 / tot])
     # head 1 without q = k: channel (2, 2) has no entry left, so it is not ranked
-    got = ranked_channels(con, 5, 1, n=10, min_count=1, by="total", no_diag=True)
+    got = channel_ranking(con, 5, 1, n=10, min_count=1, by="total", no_diag=True)
     assert got[["feat_q", "feat_k", "count"]].values.tolist() == [[1, 2, 4]]
     assert rank("total", min_count=5) == [[3, 2], [2, 2]]
 
@@ -322,7 +322,7 @@ def test_no_diag_needs_the_explain_pass(index):
     with pytest.raises(IndexFormatError, match="run `fra explain --index INDEX` first"):
         feature_marginals(connect(index), 5, 0, no_diag=True)
     with pytest.raises(IndexFormatError, match="no channel_diag"):
-        ranked_channels(connect(index), 5, 0, no_diag=True)
+        channel_ranking(connect(index), 5, 0, no_diag=True)
     assert len(feature_marginals(connect(index), 5, 0)) == 3  # the fixture's three query features
 
 

@@ -11,10 +11,10 @@ from .lib import (
     QUERIES,
     RANK_BY,
     channel_examples,
+    channel_ranking,
     feature_channels,
     feature_marginals,
     head_summary,
-    ranked_channels,
     top_channels,
 )
 
@@ -93,7 +93,7 @@ def main(argv):
     a = p.parse_args(argv)
     con = connect(a.index)
     if a.q == "top-channels" and (a.by != "mean" or a.no_diag or a.no_self):
-        _print(ranked_channels(con, a.layer, a.head, a.n, a.min_count, a.drop_noise, a.by, a.no_diag, a.no_self))
+        _print(channel_ranking(con, a.layer, a.head, a.n, a.min_count, a.drop_noise, a.by, a.no_diag, a.no_self))
     elif a.q == "top-channels":
         _print(top_channels(con, a.layer, a.head, a.n, a.min_count, a.drop_noise))
     elif a.q == "marginals":

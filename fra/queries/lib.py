@@ -54,9 +54,9 @@ def feature_marginals(con, layer, head, side="q", n=20, no_diag=False, no_self=F
     return run(con, "feature_marginals", [side, layer, head, no_diag, no_self, n])
 
 
-def ranked_channels(con, layer, head, n=20, min_count=8, drop_noise=False, by="total", no_diag=False, no_self=False):
+def channel_ranking(con, layer, head, n=20, min_count=8, drop_noise=False, by="total", no_diag=False, no_self=False):
     """A head's channels ranked by |mean| ('mean'), |sum| ('total') or |share of the head| ('share')."""
     if by not in RANK_BY:
         raise ValueError(f"rank by one of {RANK_BY}, got {by!r}")
     _check_diag(con, no_diag)
-    return run(con, "ranked_channels", [layer, head, min_count, drop_noise, no_diag, no_self, by, n])
+    return run(con, "channel_ranking", [layer, head, min_count, drop_noise, no_diag, no_self, by, n])

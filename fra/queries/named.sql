@@ -73,9 +73,9 @@ FROM feature_marginals_at(?, ?, ?, ?, ?) m
 LEFT JOIN features f ON f.layer = m.layer AND f.feature = m.feat
 ORDER BY abs(m.total) DESC, m.feat LIMIT ?;
 
--- name: ranked_channels
+-- name: channel_ranking
 SELECT layer, head, feat_q, feat_k, count, mean, sum, share_of_head, self_pair
-FROM ranked_channels(?, ?, ?, ?, ?, ?, ?, ?) ORDER BY layer, head, rank;
+FROM ranked_channels_at(?, ?, ?, ?, ?, ?, ?, ?) ORDER BY layer, head, rank;
 
 -- name: has_channel_diag
 SELECT count(*) > 0 AS present FROM (SELECT 1 FROM channel_diag LIMIT 1);

@@ -159,7 +159,7 @@ FROM feature_marginals_at('k', NULL, NULL, false, false);
 -- the channel's contribution to the head) or 'share' (|share of the head's summed feature x
 -- feature terms|, ordered as 'total' within a head); no_diag leaves out q = k entries (from the
 -- counts, the sums and the head's total), no_self the feat_q = feat_k channels.
-CREATE OR REPLACE MACRO ranked_channels(lyr, hd, min_count, drop_noise, no_diag, no_self, rank_by, n) AS TABLE
+CREATE OR REPLACE MACRO ranked_channels_at(lyr, hd, min_count, drop_noise, no_diag, no_self, rank_by, n) AS TABLE
 WITH t AS (
   SELECT layer, head, sum(ff) - CASE WHEN no_diag THEN coalesce(sum(ff) FILTER (WHERE q = k), 0) ELSE 0 END AS ff_total
   FROM pairs WHERE (lyr IS NULL OR layer = lyr) AND (hd IS NULL OR head = hd) GROUP BY layer, head
@@ -263,7 +263,7 @@ COMMENT ON COLUMN head_summary.ind_score_gap IS 'mean score on induction targets
 
 COMMENT ON MACRO TABLE channel_sums_at IS 'channel_sums_at(layer, head, no_diag): each channel''s count and sum, without its q = k entries (channel_diag) when no_diag.';
 COMMENT ON MACRO TABLE feature_marginals_at IS 'feature_marginals_at(side, layer, head, no_diag, no_self): head marginals by the query (side ''q'') or key (''k'') feature; columns feat, n_channels, count, total, share_of_head.';
-COMMENT ON MACRO TABLE ranked_channels IS 'ranked_channels(layer, head, min_count, drop_noise, no_diag, no_self, rank_by, n): per head, the n channels of largest |mean| (rank_by ''mean''), |sum| (''total'') or |share_of_head| (''share'').';
+COMMENT ON MACRO TABLE ranked_channels_at IS 'ranked_channels_at(layer, head, min_count, drop_noise, no_diag, no_self, rank_by, n): per head, the n channels of largest |mean| (rank_by ''mean''), |sum| (''total'') or |share_of_head| (''share'').';
 
 COMMENT ON VIEW query_feature_marginals IS 'Head marginals by query feature: what each feature at the query position carries of the head''s attention, summed exactly over the stored channels.';
 COMMENT ON COLUMN query_feature_marginals.layer IS 'layer';

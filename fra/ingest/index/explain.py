@@ -240,9 +240,15 @@ class PartWriter:
         self.buf, self.n = [], 0
 
     def close(self) -> None:
+        """Flush; a writer that got no rows still writes its (empty) file, so that every
+        partition of the index exists."""
+        import pyarrow.parquet as pq
+
         self.flush()
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.path, TABLES[self.name].schema, compression="zstd")
+        self.writer.close()
 
 
 def _kind_column(codes: np.ndarray) -> pa.Array:
