@@ -122,6 +122,12 @@ def cmd_merge(args):
         print(f"index written to {out}")
 
 
+def cmd_explain(args):
+    from fra.ingest.index.explain import ExplainConfig, run
+
+    run(config_from_args(ExplainConfig, args))
+
+
 def cmd_bench(args):
     from fra.ingest.tools.bench import BenchConfig, run
 
@@ -232,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
             "MergeConfig",
             cmd_merge,
             "the next step of a `fra ingest --shard i/n` job: select channels, or write the index",
+        ),
+        (
+            "explain",
+            "index.explain",
+            "ExplainConfig",
+            cmd_explain,
+            "add the score split at every example, the SAE activations and the q = k sums to an index",
         ),
         (
             "bench",

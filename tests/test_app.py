@@ -138,22 +138,6 @@ def add_explain_tables(index: Path, top_n: int = 8) -> None:
         store.reseal(index)
 
 
-@pytest.fixture(scope="session")
-def explained_index(tmp_path_factory):
-    """A tiny index with min_count 4 (so that some stored pairs are below it), and the
-    example_terms (top 3 pairs) and activations tables of the explain contract."""
-    from fra.ingest.index.build import IngestConfig, run
-    from fra.ingest.tools.testing import tiny_inputs
-
-    out = tmp_path_factory.mktemp("explained") / "index"
-    run(
-        IngestConfig(out=out, model="tiny", min_count=4, top_keys=2, top_pairs=3, progress=False),
-        tiny_inputs(n_samples=5),
-    )
-    add_explain_tables(out, top_n=3)
-    return out
-
-
 @pytest.fixture
 def xcon(explained_index):
     from fra.queries import connect
@@ -692,11 +676,14 @@ def test_an_index_that_lacks_a_column_gets_a_message_not_a_traceback(open_app, t
     import pyarrow.parquet as pq
     import streamlit as st
 
+    from fra.ingest.index.store import reseal
+
     def without(table, column):
         out = tmp_path / f"{table}_{column}"
         shutil.copytree(tiny_index, out)
         for f in (out / table).rglob("*.parquet"):
             pq.write_table(pq.read_table(f).drop([column]), f)
+        reseal(out)  # an edit on purpose: the manifest vouches for the files as they are now
         return out
 
     st.cache_data.clear()

@@ -87,12 +87,12 @@ def test_python_api_writes_the_same_index(tmp_path):
     assert dataclasses.asdict(m)["policy"]["min_count"] == 1
 
 
-def test_parquet_columns_carry_their_descriptions(tiny_index):
+def test_parquet_columns_carry_their_descriptions(explained_index):
     """Every column of every table file says what it holds (Arrow field metadata from schema.TABLES)."""
     import pyarrow.parquet as pq
 
     for name, table in TABLES.items():
-        files = sorted((tiny_index / name).rglob("*.parquet"))
+        files = sorted((explained_index / name).rglob("*.parquet"))
         assert files, name
         for f in files:
             schema = pq.read_schema(f)

@@ -11,7 +11,7 @@ import pytest
 from fra.ingest.index.schema import Manifest
 from fra.queries import connect
 from fra.queries.cli import export
-from fra.queries.lib import feature_channels, top_channels
+from fra.queries.lib import channel_ranking, feature_channels, feature_marginals, top_channels
 
 
 def write(path, table):
@@ -188,3 +188,173 @@ def test_export_is_partitioned_and_filtered(index, tmp_path):
     assert files and all(f.startswith("layer=5/head=0/") for f in files)
     with pytest.raises(ValueError, match="unknown view"):
         export(connect(index), "rows; DROP TABLE x", tmp_path / "o2")
+
+
+@pytest.fixture(scope="module")
+def marg_index(index, tmp_path_factory):
+    """The fixture index with two heads of channels, their q = k parts (channel_diag) and pairs."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("marg") / "idx"
+    shutil.copytree(index, root)
+    shutil.rmtree(root / "channels")
+
+    def channels(head, rows):
+        fq, fk, count, s = zip(*rows)
+        z = [0] * len(rows)
+        write(
+            root / f"channels/layer=5/head={head}/part-0.parquet",
+            pa.table(
+                {
+                    "feat_q": pa.array(fq, pa.int32()),
+                    "feat_k": pa.array(fk, pa.int32()),
+                    "count": pa.array(count, pa.int64()),
+                    "sum": pa.array(s, pa.float64()),
+                    "sumsq": pa.array([x * x for x in s], pa.float64()),
+                    "ind_count": pa.array(z, pa.int64()),
+                    "ind_sum": pa.array(z, pa.float64()),
+                    "ind_sumsq": pa.array(z, pa.float64()),
+                }
+            ),
+        )
+
+    def diag(head, rows):
+        fq, fk, count, s = zip(*rows)
+        write(
+            root / f"channel_diag/layer=5/head={head}/part-0.parquet",
+            pa.table(
+                {
+                    "feat_q": pa.array(fq, pa.int32()),
+                    "feat_k": pa.array(fk, pa.int32()),
+                    "count": pa.array(count, pa.int64()),
+                    "sum": pa.array(s, pa.float64()),
+                }
+            ),
+        )
+
+    # (feat_q, feat_k, count, sum); head 0 sums to 8 - 30 + 1 + 5 - 2 = -18, head 1 to 1 + 3 = 4
+    channels(0, [(1, 2, 4, 8.0), (3, 2, 10, -30.0), (2, 1, 2, 1.0), (2, 2, 6, 5.0), (1, 1, 3, -2.0)])
+    channels(1, [(1, 2, 4, 1.0), (2, 2, 6, 3.0)])
+    diag(0, [(2, 2, 2, 4.0), (1, 2, 1, 0.5)])
+    diag(1, [(2, 2, 6, 3.0)])  # every entry of (2, 2) is at q = k on head 1
+    for table in root.glob("*/layer=5/head=0"):  # every other table gets the same data for head 1
+        if not (table.parent / "head=1").exists():
+            shutil.copytree(table, table.parent / "head=1")
+    m = Manifest.read(root)
+    Manifest(**{**m.__dict__, "heads": [0, 1]}).write(root)  # the second head is part of the index
+    return root
+
+
+def test_feature_marginals_against_hand_sums(marg_index):
+    con = connect(marg_index)
+
+    def got(view, feat):
+        return con.execute(
+            f"SELECT head, {feat}, n_channels, total, share_of_head FROM {view} ORDER BY head, {feat}"
+        ).fetchall()
+
+    # head 0: query features 1 -> (1,2) + (1,1) = 8 - 2 = 6; 2 -> (2,1) + (2,2) = 1 + 5 = 6; 3 -> -30;
+    # shares of the head's -18. Head 1: 1 -> 1, 2 -> 3, shares of 4.
+    want_q = [(0, 1, 2, 6.0, -1 / 3), (0, 2, 2, 6.0, -1 / 3), (0, 3, 1, -30.0, 5 / 3), (1, 1, 1, 1.0, 0.25)]
+    want_q += [(1, 2, 1, 3.0, 0.75)]
+    # key features, head 0: 1 -> (2,1) + (1,1) = -1; 2 -> (1,2) + (3,2) + (2,2) = -17. Head 1: 2 -> 4.
+    want_k = [(0, 1, 2, -1.0, 1 / 18), (0, 2, 3, -17.0, 17 / 18), (1, 2, 2, 4.0, 1.0)]
+    for view, feat, want in (
+        ("query_feature_marginals", "feat_q", want_q),
+        ("key_feature_marginals", "feat_k", want_k),
+    ):
+        rows = got(view, feat)
+        assert [r[:3] for r in rows] == [w[:3] for w in want]
+        assert [r[3:] for r in rows] == [pytest.approx(w[3:]) for w in want]
+        # and generally: the marginals are the channels' sums grouped by one side
+        by_side = {}
+        for h, fq, fk, s in con.execute("SELECT head, feat_q, feat_k, sum FROM channels").fetchall():
+            by_side[h, fq if feat == "feat_q" else fk] = by_side.get((h, fq if feat == "feat_q" else fk), 0.0) + s
+        assert {(r[0], r[1]): r[3] for r in rows} == pytest.approx(by_side)
+        assert con.execute(f"SELECT head, sum(share_of_head) FROM {view} GROUP BY head ORDER BY head").fetchall() == [
+            (0, pytest.approx(1.0)),
+            (1, pytest.approx(1.0)),
+        ]
+
+
+def test_feature_marginals_without_diagonal_or_self_pairs(marg_index):
+    con = connect(marg_index)
+    q = "SELECT feat, n_channels, count, total, share_of_head FROM feature_marginals_at('q', 5, 0, ?, ?) ORDER BY feat"
+    # no_diag: (1,2) -> count 3 sum 7.5, (2,2) -> count 4 sum 1; head total -18 - 4.5 = -22.5
+    assert con.execute(q, [True, False]).fetchall() == [
+        (1, 2, 6, 5.5, pytest.approx(5.5 / -22.5)),
+        (2, 2, 6, 2.0, pytest.approx(2 / -22.5)),
+        (3, 1, 10, -30.0, pytest.approx(30 / 22.5)),
+    ]
+    # no_self: (1,1) and (2,2) dropped, shares still of the whole head (-18)
+    assert con.execute(q, [False, True]).fetchall() == [
+        (1, 1, 4, 8.0, pytest.approx(8 / -18)),
+        (2, 1, 2, 1.0, pytest.approx(1 / -18)),
+        (3, 1, 10, -30.0, pytest.approx(30 / 18)),
+    ]
+    df = feature_marginals(con, 5, 0, side="k", n=1)
+    assert df[["feat", "label", "n_channels", "total"]].values.tolist() == [[2, '"b"', 3, -17.0]]  # largest |total|
+
+
+def test_ranked_channels(marg_index):
+    con = connect(marg_index)
+
+    def rank(by, **kw):
+        opts = dict(n=10, min_count=1, by=by) | kw
+        return channel_ranking(con, 5, 0, **opts)[["feat_q", "feat_k"]].values.tolist()
+
+    # |sum|: 30, 8, 5, 2, 1; |mean|: (3,2) 3, (1,2) 2, (2,2) 5/6, (1,1) 2/3, (2,1) 1/2
+    assert rank("total") == [[3, 2], [1, 2], [2, 2], [1, 1], [2, 1]]
+    assert rank("share") == rank("total")  # one head: share is sum over a constant
+    assert rank("mean") == [[3, 2], [1, 2], [2, 2], [1, 1], [2, 1]][:2] + [[2, 2], [1, 1], [2, 1]]
+    assert rank("total", drop_noise=True) == [[1, 2], [2, 2], [1, 1], [2, 1]]  # feature 3 is punctuation
+    assert rank("total", no_self=True) == [[3, 2], [1, 2], [2, 1]]
+    # no q = k: (1,2) 7.5 over 3, (2,2) 1 over 4; |mean| then 3, 2.5, 1 (the 2/3 of (1,1)), 0.5, 0.25
+    assert rank("mean", no_diag=True) == [[3, 2], [1, 2], [1, 1], [2, 1], [2, 2]]
+    df = channel_ranking(con, 5, 0, n=1, min_count=1, by="total", no_diag=True)
+    tot = (math.log(3) + math.log(4)) / 2  # the pairs' ff total; the fixture's q = k pairs have ff 0
+    assert df[["count", "sum", "mean", "share_of_head"]].values.tolist()[0] == pytest.approx([10, -30, -3, -30 / tot])
+    # head 1 without q = k: channel (2, 2) has no entry left, so it is not ranked
+    got = channel_ranking(con, 5, 1, n=10, min_count=1, by="total", no_diag=True)
+    assert got[["feat_q", "feat_k", "count"]].values.tolist() == [[1, 2, 4]]
+    assert rank("total", min_count=5) == [[3, 2], [2, 2]]
+
+
+def test_no_diag_needs_the_explain_pass(index):
+    from fra.ingest.index.schema import IndexFormatError
+
+    with pytest.raises(IndexFormatError, match="run `fra explain --index INDEX` first"):
+        feature_marginals(connect(index), 5, 0, no_diag=True)
+    with pytest.raises(IndexFormatError, match="no channel_diag"):
+        channel_ranking(connect(index), 5, 0, no_diag=True)
+    assert len(feature_marginals(connect(index), 5, 0)) == 3  # the fixture's three query features
+
+
+def test_every_view_and_column_describes_itself(index):
+    """issue 19: every view of views.sql, every table view and every macro carries a DuckDB comment."""
+    import re
+
+    from fra.queries import sql_file
+
+    con = connect(index)
+    sql = sql_file("views")
+    views = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", sql))
+    macros = set(re.findall(r"CREATE OR REPLACE MACRO (\w+)", sql))
+    assert {"query_feature_marginals", "key_feature_marginals"} <= views
+    described = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+    from fra.ingest.index.schema import TABLES
+
+    for v in views | set(TABLES):
+        assert described.get(v), f"view {v} has no comment"
+    blank = con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal AND (comment IS NULL OR comment = '')"
+    ).fetchall()
+    assert blank == []
+    funcs = dict(
+        con.execute(
+            "SELECT function_name, comment FROM duckdb_functions() WHERE function_type = 'table_macro'"
+        ).fetchall()
+    )
+    for m in macros:
+        assert funcs.get(m), f"macro {m} has no comment"
+    assert described["query_feature_marginals"].startswith("Head marginals by query feature")

@@ -31,6 +31,17 @@ def sql_file(name: str) -> str:
     return (HERE / f"{name}.sql").read_text()
 
 
+DUCKDB_TYPES = {"int16": "SMALLINT", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE"}
+DUCKDB_TYPES |= {"string": "VARCHAR", "bool": "BOOLEAN"}
+
+
+def _empty(table) -> str:
+    """A SELECT of no rows with the columns a read of `table`'s Parquet files would have."""
+    cols = [(f.name, DUCKDB_TYPES[str(f.type)]) for f in table.schema]
+    cols += [(c, "BIGINT") for c in table.by] if table.partitioned else []
+    return "SELECT " + ", ".join(f'NULL::{t} AS "{c}"' for c, t in cols) + " WHERE false"
+
+
 def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with every view defined over `index`. A connection made here can read
     the index's files and no others, and write none; a connection passed in as `con` is left
@@ -40,10 +51,14 @@ def connect(index: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> 
     own = con is None
     con = con or duckdb.connect(":memory:")
     for name, table in TABLES.items():
+        if table.optional and not list(root.glob(f"{name}/**/*.parquet")):
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {_empty(table)}")  # `fra explain` not run yet
+            continue
         con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_literal(table_glob(root, name))}"
             f"{', hive_partitioning = true' if table.partitioned else ''})"
         )
+    _describe_tables(con)
     con.execute(sql_file("views"))
     if own:
         con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
@@ -66,6 +81,16 @@ def read_only_statements(sql: str) -> list[str]:
                 " (to write results use `fra export`)"
             )
     return [st.query for st in statements]
+
+
+def _describe_tables(con) -> None:
+    """The tables' descriptions from the schema, as DuckDB comments (duckdb_views(), duckdb_columns())."""
+    for name, table in TABLES.items():
+        con.execute(f'COMMENT ON VIEW "{name}" IS {_literal(table.about)}')
+        parts = [(c, f"{c} (hive partition)") for c in table.by] if table.partitioned else []
+        present = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
+        for col, meaning in [(c, m) for c, _, m in table.columns if c in present] + parts:
+            con.execute(f'COMMENT ON COLUMN "{name}"."{col}" IS {_literal(meaning)}')
 
 
 def manifest(index: str | Path) -> dict:

@@ -20,7 +20,16 @@ from fra.ingest.index.schema import IndexFormatError
 from fra.ingest.index.store import open_index, recover
 
 from . import connect, manifest, read_only_statements
-from .lib import QUERIES, channel_examples, feature_channels, head_summary, top_channels
+from .lib import (
+    QUERIES,
+    RANK_BY,
+    channel_examples,
+    channel_ranking,
+    feature_channels,
+    feature_marginals,
+    head_summary,
+    top_channels,
+)
 
 EXPORT_RECORD = "_fra_export.json"  # the files an export wrote: the only ones a later --overwrite deletes
 
@@ -35,6 +44,11 @@ VIEWS = (
     "head_summary",
     "top_entries",
     "pattern",
+    "example_terms",
+    "activations",
+    "channel_diag",
+    "query_feature_marginals",
+    "key_feature_marginals",
 )
 
 
@@ -66,6 +80,22 @@ def main(argv):
         "--min-count", type=int, default=8, help="only channels with at least this many (q, k) pairs (default: 8)"
     )
     s.add_argument("--drop-noise", action="store_true", help="drop BOS and punctuation features")
+    s.add_argument(
+        "--by",
+        choices=RANK_BY,
+        default="mean",
+        help="rank by |mean-when-active| (default), |total contribution| = |count * mean| (total) "
+        "or |share of the head's feature x feature sum| (share)",
+    )
+    s.add_argument("--no-diag", action="store_true", help="leave out q = k entries (needs `fra explain`)")
+    s.add_argument("--no-self", action="store_true", help="leave out self pairs (feat_q = feat_k)")
+    s = sub.add_parser("marginals", help="a head's query or key features by summed channel contribution")
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--head", type=int, required=True)
+    s.add_argument("--side", choices=("q", "k"), default="q", help="group the channels by their query or key feature")
+    s.add_argument("--n", type=int, default=20, help="features shown (largest |total| first)")
+    s.add_argument("--no-diag", action="store_true", help="leave out q = k entries (needs `fra explain`)")
+    s.add_argument("--no-self", action="store_true", help="leave out self pairs (feat_q = feat_k)")
     s = sub.add_parser("feature", help="every channel a feature appears in")
     s.add_argument("feature", type=int, help="the SAE feature id")
     s.add_argument("--layer", type=int, help="only this layer (default: every indexed layer)")
@@ -92,8 +122,12 @@ def main(argv):
         return
     con = open_cli(a.index)
     _check_indexed(a.index, getattr(a, "layer", None), getattr(a, "head", None))
-    if a.q == "top-channels":
+    if a.q == "top-channels" and (a.by != "mean" or a.no_diag or a.no_self):
+        _print(channel_ranking(con, a.layer, a.head, a.n, a.min_count, a.drop_noise, a.by, a.no_diag, a.no_self))
+    elif a.q == "top-channels":
         _print(top_channels(con, a.layer, a.head, a.n, a.min_count, a.drop_noise))
+    elif a.q == "marginals":
+        _print(feature_marginals(con, a.layer, a.head, a.side, a.n, a.no_diag, a.no_self))
     elif a.q == "feature":
         _print(feature_channels(con, a.feature, a.layer, a.n))
     elif a.q == "channel":

@@ -7,31 +7,25 @@ from pathlib import Path
 
 import duckdb
 
+from . import IndexNotFound
+
 
 def _load(path: Path) -> dict[str, str]:
     blocks = re.split(r"^-- name: (\w+)\s*$", path.read_text(), flags=re.M)
     return {name: body.strip().rstrip(";") for name, body in zip(blocks[1::2], blocks[2::2])}
 
 
+RANK_BY = ("mean", "total", "share")
 QUERIES = _load(Path(__file__).parent / "named.sql")
 
 # The failures that mean "this index cannot answer this query" (a table, view or column it lacks,
 # files that are missing or unreadable). Anything else is a bug and must surface as one.
 INDEX_LACKS = (duckdb.CatalogException, duckdb.BinderException, duckdb.IOException)
 
-# Tables of the example-explanation contract (docs: fra/ingest/index/schema.py) and their hive
-# partition columns; older indexes lack them, and the app says so instead of failing.
-OPTIONAL_TABLES = {"example_terms": "layer=*/head=*", "activations": "layer=*"}
-OPTIONAL_VIEWS = {
-    "query_feature_marginals": """
-        SELECT layer, head, feat_q, count(*) AS n_channels, sum(sum) AS total,
-               sum(sum) / nullif(sum(sum(sum)) OVER (PARTITION BY layer, head), 0) AS share_of_head
-        FROM channels GROUP BY layer, head, feat_q""",
-    "key_feature_marginals": """
-        SELECT layer, head, feat_k, count(*) AS n_channels, sum(sum) AS total,
-               sum(sum) / nullif(sum(sum(sum)) OVER (PARTITION BY layer, head), 0) AS share_of_head
-        FROM channels GROUP BY layer, head, feat_k""",
-}
+# Tables written by the explain pass (`fra explain`); `fra.queries.connect` defines them as empty
+# views on an index without them, so the app asks `attach_optional` whether they hold data.
+OPTIONAL_TABLES = ("example_terms", "activations", "channel_diag")
+MARGINAL_VIEWS = ("query_feature_marginals", "key_feature_marginals")
 
 
 def relations(con) -> set[str]:
@@ -42,21 +36,11 @@ def relations(con) -> set[str]:
 
 
 def attach_optional(con, index: str | Path) -> set[str]:
-    """Defines each optional table or view that `fra.queries.connect` left undefined and the index can
-    serve (its Parquet files exist); returns the optional names now defined."""
+    """The optional tables that hold data in the index at `index` (their Parquet files exist), and
+    the marginal views the connection defines."""
     root = Path(index).resolve()
-    have = relations(con)
-    for name, parts in OPTIONAL_TABLES.items():
-        files = sorted(root.glob(f"{name}/{parts}/*.parquet"))
-        if name not in have and files:
-            glob = str(root / name / "**" / "*.parquet").replace("'", "''")
-            con.execute(
-                f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true)"
-            )
-    for name, body in OPTIONAL_VIEWS.items():
-        if name not in have:
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
-    return relations(con) & (set(OPTIONAL_TABLES) | set(OPTIONAL_VIEWS))
+    have = {name for name in OPTIONAL_TABLES if any(root.glob(f"{name}/**/*.parquet"))}
+    return have | (set(MARGINAL_VIEWS) & relations(con))
 
 
 def run(con, name: str, params: list):
@@ -78,3 +62,27 @@ def channel_examples(con, layer, head, feat_q, feat_k, n=20):
 
 def head_summary(con):
     return run(con, "head_summary", [])
+
+
+def _check_diag(con, no_diag: bool) -> None:
+    if no_diag and not bool(run(con, "has_channel_diag", [])["present"].iloc[0]):
+        raise IndexNotFound(
+            "this index has no channel_diag table (the q = k part of each channel), so q = k entries "
+            "cannot be left out; run `fra explain --index INDEX` first"
+        )
+
+
+def feature_marginals(con, layer, head, side="q", n=20, no_diag=False, no_self=False):
+    """A head's query (side 'q') or key ('k') features ranked by |summed channel contribution|."""
+    if side not in ("q", "k"):
+        raise ValueError(f"side must be 'q' or 'k', got {side!r}")
+    _check_diag(con, no_diag)
+    return run(con, "feature_marginals", [side, layer, head, no_diag, no_self, n])
+
+
+def channel_ranking(con, layer, head, n=20, min_count=8, drop_noise=False, by="total", no_diag=False, no_self=False):
+    """A head's channels ranked by |mean| ('mean'), |sum| ('total') or |share of the head| ('share')."""
+    if by not in RANK_BY:
+        raise ValueError(f"rank by one of {RANK_BY}, got {by!r}")
+    _check_diag(con, no_diag)
+    return run(con, "channel_ranking", [layer, head, min_count, drop_noise, no_diag, no_self, by, n])

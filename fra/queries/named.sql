@@ -66,6 +66,20 @@ SELECT * FROM channel_stats_at(?, ?) WHERE feat_q = ? AND feat_k = ?;
 -- name: head_summary_one
 SELECT * FROM head_summary_at(?, ?);
 
+-- name: feature_marginals
+-- A head's query (side 'q') or key ('k') features by |summed channel contribution|, with labels.
+SELECT m.feat, f.label, m.n_channels, m.count, m.total, m.share_of_head
+FROM feature_marginals_at(?, ?, ?, ?, ?) m
+LEFT JOIN features f ON f.layer = m.layer AND f.feature = m.feat
+ORDER BY abs(m.total) DESC, m.feat LIMIT ?;
+
+-- name: channel_ranking
+SELECT layer, head, feat_q, feat_k, count, mean, sum, share_of_head, self_pair
+FROM ranked_channels_at(?, ?, ?, ?, ?, ?, ?, ?) ORDER BY layer, head, rank;
+
+-- name: has_channel_diag
+SELECT count(*) > 0 AS present FROM (SELECT 1 FROM channel_diag LIMIT 1);
+
 -- explorer
 -- name: explorer_features
 SELECT * FROM features WHERE layer = ? ORDER BY feature;

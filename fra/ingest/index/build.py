@@ -111,6 +111,10 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
                 )
             return None
         out = merge.finish(writer, job)
+        if cfg.explain_pairs and cfg.engine == "local":
+            from .explain import explain_index
+
+            explain_index(out, inp.lm.model, inp.saes, cfg.explain_pairs, cfg.progress)
     if cfg.progress:
         print(f"index written to {out} in {time.time() - t0:.0f} s ({cfg.engine} engine)")
         for layer, st in stats.items():

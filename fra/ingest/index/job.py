@@ -130,6 +130,11 @@ class IngestConfig:
     q_block: int = opt(
         32, "queries whose pair values are formed at once (memory ~ heads x q_block x T x k^2 x 4 bytes)"
     )
+    explain_pairs: int = opt(
+        16,
+        "example_terms: feature pairs stored at each example's (q, k), largest |FA| first (the explain "
+        "pass, `explain.py`); 0 skips it; --engine ray and --shard runs skip it too (run `fra explain` after them)",
+    )
     device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
     progress: bool = opt(True, "show progress bars and a summary")
 
@@ -153,6 +158,8 @@ class IngestConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 2 <= self.max_tokens <= 32768:
             raise ValueError("--max-tokens must be in [2, 32768] (positions are stored as int16)")
+        if self.explain_pairs < 0:
+            raise ValueError("--explain-pairs must be 0 (no explain pass) or more")
         if self.memory_budget_gb <= 0:
             raise ValueError("--memory-budget-gb must be positive")
         floor = Budget.floor_bytes(self.max_tokens)

@@ -28,9 +28,11 @@ class IndexFormatError(ValueError):
 @dataclass(frozen=True)
 class Table:
     name: str
-    partitioned: bool  # hive-partitioned by layer and head
+    partitioned: bool  # hive-partitioned (by the columns of `by`)
     about: str
     columns: tuple[tuple[str, pa.DataType, str], ...]  # name, type, meaning
+    by: tuple[str, ...] = ("layer", "head")  # the hive partition columns of a partitioned table
+    optional: bool = False  # written by the explain pass (`fra explain`); an index may lack it
 
     @property
     def schema(self) -> pa.Schema:
@@ -118,6 +120,59 @@ TABLES: dict[str, Table] = {
                 ("resid_resid", pa.float32(), "(b_dec + error) x (b_dec + error)"),
                 ("bias", pa.float32(), "every term with the norm bias or b_Q / b_K (0 for Llama-style models)"),
             ),
+        ),
+        Table(
+            "example_terms",
+            True,
+            "The exact split of the model's score at every distinct (layer, head, sample, q, k) of "
+            "`examples`, written by the explain pass (`fra explain`, run by `fra ingest` unless "
+            "`--explain-pairs 0`). Per point: `kind` 'pair' rows for the `policy.explain_pairs` "
+            "feature pairs of largest |FA| (ties: smaller feat_q, then feat_k, first; a channel of "
+            "`examples` not among them is smaller in |FA| than all of them), then one row (rank -1, "
+            "feat_q = feat_k = -1) each for "
+            "'ff_rest' (every other feature x feature term), 'b_dec' (feature x b_dec, b_dec x feature "
+            "and b_dec x b_dec), 'error' (every term with the SAE error, b_dec x error included), "
+            "'bias' (every term with the norm bias or b_Q / b_K) and 'score' (the model's score). "
+            "The 'pair', 'ff_rest', 'b_dec', 'error' and 'bias' values of a point sum to its 'score' "
+            "up to float32 rounding.",
+            (
+                ("sample", pa.int32(), "sample id"),
+                ("q", pa.int16(), "query position"),
+                ("k", pa.int16(), "key position"),
+                ("rank", pa.int16(), "'pair': 0 for the largest |value| at this point; -1 for the other kinds"),
+                ("kind", pa.string(), "'pair', 'ff_rest', 'b_dec', 'error', 'bias' or 'score'"),
+                ("feat_q", pa.int32(), "query-side feature of a 'pair' row, else -1"),
+                ("feat_k", pa.int32(), "key-side feature of a 'pair' row, else -1"),
+                ("value", pa.float32(), "FA[q, k, feat_q, feat_k] for 'pair', else the group's sum"),
+            ),
+            optional=True,
+        ),
+        Table(
+            "activations",
+            True,
+            "Every nonzero SAE activation of every indexed sample (written by the explain pass).",
+            (
+                ("sample", pa.int32(), "sample id"),
+                ("pos", pa.int16(), "token position"),
+                ("feat", pa.int32(), "SAE latent"),
+                ("act", pa.float32(), "its activation (the SAE's encode, float32)"),
+            ),
+            by=("layer",),
+            optional=True,
+        ),
+        Table(
+            "channel_diag",
+            True,
+            "The q = k entries of every channel in `channels` (written by the explain pass): subtract "
+            "them from `channels.count` and `channels.sum` to leave out each token's attention to "
+            "itself. Channels with no q = k entry have no row.",
+            (
+                ("feat_q", pa.int32(), "query-side feature"),
+                ("feat_k", pa.int32(), "key-side feature"),
+                ("count", pa.int64(), "positions where feat_q and feat_k are both active"),
+                ("sum", pa.float64(), "sum of FA[t, t, feat_q, feat_k] over those positions"),
+            ),
+            optional=True,
         ),
         Table(
             "samples",
@@ -236,14 +291,18 @@ def markdown() -> str:
         "Generated from `fra/ingest/index/schema.py` (`python -m fra.ingest.index.schema > docs/INDEX_SCHEMA.md`).",
         "",
         "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
-        "ones are hive-partitioned by `layer` and `head`, so DuckDB and pyarrow read those as columns.",
-        "Each column's meaning below is also stored in the Parquet files, as the Arrow field metadata",
-        "`description` (`pyarrow.parquet.read_schema(path).field(name).metadata`).",
+        "ones are hive-partitioned by `layer` and `head` (`activations` by `layer` only), so DuckDB and",
+        "pyarrow read those as columns. The tables marked optional are written by the explain pass",
+        "(`fra explain --index OUT`, which `fra ingest` runs at its end unless `--explain-pairs 0`); an",
+        "index without them reads as empty tables. Each column's meaning below is also stored in the",
+        "Parquet files, as the Arrow field metadata `description`",
+        "(`pyarrow.parquet.read_schema(path).field(name).metadata`).",
         "",
         "```",
         "manifest.json",
         *[
-            f"{t.name}/" + ("layer=L/head=H/part-*.parquet" if t.partitioned else "part-0.parquet")
+            f"{t.name}/"
+            + ("".join(f"{c}={c[0].upper()}/" for c in t.by) + "part-*.parquet" if t.partitioned else "part-0.parquet")
             for t in TABLES.values()
         ],
         "```",
@@ -262,7 +321,8 @@ def markdown() -> str:
         "corpus": "sha256 prefix of the corpus Parquet (or the caller's identity for in-memory samples)",
         "policy": "the keep-policy and job options: `min_count`, `top_keys`, `top_pairs`, "
         "`examples_per_channel`, `max_tokens`, `split`, `max_samples`, `block_size` (the unit whose "
-        "float sums are added in block order), `memory_budget_gb`",
+        "float sums are added in block order), `memory_budget_gb`; `explain_pairs` once the explain pass "
+        "has run (the 'pair' rows per point of `example_terms`)",
         "layers": "indexed layers",
         "heads": "indexed heads",
         "n_samples": "number of samples",
@@ -281,7 +341,9 @@ def markdown() -> str:
     for t in TABLES.values():
         out += [
             "",
-            f"## {t.name}" + (" (partitioned by layer, head)" if t.partitioned else ""),
+            f"## {t.name}"
+            + (f" (partitioned by {', '.join(t.by)})" if t.partitioned else "")
+            + (" (optional)" if t.optional else ""),
             "",
             t.about,
             "",
