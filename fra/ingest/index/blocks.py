@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +173,7 @@ class BlockWorker:
         import pyarrow.parquet as pq
         import torch
 
-        from ..core.reduce import induction_mask, reduce_sample
+        from ..core.reduce import ReduceOptions, SampleFA, reduce_sample
         from .channels import ChannelChunk
 
         cfg, heads, layer = self.cfg, self.heads, task.layer
@@ -190,6 +190,8 @@ class BlockWorker:
         starts = list(range(0, len(block_keys), chunk)) or [0]
         head_pos = torch.tensor(heads)
         tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget // 8)
+        opts = ReduceOptions(cfg.top_keys, cfg.top_pairs, cfg.q_block)
+        window = getattr(dec, "sliding_window", None)  # None: full causal attention
         channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
@@ -197,28 +199,11 @@ class BlockWorker:
             first = c == 0
             for s, toks in self._samples(task.block):
                 p = dec.prepare(toks)
-                T = toks.shape[0]
-                causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-                scores = p.hooks.model_scores_BHQK[0][head_pos].float()
-                attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-                ind = induction_mask(toks)
-                red = reduce_sample(
-                    p.q.feat_BHTAE[0][head_pos],
-                    p.k.feat_BHTAE[0][head_pos],
-                    p.sparse.feat_idx_BTA[0],
-                    p.live_BTA[0],
-                    ind,
-                    attn,
-                    F,
-                    keys.to(self.device),
-                    cfg.top_keys,
-                    cfg.top_pairs,
-                    cfg.q_block,
-                    with_rows=first,
-                )
-                acc.add(red, self.inp.sample_ids[s])
+                x = SampleFA.of(p, head_pos, window)
+                red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=first))
+                acc.add(red.slots, self.inp.sample_ids[s])
                 if first:
-                    tables.add(self.inp.sample_ids[s], p, red, ind, scores, causal, head_pos)
+                    tables.add(self.inp.sample_ids[s], p, red, x)
             for j, h in enumerate(heads):
                 chan, ex = acc.tables(j, block_counts[lo : lo + chunk], F)
                 channels.add(_with(chan, head=h))
@@ -272,12 +257,15 @@ class RowsAndPairs:
         self.kept_abs = np.zeros(len(heads))
         self.ff_abs = np.zeros(len(heads))
 
-    def add(self, sample, p, red, ind, scores_HQK, causal, head_pos):
+    def add(self, sample, p, red, x):
+        """One sample's pairs (every visible (q, k)) and rows; `p` is its `Prepared`, `red` its
+        `SampleReduction`, `x` its `SampleFA`."""
         import torch
 
         from ..core.decompose import TERM_NAMES, pair_terms
 
-        qi, ki = torch.nonzero(causal, as_tuple=True)
+        qi, ki = torch.nonzero(x.visible_QK, as_tuple=True)
+        head_pos = torch.tensor(self.heads, device=qi.device)
         terms = pair_terms(p.q, p.k)[:, 0][:, head_pos]  # [C, H, Q, K]
         groups = {
             "f_bdec": ["feat_bdec"],
@@ -288,29 +276,30 @@ class RowsAndPairs:
             "bias": [t for t in TERM_NAMES if "bias" in t],
         }
         n = len(qi)
+        tot = red.totals
         pairs = {
             "sample": np.full((len(self.heads), n), sample, np.int32),
             "q": np.broadcast_to(qi.cpu().numpy().astype(np.int16), (len(self.heads), n)),
             "k": np.broadcast_to(ki.cpu().numpy().astype(np.int16), (len(self.heads), n)),
-            "induction": np.broadcast_to(ind[qi, ki].cpu().numpy(), (len(self.heads), n)),
-            "score": scores_HQK[:, qi, ki].cpu().numpy(),
-            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(),
-            "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
-            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(),
-            "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
+            "induction": np.broadcast_to(x.ind_QK[qi, ki].cpu().numpy(), (len(self.heads), n)),
+            "score": x.scores_HQK[:, qi, ki].cpu().numpy(),
+            "ff": tot.ff_HQK[:, qi, ki].cpu().numpy(),
+            "ff_abs": tot.ff_abs_HQK[:, qi, ki].cpu().numpy(),
+            "kept": tot.kept_HQK[:, qi, ki].cpu().numpy(),
+            "kept_abs": tot.kept_abs_HQK[:, qi, ki].cpu().numpy(),
         }
         for name, members in groups.items():
             pairs[name] = terms[[TERM_NAMES.index(t) for t in members]].sum(0)[:, qi, ki].cpu().numpy()
-        rq, rk = red.rows_q, red.rows_k
+        r = red.rows
         rows = {
-            "h": red.rows_h.cpu().numpy(),
-            "sample": np.full(len(rq), sample, np.int32),
-            "q": rq.cpu().numpy().astype(np.int16),
-            "k": rk.cpu().numpy().astype(np.int16),
-            "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
-            "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
-            "value": red.rows_val.cpu().numpy(),
-            "induction": ind[rq, rk].cpu().numpy(),
+            "h": r.h.cpu().numpy(),
+            "sample": np.full(len(r.q), sample, np.int32),
+            "q": r.q.cpu().numpy().astype(np.int16),
+            "k": r.k.cpu().numpy().astype(np.int16),
+            "feat_q": r.feat_q.cpu().numpy().astype(np.int32),
+            "feat_k": r.feat_k.cpu().numpy().astype(np.int32),
+            "value": r.value.cpu().numpy(),
+            "induction": x.ind_QK[r.q, r.k].cpu().numpy(),
         }
         self.buf["pairs"].append(pairs)
         self.buf["rows"].append(rows)

@@ -1,0 +1,155 @@
+// The CPU inner loop of `fra ingest` (loaded by fused.py through ctypes; plain C++17, no torch or
+// Python headers, so one build serves every Python environment and torch version).
+//
+// fra_reduce_block: one block of FA values V[h, q, a, k, b] (queries q0..q0+nq-1, keys
+// k0..k0+nk-1, as torch.matmul wrote them) reduced into the sample's channel slots. Each value
+// is read once, from the block the matmul just wrote:
+//   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s == S: not kept, dead or padding);
+//   - per (head, slot): sum and sum of squares (float64), the entry of largest |value| (first in
+//     (q, k) order on ties) and its position (q << 16) | k; on induction targets (ind[q, k]) the
+//     induction sum, sum of squares and (head 0 only) count;
+//   - per (head, q, k): the sum of |value| over every feature pair (ffabs, float32).
+// Only keys visible from q are read: k <= q and q - k < window (window <= 0: no window).
+//
+// Work is split into items that own disjoint outputs, so no two threads write one address and the
+// results do not depend on the number of threads: slot items are (head, range of query-side
+// features u) and own the slots (u, *), which are contiguous because slots are sorted by (u, w);
+// |value| items are (head, query). Within an item the scan is in (q, a, k, b) order.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+template <class F>
+void run_items(int64_t n_items, int64_t n_threads, F&& work) {
+  std::atomic<int64_t> next{0};
+  auto loop = [&]() {
+    for (int64_t i = next++; i < n_items; i = next++) work(i);
+  };
+  const int64_t n = std::max<int64_t>(1, std::min(n_threads, n_items));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t) pool.emplace_back(loop);
+  loop();
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+extern "C" {
+
+int fra_kernel_version() { return 3; }
+
+void fra_reduce_block(const float* V, int64_t H, int64_t nq, int64_t A, int64_t nk, int64_t q0, int64_t k0,
+                      int64_t T, const int32_t* local, const int32_t* table, int64_t U1, int64_t S, int64_t window,
+                      const uint8_t* ind, double* sum, double* sumsq, float* best, int32_t* bpos, int64_t* ind_count,
+                      double* ind_sum, double* ind_sumsq, float* ffabs, int64_t groups, int64_t n_threads) {
+  const int64_t U = U1 - 1;
+  const int64_t row_stride = nk * A;         // one (h, q, a) row of V
+  const int64_t head_stride = nq * A * row_stride;
+  auto kmin_of = [&](int64_t q) {            // first visible key of query q, clamped to the block
+    int64_t lo = window > 0 ? q - window + 1 : 0;
+    return std::max(lo, k0);
+  };
+  auto kmax_of = [&](int64_t q) { return std::min(q, k0 + nk - 1); };
+
+  // slot items: (h, g), g = a range of query-side features
+  run_items(H * groups, n_threads, [&](int64_t item) {
+    const int64_t h = item / groups, g = item % groups;
+    const int64_t u_lo = U * g / groups, u_hi = U * (g + 1) / groups;
+    double* s_h = sum + h * S;
+    double* ss_h = sumsq + h * S;
+    float* b_h = best + h * S;
+    int32_t* p_h = bpos + h * S;
+    double* is_h = ind_sum + h * S;
+    double* iss_h = ind_sumsq + h * S;
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t q = q0 + qi;
+      const int64_t klo = kmin_of(q), khi = kmax_of(q);
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t u = local[q * A + a];
+        if (u < u_lo || u >= u_hi) continue;  // dead slots (u == U) fall out here
+        const int32_t* trow = table + u * U1;
+        const float* vrow = V + h * head_stride + (qi * A + a) * row_stride;
+        for (int64_t k = klo; k <= khi; ++k) {
+          const float* v = vrow + (k - k0) * A;
+          const int32_t* lk = local + k * A;
+          const bool is_ind = ind[q * T + k] != 0;
+          const int32_t pos = (int32_t)((q << 16) | k);
+          for (int64_t b = 0; b < A; ++b) {
+            const int32_t s = trow[lk[b]];
+            if (s == S) continue;
+            const float x = v[b];
+            const double xd = x;
+            s_h[s] += xd;
+            ss_h[s] += xd * xd;
+            if (std::fabs(x) > std::fabs(b_h[s])) {
+              b_h[s] = x;
+              p_h[s] = pos;
+            }
+            if (is_ind) {
+              is_h[s] += xd;
+              iss_h[s] += xd * xd;
+              if (h == 0) ind_count[s] += 1;
+            }
+          }
+        }
+      }
+    }
+  });
+
+  // |value| items: (h, q)
+  run_items(H * nq, n_threads, [&](int64_t item) {
+    const int64_t h = item / nq, qi = item % nq, q = q0 + qi;
+    const int64_t klo = kmin_of(q), khi = kmax_of(q);
+    float* fa = ffabs + (h * T + q) * T;
+    for (int64_t a = 0; a < A; ++a) {
+      const float* vrow = V + h * head_stride + (qi * A + a) * row_stride;
+      for (int64_t k = klo; k <= khi; ++k) {
+        const float* v = vrow + (k - k0) * A;
+        float acc = 0.f;
+        for (int64_t b = 0; b < A; ++b) acc += std::fabs(v[b]);
+        fa[k] += acc;
+      }
+    }
+  });
+}
+
+// Merge one sample's slots into a chunk of global channels. Slot s goes to chunk row rowof[s]
+// (rows are distinct). Slot stats are [H, S]; chunk sums [n, H] float64; examples [n, H, E]
+// (value float32, sample int32, position int32), ordered by |value| descending then sample
+// ascending, an empty example (sample -1) being the worst: the slot's best entry replaces the
+// worst kept example when it ranks above it.
+void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, const double* lsum, const double* lsumsq,
+                     const float* lbest, const int32_t* lbpos, double* gsum, double* gsumsq, float* exval,
+                     int32_t* exsample, int32_t* expos, int32_t sample) {
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t row = rowof[s];
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t li = h * S + s, gi = row * H + h;
+      gsum[gi] += lsum[li];
+      gsumsq[gi] += lsumsq[li];
+      const float x = lbest[li], ax = std::fabs(x);
+      if (ax == 0.f) continue;
+      float* e = exval + gi * E;
+      int32_t* es = exsample + gi * E;
+      auto eff = [&](int64_t j) { return es[j] < 0 ? INT32_MAX : es[j]; };
+      int64_t lo = 0;
+      for (int64_t j = 1; j < E; ++j) {
+        const float aj = std::fabs(e[j]), al = std::fabs(e[lo]);
+        if (aj < al || (aj == al && eff(j) > eff(lo))) lo = j;
+      }
+      const float al = std::fabs(e[lo]);
+      if (ax > al || (ax == al && sample < eff(lo))) {
+        e[lo] = x;
+        es[lo] = sample;
+        expos[gi * E + lo] = lbpos[li];
+      }
+    }
+  }
+}
+
+}  // extern "C"
