@@ -4,17 +4,19 @@
 // fra_reduce_block: one block of FA values V[h, q, a, k, b] (queries q0..q0+nq-1, keys
 // k0..k0+nk-1, as torch.matmul wrote them) reduced into the sample's channel slots. Each value
 // is read once, from the block the matmul just wrote:
-//   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s == S: not kept, dead or padding);
+//   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s == S: the trash, for entries of
+//     channels not kept and of dead slots);
 //   - per (head, slot): sum and sum of squares (float64), the entry of largest |value| (first in
 //     (q, k) order on ties) and its position (q << 16) | k; on induction targets (ind[q, k]) the
 //     induction sum, sum of squares and (head 0 only) count;
-//   - per (head, q, k): the sum of |value| over every feature pair (ffabs, float32).
+//   - per (head, q, k): the sum of |value| over the feature pairs (ffabs [groups, H, T, T], float32,
+//     one partial sum per slot item's feature range; their sum is the total).
 // Only keys visible from q are read: k <= q and q - k < window (window <= 0: no window).
 //
 // Work is split into items that own disjoint outputs, so no two threads write one address and the
-// results do not depend on the number of threads: slot items are (head, range of query-side
-// features u) and own the slots (u, *), which are contiguous because slots are sorted by (u, w);
-// |value| items are (head, query). Within an item the scan is in (q, a, k, b) order.
+// results do not depend on the number of threads: items are (head, range g of query-side
+// features u) and own the slots (u, *), which are contiguous because slots are sorted by (u, w),
+// and the partial |value| sums ffabs[g, h]. Within an item the scan is in (q, a, k, b) order.
 
 #include <atomic>
 #include <cmath>
@@ -37,17 +39,72 @@ void run_items(int64_t n_items, int64_t n_threads, F&& work) {
   for (auto& th : pool) th.join();
 }
 
+// One sample's slot statistics of one head; each array has a trash entry at index S that takes
+// every entry without a slot (so the inner loop has no branch and vectorises: within one key
+// position the slots of distinct features are distinct, only the trash repeats).
+struct SlotRefs {
+  double *sum, *sumsq;
+  float* best;
+  int32_t* bpos;
+  double *ind_sum, *ind_sumsq;
+  int64_t* ind_count;  // head 0 only, else null
+};
+
+// GCC builds the inner loop for several x86 levels and picks one at load time
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FRA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FRA_CLONES
+#endif
+
+// the values V[q, a, k, b] of one (head, q, a) row for keys klo..khi (v indexed by absolute k)
+FRA_CLONES void slot_row(const float* v, int64_t q, int64_t klo, int64_t khi, int64_t A, const int32_t* local,
+                         const int32_t* trow, const uint8_t* ind_row, const SlotRefs& r, float* fa_row) {
+  double* __restrict s_h = r.sum;
+  double* __restrict ss_h = r.sumsq;
+  float* __restrict b_h = r.best;
+  int32_t* __restrict p_h = r.bpos;
+  for (int64_t k = klo; k <= khi; ++k) {
+    const float* __restrict vk = v + k * A;
+    const int32_t* __restrict lk = local + k * A;
+    const int32_t pos = (int32_t)((q << 16) | k);
+    float acc = 0.f;
+#pragma GCC ivdep
+    for (int64_t b = 0; b < A; ++b) {
+      const int32_t s = trow[lk[b]];
+      const float x = vk[b];
+      const double xd = x;
+      acc += std::fabs(x);
+      s_h[s] += xd;
+      ss_h[s] += xd * xd;
+      const bool better = std::fabs(x) > std::fabs(b_h[s]);
+      b_h[s] = better ? x : b_h[s];
+      p_h[s] = better ? pos : p_h[s];
+    }
+    fa_row[k] += acc;
+    if (ind_row[k]) {
+      for (int64_t b = 0; b < A; ++b) {
+        const int32_t s = trow[lk[b]];
+        const double xd = vk[b];
+        r.ind_sum[s] += xd;
+        r.ind_sumsq[s] += xd * xd;
+        if (r.ind_count) r.ind_count[s] += 1;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int fra_kernel_version() { return 3; }
+int fra_kernel_version() { return 5; }
 
 void fra_reduce_block(const float* V, int64_t H, int64_t nq, int64_t A, int64_t nk, int64_t q0, int64_t k0,
                       int64_t T, const int32_t* local, const int32_t* table, int64_t U1, int64_t S, int64_t window,
                       const uint8_t* ind, double* sum, double* sumsq, float* best, int32_t* bpos, int64_t* ind_count,
                       double* ind_sum, double* ind_sumsq, float* ffabs, int64_t groups, int64_t n_threads) {
-  const int64_t U = U1 - 1;
+  const int64_t U = U1 - 1, P = S + 1;  // per-head arrays hold S slots and the trash
   const int64_t row_stride = nk * A;         // one (h, q, a) row of V
   const int64_t head_stride = nq * A * row_stride;
   auto kmin_of = [&](int64_t q) {            // first visible key of query q, clamped to the block
@@ -60,62 +117,21 @@ void fra_reduce_block(const float* V, int64_t H, int64_t nq, int64_t A, int64_t 
   run_items(H * groups, n_threads, [&](int64_t item) {
     const int64_t h = item / groups, g = item % groups;
     const int64_t u_lo = U * g / groups, u_hi = U * (g + 1) / groups;
-    double* s_h = sum + h * S;
-    double* ss_h = sumsq + h * S;
-    float* b_h = best + h * S;
-    int32_t* p_h = bpos + h * S;
-    double* is_h = ind_sum + h * S;
-    double* iss_h = ind_sumsq + h * S;
+    SlotRefs r{sum + h * P, sumsq + h * P, best + h * P, bpos + h * P, ind_sum + h * P, ind_sumsq + h * P,
+               h == 0 ? ind_count : nullptr};
     for (int64_t qi = 0; qi < nq; ++qi) {
       const int64_t q = q0 + qi;
       const int64_t klo = kmin_of(q), khi = kmax_of(q);
       for (int64_t a = 0; a < A; ++a) {
         const int64_t u = local[q * A + a];
         if (u < u_lo || u >= u_hi) continue;  // dead slots (u == U) fall out here
-        const int32_t* trow = table + u * U1;
         const float* vrow = V + h * head_stride + (qi * A + a) * row_stride;
-        for (int64_t k = klo; k <= khi; ++k) {
-          const float* v = vrow + (k - k0) * A;
-          const int32_t* lk = local + k * A;
-          const bool is_ind = ind[q * T + k] != 0;
-          const int32_t pos = (int32_t)((q << 16) | k);
-          for (int64_t b = 0; b < A; ++b) {
-            const int32_t s = trow[lk[b]];
-            if (s == S) continue;
-            const float x = v[b];
-            const double xd = x;
-            s_h[s] += xd;
-            ss_h[s] += xd * xd;
-            if (std::fabs(x) > std::fabs(b_h[s])) {
-              b_h[s] = x;
-              p_h[s] = pos;
-            }
-            if (is_ind) {
-              is_h[s] += xd;
-              iss_h[s] += xd * xd;
-              if (h == 0) ind_count[s] += 1;
-            }
-          }
-        }
+        slot_row(vrow - k0 * A, q, klo, khi, A, local, table + u * U1, ind + q * T, r,
+                 ffabs + ((g * H + h) * T + q) * T);
       }
     }
   });
 
-  // |value| items: (h, q)
-  run_items(H * nq, n_threads, [&](int64_t item) {
-    const int64_t h = item / nq, qi = item % nq, q = q0 + qi;
-    const int64_t klo = kmin_of(q), khi = kmax_of(q);
-    float* fa = ffabs + (h * T + q) * T;
-    for (int64_t a = 0; a < A; ++a) {
-      const float* vrow = V + h * head_stride + (qi * A + a) * row_stride;
-      for (int64_t k = klo; k <= khi; ++k) {
-        const float* v = vrow + (k - k0) * A;
-        float acc = 0.f;
-        for (int64_t b = 0; b < A; ++b) acc += std::fabs(v[b]);
-        fa[k] += acc;
-      }
-    }
-  });
 }
 
 // Merge one sample's slots into a chunk of global channels. Slot s goes to chunk row rowof[s]

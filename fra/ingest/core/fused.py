@@ -28,7 +28,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fa_kernel.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
-KERNEL_VERSION = 3  # fra_kernel_version() of the source this module calls
+KERNEL_VERSION = 5  # fra_kernel_version() of the source this module calls
 
 _lib = None
 _tried = False
@@ -122,16 +122,24 @@ def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _slot_ptr(t, S: int) -> ctypes.c_void_p:
+    """A [.., S] view of storage with a trailing trash entry per row (`SlotStats.zeros`)."""
+    if t.device.type != "cpu" or t.stride(-1) != 1 or (t.ndim == 2 and t.stride(0) != S + 1):
+        raise ValueError("slot statistics must be SlotStats.zeros views on the CPU")
+    return ctypes.c_void_p(t.data_ptr())
+
+
 def reduce_block(V, q0, k0, local, table, window, ind, slots, ffabs, groups, n_threads) -> None:
     """fra_reduce_block on tensors: V [H, nq, A, nk, A] float32; local [T, A] int32; table int32;
-    ind [T, T] uint8; `slots` a `reduce.SlotStats` being filled; ffabs [H, T, T] float32."""
+    ind [T, T] uint8; `slots` a `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32
+    (partial sums of |value| per group of query-side features)."""
     H, nq, A, nk, _ = V.shape
-    T = local.shape[0]
+    T, S = local.shape[0], slots.n_slots
     U1 = int(round(table.numel() ** 0.5))
+    fields = ("sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS")
     _lib.fra_reduce_block(
-        _ptr(V), H, nq, A, nk, q0, k0, T, _ptr(local), _ptr(table), U1, slots.n_slots, window or 0, _ptr(ind),
-        *(_ptr(t) for t in (slots.sum_HS, slots.sumsq_HS, slots.best_HS, slots.best_pos_HS, slots.ind_count_S)),
-        _ptr(slots.ind_sum_HS), _ptr(slots.ind_sumsq_HS), _ptr(ffabs), groups, n_threads,
+        _ptr(V), H, nq, A, nk, q0, k0, T, _ptr(local), _ptr(table), U1, S, window or 0, _ptr(ind),
+        *(_slot_ptr(getattr(slots, f), S) for f in fields), _ptr(ffabs), groups, n_threads,
     )  # fmt: skip
 
 

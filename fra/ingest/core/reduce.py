@@ -158,8 +158,8 @@ class SlotStats:
     def zeros(cls, keys_S: Tensor, H: int) -> "SlotStats":
         S, dev = keys_S.shape[0], keys_S.device
 
-        def z(dtype, *shape):
-            return torch.zeros(*shape, dtype=dtype, device=dev)
+        def z(dtype, *shape):  # one more trailing entry: the kernel's trash slot
+            return torch.zeros(*shape[:-1], shape[-1] + 1, dtype=dtype, device=dev)[..., :S]
 
         f64 = torch.float64
         return cls(
@@ -233,17 +233,22 @@ class _SlotTable:
 
 def _slot_table(co: Cooccurrence, d_sae: int, kept_keys: Tensor | None) -> tuple[_SlotTable, Tensor]:
     """The table, and the global key of each slot (ascending, so slots are sorted by (u, w))."""
-    U1 = co.feats_U.shape[0] + 1
-    u, w = co.present()
-    keys, _ = co.channel_keys(d_sae, (u, w))
-    if kept_keys is not None:
-        kept_keys = kept_keys.contiguous()
-        pos = torch.searchsorted(kept_keys, keys).clamp(max=max(len(kept_keys) - 1, 0))
-        keep = (kept_keys[pos] == keys) if len(kept_keys) else torch.zeros_like(keys, dtype=torch.bool)
-        keys, u, w = keys[keep], u[keep], w[keep]
+    U = co.feats_U.shape[0]
+    U1 = U + 1
+    if kept_keys is None:
+        u, w = co.present()
+        keys, _ = co.channel_keys(d_sae, (u, w))
+    else:  # the kept channels whose features both occur here, and that co-occur
+        local_F = torch.full((d_sae,), -1, dtype=torch.long, device=kept_keys.device)
+        local_F[co.feats_U] = torch.arange(U, device=kept_keys.device)
+        u, w = local_F[kept_keys // d_sae], local_F[kept_keys % d_sae]
+        here = (u >= 0) & (w >= 0)
+        keys, u, w = kept_keys[here], u[here], w[here]
+        here = co.count_UU[u, w] > 0
+        keys, u, w = keys[here], u[here], w[here]
     S = keys.shape[0]
-    table = torch.full((U1 * U1,), S, dtype=torch.int32, device=keys.device)
-    table[u * U1 + w] = torch.arange(S, dtype=torch.int32, device=keys.device)
+    table = torch.full((U1 * U1,), S, dtype=torch.int32, device=co.feats_U.device)
+    table[u * U1 + w] = torch.arange(S, dtype=torch.int32, device=co.feats_U.device)
     return _SlotTable(table, co.local_TA.to(torch.int32).contiguous(), U1), keys
 
 
@@ -278,13 +283,14 @@ def reduce_sample(
     dev = x.qfeat_HTAE.device
     slot_table, keys_S = _slot_table(cooccurrence(x.feat_idx_TA, x.live_TA, x.window), d_sae, kept_keys)
     slots = SlotStats.zeros(keys_S, H)
-    ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=dev)
     kernel = _use_kernel(x, opts.backend)
+    ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=dev)
     if kernel:
         from . import fused
 
         ind_u8 = x.ind_QK.to(torch.uint8).contiguous()
         n_threads = torch.get_num_threads()
+        ff_abs_parts = torch.zeros(SLOT_GROUPS, H, T, T, dtype=torch.float32)
     visible = x.visible_QK
     rows = []
     for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
@@ -294,13 +300,15 @@ def reduce_sample(
             x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
         ).view(H, nq, A, nk, A)
         if kernel:
-            fused.reduce_block(V, q0, k0, slot_table.local_TA, slot_table.table, x.window, ind_u8, slots, ff_abs,
-                               SLOT_GROUPS, n_threads)  # fmt: skip
+            fused.reduce_block(V, q0, k0, slot_table.local_TA, slot_table.table, x.window, ind_u8, slots,
+                               ff_abs_parts, SLOT_GROUPS, n_threads)  # fmt: skip
         else:
             _torch_block(V, q0, k0, slot_table, visible, x.ind_QK, slots, ff_abs)
         if opts.with_rows:
             rows.append(_rows_block(V, x, visible, q0, k0, opts))
         del V
+    if kernel:
+        ff_abs = ff_abs_parts.sum(0)
     # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
     # of the summed feature vectors (dead slots hold zero vectors)
     ff = torch.einsum("hqe,hke->hqk", x.qfeat_HTAE.sum(2), x.kfeat_HTAE.sum(2)) * visible
