@@ -106,6 +106,8 @@ class BlockWorker:
         self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in inp.layers}
         self.heads = job_heads(cfg, inp.lm.model)
         self.budget = int(cfg.memory_budget_gb * 1e9)
+        # each sample's forward pass at a layer, kept from the count pass for the statistics pass
+        self._forwards = {layer: ForwardMemo(dec, self.budget // 8) for layer, dec in self.decomposers.items()}
         self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
 
     def run(self, task: Task) -> None:
@@ -117,6 +119,9 @@ class BlockWorker:
             return
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
+        for layer, memo in self._forwards.items():
+            if layer != task.layer:
+                memo.clear()
         t0 = time.time()
         with torch.no_grad():
             stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
@@ -128,10 +133,13 @@ class BlockWorker:
         except OSError:  # another worker finished the same block first: its partial is identical
             shutil.rmtree(tmp)
 
-    def _samples(self, block: int):
+    def _samples(self, block: int, desc: str = ""):
         import torch
+        from tqdm import tqdm
 
-        for s in block_positions(block, self.cfg.block_size, len(self.inp.tokens)):
+        positions = block_positions(block, self.cfg.block_size, len(self.inp.tokens))
+        bar = tqdm(positions, desc=f"  block {block} {desc}", unit="sample", leave=False, disable=not self.cfg.progress)
+        for s in bar:
             yield s, torch.tensor(self.inp.tokens[s], device=self.device)
 
     def _count(self, task: Task, tmp: Path) -> dict:
@@ -144,11 +152,12 @@ class BlockWorker:
         F = dec.sae.cfg.d_sae
         fires_F = torch.zeros(F, dtype=torch.long)
         bos_F = torch.zeros(F, dtype=torch.long)
-        counts = CountAggregator(self.budget // 4, tmp / "_count_runs")
-        for _, toks in self._samples(task.block):
+        counts = CountAggregator(self.budget // 4, tmp / "_count_runs", n_keys=F * F)
+        window = getattr(dec, "sliding_window", None)  # None: full causal attention
+        for _, toks in self._samples(task.block, "count"):
             sparse = dec.encode(toks)
             idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
-            keys, n = cooccurrence(idx, live).channel_keys(F)
+            keys, n = cooccurrence(idx, live, window).channel_keys(F)
             counts.add(keys.cpu().numpy(), n.cpu().numpy())
             fires_F.index_add_(0, idx[live].cpu(), torch.ones(int(live.sum()), dtype=torch.long))
             bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
@@ -197,7 +206,7 @@ class BlockWorker:
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
             acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
             first = c == 0
-            for s, toks in self._samples(task.block):
+            for s, toks in self._samples(task.block, f"statistics, sweep {c + 1}/{len(starts)}"):
                 p = dec.prepare(toks)
                 x = SampleFA.of(p, head_pos, window)
                 red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=first))
@@ -219,6 +228,39 @@ class BlockWorker:
             "kept_abs": tables.kept_abs.tolist(),
             "ff_abs": tables.ff_abs.tolist(),
         }
+
+
+class ForwardMemo:
+    """Each sample's forward pass at one layer (`Decomposer._forward`: the hook values and the
+    SAE activations), computed once and reused by the later passes over the same samples while
+    they fit in `budget_bytes` (about 1 MB per sample of 128 tokens: the activations are kept
+    sparse). It wraps the decomposer's own `_forward`, so every caller gets the same tensors
+    the decomposer would compute."""
+
+    def __init__(self, dec, budget_bytes: int):
+        self.compute, self.budget, self.nbytes = dec._forward, budget_bytes, 0
+        self.memo: dict[bytes, tuple] = {}
+        dec._forward = self
+
+    def __call__(self, tokens):
+        key = tokens.cpu().numpy().tobytes()
+        if key in self.memo:
+            tokens_BT, hooks, acts = self.memo[key]
+            return tokens_BT, hooks, acts.to_dense()
+        tokens_BT, hooks, acts = self.compute(tokens)
+        sparse = acts.to_sparse()
+        size = _nbytes((tokens_BT, sparse.values(), sparse.indices(), *vars(hooks).values()))
+        if self.nbytes + size <= self.budget:
+            self.memo[key] = (tokens_BT, hooks, sparse)
+            self.nbytes += size
+        return tokens_BT, hooks, acts
+
+    def clear(self) -> None:
+        self.memo, self.nbytes = {}, 0
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
 
 
 class _Appender:
