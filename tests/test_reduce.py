@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -85,6 +87,11 @@ def test_reduce_sample_matches_brute_force(backend, subset, window):
     opts = ReduceOptions(top_keys=2, top_pairs=3, q_block=4, backend=backend)
     red = reduce_sample(x, F, kept, opts)
     res, tot, rows = red.slots, red.totals, red.rows
+    # a later sweep (no rows) forms only the query slots it needs, and gives the same slots
+    lean = reduce_sample(x, F, kept, replace(opts, with_rows=False))
+    assert lean.rows is None and lean.totals is None
+    for f in ("keys_S", "sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS"):
+        torch.testing.assert_close(getattr(lean.slots, f), getattr(res, f), rtol=1e-6, atol=1e-6)
     # the counts of the channels present, with the same mask
     ckeys, counts = cooccurrence(idx, live, window).channel_keys(F)
     assert {(int(c) // F, int(c) % F): int(n) for c, n in zip(ckeys, counts)} == {c: len(e) for c, e in ref.items()}

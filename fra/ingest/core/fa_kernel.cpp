@@ -1,9 +1,9 @@
 // The CPU inner loop of `fra ingest` (loaded by fused.py through ctypes; plain C++17, no torch or
 // Python headers, so one build serves every Python environment and torch version).
 //
-// fra_reduce_block: one block of FA values V[h, q, a, k, b] (queries q0..q0+nq-1, keys
-// k0..k0+nk-1, as torch.matmul wrote them) reduced into the sample's channel slots. Each value
-// is read once, from the block the matmul just wrote:
+// fra_reduce_block: one block of FA values V[h, i, k, b] (rows i = query slots (row_q[i], row_a[i])
+// in (q, a) order, keys k0..k0+nk-1, as torch.matmul wrote them) reduced into the sample's
+// channel slots. Each value is read once, from the block the matmul just wrote:
 //   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s == S: the trash, for entries of
 //     channels not kept and of dead slots);
 //   - per (head, slot): sum and sum of squares (float64), the entry of largest |value| (first in
@@ -16,7 +16,8 @@
 // Work is split into items that own disjoint outputs, so no two threads write one address and the
 // results do not depend on the number of threads: items are (head, range g of query-side
 // features u) and own the slots (u, *), which are contiguous because slots are sorted by (u, w),
-// and the partial |value| sums ffabs[g, h]. Within an item the scan is in (q, a, k, b) order.
+// and the partial |value| sums ffabs[g, h]. Within an item the scan is in (q, a, k, b) order, so a
+// slot sees its entries in (q, k) order.
 
 #include <atomic>
 #include <cmath>
@@ -98,20 +99,16 @@ FRA_CLONES void slot_row(const float* v, int64_t q, int64_t klo, int64_t khi, in
 
 extern "C" {
 
-int fra_kernel_version() { return 5; }
+int fra_kernel_version() { return 6; }
 
-void fra_reduce_block(const float* V, int64_t H, int64_t nq, int64_t A, int64_t nk, int64_t q0, int64_t k0,
-                      int64_t T, const int32_t* local, const int32_t* table, int64_t U1, int64_t S, int64_t window,
-                      const uint8_t* ind, double* sum, double* sumsq, float* best, int32_t* bpos, int64_t* ind_count,
-                      double* ind_sum, double* ind_sumsq, float* ffabs, int64_t groups, int64_t n_threads) {
+void fra_reduce_block(const float* V, int64_t H, int64_t n_rows, int64_t A, int64_t nk, const int32_t* row_q,
+                      const int32_t* row_a, int64_t k0, int64_t T, const int32_t* local, const int32_t* table,
+                      int64_t U1, int64_t S, int64_t window, const uint8_t* ind, double* sum, double* sumsq,
+                      float* best, int32_t* bpos, int64_t* ind_count, double* ind_sum, double* ind_sumsq,
+                      float* ffabs, int64_t groups, int64_t n_threads) {
   const int64_t U = U1 - 1, P = S + 1;  // per-head arrays hold S slots and the trash
-  const int64_t row_stride = nk * A;         // one (h, q, a) row of V
-  const int64_t head_stride = nq * A * row_stride;
-  auto kmin_of = [&](int64_t q) {            // first visible key of query q, clamped to the block
-    int64_t lo = window > 0 ? q - window + 1 : 0;
-    return std::max(lo, k0);
-  };
-  auto kmax_of = [&](int64_t q) { return std::min(q, k0 + nk - 1); };
+  const int64_t row_stride = nk * A;    // one (h, row) of V
+  const int64_t head_stride = n_rows * row_stride;
 
   // slot items: (h, g), g = a range of query-side features
   run_items(H * groups, n_threads, [&](int64_t item) {
@@ -119,19 +116,17 @@ void fra_reduce_block(const float* V, int64_t H, int64_t nq, int64_t A, int64_t 
     const int64_t u_lo = U * g / groups, u_hi = U * (g + 1) / groups;
     SlotRefs r{sum + h * P, sumsq + h * P, best + h * P, bpos + h * P, ind_sum + h * P, ind_sumsq + h * P,
                h == 0 ? ind_count : nullptr};
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      const int64_t q = q0 + qi;
-      const int64_t klo = kmin_of(q), khi = kmax_of(q);
-      for (int64_t a = 0; a < A; ++a) {
-        const int64_t u = local[q * A + a];
-        if (u < u_lo || u >= u_hi) continue;  // dead slots (u == U) fall out here
-        const float* vrow = V + h * head_stride + (qi * A + a) * row_stride;
-        slot_row(vrow - k0 * A, q, klo, khi, A, local, table + u * U1, ind + q * T, r,
-                 ffabs + ((g * H + h) * T + q) * T);
-      }
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const int64_t q = row_q[i];
+      const int64_t u = local[q * A + row_a[i]];
+      if (u < u_lo || u >= u_hi) continue;  // dead slots (u == U) fall out here
+      // visible keys of q, within the block's keys k0..k0+nk-1
+      const int64_t klo = std::max(window > 0 ? q - window + 1 : 0, k0), khi = std::min(q, k0 + nk - 1);
+      const float* vrow = V + h * head_stride + i * row_stride;
+      slot_row(vrow - k0 * A, q, klo, khi, A, local, table + u * U1, ind + q * T, r,
+               ffabs + ((g * H + h) * T + q) * T);
     }
   });
-
 }
 
 // Merge one sample's slots into a chunk of global channels. Slot s goes to chunk row rowof[s]

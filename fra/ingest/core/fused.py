@@ -28,7 +28,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fa_kernel.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
-KERNEL_VERSION = 5  # fra_kernel_version() of the source this module calls
+KERNEL_VERSION = 6  # fra_kernel_version() of the source this module calls
 
 _lib = None
 _tried = False
@@ -36,7 +36,7 @@ _tried = False
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "fra_reduce_block": [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _P] + [_P] * 8 + [_I, _I],
+    "fra_reduce_block": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _P] + [_P] * 8 + [_I, _I],
     "fra_merge_slots": [_I, _I, _I] + [_P] * 10 + [ctypes.c_int32],
 }
 
@@ -129,17 +129,18 @@ def _slot_ptr(t, S: int) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def reduce_block(V, q0, k0, local, table, window, ind, slots, ffabs, groups, n_threads) -> None:
-    """fra_reduce_block on tensors: V [H, nq, A, nk, A] float32; local [T, A] int32; table int32;
-    ind [T, T] uint8; `slots` a `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32
-    (partial sums of |value| per group of query-side features)."""
-    H, nq, A, nk, _ = V.shape
+def reduce_block(V, row_q, row_a, k0, local, table, window, ind, slots, ffabs, groups, n_threads) -> None:
+    """fra_reduce_block on tensors: V [H, rows, nk, A] float32 for the query slots (row_q, row_a)
+    (int32, in (q, a) order) and keys k0..; local [T, A] int32; table int32; ind [T, T] uint8;
+    `slots` a `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32 (partial sums of
+    |value| per group of query-side features)."""
+    H, n_rows, nk, A = V.shape
     T, S = local.shape[0], slots.n_slots
     U1 = int(round(table.numel() ** 0.5))
     fields = ("sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS")
     _lib.fra_reduce_block(
-        _ptr(V), H, nq, A, nk, q0, k0, T, _ptr(local), _ptr(table), U1, S, window or 0, _ptr(ind),
-        *(_slot_ptr(getattr(slots, f), S) for f in fields), _ptr(ffabs), groups, n_threads,
+        _ptr(V), H, n_rows, A, nk, _ptr(row_q), _ptr(row_a), k0, T, _ptr(local), _ptr(table), U1, S, window or 0,
+        _ptr(ind), *(_slot_ptr(getattr(slots, f), S) for f in fields), _ptr(ffabs), groups, n_threads,
     )  # fmt: skip
 
 

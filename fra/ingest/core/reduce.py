@@ -137,7 +137,7 @@ class ReduceOptions:
     top_keys: int = 4  # rows: per (head, query), the most-attended keys
     top_pairs: int = 8  # rows: per such (query, key), the pairs of largest |FA|
     q_block: int = 32  # queries whose values one matmul forms
-    with_rows: bool = True  # False: no rows (later sweeps over the same block)
+    with_rows: bool = True  # False: slots only, no rows or totals (later sweeps over the same block)
     backend: str = "auto"  # "kernel" (C++ on the CPU), "torch" (any device), "auto": kernel where it can
 
 
@@ -217,8 +217,8 @@ class SampleReduction:
     """Everything one sample contributes at one layer."""
 
     slots: SlotStats
-    totals: PairTotals
-    rows: Rows
+    totals: PairTotals | None  # None without rows (ReduceOptions.with_rows)
+    rows: Rows | None
 
 
 @dataclass(frozen=True)
@@ -277,44 +277,74 @@ def query_blocks(T: int, q_block: int, window: int | None):
 def reduce_sample(
     x: SampleFA, d_sae: int, kept_keys: Tensor | None = None, opts: ReduceOptions = ReduceOptions()
 ) -> SampleReduction:
-    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None),
-    per-(h, q, k) totals and rows."""
+    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None), and
+    with `opts.with_rows` its per-(h, q, k) totals and rows."""
     H, T, A, E = x.qfeat_HTAE.shape
     dev = x.qfeat_HTAE.device
-    slot_table, keys_S = _slot_table(cooccurrence(x.feat_idx_TA, x.live_TA, x.window), d_sae, kept_keys)
+    st, keys_S = _slot_table(cooccurrence(x.feat_idx_TA, x.live_TA, x.window), d_sae, kept_keys)
     slots = SlotStats.zeros(keys_S, H)
-    kernel = _use_kernel(x, opts.backend)
-    ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=dev)
-    if kernel:
-        from . import fused
-
-        ind_u8 = x.ind_QK.to(torch.uint8).contiguous()
-        n_threads = torch.get_num_threads()
-        ff_abs_parts = torch.zeros(SLOT_GROUPS, H, T, T, dtype=torch.float32)
     visible = x.visible_QK
-    rows = []
-    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
-        nq, nk = q1 - q0, q1 - k0
-        # V[h, q, a, k, b]: one batched matmul, laid out so that no copy is needed
-        V = torch.matmul(
-            x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
-        ).view(H, nq, A, nk, A)
-        if kernel:
-            fused.reduce_block(V, q0, k0, slot_table.local_TA, slot_table.table, x.window, ind_u8, slots,
-                               ff_abs_parts, SLOT_GROUPS, n_threads)  # fmt: skip
-        else:
-            _torch_block(V, q0, k0, slot_table, visible, x.ind_QK, slots, ff_abs)
-        if opts.with_rows:
-            rows.append(_rows_block(V, x, visible, q0, k0, opts))
-        del V
-    if kernel:
-        ff_abs = ff_abs_parts.sum(0)
+    loop = _kernel_loop if _use_kernel(x, opts.backend) else _torch_loop
+    ff_abs, rows = loop(x, st, slots, visible, opts)
+    if not opts.with_rows:
+        return SampleReduction(slots, None, None)
     # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
     # of the summed feature vectors (dead slots hold zero vectors)
     ff = torch.einsum("hqe,hke->hqk", x.qfeat_HTAE.sum(2), x.kfeat_HTAE.sum(2)) * visible
     rows = Rows.cat(rows, dev)
     totals = PairTotals(ff, ff_abs, rows.per_pair(H, T), rows.per_pair(H, T, absolute=True))
     return SampleReduction(slots, totals, rows)
+
+
+def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+    """The blocks of values reduced by the C++ kernel: (ff_abs [H, T, T], rows per block).
+    Without rows (a later sweep over one chunk of the kept channels) only the query slots whose
+    feature has a kept channel here are formed, so a sweep costs about its share of the values."""
+    from . import fused
+
+    H, T, A, E = x.qfeat_HTAE.shape
+    ind_u8 = x.ind_QK.to(torch.uint8).contiguous()
+    parts = torch.zeros(SLOT_GROUPS, H, T, T, dtype=torch.float32)
+    qf = x.qfeat_HTAE.reshape(H, T * A, E)
+    wanted_TA = None
+    if not opts.with_rows:
+        has_slot_U = (st.table.view(st.U1, st.U1) < slots.n_slots).any(1)  # the dead slots' U has none
+        wanted_TA = has_slot_U[st.local_TA.long()]
+    rows = []
+    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
+        nk = q1 - k0
+        i = torch.arange(q0 * A, q1 * A)  # query slots (q, a) as q * A + a
+        if wanted_TA is not None:
+            i = i[wanted_TA[q0:q1].flatten()]
+            if len(i) == 0:
+                continue
+        # V[h, i, k, b]: one batched matmul, laid out so that no copy is needed
+        Q = qf[:, q0 * A : q1 * A] if wanted_TA is None else qf[:, i]
+        V = torch.matmul(Q, x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)).view(H, -1, nk, A)
+        row_q, row_a = (i // A).int(), (i % A).int()
+        fused.reduce_block(V, row_q, row_a, k0, st.local_TA, st.table, x.window, ind_u8, slots, parts, SLOT_GROUPS,
+                           torch.get_num_threads())  # fmt: skip
+        if opts.with_rows:
+            rows.append(_rows_block(V.view(H, q1 - q0, A, nk, A), x, visible, q0, k0, opts))
+        del V
+    return parts.sum(0), rows
+
+
+def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+    """The same blocks reduced by PyTorch ops, on any device: (ff_abs [H, T, T], rows per block)."""
+    H, T, A, E = x.qfeat_HTAE.shape
+    ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=x.qfeat_HTAE.device)
+    rows = []
+    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
+        nq, nk = q1 - q0, q1 - k0
+        V = torch.matmul(
+            x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
+        ).view(H, nq, A, nk, A)
+        _torch_block(V, q0, k0, st, visible, x.ind_QK, slots, ff_abs)
+        if opts.with_rows:
+            rows.append(_rows_block(V, x, visible, q0, k0, opts))
+        del V
+    return ff_abs, rows
 
 
 def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats, ff_abs_HQK) -> None:
