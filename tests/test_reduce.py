@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from fra.ingest.core.reduce import POS_SHIFT, cooccurrence, induction_mask, reduce_sample
+from fra.ingest.core.reduce import (
+    POS_SHIFT,
+    ReduceOptions,
+    SampleFA,
+    cooccurrence,
+    induction_mask,
+    reduce_sample,
+    visible_mask,
+)
 
 
 def brute_force(qf, kf, idx, live, mask):
@@ -56,30 +66,43 @@ def _sample(seed=0, H=2, T=9, A=3, E=4, F=7):
     return qf, kf, idx, live, attn, F
 
 
-@pytest.mark.parametrize("use_fused", [False, True], ids=["torch", "fused"])
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "window-3"])
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
 @pytest.mark.parametrize("subset", [False, True], ids=["all-channels", "kept-subset"])
-def test_reduce_sample_matches_brute_force(use_fused, subset):
+def test_reduce_sample_matches_brute_force(backend, subset, window):
     from fra.ingest.core import fused
 
-    if use_fused and not fused.available():
-        pytest.skip("no C++ toolchain for the fused kernel")
+    if backend == "kernel" and not fused.available():
+        pytest.skip("no C++ toolchain for the CPU kernel")
     qf, kf, idx, live, attn, F = _sample()
     H, T, A, _ = qf.shape
     tokens = torch.tensor([0, 1, 2, 3, 1, 2, 3, 4, 1])
-    ind = induction_mask(tokens)
-    ref = brute_force(qf, kf, idx, live, torch.ones(T, T, dtype=torch.bool))
+    visible = visible_mask(T, window)
+    ind = induction_mask(tokens) & visible
+    ref = brute_force(qf, kf, idx, live, visible)
     kept = None
     if subset:  # every other channel present
         kept = torch.tensor(sorted(i * F + j for i, j in ref))[::2]
-    res = reduce_sample(qf, kf, idx, live, ind, attn, F, kept, top_keys=2, top_pairs=3, q_block=4, use_fused=use_fused)
+    x = SampleFA(qf, kf, idx, live, ind, attn, attn, window)
+    opts = ReduceOptions(top_keys=2, top_pairs=3, q_block=4, backend=backend)
+    red = reduce_sample(x, F, kept, opts)
+    res, tot, rows = red.slots, red.totals, red.rows
+    # a later sweep (no rows) forms only the query slots it needs, and gives the same slots
+    lean = reduce_sample(x, F, kept, replace(opts, with_rows=False))
+    assert lean.rows is None and lean.totals is None
+    for f in ("keys_S", "sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS"):
+        torch.testing.assert_close(getattr(lean.slots, f), getattr(res, f), rtol=1e-6, atol=1e-6)
+    # the counts of the channels present, with the same mask
+    ckeys, counts = cooccurrence(idx, live, window).channel_keys(F)
+    assert {(int(c) // F, int(c) % F): int(n) for c, n in zip(ckeys, counts)} == {c: len(e) for c, e in ref.items()}
     want = set(ref) if kept is None else {(int(x) // F, int(x) % F) for x in kept}
-    got = {(int(x) // F, int(x) % F): s for s, x in enumerate(res.slot_keys_S)}
+    got = {(int(c) // F, int(c) % F): s for s, c in enumerate(res.keys_S)}
     assert set(got) == want
     for key, s in got.items():
         entries = ref[key]
         vals = torch.stack([v for _, _, v in entries], 1)  # [H, n]
-        torch.testing.assert_close(res.sum_HS[:, s], vals.sum(1), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res.sumsq_HS[:, s], (vals**2).sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.sum_HS[:, s].float(), vals.sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.sumsq_HS[:, s].float(), (vals**2).sum(1), atol=1e-5, rtol=1e-5)
         for h in range(H):
             i = int(vals[h].abs().argmax())  # first maximum in scan order
             q, k, _ = entries[i]
@@ -88,17 +111,20 @@ def test_reduce_sample_matches_brute_force(use_fused, subset):
         ind_vals = [v for q, k, v in entries if ind[q, k]]
         assert int(res.ind_count_S[s]) == len(ind_vals)
         if ind_vals:
-            torch.testing.assert_close(res.ind_sum_HS[:, s], torch.stack(ind_vals, 1).sum(1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                res.ind_sum_HS[:, s].float(), torch.stack(ind_vals, 1).sum(1), atol=1e-5, rtol=1e-5
+            )
     assert ind.any() and int(res.ind_count_S.sum()) > 0
 
-    # per-pair totals, and the rows: top pairs at each query's most-attended keys
+    # per-pair totals, and the rows: top pairs at each query's most-attended visible keys
     for h in range(H):
         for q in range(T):
-            for k in range(q + 1):
-                block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :])
-                torch.testing.assert_close(res.ff_HQK[h, q, k], block.sum(), atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(res.ff_abs_HQK[h, q, k], block.abs().sum(), atol=1e-5, rtol=1e-5)
-            keys = attn[h, q, : q + 1].topk(min(2, q + 1)).indices.tolist()
+            for k in range(T):
+                block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :]) * visible[q, k]
+                torch.testing.assert_close(tot.ff_HQK[h, q, k], block.sum(), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(tot.ff_abs_HQK[h, q, k], block.abs().sum(), atol=1e-5, rtol=1e-5)
+            seen = torch.nonzero(visible[q])[:, 0]
+            keys = seen[attn[h, q, seen].topk(min(2, len(seen))).indices].tolist()
             want_rows = []
             for k in keys:
                 block = (qf[h, q] @ kf[h, k].T) * (live[q][:, None] & live[k][None, :])
@@ -112,9 +138,9 @@ def test_reduce_sample_matches_brute_force(use_fused, subset):
                     reverse=True,
                 )[:3]
                 want_rows += [(k, i, j) for _, i, j in top]
-            sel = (res.rows_h == h) & (res.rows_q == q)
-            got_rows = list(zip(res.rows_k[sel].tolist(), res.rows_fq[sel].tolist(), res.rows_fk[sel].tolist()))
+            sel = (rows.h == h) & (rows.q == q)
+            got_rows = list(zip(rows.k[sel].tolist(), rows.feat_q[sel].tolist(), rows.feat_k[sel].tolist()))
             assert sorted(got_rows) == sorted(want_rows)
     kept_t = torch.zeros(H, T, T)
-    kept_t.index_put_((res.rows_h, res.rows_q, res.rows_k), res.rows_val, accumulate=True)
-    torch.testing.assert_close(res.kept_HQK, kept_t)
+    kept_t.index_put_((rows.h, rows.q, rows.k), rows.value, accumulate=True)
+    torch.testing.assert_close(tot.kept_HQK, kept_t)

@@ -1,137 +1,151 @@
-"""A fused CPU pass for the inner loop: one read of each block of values updates every local
-channel slot's sum, sum of squares and strongest entry, and the per-(q, k) |FA| sum; a second
-function merges a sample's slots into the global channel chunk and its top examples.
+"""The CPU kernel of the ingest inner loop (`fa_kernel.cpp`), built on first use and cached.
 
-The same work in plain PyTorch takes several passes over the values (abs, a reduction, two
-index_adds, a square, a scatter_reduce and an argmax by scatter), which bounds the CPU ingest. The
-kernel is compiled on first use with torch's own C++ toolchain (`torch.utils.cpp_extension`)
-and cached; where no compiler is available, `available()` is False and the PyTorch path runs.
-Both paths are tested against the same brute-force reference.
+Why this way. The kernel is plain C++ with a C interface, called through ctypes: it includes no
+torch or Python header, so it compiles in a few seconds and one build serves every Python
+environment and torch version. The cached library's name is a hash of everything that goes into
+it (source, compiler and its version, flags, platform), so builds that differ never overwrite each
+other. A build compiles into a temporary file and renames it into place (atomic), so there is no
+lock to wait on: a build killed half-way leaves only a temporary file, and two processes that
+build at once both end with the same library.
+
+Where no compiler is found, the build fails or takes longer than FRA_KERNEL_BUILD_TIMEOUT seconds
+(default 300), one warning says so and `load()` returns None: the ingest then runs the same loop in
+PyTorch ops (`reduce.py`), with the same results. FRA_NO_FUSED=1 disables the kernel.
+Cache directory: FRA_KERNEL_DIR, else $TORCH_EXTENSIONS_DIR/fra, else ~/.cache/fra/kernels.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import uuid
 import warnings
+from pathlib import Path
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
+SOURCE = Path(__file__).with_name("fa_kernel.cpp")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+KERNEL_VERSION = 6  # fra_kernel_version() of the source this module calls
 
-// V [H, nq, A, nk, A] float32; slots [nq, A, nk, A] int64 (the last slot is the trash that takes
-// every masked or not-kept entry); sum/sumsq/best [H, P] float32, bpos [H, P] int64 (best entry's
-// (q << 16) | k); ffabs [H, nq, nk] float32. q0 is the block's first query position.
-void fused_block(torch::Tensor V, torch::Tensor slots, torch::Tensor sum, torch::Tensor sumsq,
-                 torch::Tensor best, torch::Tensor bpos, torch::Tensor ffabs, int64_t q0) {
-  const int64_t H = V.size(0), nq = V.size(1), A = V.size(2), nk = V.size(3);
-  const int64_t N = nq * A * nk * A;
-  const int64_t P = sum.size(1);
-  const float* v = V.data_ptr<float>();
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* vh = v + h * N;
-      float* s = sum.data_ptr<float>() + h * P;
-      float* ss = sumsq.data_ptr<float>() + h * P;
-      float* bv = best.data_ptr<float>() + h * P;
-      int64_t* bp = bpos.data_ptr<int64_t>() + h * P;
-      float* fa = ffabs.data_ptr<float>() + h * nq * nk;
-      for (int64_t q = 0; q < nq; ++q)
-        for (int64_t a = 0; a < A; ++a)
-          for (int64_t k = 0; k < nk; ++k) {
-            const int64_t base = ((q * A + a) * nk + k) * A;
-            float acc = 0.f;
-            for (int64_t b = 0; b < A; ++b) {
-              const float x = vh[base + b];
-              const int64_t key = sl[base + b];
-              const float ax = std::fabs(x);
-              s[key] += x;
-              ss[key] += x * x;
-              if (ax > std::fabs(bv[key])) { bv[key] = x; bp[key] = ((q0 + q) << 16) | k; }
-              acc += ax;
-            }
-            fa[q * nk + k] += acc;
-          }
-    }
-  });
+_lib = None
+_tried = False
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "fra_reduce_block": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _P] + [_P] * 8 + [_I, _I],
+    "fra_merge_slots": [_I, _I, _I] + [_P] * 10 + [ctypes.c_int32],
 }
 
-// Merge one sample's local slots into a chunk of global channels. Local slot s maps to chunk row
-// rowof[s] (-1: not in this chunk); rows of one merge are distinct, so the loop over s runs in
-// parallel. Local stats are [H, P]; global sums [n, H] float64; examples [n, H, E] (value float32,
-// sample int32, position int32).
-void fused_merge(torch::Tensor rowof, torch::Tensor lsum, torch::Tensor lsumsq, torch::Tensor lbest,
-                 torch::Tensor lbpos, torch::Tensor gsum, torch::Tensor gsumsq, torch::Tensor exval,
-                 torch::Tensor exsample, torch::Tensor expos, int64_t sample) {
-  const int64_t S = rowof.size(0), H = lsum.size(0), P = lsum.size(1), E = exval.size(2);
-  const int64_t* r = rowof.data_ptr<int64_t>();
-  const float *ls = lsum.data_ptr<float>(), *lss = lsumsq.data_ptr<float>(), *lb = lbest.data_ptr<float>();
-  const int64_t* lp = lbpos.data_ptr<int64_t>();
-  double *gs = gsum.data_ptr<double>(), *gss = gsumsq.data_ptr<double>();
-  float* ev = exval.data_ptr<float>();
-  int32_t* es = exsample.data_ptr<int32_t>();
-  int32_t* ep = expos.data_ptr<int32_t>();
-  at::parallel_for(0, S, 1024, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t row = r[s];
-      if (row < 0) continue;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t li = h * P + s, gi = row * H + h;
-        gs[gi] += ls[li];
-        gss[gi] += lss[li];
-        const float x = lb[li], ax = std::fabs(x);
-        if (ax == 0.f) continue;
-        // examples are ordered by |value| descending, then sample ascending; an empty slot
-        // (sample -1) is the worst. Replace the worst kept one when the candidate ranks above it.
-        float* e = ev + gi * E;
-        int32_t* es_g = es + gi * E;
-        auto eff = [&](int64_t j) { return es_g[j] < 0 ? INT32_MAX : es_g[j]; };
-        int64_t lo = 0;
-        for (int64_t j = 1; j < E; ++j) {
-          const float aj = std::fabs(e[j]), al = std::fabs(e[lo]);
-          if (aj < al || (aj == al && eff(j) > eff(lo))) lo = j;
-        }
-        const float al = std::fabs(e[lo]);
-        if (ax > al || (ax == al && sample < eff(lo))) {
-          e[lo] = x; es_g[lo] = (int32_t)sample; ep[gi * E + lo] = (int32_t)lp[li];
-        }
-      }
-    }
-  });
-}
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_block", &fused_block);
-  m.def("fused_merge", &fused_merge);
-}
-"""
+def cache_dir() -> Path:
+    if os.environ.get("FRA_KERNEL_DIR"):
+        return Path(os.environ["FRA_KERNEL_DIR"])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fra"
+    return Path.home() / ".cache" / "fra" / "kernels"
 
-_module = None
-_failed = False
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def library_path(cxx: str) -> Path:
+    """The cached library for this source, compiler, flags and platform."""
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+    key.update(f"{platform.system()}-{platform.machine()}".encode())
+    return cache_dir() / f"fra_kernel-{key.hexdigest()[:16]}.so"
+
+
+def build(cxx: str, dest: Path) -> None:
+    """Compile into a temporary file next to `dest`, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    timeout = float(os.environ.get("FRA_KERNEL_BUILD_TIMEOUT", "300"))
+    try:
+        p = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"{cxx} exited with {p.returncode}: {p.stderr.strip()[-500:]}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load():
-    """The compiled module, or None where it cannot be built (FRA_NO_FUSED=1 also disables it)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
+    """The kernel library (ctypes), or None where it cannot be had (after one warning)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
     if os.environ.get("FRA_NO_FUSED", "0") not in ("0", ""):
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        _module = load_inline("fra_fused_v2", cpp_sources=_SOURCE, extra_cflags=["-O3"], verbose=False)
-    except Exception as exc:  # noqa: BLE001 - no compiler / ninja: fall back to the PyTorch path
-        _failed = True
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+        path = library_path(cxx)
+        if not path.exists():
+            build(cxx, path)
+        lib = ctypes.CDLL(str(path))
+        if lib.fra_kernel_version() != KERNEL_VERSION:
+            raise RuntimeError(f"{path} is kernel version {lib.fra_kernel_version()}, not {KERNEL_VERSION}")
+        for name, args in _SIGNATURES.items():
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = None
+        _lib = lib
+    except Exception as exc:  # noqa: BLE001 - any failure means the PyTorch path, said once
         warnings.warn(
-            f"the fused CPU kernel could not be built ({type(exc).__name__}: {str(exc)[:300]}); "
-            "falling back to the slower PyTorch path (same results)",
+            f"the CPU kernel of the ingest could not be built or loaded ({type(exc).__name__}: {str(exc)[:400]}); "
+            "running the PyTorch path instead (same results, slower)",
             RuntimeWarning,
             stacklevel=2,
         )
-    return _module
+    return _lib
 
 
 def available() -> bool:
     return load() is not None
+
+
+def _ptr(t) -> ctypes.c_void_p:
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("the CPU kernel needs contiguous CPU tensors")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _slot_ptr(t, S: int) -> ctypes.c_void_p:
+    """A [.., S] view of storage with a trailing trash entry per row (`SlotStats.zeros`)."""
+    if t.device.type != "cpu" or t.stride(-1) != 1 or (t.ndim == 2 and t.stride(0) != S + 1):
+        raise ValueError("slot statistics must be SlotStats.zeros views on the CPU")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def reduce_block(V, row_q, row_a, k0, local, table, window, ind, slots, ffabs, groups, n_threads) -> None:
+    """fra_reduce_block on tensors: V [H, rows, nk, A] float32 for the query slots (row_q, row_a)
+    (int32, in (q, a) order) and keys k0..; local [T, A] int32; table int32; ind [T, T] uint8;
+    `slots` a `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32 (partial sums of
+    |value| per group of query-side features)."""
+    H, n_rows, nk, A = V.shape
+    T, S = local.shape[0], slots.n_slots
+    U1 = int(round(table.numel() ** 0.5))
+    fields = ("sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS")
+    _lib.fra_reduce_block(
+        _ptr(V), H, n_rows, A, nk, _ptr(row_q), _ptr(row_a), k0, T, _ptr(local), _ptr(table), U1, S, window or 0,
+        _ptr(ind), *(_slot_ptr(getattr(slots, f), S) for f in fields), _ptr(ffabs), groups, n_threads,
+    )  # fmt: skip
+
+
+def merge_slots(row_S, sum_HS, sumsq_HS, best_HS, best_pos_HS, gsum_NH, gsumsq_NH, ex_val, ex_sample, ex_pos, sample):
+    """fra_merge_slots on tensors (see fa_kernel.cpp)."""
+    H, S = sum_HS.shape
+    tensors = (row_S, sum_HS, sumsq_HS, best_HS, best_pos_HS, gsum_NH, gsumsq_NH, ex_val, ex_sample, ex_pos)
+    _lib.fra_merge_slots(S, H, ex_val.shape[2], *(_ptr(t) for t in tensors), int(sample))

@@ -4,16 +4,25 @@ Two functions, one per pass of the ingest:
 
 - `cooccurrence`: which channels (feat_q, feat_k) a sample touches and how often, exactly,
   without any FA value: with X[t, u] = 1 where the sample's u-th distinct feature is active at
-  t, count[u, w] = sum_q X[q, u] * sum_{k <= q} X[k, w] = (X^T cumsum(X))[u, w]. The count
-  does not depend on the head.
-- `reduce_sample`: the values V[h, q, a, k, b] = <q_feat[h, q, a], k_feat[h, k, b]>, formed
-  block by block of queries (never the whole [H, T, A, T, A] tensor), reduced into one slot
-  per *kept* channel present in the sample (sum, sum of squares, the strongest entry, and the
-  same restricted to induction targets), plus per-(h, q, k) totals and the rows: for each
-  (head, query) the feature pairs of largest |FA| at its most-attended keys.
+  t, count[u, w] = sum_q X[q, u] * sum_{k visible from q} X[k, w], one [U x T] @ [T x U]
+  product. The count does not depend on the head.
+- `reduce_sample`: the values V[h, q, a, k, b] = <q_feat[h, q, a], k_feat[h, k, b]>, formed by
+  torch.matmul block by block of queries (never the whole [H, T, A, T, A] tensor), each block
+  reduced at once into one slot per *kept* channel present in the sample (`SlotStats`: sum, sum
+  of squares, the strongest entry, and the same restricted to induction targets), plus
+  per-(h, q, k) totals (`PairTotals`) and the rows (`Rows`: for each (head, query) the feature
+  pairs of largest |FA| at its most-attended keys).
+
+The reduction of a block runs in the C++ kernel (`fused.py`, `fa_kernel.cpp`) on the CPU, or as
+PyTorch ops (`_torch_block`) on any device (the GPU path, and the CPU path without a compiler).
+Both read the same matmul output and give the same slots: sums in float64, the strongest entry
+first in (q, k) order on ties.
+
+Keys visible from a query: k <= q, and q - k < W for a layer with a sliding window of W
+(`Decomposer.sliding_window`, None for full causal attention). Every quantity here uses that mask.
 
 Shape key as in `decompose`: H heads, T positions, A active slots, E d_head, U distinct
-features in the sample (+1 dummy slot for padding), S kept channels present in the sample.
+features in the sample, S kept channels present in the sample.
 """
 
 from __future__ import annotations
@@ -23,10 +32,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .decompose import causal_mask
-
-# an entry's position (q, k) is stored as one int64: (q << 16) | k
+# an entry's position (q, k) is stored as one integer: (q << 16) | k
 POS_SHIFT = 16
+# slot work items per head in the kernel (query-feature ranges); any value gives the same result
+SLOT_GROUPS = 4
+
+
+def visible_mask(T: int, window: int | None = None, device=None) -> Tensor:
+    """[T, T] bool: key k is visible from query q (k <= q, and q - k < window when one is set)."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    mask = k <= q
+    return mask & (q - k < window) if window is not None else mask
 
 
 def induction_mask(tokens_T: Tensor) -> Tensor:
@@ -49,7 +66,7 @@ class Cooccurrence:
 
     feats_U: Tensor  # sorted distinct active features
     local_TA: Tensor  # slot -> index into feats_U (U for dead slots)
-    count_UU: Tensor  # int64: causal (q, k) pairs with feats_U[u] active at q and feats_U[w] at k
+    count_UU: Tensor  # int64: visible (q, k) pairs with feats_U[u] active at q and feats_U[w] at k
 
     def present(self) -> tuple[Tensor, Tensor]:
         """(u, w): the local index pairs that co-occur, in ascending (u, w) order."""
@@ -61,7 +78,7 @@ class Cooccurrence:
         return self.feats_U[u] * d_sae + self.feats_U[w], self.count_UU[u, w]
 
 
-def cooccurrence(feat_idx_TA: Tensor, live_TA: Tensor) -> Cooccurrence:
+def cooccurrence(feat_idx_TA: Tensor, live_TA: Tensor, window: int | None = None) -> Cooccurrence:
     T, A = feat_idx_TA.shape
     feats_U, inv = torch.unique(feat_idx_TA[live_TA], return_inverse=True)
     U = feats_U.shape[0]
@@ -72,197 +89,323 @@ def cooccurrence(feat_idx_TA: Tensor, live_TA: Tensor) -> Cooccurrence:
     X_TU = torch.zeros(T, U + 1, dtype=dtype, device=feat_idx_TA.device)
     X_TU.scatter_(1, local_TA, 1.0)
     X_TU = X_TU[:, :U]
-    count_UU = (X_TU.T @ X_TU.cumsum(0)).round().long()
+    seen_TU = X_TU.cumsum(0)  # [q, w]: keys k <= q with w active
+    if window is not None and window < T:
+        seen_TU[window:] -= seen_TU[:-window].clone()  # ... and q - k < window
+    count_UU = (X_TU.T @ seen_TU).round().long()
     return Cooccurrence(feats_U, local_TA, count_UU)
+
+
+@dataclass(frozen=True)
+class SampleFA:
+    """What the inner loop reads of one sample at one layer (the heads already selected)."""
+
+    qfeat_HTAE: Tensor
+    kfeat_HTAE: Tensor
+    feat_idx_TA: Tensor
+    live_TA: Tensor
+    ind_QK: Tensor  # induction targets among the visible keys
+    attn_HQK: Tensor  # the model's attention pattern: picks the rows' keys
+    scores_HQK: Tensor  # the model's scores (0 where not visible)
+    window: int | None = None
+
+    @classmethod
+    def of(cls, p, head_pos: Tensor, window: int | None = None) -> "SampleFA":
+        """From `Decomposer.prepare`'s output for one sample, at the heads `head_pos`."""
+        tokens_T = p.tokens_BT[0]
+        visible = visible_mask(tokens_T.shape[0], window, tokens_T.device)
+        scores = p.hooks.model_scores_BHQK[0][head_pos].float()
+        attn = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        return cls(
+            p.q.feat_BHTAE[0][head_pos],
+            p.k.feat_BHTAE[0][head_pos],
+            p.sparse.feat_idx_BTA[0],
+            p.live_BTA[0],
+            induction_mask(tokens_T) & visible,
+            attn,
+            torch.where(visible, scores, 0.0),
+            window,
+        )
+
+    @property
+    def visible_QK(self) -> Tensor:
+        return visible_mask(self.feat_idx_TA.shape[0], self.window, self.feat_idx_TA.device)
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    top_keys: int = 4  # rows: per (head, query), the most-attended keys
+    top_pairs: int = 8  # rows: per such (query, key), the pairs of largest |FA|
+    q_block: int = 32  # queries whose values one matmul forms
+    with_rows: bool = True  # False: slots only, no rows or totals (later sweeps over the same block)
+    backend: str = "auto"  # "kernel" (C++ on the CPU), "torch" (any device), "auto": kernel where it can
+
+
+@dataclass
+class SlotStats:
+    """One sample's statistics of the kept channels it touches, one slot per channel."""
+
+    keys_S: Tensor  # global channel key of each slot (feat_q * d_sae + feat_k), ascending
+    sum_HS: Tensor  # float64
+    sumsq_HS: Tensor  # float64
+    best_HS: Tensor  # float32: the entry of largest |value| (signed), 0 if none
+    best_pos_HS: Tensor  # int32: its (q << 16) | k
+    ind_count_S: Tensor  # int64: entries on induction targets (the same for every head)
+    ind_sum_HS: Tensor  # float64
+    ind_sumsq_HS: Tensor  # float64
+
+    @classmethod
+    def zeros(cls, keys_S: Tensor, H: int) -> "SlotStats":
+        S, dev = keys_S.shape[0], keys_S.device
+
+        def z(dtype, *shape):  # one more trailing entry: the kernel's trash slot
+            return torch.zeros(*shape[:-1], shape[-1] + 1, dtype=dtype, device=dev)[..., :S]
+
+        f64 = torch.float64
+        return cls(
+            keys_S,
+            z(f64, H, S),
+            z(f64, H, S),
+            z(torch.float32, H, S),
+            z(torch.int32, H, S),
+            z(torch.long, S),
+            z(f64, H, S),
+            z(f64, H, S),
+        )
+
+    @property
+    def n_slots(self) -> int:
+        return self.keys_S.shape[0]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one sample: (head index, q, k, feat_q, feat_k, value), one entry each."""
+
+    h: Tensor
+    q: Tensor
+    k: Tensor
+    feat_q: Tensor
+    feat_k: Tensor
+    value: Tensor
+
+    @classmethod
+    def cat(cls, parts: list["Rows"], device=None) -> "Rows":
+        if not parts:
+            ints = [torch.zeros(0, dtype=torch.long, device=device) for _ in range(5)]
+            return cls(*ints, torch.zeros(0, device=device))
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("h", "q", "k", "feat_q", "feat_k", "value")))
+
+    def per_pair(self, H: int, T: int, absolute: bool = False) -> Tensor:
+        """[H, T, T]: the rows' values (or |values|) summed per (h, q, k)."""
+        out = torch.zeros(H, T, T, dtype=self.value.dtype, device=self.value.device)
+        return out.index_put_((self.h, self.q, self.k), self.value.abs() if absolute else self.value, accumulate=True)
+
+
+@dataclass(frozen=True)
+class PairTotals:
+    """Per (h, q, k) totals of one sample (0 where k is not visible from q)."""
+
+    ff_HQK: Tensor  # sum of all feature x feature terms
+    ff_abs_HQK: Tensor  # sum of |FA|
+    kept_HQK: Tensor  # sum of the rows
+    kept_abs_HQK: Tensor
 
 
 @dataclass(frozen=True)
 class SampleReduction:
     """Everything one sample contributes at one layer."""
 
-    ff_HQK: Tensor  # sum of all feature x feature terms per (h, q, k)
-    ff_abs_HQK: Tensor  # sum of |FA| per (h, q, k)
-    kept_HQK: Tensor  # sum of the rows per (h, q, k)
-    kept_abs_HQK: Tensor
-    rows_h: Tensor  # rows: head, q, k, feat_q, feat_k, value
-    rows_q: Tensor
-    rows_k: Tensor
-    rows_fq: Tensor
-    rows_fk: Tensor
-    rows_val: Tensor
-    slot_keys_S: Tensor  # global channel key of each slot (only kept channels get a slot)
-    sum_HS: Tensor
-    sumsq_HS: Tensor
-    best_HS: Tensor  # the slot's entry of largest |value| (signed), 0 if none
-    best_pos_HS: Tensor  # its (q << 16) | k
-    ind_count_S: Tensor
-    ind_sum_HS: Tensor
-    ind_sumsq_HS: Tensor
+    slots: SlotStats
+    totals: PairTotals | None  # None without rows (ReduceOptions.with_rows)
+    rows: Rows | None
 
 
-def _slot_table(co: Cooccurrence, d_sae: int, kept_keys: Tensor | None) -> tuple[Tensor, Tensor]:
-    """A [(U+1)^2] table local pair -> slot (S = trash), and the global key of each slot."""
+@dataclass(frozen=True)
+class _SlotTable:
+    """Local feature pair (u, w) -> slot: table[u * U1 + w], S (= no slot) where the channel is
+    not kept or u or w is a dead slot's U."""
+
+    table: Tensor  # int32 [U1 * U1]
+    local_TA: Tensor  # int32
+    U1: int
+
+
+def _slot_table(co: Cooccurrence, d_sae: int, kept_keys: Tensor | None) -> tuple[_SlotTable, Tensor]:
+    """The table, and the global key of each slot (ascending, so slots are sorted by (u, w))."""
     U = co.feats_U.shape[0]
     U1 = U + 1
-    u, w = co.present()
-    keys, _ = co.channel_keys(d_sae, (u, w))
-    if kept_keys is not None:
-        kept_keys = kept_keys.contiguous()
-        pos = torch.searchsorted(kept_keys, keys).clamp(max=max(len(kept_keys) - 1, 0))
-        keep = (kept_keys[pos] == keys) if len(kept_keys) else torch.zeros_like(keys, dtype=torch.bool)
-        keys, u, w = keys[keep], u[keep], w[keep]
+    if kept_keys is None:
+        u, w = co.present()
+        keys, _ = co.channel_keys(d_sae, (u, w))
+    else:  # the kept channels whose features both occur here, and that co-occur
+        local_F = torch.full((d_sae,), -1, dtype=torch.long, device=kept_keys.device)
+        local_F[co.feats_U] = torch.arange(U, device=kept_keys.device)
+        u, w = local_F[kept_keys // d_sae], local_F[kept_keys % d_sae]
+        here = (u >= 0) & (w >= 0)
+        keys, u, w = kept_keys[here], u[here], w[here]
+        here = co.count_UU[u, w] > 0
+        keys, u, w = keys[here], u[here], w[here]
     S = keys.shape[0]
-    table = torch.full((U1 * U1,), S, dtype=torch.long, device=keys.device)
-    table[u * U1 + w] = torch.arange(S, device=keys.device)
-    return table, keys
+    table = torch.full((U1 * U1,), S, dtype=torch.int32, device=co.feats_U.device)
+    table[u * U1 + w] = torch.arange(S, dtype=torch.int32, device=co.feats_U.device)
+    return _SlotTable(table, co.local_TA.to(torch.int32).contiguous(), U1), keys
+
+
+def _use_kernel(x: SampleFA, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    from . import fused
+
+    ok = x.qfeat_HTAE.device.type == "cpu" and x.qfeat_HTAE.dtype == torch.float32
+    if backend == "kernel":
+        if not (ok and fused.available()):
+            raise RuntimeError("backend='kernel' needs float32 CPU tensors and the built C++ kernel (fused.py)")
+        return True
+    if backend != "auto":
+        raise ValueError(f"backend must be auto, kernel or torch, got {backend!r}")
+    return ok and fused.available()
+
+
+def query_blocks(T: int, q_block: int, window: int | None):
+    """(q0, q1, k0): each block of queries and the first key any of them sees."""
+    for q0 in range(0, T, q_block):
+        yield q0, min(T, q0 + q_block), 0 if window is None else max(0, q0 - window + 1)
 
 
 @torch.no_grad()
 def reduce_sample(
-    qfeat_HTAE: Tensor,
-    kfeat_HTAE: Tensor,
-    feat_idx_TA: Tensor,
-    live_TA: Tensor,
-    ind_mask_QK: Tensor,
-    attn_HQK: Tensor,
-    d_sae: int,
-    kept_keys: Tensor | None = None,
-    top_keys: int = 4,
-    top_pairs: int = 8,
-    q_block: int = 32,
-    use_fused: bool = True,
-    with_rows: bool = True,
+    x: SampleFA, d_sae: int, kept_keys: Tensor | None = None, opts: ReduceOptions = ReduceOptions()
 ) -> SampleReduction:
-    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None),
-    per-(h, q, k) totals and rows. `attn_HQK` (the model's attention pattern) picks each query's
-    `top_keys` most-attended keys; `with_rows=False` skips the rows and totals."""
-    H, T, A, E = qfeat_HTAE.shape
-    dev = qfeat_HTAE.device
-    co = cooccurrence(feat_idx_TA, live_TA)
-    U1 = co.feats_U.shape[0] + 1
-    table, slot_keys = _slot_table(co, d_sae, kept_keys)
-    S = slot_keys.shape[0]
-    P = S + 1  # + the trash slot, which takes every masked or not-kept entry
-    f32 = torch.float32
-    sum_HP, sumsq_HP = torch.zeros(H, P, dtype=f32, device=dev), torch.zeros(H, P, dtype=f32, device=dev)
-    best_HP = torch.zeros(H, P, dtype=f32, device=dev)
-    best_pos_HP = torch.zeros(H, P, dtype=torch.long, device=dev)
-    ind_count_P = torch.zeros(P, dtype=torch.long, device=dev)
-    ind_sum_HP, ind_sumsq_HP = torch.zeros(H, P, dtype=f32, device=dev), torch.zeros(H, P, dtype=f32, device=dev)
-    ff_abs = torch.zeros(H, T, T, device=dev, dtype=f32)
-    kept, kept_abs = torch.zeros_like(ff_abs), torch.zeros_like(ff_abs)
-    rows = []
-    kpos = torch.arange(T, device=dev)
-    all_live = bool(live_TA.all())
-    kernel = None
-    if use_fused and dev.type == "cpu" and qfeat_HTAE.dtype == f32:
-        from . import fused
-
-        kernel = fused.load()
+    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None), and
+    with `opts.with_rows` its per-(h, q, k) totals and rows."""
+    H, T, A, E = x.qfeat_HTAE.shape
+    dev = x.qfeat_HTAE.device
+    st, keys_S = _slot_table(cooccurrence(x.feat_idx_TA, x.live_TA, x.window), d_sae, kept_keys)
+    slots = SlotStats.zeros(keys_S, H)
+    visible = x.visible_QK
+    loop = _kernel_loop if _use_kernel(x, opts.backend) else _torch_loop
+    ff_abs, rows = loop(x, st, slots, visible, opts)
+    if not opts.with_rows:
+        return SampleReduction(slots, None, None)
     # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
     # of the summed feature vectors (dead slots hold zero vectors)
-    ff = torch.einsum("hqe,hke->hqk", qfeat_HTAE.sum(2), kfeat_HTAE.sum(2)) * causal_mask(T, dev)
-    for q0 in range(0, T, q_block):
-        q1 = min(T, q0 + q_block)
-        nq, nk = q1 - q0, q1  # keys beyond the last query of the block are never causal
-        # V[h, q, a, k, b]: one batched matmul, laid out so that no copy is needed
-        V = torch.matmul(
-            qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), kfeat_HTAE[:, :nk].reshape(H, nk * A, E).transpose(1, 2)
-        ).view(H, nq, A, nk, A)
-        causal = kpos[None, :nk] <= torch.arange(q0, q1, device=dev)[:, None]  # [nq, nk]
-        valid = causal[:, None, :, None] & live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :]
-        # exact zeros off the causal / live set; keys before q0 are causal for the whole block,
-        # so only the diagonal block needs the causal mask
-        V[:, :, :, q0:q1, :].mul_(causal[:, None, q0:q1, None])
-        if not all_live:
-            V.mul_(live_TA[q0:q1, :, None, None] & live_TA[None, None, :nk, :])
-        local = co.local_TA[q0:q1, :, None, None] * U1 + co.local_TA[None, None, :nk, :]  # [nq, A, nk, A]
-        slots = torch.where(valid, table[local], S)
-        if kernel is not None:  # one fused pass (fused.py)
-            ffa = torch.zeros(H, nq, nk, dtype=f32)
-            kernel.fused_block(V, slots.contiguous(), sum_HP, sumsq_HP, best_HP, best_pos_HP, ffa, q0)
-            ff_abs[:, q0:q1, :nk] = ffa
-        else:
-            ff_abs[:, q0:q1, :nk] = _torch_block(V, slots, q0, sum_HP, sumsq_HP, best_HP, best_pos_HP)
-        ind = ind_mask_QK[q0:q1, :nk][:, None, :, None] & valid
-        if ind.any():  # few entries
-            ind = ind.flatten()
-            s_ind = slots.flatten()[ind]
-            v_ind = V.view(H, -1)[:, ind]
-            ind_count_P.index_add_(0, s_ind, torch.ones_like(s_ind))
-            ind_sum_HP.index_add_(1, s_ind, v_ind)
-            ind_sumsq_HP.index_add_(1, s_ind, v_ind * v_ind)
-        if with_rows:
-            _rows_block(V, attn_HQK[:, q0:q1, :nk], causal, feat_idx_TA, q0, top_keys, top_pairs, rows, kept, kept_abs)
+    ff = torch.einsum("hqe,hke->hqk", x.qfeat_HTAE.sum(2), x.kfeat_HTAE.sum(2)) * visible
+    rows = Rows.cat(rows, dev)
+    totals = PairTotals(ff, ff_abs, rows.per_pair(H, T), rows.per_pair(H, T, absolute=True))
+    return SampleReduction(slots, totals, rows)
+
+
+def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+    """The blocks of values reduced by the C++ kernel: (ff_abs [H, T, T], rows per block).
+    Without rows (a later sweep over one chunk of the kept channels) only the query slots whose
+    feature has a kept channel here are formed, so a sweep costs about its share of the values."""
+    from . import fused
+
+    H, T, A, E = x.qfeat_HTAE.shape
+    ind_u8 = x.ind_QK.to(torch.uint8).contiguous()
+    parts = torch.zeros(SLOT_GROUPS, H, T, T, dtype=torch.float32)
+    qf = x.qfeat_HTAE.reshape(H, T * A, E)
+    wanted_TA = None
+    if not opts.with_rows:
+        has_slot_U = (st.table.view(st.U1, st.U1) < slots.n_slots).any(1)  # the dead slots' U has none
+        wanted_TA = has_slot_U[st.local_TA.long()]
+    rows = []
+    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
+        nk = q1 - k0
+        i = torch.arange(q0 * A, q1 * A)  # query slots (q, a) as q * A + a
+        if wanted_TA is not None:
+            i = i[wanted_TA[q0:q1].flatten()]
+            if len(i) == 0:
+                continue
+        # V[h, i, k, b]: one batched matmul, laid out so that no copy is needed
+        Q = qf[:, q0 * A : q1 * A] if wanted_TA is None else qf[:, i]
+        V = torch.matmul(Q, x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)).view(H, -1, nk, A)
+        row_q, row_a = (i // A).int(), (i % A).int()
+        fused.reduce_block(V, row_q, row_a, k0, st.local_TA, st.table, x.window, ind_u8, slots, parts, SLOT_GROUPS,
+                           torch.get_num_threads())  # fmt: skip
+        if opts.with_rows:
+            rows.append(_rows_block(V.view(H, q1 - q0, A, nk, A), x, visible, q0, k0, opts))
         del V
-
-    if rows:
-        ints = torch.cat(rows[0::2], 1)
-        vals = torch.cat(rows[1::2])
-    else:
-        ints, vals = torch.zeros(5, 0, dtype=torch.long, device=dev), torch.zeros(0, device=dev)
-    return SampleReduction(
-        ff,
-        ff_abs,
-        kept,
-        kept_abs,
-        *ints,
-        vals,
-        slot_keys,
-        sum_HP[:, :S],
-        sumsq_HP[:, :S],
-        best_HP[:, :S],
-        best_pos_HP[:, :S],
-        ind_count_P[:S],
-        ind_sum_HP[:, :S],
-        ind_sumsq_HP[:, :S],
-    )
+    return parts.sum(0), rows
 
 
-def _torch_block(V, slots, q0, sum_HP, sumsq_HP, best_HP, best_pos_HP) -> Tensor:
-    """The fused kernel's work in PyTorch (same results, ties to the first entry in scan order)."""
+def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+    """The same blocks reduced by PyTorch ops, on any device: (ff_abs [H, T, T], rows per block)."""
+    H, T, A, E = x.qfeat_HTAE.shape
+    ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=x.qfeat_HTAE.device)
+    rows = []
+    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
+        nq, nk = q1 - q0, q1 - k0
+        V = torch.matmul(
+            x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
+        ).view(H, nq, A, nk, A)
+        _torch_block(V, q0, k0, st, visible, x.ind_QK, slots, ff_abs)
+        if opts.with_rows:
+            rows.append(_rows_block(V, x, visible, q0, k0, opts))
+        del V
+    return ff_abs, rows
+
+
+def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats, ff_abs_HQK) -> None:
+    """The kernel's work on one block in PyTorch ops (any device; same results)."""
     H, nq, A, nk, _ = V.shape
-    dev = V.device
-    flat = V.reshape(H, -1)
-    keys = slots.flatten()
-    absV = flat.abs()
-    sum_HP.index_add_(1, keys, flat)
-    sumsq_HP.index_add_(1, keys, flat * flat)
-    P = sum_HP.shape[1]
-    idx = keys.expand(H, -1)
-    blk_best = torch.zeros(H, P, device=dev).scatter_reduce_(1, idx, absV, "amax")
-    n = flat.shape[1]
-    is_best = (absV == blk_best.gather(1, idx)) & (absV > 0)
-    entry = torch.where(is_best, torch.arange(n, device=dev).expand(H, -1), n)
-    first = torch.full((H, P), n, device=dev).scatter_reduce_(1, idx, entry, "amin")
-    better = (blk_best > best_HP.abs()) & (first < n)
-    e = first.clamp(max=n - 1)
+    dev, S = V.device, slots.n_slots
+    q1 = q0 + nq
+    vis = visible_QK[q0:q1, k0:q1]  # [nq, nk]
+    ff_abs_HQK[:, q0:q1, k0:q1] += (V.abs() * vis[None, :, None, :, None]).sum((2, 4))
+    local = st.local_TA.long()
+    slot = st.table.long()[local[q0:q1, :, None, None] * st.U1 + local[None, None, k0:q1, :]]  # [nq, A, nk, A]
+    keep = (slot < S) & vis[:, None, :, None]
+    # entries in (q, a, k, b) order; for one slot that is (q, k) order, since a is set by feat_q at q
+    entry = torch.nonzero(keep.flatten())[:, 0]
+    if len(entry) == 0:
+        return
+    idx = slot.flatten()[entry]
+    val = V.reshape(H, -1)[:, entry]
+    vd = val.double()
+    slots.sum_HS.index_add_(1, idx, vd)
+    slots.sumsq_HS.index_add_(1, idx, vd * vd)
+    ind = ind_QK[q0:q1, k0:q1][:, None, :, None].expand(nq, A, nk, A).flatten()[entry]
+    if ind.any():
+        i_idx, i_vd = idx[ind], vd[:, ind]
+        slots.ind_count_S.index_add_(0, i_idx, torch.ones_like(i_idx))
+        slots.ind_sum_HS.index_add_(1, i_idx, i_vd)
+        slots.ind_sumsq_HS.index_add_(1, i_idx, i_vd * i_vd)
+    # the strongest entry per slot in this block, the first in scan order on ties
+    absV = val.abs()
+    idx_H = idx.expand(H, -1)
+    blk_best = torch.zeros(H, S, device=dev).scatter_reduce_(1, idx_H, absV, "amax")
+    n = len(entry)
+    is_best = (absV == blk_best.gather(1, idx_H)) & (absV > 0)
+    order = torch.where(is_best, torch.arange(n, device=dev).expand(H, -1), n)
+    first = torch.full((H, S), n, device=dev).scatter_reduce_(1, idx_H, order, "amin")
+    better = (blk_best > slots.best_HS.abs()) & (first < n)  # earlier blocks come first in (q, k) order
+    e = entry[first.clamp(max=n - 1)]
     q = q0 + e // (A * nk * A)
-    k = (e // A) % nk
-    best_HP.copy_(torch.where(better, flat.gather(1, e), best_HP))
-    best_pos_HP.copy_(torch.where(better, (q << POS_SHIFT) | k, best_pos_HP))
-    return absV.view(H, nq, A, nk, A).sum((2, 4))
+    k = k0 + (e // A) % nk
+    slots.best_HS.copy_(torch.where(better, V.reshape(H, -1).gather(1, e), slots.best_HS))
+    slots.best_pos_HS.copy_(torch.where(better, ((q << POS_SHIFT) | k).int(), slots.best_pos_HS))
 
 
-def _rows_block(V, attn_HQK, causal_QK, feat_idx_TA, q0, top_keys, top_pairs, rows, kept, kept_abs):
+def _rows_block(V, x: SampleFA, visible_QK, q0: int, k0: int, opts: ReduceOptions) -> Rows:
     """Rows of one query block: the `top_pairs` largest |FA| at each query's `top_keys` keys."""
     H, nq, A, nk, _ = V.shape
     dev = V.device
-    tk = min(top_keys, nk)
-    attn = torch.where(causal_QK[None], attn_HQK, -1.0)  # never pick a non-causal key
-    top_k = attn.topk(tk, dim=-1).indices  # [H, nq, tk]
+    vis = visible_QK[q0 : q0 + nq, k0 : k0 + nk]
+    tk = min(opts.top_keys, nk)
+    attn = torch.where(vis[None], x.attn_HQK[:, q0 : q0 + nq, k0 : k0 + nk], -1.0)  # never pick a hidden key
+    top_k = attn.topk(tk, dim=-1).indices  # [H, nq, tk], relative to k0
     blocks = V.gather(3, top_k[:, :, None, :, None].expand(H, nq, A, tk, A))  # [H, nq, A, tk, A]
     blocks = blocks.permute(0, 1, 3, 2, 4).reshape(H, nq, tk, A * A)
-    tp = min(top_pairs, A * A)
+    tp = min(opts.top_pairs, A * A)
     top_abs, ci = blocks.abs().topk(tp, dim=-1)  # [H, nq, tk, tp]
     val = blocks.gather(3, ci)
     a_i, b_i = ci // A, ci % A
-    k_i = top_k[..., None].expand_as(ci)
+    k_i = k0 + top_k[..., None].expand_as(ci)
     q_i = torch.arange(q0, q0 + nq, device=dev)[None, :, None, None].expand_as(ci)
     h_i = torch.arange(H, device=dev)[:, None, None, None].expand_as(ci)
-    nz = (top_abs > 0) & causal_QK.expand(H, -1, -1).gather(2, top_k)[..., None]
-    h_i, q_i, k_i, val = h_i[nz], q_i[nz], k_i[nz], val[nz]
-    rows.append(torch.stack([h_i, q_i, k_i, feat_idx_TA[q_i, a_i[nz]], feat_idx_TA[k_i, b_i[nz]]]))
-    rows.append(val)
-    kept.index_put_((h_i, q_i, k_i), val, accumulate=True)
-    kept_abs.index_put_((h_i, q_i, k_i), val.abs(), accumulate=True)
+    nz = (top_abs > 0) & vis.expand(H, -1, -1).gather(2, top_k)[..., None]
+    h_i, q_i, k_i = h_i[nz], q_i[nz], k_i[nz]
+    fq, fk = x.feat_idx_TA[q_i, a_i[nz]], x.feat_idx_TA[k_i, b_i[nz]]
+    return Rows(h_i, q_i, k_i, fq, fk, val[nz])

@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,15 +114,17 @@ class BlockWorker:
     """Runs block tasks of one job: what the local engine, each Ray actor and each Slurm shard
     call. Holds the model, the SAEs (validated by `Decomposer`) and the samples."""
 
-    def __init__(self, job: Job, inp, device: str, partials: Path, q_block: int = 32):
+    def __init__(self, job: Job, inp, device: str, partials: Path, q_block: int = 32, progress: bool = False):
         from ..core.decompose import Decomposer
 
         self.job, self.inp, self.device, self.partials = job, inp, device, Path(partials)
         self.cfg = job.policy  # the policy options, by the name the inner loop reads them
-        self.q_block = q_block
+        self.q_block, self.progress = q_block, progress
         self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in job.layers}
         self.heads = job.heads
         self.budget = job.budget
+        # each sample's forward pass at a layer, kept from the count pass for the statistics pass
+        self._forwards = {layer: ForwardMemo(dec, self.budget.forward_bytes) for layer, dec in self.decomposers.items()}
         self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
 
     def run(self, task: Task) -> None:
@@ -136,6 +138,9 @@ class BlockWorker:
             shutil.rmtree(dest)
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
+        for layer, memo in self._forwards.items():
+            if layer != task.layer:
+                memo.clear()
         t0 = time.time()
         with torch.no_grad():
             stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
@@ -147,10 +152,13 @@ class BlockWorker:
         except OSError:  # another worker finished the same block first: its partial is identical
             shutil.rmtree(tmp)
 
-    def _samples(self, block: int):
+    def _samples(self, block: int, desc: str = ""):
         import torch
+        from tqdm import tqdm
 
-        for s in block_positions(block, self.job.policy.block_size, len(self.inp.tokens)):
+        positions = block_positions(block, self.job.policy.block_size, len(self.inp.tokens))
+        bar = tqdm(positions, desc=f"  block {block} {desc}", unit="sample", leave=False, disable=not self.progress)
+        for s in bar:
             yield s, torch.tensor(self.inp.tokens[s], device=self.device)
 
     def _count(self, task: Task, tmp: Path) -> dict:
@@ -163,11 +171,12 @@ class BlockWorker:
         F = dec.sae.cfg.d_sae
         fires_F = torch.zeros(F, dtype=torch.long)
         bos_F = torch.zeros(F, dtype=torch.long)
-        counts = CountAggregator(self.budget.count_bytes, tmp / "_count_runs")
-        for _, toks in self._samples(task.block):
+        counts = CountAggregator(self.budget.count_bytes, tmp / "_count_runs", n_keys=F * F)
+        window = getattr(dec, "sliding_window", None)  # None: full causal attention
+        for _, toks in self._samples(task.block, "count"):
             sparse = dec.encode(toks)
             idx, live = sparse.feat_idx_BTA[0], sparse.acts_BTA[0] != 0
-            keys, n = cooccurrence(idx, live).channel_keys(F)
+            keys, n = cooccurrence(idx, live, window).channel_keys(F)
             counts.add(keys.cpu().numpy(), n.cpu().numpy())
             fires_F.index_add_(0, idx[live].cpu(), torch.ones(int(live.sum()), dtype=torch.long))
             bos_F.index_add_(0, idx[0][live[0]].cpu(), torch.ones(int(live[0].sum()), dtype=torch.long))
@@ -192,7 +201,7 @@ class BlockWorker:
         import pyarrow.parquet as pq
         import torch
 
-        from ..core.reduce import induction_mask, reduce_sample
+        from ..core.reduce import ReduceOptions, SampleFA, reduce_sample
         from .channels import ChannelChunk
 
         cfg, heads, layer = self.cfg, self.heads, task.layer
@@ -209,35 +218,20 @@ class BlockWorker:
         starts = list(range(0, len(block_keys), chunk)) or [0]
         head_pos = torch.tensor(heads)
         tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget.flush_bytes)
+        opts = ReduceOptions(cfg.top_keys, cfg.top_pairs, self.q_block)
+        window = getattr(dec, "sliding_window", None)  # None: full causal attention
         channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
             acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
             first = c == 0
-            for s, toks in self._samples(task.block):
+            for s, toks in self._samples(task.block, f"statistics, sweep {c + 1}/{len(starts)}"):
                 p = dec.prepare(toks)
-                T = toks.shape[0]
-                causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-                scores = p.hooks.model_scores_BHQK[0][head_pos].float()
-                attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-                ind = induction_mask(toks)
-                red = reduce_sample(
-                    p.q.feat_BHTAE[0][head_pos],
-                    p.k.feat_BHTAE[0][head_pos],
-                    p.sparse.feat_idx_BTA[0],
-                    p.live_BTA[0],
-                    ind,
-                    attn,
-                    F,
-                    keys.to(self.device),
-                    cfg.top_keys,
-                    cfg.top_pairs,
-                    self.q_block,
-                    with_rows=first,
-                )
-                acc.add(red, self.inp.sample_ids[s])
+                x = SampleFA.of(p, head_pos, window)
+                red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=first))
+                acc.add(red.slots, self.inp.sample_ids[s])
                 if first:
-                    tables.add(self.inp.sample_ids[s], p, red, ind, scores, causal, head_pos)
+                    tables.add(self.inp.sample_ids[s], p, red, x)
             for j, h in enumerate(heads):
                 chan, ex = acc.tables(j, block_counts[lo : lo + chunk], F)
                 channels.add(_with(chan, head=h))
@@ -253,6 +247,39 @@ class BlockWorker:
             "kept_abs": tables.kept_abs.tolist(),
             "ff_abs": tables.ff_abs.tolist(),
         }
+
+
+class ForwardMemo:
+    """Each sample's forward pass at one layer (`Decomposer._forward`: the hook values and the
+    SAE activations), computed once and reused by the later passes over the same samples while
+    they fit in `budget_bytes` (about 1 MB per sample of 128 tokens: the activations are kept
+    sparse). It wraps the decomposer's own `_forward`, so every caller gets the same tensors
+    the decomposer would compute."""
+
+    def __init__(self, dec, budget_bytes: int):
+        self.compute, self.budget, self.nbytes = dec._forward, budget_bytes, 0
+        self.memo: dict[bytes, tuple] = {}
+        dec._forward = self
+
+    def __call__(self, tokens):
+        key = tokens.cpu().numpy().tobytes()
+        if key in self.memo:
+            tokens_BT, hooks, acts = self.memo[key]
+            return tokens_BT, hooks, acts.to_dense()
+        tokens_BT, hooks, acts = self.compute(tokens)
+        sparse = acts.to_sparse()
+        size = _nbytes((tokens_BT, sparse.values(), sparse.indices(), *vars(hooks).values()))
+        if self.nbytes + size <= self.budget:
+            self.memo[key] = (tokens_BT, hooks, sparse)
+            self.nbytes += size
+        return tokens_BT, hooks, acts
+
+    def clear(self) -> None:
+        self.memo, self.nbytes = {}, 0
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
 
 
 class _Appender:
@@ -291,12 +318,15 @@ class RowsAndPairs:
         self.kept_abs = np.zeros(len(heads))
         self.ff_abs = np.zeros(len(heads))
 
-    def add(self, sample, p, red, ind, scores_HQK, causal, head_pos):
+    def add(self, sample, p, red, x):
+        """One sample's pairs (every visible (q, k)) and rows; `p` is its `Prepared`, `red` its
+        `SampleReduction`, `x` its `SampleFA`."""
         import torch
 
         from ..core.decompose import TERM_NAMES, pair_terms
 
-        qi, ki = torch.nonzero(causal, as_tuple=True)
+        qi, ki = torch.nonzero(x.visible_QK, as_tuple=True)
+        head_pos = torch.tensor(self.heads, device=qi.device)
         terms = pair_terms(p.q, p.k)[:, 0][:, head_pos]  # [C, H, Q, K]
         groups = {
             "f_bdec": ["feat_bdec"],
@@ -307,29 +337,30 @@ class RowsAndPairs:
             "bias": [t for t in TERM_NAMES if "bias" in t],
         }
         n = len(qi)
+        tot = red.totals
         pairs = {
             "sample": np.full((len(self.heads), n), sample, np.int32),
             "q": np.broadcast_to(qi.cpu().numpy().astype(np.int16), (len(self.heads), n)),
             "k": np.broadcast_to(ki.cpu().numpy().astype(np.int16), (len(self.heads), n)),
-            "induction": np.broadcast_to(ind[qi, ki].cpu().numpy(), (len(self.heads), n)),
-            "score": scores_HQK[:, qi, ki].cpu().numpy(),
-            "ff": red.ff_HQK[:, qi, ki].cpu().numpy(),
-            "ff_abs": red.ff_abs_HQK[:, qi, ki].cpu().numpy(),
-            "kept": red.kept_HQK[:, qi, ki].cpu().numpy(),
-            "kept_abs": red.kept_abs_HQK[:, qi, ki].cpu().numpy(),
+            "induction": np.broadcast_to(x.ind_QK[qi, ki].cpu().numpy(), (len(self.heads), n)),
+            "score": x.scores_HQK[:, qi, ki].cpu().numpy(),
+            "ff": tot.ff_HQK[:, qi, ki].cpu().numpy(),
+            "ff_abs": tot.ff_abs_HQK[:, qi, ki].cpu().numpy(),
+            "kept": tot.kept_HQK[:, qi, ki].cpu().numpy(),
+            "kept_abs": tot.kept_abs_HQK[:, qi, ki].cpu().numpy(),
         }
         for name, members in groups.items():
             pairs[name] = terms[[TERM_NAMES.index(t) for t in members]].sum(0)[:, qi, ki].cpu().numpy()
-        rq, rk = red.rows_q, red.rows_k
+        r = red.rows
         rows = {
-            "h": red.rows_h.cpu().numpy(),
-            "sample": np.full(len(rq), sample, np.int32),
-            "q": rq.cpu().numpy().astype(np.int16),
-            "k": rk.cpu().numpy().astype(np.int16),
-            "feat_q": red.rows_fq.cpu().numpy().astype(np.int32),
-            "feat_k": red.rows_fk.cpu().numpy().astype(np.int32),
-            "value": red.rows_val.cpu().numpy(),
-            "induction": ind[rq, rk].cpu().numpy(),
+            "h": r.h.cpu().numpy(),
+            "sample": np.full(len(r.q), sample, np.int32),
+            "q": r.q.cpu().numpy().astype(np.int16),
+            "k": r.k.cpu().numpy().astype(np.int16),
+            "feat_q": r.feat_q.cpu().numpy().astype(np.int32),
+            "feat_k": r.feat_k.cpu().numpy().astype(np.int32),
+            "value": r.value.cpu().numpy(),
+            "induction": x.ind_QK[r.q, r.k].cpu().numpy(),
         }
         self.buf["pairs"].append(pairs)
         self.buf["rows"].append(rows)

@@ -77,7 +77,7 @@ def run(cfg: IngestConfig, inputs: Inputs | None = None) -> Path | None:
         job = inp.job(cfg)
         check_out(cfg.out, job.identity)
         # the decomposition is validated here (Decomposer), on the path users run, before anything is written
-        worker = BlockWorker(job, inp, device, partials_dir(cfg.out), cfg.q_block)
+        worker = BlockWorker(job, inp, device, partials_dir(cfg.out), cfg.q_block, cfg.progress)
         writer = IndexWriter(cfg.out, job, keep_other=n > 1)
         _write_samples(inp, writer.partials / "samples.parquet")
         if cfg.engine == "ray":

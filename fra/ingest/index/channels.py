@@ -34,15 +34,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..core.reduce import POS_SHIFT, SampleReduction
+from ..core.reduce import POS_SHIFT, SlotStats
 
 COUNT_ROW_BYTES = 16  # an int64 key and an int64 count
+DENSE_MIN_KEYS = 2**16
 
 
 class CountAggregator:
-    """Exact (key -> summed count) over a corpus, in at most `budget_bytes` of memory."""
+    """Exact (key -> summed count) over a corpus, in at most `budget_bytes` of memory.
 
-    def __init__(self, budget_bytes: int, spill_dir: Path):
+    When every key lies in [0, n_keys) and a dense int64 counter of n_keys fits the budget (d_sae
+    4,096: 134 MB), counts are added into it in place: no sorting, nothing spilled. Otherwise
+    (wide SAEs), and for key spaces under DENSE_MIN_KEYS, where sorting is cheap anyway, the
+    (key, count) buffer below is combined and spilled as described above."""
+
+    def __init__(self, budget_bytes: int, spill_dir: Path, n_keys: int | None = None):
         # combining needs the buffer plus its sorted copy, so the buffer gets a third of the share
         self.max_rows = max(budget_bytes // (3 * COUNT_ROW_BYTES), 16)
         self.spill_dir = Path(spill_dir)
@@ -51,8 +57,14 @@ class CountAggregator:
         self.n_rows = 0
         self.runs: list[Path] = []
         self.budget_bytes = budget_bytes
+        dense = n_keys is not None and DENSE_MIN_KEYS <= n_keys and 8 * n_keys <= budget_bytes
+        self.dense = np.zeros(n_keys, np.int64) if dense else None
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add one sample's counts; its keys are distinct."""
+        if self.dense is not None:
+            self.dense[keys] += counts
+            return
         self.keys.append(keys.astype(np.int64, copy=False))
         self.counts.append(counts.astype(np.int64, copy=False))
         self.n_rows += len(keys)
@@ -76,6 +88,9 @@ class CountAggregator:
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(distinct keys ascending, their summed counts)."""
+        if self.dense is not None:
+            keys = np.flatnonzero(self.dense)
+            return keys.astype(np.int64), self.dense[keys]
         if not self.runs:
             if not self.keys:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -130,19 +145,21 @@ class ChannelChunk:
         # key + 4 float64 sums per head + induction count + per example value, sample, position
         return 8 + 32 * n_heads + 8 + n_heads * n_examples * (4 + 4 + 4)
 
-    def add(self, red: SampleReduction, sample: int, use_fused: bool = True) -> None:
+    def add(self, slots: SlotStats, sample: int, use_fused: bool = True) -> None:
         """Merge one sample's slots (all of which belong to this chunk)."""
-        row_S = torch.searchsorted(self.keys, red.slot_keys_S.cpu())
         from ..core import fused
 
-        kernel = fused.load() if use_fused else None
-        if kernel is not None:
-            kernel.fused_merge(
+        cpu = {
+            f: getattr(slots, f).cpu().contiguous() for f in ("keys_S", "sum_HS", "sumsq_HS", "best_HS", "best_pos_HS")
+        }
+        row_S = torch.searchsorted(self.keys, cpu["keys_S"])
+        if use_fused and fused.available():
+            fused.merge_slots(
                 row_S,
-                red.sum_HS.cpu().contiguous(),
-                red.sumsq_HS.cpu().contiguous(),
-                red.best_HS.cpu().contiguous(),
-                red.best_pos_HS.cpu().contiguous(),
+                cpu["sum_HS"],
+                cpu["sumsq_HS"],
+                cpu["best_HS"],
+                cpu["best_pos_HS"],
                 self.sum_NH,
                 self.sumsq_NH,
                 self.ex_val_NHE,
@@ -151,12 +168,12 @@ class ChannelChunk:
                 sample,
             )
         else:
-            self.sum_NH.index_add_(0, row_S, red.sum_HS.T.cpu().double())
-            self.sumsq_NH.index_add_(0, row_S, red.sumsq_HS.T.cpu().double())
-            self._add_examples(row_S, red.best_HS.T.cpu(), red.best_pos_HS.T.cpu(), sample)
-        self.ind_count_N.index_add_(0, row_S, red.ind_count_S.cpu())
-        self.ind_sum_NH.index_add_(0, row_S, red.ind_sum_HS.T.cpu().double())
-        self.ind_sumsq_NH.index_add_(0, row_S, red.ind_sumsq_HS.T.cpu().double())
+            self.sum_NH.index_add_(0, row_S, cpu["sum_HS"].T)
+            self.sumsq_NH.index_add_(0, row_S, cpu["sumsq_HS"].T)
+            self._add_examples(row_S, cpu["best_HS"].T, cpu["best_pos_HS"].T, sample)
+        self.ind_count_N.index_add_(0, row_S, slots.ind_count_S.cpu())
+        self.ind_sum_NH.index_add_(0, row_S, slots.ind_sum_HS.T.cpu())
+        self.ind_sumsq_NH.index_add_(0, row_S, slots.ind_sumsq_HS.T.cpu())
 
     def _add_examples(self, row_S, best_SH, pos_SH, sample: int) -> None:
         """Each (channel, head) keeps its top examples by |value| descending, then sample
@@ -174,7 +191,7 @@ class ChannelChunk:
         r, e = row_S[s_i], lo[s_i, h_i]
         self.ex_val_NHE[r, h_i, e] = best_SH[s_i, h_i]
         self.ex_sample_NHE[r, h_i, e] = sample
-        self.ex_pos_NHE[r, h_i, e] = pos_SH[s_i, h_i].int()
+        self.ex_pos_NHE[r, h_i, e] = pos_SH[s_i, h_i]
 
     def tables(self, h: int, counts: np.ndarray, d_sae: int) -> tuple[pa.Table, pa.Table]:
         """(channels, examples) of head index `h` (position in the job's heads)."""

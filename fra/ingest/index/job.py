@@ -51,6 +51,12 @@ class Budget:
         return self.total_bytes // 8
 
     @property
+    def forward_bytes(self) -> int:
+        """Each layer's memo of the samples' forward passes, kept from the count pass for the
+        statistics pass (`blocks.ForwardMemo`)."""
+        return self.total_bytes // 8
+
+    @property
     def select_bytes(self) -> int:
         """DuckDB's memory limit when the count partials are summed (`merge.select_channels`)."""
         return self.total_bytes // 4
