@@ -131,13 +131,14 @@ def make_sae(d_in: int, hook_name: str, d_sae: int = 24, k: int | None = 4, seed
 LAYERS = (0, 1)
 
 
-def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
-    """Inputs for `fra.ingest.index.build.run`: a tiny llama-style model, one SAE per layer and a few
-    samples whose second half repeats the first (so induction targets exist)."""
+def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3, family="llama", **model_overrides):
+    """Inputs for `fra.ingest.index.build.run`: a tiny model (llama-style unless `family` says
+    otherwise), one SAE per layer and a few samples whose second half repeats the first (so
+    induction targets exist)."""
     from ..index.build import Inputs
     from ..registry import LoadedModel
 
-    model = make_model("llama", seed=model_seed)
+    model = make_model(family, seed=model_seed, **model_overrides)
     saes = {l: make_sae(16, f"blocks.{l}.ln1.hook_normalized", d_sae=d_sae, k=3, seed=seed + l) for l in LAYERS}
     g = torch.Generator().manual_seed(seed)
     tokens = []
