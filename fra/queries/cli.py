@@ -102,6 +102,13 @@ def export_main(argv):
     p.add_argument("--head", type=int)
     p.add_argument("--feature", type=int, help="keep rows where feat_q or feat_k is this feature")
     p.add_argument("--partition-by", default="layer,head", help="comma-separated columns, or '' for none")
+    p.add_argument(
+        "--format",
+        choices=["parquet", "neuronpedia-qk"],
+        default="parquet",
+        help="parquet: index rows; neuronpedia-qk: one prompt's QK attribution as Neuronpedia graph JSON "
+        "(runs the model; see `fra export --format neuronpedia-qk --help`)",
+    )
     a = p.parse_args(argv)
     n = export(connect(a.index), a.view, a.out, a.layer, a.head, a.feature, a.partition_by)
     print(f"wrote {n} rows to {a.out}")
