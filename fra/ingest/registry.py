@@ -287,7 +287,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "smollm2-135m": Preset(load_smollm2, str(SAE_DIR / "smollm2-135m"), (17, 18)),
     "gpt2": Preset(load_gpt2, "gpt2-small-res-jb:blocks.{layer}.hook_resid_pre", (5,)),
-    "gemma3-270m": Preset(load_gemma3, str(SAE_DIR / "gemma3-270m"), ()),  # layers: set from the census
+    "gemma3-270m": Preset(load_gemma3, str(SAE_DIR / "gemma3-270m"), (5, 11)),  # its induction heads 5.1, 11.2
 }
 
 
