@@ -308,6 +308,7 @@ def test_qwen3_through_transformer_lens_own_conversion(tmp_path):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
+    hf.config.architectures = ["Qwen3ForCausalLM"]  # as in a saved checkpoint
     hf.config.save_pretrained(tmp_path)  # TransformerLens reads config.json from a local directory
     d = convert_hf_model_config(str(tmp_path))
     d.pop("trust_remote_code", None)
@@ -321,7 +322,8 @@ def test_qwen3_through_transformer_lens_own_conversion(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
     for hook in ("blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_pre"):
-        dec = decompose(model, 1, make_sae(32, hook, d_sae=64, k=4), ids)
+        # float64 split: the random SAE's parts are ~100x the score and would cancel to fp32 rounding
+        dec = decompose(model, 1, make_sae(32, hook, d_sae=64, k=4), ids, dtype=torch.float64)
         causal = torch.ones(12, 12, dtype=torch.bool).tril()
         scores = dec.model_scores_BHQK[..., causal]
         torch.testing.assert_close(dec.total_BHQK[..., causal], scores, atol=2e-5 * scores.abs().max().item(), rtol=0)
