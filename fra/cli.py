@@ -147,6 +147,11 @@ def cmd_sql(args):
 
 
 def cmd_export(args):
+    if "neuronpedia-qk" in args.rest or "--format=neuronpedia-qk" in args.rest:  # runs the model (torch)
+        from fra.ingest.export_neuronpedia import main as neuronpedia_main
+
+        neuronpedia_main(args.rest)
+        return
     from fra.queries import cli as qcli
 
     qcli.export_main(args.rest)

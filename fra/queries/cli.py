@@ -205,6 +205,13 @@ def export_main(argv):
         action="store_true",
         help="replace an earlier export in --out (its recorded files only; other files are kept and named)",
     )
+    p.add_argument(
+        "--format",
+        choices=["parquet", "neuronpedia-qk"],
+        default="parquet",
+        help="parquet: index rows; neuronpedia-qk: one prompt's QK attribution as Neuronpedia graph JSON "
+        "(runs the model; see `fra export --format neuronpedia-qk --help`)",
+    )
     a = p.parse_args(argv)
     con = open_cli(a.index)
     _check_indexed(a.index, a.layer, a.head)

@@ -8,7 +8,10 @@ and the attention input is an affine function of x_t: for an SAE on ``ln1.hook_n
 ``x * w (+ b)``; for an SAE on ``hook_resid_pre`` it is ``center(x) / s_t * w (+ b)`` with the
 model's own per-token LayerNorm/RMSNorm scale ``s_t`` (exact, since the parts sum to the real x).
 Queries and keys are then affine in the attention input, rotary embeddings are linear per
-position, so every score splits exactly into 4 x 4 terms, one per pair of *components*:
+position, so every score splits exactly into 4 x 4 terms, one per pair of *components*.
+QK-norm (Gemma 3, Qwen3, OLMo-2) divides q and k by their RMS per (position, head) and
+multiplies by a weight; with that RMS frozen at the value the model computed (as ln1's scale
+is), q and k stay linear in the components:
 
     feat  sum_i a_i(t) d_i          (resolved into features: the FA object)
     bdec  b_dec
@@ -26,6 +29,11 @@ Phases: (1) `LayerProjector` maps every SAE decoder row through the norm and W_Q
 (weights only); (2) `project_tokens` gathers the active features of each token, scales them by
 their activations and the token's norm scale, and applies rotary; (3) `pair_terms` forms the
 16 dense [H, Q, K] component-pair terms, whose sum equals ``blocks.L.attn.hook_attn_scores``.
+
+Masks come from the model: a layer that TransformerLens builds with ``attn_type == "local"``
+(Gemma 3's sliding layers, GPT-Neo's local ones) lets query q see key k iff 0 <= q - k < W with
+W = ``cfg.window_size`` (`Decomposer.sliding_window`); every other layer is causal. `decompose`
+checks that the model's scores are -inf exactly outside that mask.
 
 Shape key: B batch, T positions (Q query, K key when both appear), H query heads, G key-value
 heads, D d_model, F d_sae, A active-feature slots per token (padded), E d_head, C components.
@@ -70,7 +78,7 @@ def validate_model(model) -> None:
     problems = []
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    for flag in ("use_qk_norm", "use_split_qkv_input", "use_attn_in", "use_logn_attn", "use_attention_sinks"):
+    for flag in ("use_split_qkv_input", "use_attn_in", "use_logn_attn", "use_attention_sinks"):
         if getattr(cfg, flag, False):
             problems.append(f"{flag}=True")
     if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
@@ -81,11 +89,64 @@ def validate_model(model) -> None:
         problems.append(f"attention_dir={cfg.attention_dir!r}")
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         problems.append(f"normalization_type={cfg.normalization_type!r}")
+    for layer, block in enumerate(model.blocks):
+        problems += _qk_norm_problems(block.attn, layer)
+        if getattr(block.attn, "attn_type", "global") not in ("global", "local"):
+            problems.append(f"layer {layer} attn_type={block.attn.attn_type!r}")
     if problems:
         raise DecompositionInputError(
             "this model's attention is not an affine function of its input, so FRA cannot "
             "decompose it exactly: " + ", ".join(problems)
         )
+
+
+def _qk_norm_problems(attn, layer: int) -> list[str]:
+    """Why this layer's QK-norm cannot be frozen into a linear map ([] when it can, or has none)."""
+    from transformer_lens.components import RMSNorm
+
+    problems = []
+    for side in ("q_norm", "k_norm"):
+        norm = getattr(attn, side, None)
+        if norm is None:
+            continue
+        if type(norm) is not RMSNorm:  # noqa: E721 - a subclass may compute something else
+            problems.append(f"layer {layer} {side} is a {type(norm).__name__}, not an RMSNorm")
+        elif norm.w.numel() % attn.cfg.d_head:
+            problems.append(f"layer {layer} {side} has {norm.w.numel()} weights, not a multiple of d_head")
+    return problems
+
+
+def is_post_norm(model) -> bool:
+    """OLMo-2 / OLMo-3: attention reads the raw residual stream; ln1 normalises its output."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    return model.cfg.original_architecture in POST_NORM_ARCHITECTURES
+
+
+def qk_norm_kind(model) -> str | None:
+    """None (no QK-norm), 'head' (RMS over each head's d_head, Gemma 3 / Qwen3) or 'flat' (RMS over
+    all heads at once, before the head split: OLMo-2 / OLMo-3 / OLMoE)."""
+    attn = model.blocks[0].attn
+    if getattr(attn, "q_norm", None) is None:
+        return None
+    return "head" if model.cfg.use_qk_norm else "flat"
+
+
+def layer_sliding_window(model, layer: int) -> int | None:
+    """W when layer `layer` masks keys outside a sliding window (key k visible from query q iff
+    0 <= q - k < W, TransformerLens' `_make_causal_mask` for attn_type 'local'), else None."""
+    attn = model.blocks[layer].attn
+    if getattr(attn, "attn_type", "global") != "local":
+        return None
+    return int(model.cfg.window_size)
+
+
+def attention_mask(T: int, sliding_window: int | None = None, device=None) -> Tensor:
+    """[Q, K] bool: True where query q may attend key k (q >= k, and q - k < W with a window)."""
+    pos = torch.arange(T, device=device)
+    gap_QK = pos[:, None] - pos[None, :]
+    mask = gap_QK >= 0
+    return mask if sliding_window is None else mask & (gap_QK < sliding_window)
 
 
 def validate_layer_sae(model, layer: int, sae) -> str:
@@ -100,6 +161,11 @@ def validate_layer_sae(model, layer: int, sae) -> str:
             "this SAE was trained on another model"
         )
     kind = hook_kind(sae.cfg.metadata.hook_name, layer)
+    if is_post_norm(model) and kind != "resid_pre":
+        raise DecompositionInputError(
+            f"{model.cfg.original_architecture} is post-norm: its attention reads blocks.{layer}.hook_resid_pre "
+            f"itself and ln1 normalises the attention's output, so the SAE must read blocks.{layer}.hook_resid_pre"
+        )
     if getattr(sae.cfg, "normalize_activations", "none") != "none":
         raise DecompositionInputError(
             f"SAE normalize_activations={sae.cfg.normalize_activations!r} is not supported; "
@@ -142,7 +208,8 @@ class LayerProjector:
 
     `dec_q_FHE` is (d_i * w_norm, centred for LayerNorm) @ W_Q, divided by attn_scale;
     `dec_k_FGE` the same through W_K per key-value head. Biases (norm bias through W, plus b_Q,
-    b_K) are `bias_q_HE` / `bias_k_GE`.
+    b_K) are `bias_q_HE` / `bias_k_GE`. With QK-norm every one of them (and `W_q_HDE`,
+    `W_k_GDE`) is multiplied by the norm's weight; the per-token 1 / RMS comes in phase 2.
     """
 
     layer: int
@@ -159,6 +226,8 @@ class LayerProjector:
     bias_k_GE: Float[Tensor, "G E"]
     kv_of_head_H: Int[Tensor, " H"]
     rotary: Callable[[Tensor], Tensor] | None  # [B, T, n, E] -> same, position-wise rotation
+    qk_norm: str | None = None  # see `qk_norm_kind`
+    post_norm: bool = False  # attention input = the hook value itself (no ln1 before attention)
 
 
 def _attn_in_linear(v_D: Tensor, w_norm_D: Tensor, centre: bool) -> Tensor:
@@ -176,13 +245,14 @@ def build_projector(model, layer: int, sae, dtype=torch.float32) -> LayerProject
     attn = block.attn
     d_model = cfg.d_model
     norm_type = cfg.normalization_type
-    has_w = norm_type in ("LN", "RMS")
+    post_norm = is_post_norm(model)
+    has_w = norm_type in ("LN", "RMS") and not post_norm
     ln = block.ln1
     dev = attn.W_Q.device
     w_norm_D = (ln.w if has_w else torch.ones(d_model, device=dev)).detach().to(dtype)
-    b_norm_D = (ln.b if norm_type == "LN" else torch.zeros(d_model, device=dev)).detach().to(dtype)
-    # hook_normalized is already centred and scaled; resid_pre still needs both.
-    centre = kind == "resid_pre" and norm_type in ("LN", "LNPre")
+    b_norm_D = (ln.b if norm_type == "LN" and not post_norm else torch.zeros(d_model, device=dev)).detach().to(dtype)
+    # hook_normalized is already centred and scaled; resid_pre still needs both (unless post-norm).
+    centre = kind == "resid_pre" and norm_type in ("LN", "LNPre") and not post_norm
 
     W_q_HDE = attn.W_Q.detach().to(dtype)
     b_q_HE = attn.b_Q.detach().to(dtype)
@@ -194,6 +264,12 @@ def build_projector(model, layer: int, sae, dtype=torch.float32) -> LayerProject
     kv_of_head_H = torch.arange(n_heads, device=dev) // (n_heads // n_kv)
     inv_scale = 1.0 / float(attn.attn_scale)
 
+    qk_norm = qk_norm_kind(model)
+    if qk_norm is not None:  # the norm's weight is per (head, d_head) element: fold it into W and b
+        w_qn_HE = attn.q_norm.w.detach().to(dtype).reshape(-1, W_q_HDE.shape[-1]).expand(n_heads, -1)
+        w_kn_GE = attn.k_norm.w.detach().to(dtype).reshape(-1, W_k_GDE.shape[-1]).expand(n_kv, -1)
+        W_q_HDE, b_q_HE = W_q_HDE * w_qn_HE[:, None], b_q_HE * w_qn_HE
+        W_k_GDE, b_k_GE = W_k_GDE * w_kn_GE[:, None], b_k_GE * w_kn_GE
     W_dec_FD = sae.W_dec.detach().to(dtype)
     b_dec_D = sae.b_dec.detach().to(dtype)
     dec_in_FD = _attn_in_linear(W_dec_FD, w_norm_D, centre)
@@ -216,6 +292,8 @@ def build_projector(model, layer: int, sae, dtype=torch.float32) -> LayerProject
         bias_k_GE=torch.einsum("d,gde->ge", b_norm_D, W_k_GDE) + b_k_GE,
         kv_of_head_H=kv_of_head_H,
         rotary=rotary,
+        qk_norm=qk_norm,
+        post_norm=post_norm,
     )
 
 
@@ -274,23 +352,27 @@ def _project_side(
     sparse: SparseActs,
     err_BTD: Tensor,
     inv_norm_scale_BT: Tensor,
+    inv_qk_BTn: Tensor | None = None,
 ) -> SideVectors:
+    """`inv_qk_BTn`: 1 / the QK-norm's RMS per (token, head of this side), or None without QK-norm."""
     B, T, A = sparse.feat_idx_BTA.shape
     if side == "q":
         dec_FnE, bdec_nE, bias_nE, W_nDE = proj.dec_q_FHE, proj.bdec_q_HE, proj.bias_q_HE, proj.W_q_HDE
     else:
         dec_FnE, bdec_nE, bias_nE, W_nDE = proj.dec_k_FGE, proj.bdec_k_GE, proj.bias_k_GE, proj.W_k_GDE
-    coef_BTA = sparse.acts_BTA * inv_norm_scale_BT[..., None]
-    feat_BTAnE = dec_FnE[sparse.feat_idx_BTA] * coef_BTA[..., None, None]
+    n = dec_FnE.shape[1]
+    qk_BTn = torch.ones(B, T, n, dtype=dec_FnE.dtype, device=dec_FnE.device) if inv_qk_BTn is None else inv_qk_BTn
+    scale_BTn = qk_BTn * inv_norm_scale_BT[..., None]  # ln1's 1/scale and QK-norm's 1/RMS, both frozen
+    feat_BTAnE = dec_FnE[sparse.feat_idx_BTA] * (sparse.acts_BTA[..., None] * scale_BTn[:, :, None])[..., None]
     feat_BTAnE = _rotate(
         proj.rotary,
         einops.rearrange(feat_BTAnE, "b t a n e -> (b a) t n e"),
     )
     feat_BnTAE = einops.rearrange(feat_BTAnE, "(b a) t n e -> b n t a e", b=B, a=A)
-    bdec_BTnE = bdec_nE[None, None] * inv_norm_scale_BT[..., None, None]
-    err_in_BTD = _attn_in_linear(err_BTD, proj.w_norm_D, proj.centre) * inv_norm_scale_BT[..., None]
-    err_BTnE = torch.einsum("btd,nde->btne", err_in_BTD, W_nDE)
-    bias_BTnE = bias_nE[None, None].expand(B, T, *bias_nE.shape)
+    bdec_BTnE = bdec_nE[None, None] * scale_BTn[..., None]
+    err_in_BTD = _attn_in_linear(err_BTD, proj.w_norm_D, proj.centre)
+    err_BTnE = torch.einsum("btd,nde->btne", err_in_BTD, W_nDE) * scale_BTn[..., None]
+    bias_BTnE = bias_nE[None, None] * qk_BTn[..., None]
     rest = [einops.rearrange(_rotate(proj.rotary, v), "b t n e -> b n t e") for v in (bdec_BTnE, err_BTnE, bias_BTnE)]
     if side == "k":  # expand key-value heads to query heads
         idx = proj.kv_of_head_H
@@ -307,24 +389,33 @@ def project_tokens(
     b_dec_D: Float[Tensor, " D"],
     norm_scale_BT: Float[Tensor, "B T"] | None = None,
     max_active: int | None = None,
+    q_scale_BTH: Float[Tensor, "B T H"] | None = None,
+    k_scale_BTG: Float[Tensor, "B T G"] | None = None,
 ) -> tuple[SparseActs, SideVectors, SideVectors, Tensor]:
     """Phase 2: split the hook values into components and map them to query and key vectors.
 
-    `norm_scale_BT` is the model's ln1.hook_scale, needed for resid_pre SAEs only.
+    `norm_scale_BT` is the model's ln1.hook_scale, needed for resid_pre SAEs only;
+    `q_scale_BTH` / `k_scale_BTG` the QK-norm's RMS (attn.q_norm / k_norm.hook_scale), needed
+    when the layer has QK-norm.
     Returns the sparse activations, the query side, the key side and the SAE error err_BTD.
     """
     dtype = proj.dec_q_FHE.dtype
     x_BTD, acts_BTF = x_BTD.to(dtype), acts_BTF.to(dtype)
     err_BTD = x_BTD - (acts_BTF @ W_dec_FD.to(dtype) + b_dec_D.to(dtype))
-    if proj.kind == "resid_pre":
+    if proj.kind == "resid_pre" and not proj.post_norm:
         if norm_scale_BT is None:
             raise ValueError("a resid_pre SAE needs the model's ln1.hook_scale")
         inv_BT = 1.0 / norm_scale_BT.to(dtype)
     else:
         inv_BT = torch.ones(x_BTD.shape[:2], dtype=dtype, device=x_BTD.device)
+    inv_q = inv_k = None
+    if proj.qk_norm is not None:
+        if q_scale_BTH is None or k_scale_BTG is None:
+            raise ValueError("a layer with QK-norm needs the model's attn.q_norm and attn.k_norm hook_scale")
+        inv_q, inv_k = 1.0 / q_scale_BTH.to(dtype), 1.0 / k_scale_BTG.to(dtype)
     sparse = sparsify(acts_BTF, max_active)
-    q = _project_side(proj, "q", sparse, err_BTD, inv_BT)
-    k = _project_side(proj, "k", sparse, err_BTD, inv_BT)
+    q = _project_side(proj, "q", sparse, err_BTD, inv_BT, inv_q)
+    k = _project_side(proj, "k", sparse, err_BTD, inv_BT, inv_k)
     return sparse, q, k, err_BTD
 
 
@@ -345,7 +436,8 @@ def fa_block(q: SideVectors, k: SideVectors, b: int, h: int, qpos: int, kpos: in
 
 
 def causal_mask(T: int, device=None) -> Tensor:
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    """The full causal mask; a layer's own mask is `Decomposer.mask` (sliding windows)."""
+    return attention_mask(T, None, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,8 +451,8 @@ class AttentionDecomposition:
     sparse: SparseActs
     q: SideVectors
     k: SideVectors
-    terms_CBHQK: Float[Tensor, "C B H Q K"]  # ordered as TERM_NAMES; 0 above the diagonal
-    model_scores_BHQK: Float[Tensor, "B H Q K"]  # hook_attn_scores; 0 above the diagonal
+    terms_CBHQK: Float[Tensor, "C B H Q K"]  # ordered as TERM_NAMES; 0 where the model masks
+    model_scores_BHQK: Float[Tensor, "B H Q K"]  # hook_attn_scores; 0 where the model masks
     err_BTD: Float[Tensor, "B T D"]
     x_BTD: Float[Tensor, "B T D"]
 
@@ -380,14 +472,29 @@ class HookActivations:
     x_BTD: Tensor
     norm_scale_BT: Tensor
     model_scores_BHQK: Tensor
+    q_scale_BTH: Tensor | None = None  # QK-norm's RMS per (token, query head); None without QK-norm
+    k_scale_BTG: Tensor | None = None  # the same per key-value head
 
 
 @torch.no_grad()
 def run_hooks(model, layer: int, hook_name: str, tokens_BT: Tensor) -> HookActivations:
-    """One forward pass up to `layer`, caching the SAE hook, the ln1 scale and the scores."""
-    names = [hook_name, f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.attn.hook_attn_scores"]
+    """One forward pass up to `layer`, caching the SAE hook, the ln1 scale, the QK-norm scales
+    (if any) and the scores."""
+    pre = f"blocks.{layer}"
+    names = [hook_name, f"{pre}.ln1.hook_scale", f"{pre}.attn.hook_attn_scores"]
+    qk = qk_norm_kind(model)
+    if qk is not None:
+        names += [f"{pre}.attn.q_norm.hook_scale", f"{pre}.attn.k_norm.hook_scale"]
     _, cache = model.run_with_cache(tokens_BT, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
-    return HookActivations(cache[names[0]], cache[names[1]][..., 0], cache[names[2]])
+    q_scale = k_scale = None
+    if qk is not None:
+        B, T = tokens_BT.shape
+        attn = model.blocks[layer].attn
+        n_kv = (attn._W_K if hasattr(attn, "_W_K") else attn.W_K).shape[0]
+        # 'head': one RMS per (token, head), computed on [B * T * n, d_head]; 'flat': one per token
+        q_scale = cache[names[3]].reshape(B, T, -1).expand(B, T, model.cfg.n_heads)
+        k_scale = cache[names[4]].reshape(B, T, -1).expand(B, T, n_kv)
+    return HookActivations(cache[names[0]], cache[names[1]][..., 0], cache[names[2]], q_scale, k_scale)
 
 
 @dataclass(frozen=True)
@@ -416,6 +523,23 @@ class Decomposer:
         self.kind = validate_layer_sae(model, layer, sae)
         self.model, self.layer, self.sae, self.dtype = model, layer, sae, dtype
         self.proj = build_projector(model, layer, sae, dtype)
+        # None for a causal layer; else W: key k is visible from query q iff 0 <= q - k < W
+        self.sliding_window: int | None = layer_sliding_window(model, layer)
+
+    def mask(self, T: int, device=None) -> Tensor:
+        """[Q, K] bool: where this layer's queries may attend keys (causal, within the window)."""
+        return attention_mask(T, self.sliding_window, device)
+
+    def check_mask(self, model_scores_BHQK: Tensor) -> None:
+        """Raise unless the model masked (-inf) exactly the scores outside `mask`."""
+        masked_BHQK = torch.isneginf(model_scores_BHQK)
+        mask_QK = self.mask(masked_BHQK.shape[-1], masked_BHQK.device)
+        if not torch.equal(masked_BHQK, ~mask_QK.expand_as(masked_BHQK)):
+            expected = "causal" if self.sliding_window is None else f"sliding-window (W={self.sliding_window})"
+            raise DecompositionInputError(
+                f"layer {self.layer} of the model masks other scores than the {expected} mask FRA "
+                "derives from its config, so FRA cannot index it"
+            )
 
     def _forward(self, tokens: Tensor) -> tuple[Tensor, HookActivations, Tensor]:
         """Checked tokens [B, T], the hook values, and the SAE's activations."""
@@ -432,18 +556,27 @@ class Decomposer:
     @torch.no_grad()
     def prepare(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> Prepared:
         tokens_BT, hooks, acts_BTF = self._forward(tokens)
+        self.check_mask(hooks.model_scores_BHQK)
         sae = self.sae
         sparse, q, k, err_BTD = project_tokens(
-            self.proj, hooks.x_BTD, acts_BTF, sae.W_dec.detach(), sae.b_dec.detach(), hooks.norm_scale_BT
+            self.proj,
+            hooks.x_BTD,
+            acts_BTF,
+            sae.W_dec.detach(),
+            sae.b_dec.detach(),
+            hooks.norm_scale_BT,
+            q_scale_BTH=hooks.q_scale_BTH,
+            k_scale_BTG=hooks.k_scale_BTG,
         )
         return Prepared(tokens_BT, hooks, sparse, q, k, err_BTD)
 
     @torch.no_grad()
     def decompose(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> AttentionDecomposition:
-        """Every head's causal attention scores at this layer, split into component-pair terms."""
+        """Every head's attention scores at this layer, split into component-pair terms (zero where
+        the model masks the score out)."""
         p = self.prepare(tokens)
         T = p.tokens_BT.shape[1]
-        mask_QK = causal_mask(T, p.tokens_BT.device)
+        mask_QK = self.mask(T, p.tokens_BT.device)
         zero = torch.zeros((), dtype=self.dtype)
         return AttentionDecomposition(
             layer=self.layer,
@@ -465,5 +598,5 @@ def decompose(
     tokens: Int[Tensor, "B T"] | Int[Tensor, " T"],
     dtype=torch.float32,
 ) -> AttentionDecomposition:
-    """Decompose every head's causal attention scores at `layer` into component-pair terms."""
+    """Decompose every head's attention scores at `layer` into component-pair terms."""
     return Decomposer(model, layer, sae, dtype).decompose(tokens)

@@ -42,6 +42,8 @@ def attention_maps(model, layer: int) -> AttentionMaps:
     g_D = ln.w.detach().float() if hasattr(ln, "w") else torch.ones(model.cfg.d_model)
     W_q = attn.W_Q.detach().float()
     W_k = (attn._W_K if hasattr(attn, "_W_K") else attn.W_K).detach().float()
+    if getattr(attn, "q_norm", None) is not None and model.cfg.use_qk_norm:  # the QK-norm's weight, per d_head
+        W_q, W_k = W_q * attn.q_norm.w.detach().float(), W_k * attn.k_norm.w.detach().float()
     fold = lambda W: (g_D[None, :, None] * W).permute(1, 0, 2).reshape(W.shape[1], -1)  # noqa: E731
     return AttentionMaps(fold(W_q), fold(W_k), W_q.shape[0], W_k.shape[0])
 
@@ -99,11 +101,14 @@ def tih_feature_share(
     }
 
 
-def tih_heads(layer: int) -> list[int]:
-    """Token induction heads of the census (`fra/ingest/assets/census_smollm2-135m.json`) at `layer`."""
+def tih_heads(layer: int, model: str = "smollm2-135m") -> list[int]:
+    """Token induction heads of the model's census (`fra/ingest/assets/census_MODEL.json`) at `layer`."""
     import json
 
     from ..registry import ASSETS
 
-    census = json.loads((ASSETS / "census_smollm2-135m.json").read_text())
+    path = ASSETS / f"census_{model}.json"
+    if not path.exists():
+        return []
+    census = json.loads(path.read_text())
     return sorted(int(h.split(".")[1]) for h in census["token_induction_heads"] if int(h.split(".")[0]) == layer)

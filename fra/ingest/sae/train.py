@@ -71,6 +71,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class SAETrainConfig:
+    model: str = opt("smollm2-135m", "model preset: smollm2-135m or gemma3-270m (opt-in install)")
     corpus: Path = opt(Path("data/corpus.parquet"), "corpus built by `fra corpus build`; its train split is used")
     out_dir: Path = opt(
         SAE_DIR / "smollm2-135m",
@@ -441,7 +442,7 @@ def curve_point(trainer: TopKTrainer, model, x_ND, maps, bos_id: int) -> dict:
         recon = sae.decode(sae.encode(x_ND))
     centred = x_ND - x_ND.mean(0)
     qk = qk_variance_explained(maps, x_ND, recon)
-    heads = tih_heads(trainer.layer)
+    heads = tih_heads(trainer.layer, trainer.model_name)
     tih = tih_feature_share(model, trainer.layer, sae, heads, bos_id) if heads else {"mean_ff_share": None}
     return {
         "fve": 1 - (x_ND - recon).pow(2).sum().item() / centred.pow(2).sum().item(),
@@ -682,12 +683,15 @@ def run(cfg: SAETrainConfig, lm=None) -> dict:
     metrics written to `out_dir/train_metrics.json`."""
     import torch
 
-    from ..registry import load_smollm2
+    from ..registry import load_gemma3, load_smollm2
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    lm = lm or load_smollm2(device=cfg.device, n_layers=max(cfg.layers) + 1)
+    loaders = {"smollm2-135m": load_smollm2, "gemma3-270m": load_gemma3}
+    if lm is None and cfg.model not in loaders:
+        raise ValueError(f"--model {cfg.model!r}: SAE training supports {', '.join(loaders)}")
+    lm = lm or loaders[cfg.model](device=cfg.device, n_layers=max(cfg.layers) + 1)
     training = _TrainingRun(cfg, lm)
     training.train()
     return training.save()

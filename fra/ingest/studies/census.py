@@ -36,6 +36,8 @@ class CensusConfig:
     def __post_init__(self):
         if self.seq_len < 2 or self.n_seqs < 1:
             raise ValueError("seq_len must be >= 2 and n_seqs >= 1")
+        if self.out == ASSETS / "census_smollm2-135m.json" and self.model != "smollm2-135m":
+            object.__setattr__(self, "out", ASSETS / f"census_{self.model}.json")  # never another model's file
 
 
 def random_repeats(n_seqs, seq_len, d_vocab, bos_id, seed, repeat=True, low=100):
@@ -69,7 +71,10 @@ def census(model, seq_len, n_seqs, bos_id, seed, device="cpu") -> dict:
     for name, repeat in (("repeat", True), ("control", False)):
         toks = random_repeats(n_seqs, seq_len, model.cfg.d_vocab, bos_id, seed, repeat=repeat)
         with torch.no_grad():
-            _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n.endswith("hook_pattern"))
+            # stop before the unembedding: no [batch, pos, d_vocab] logits (1 GB per 10 sequences of Gemma 3)
+            _, cache = model.run_with_cache(
+                toks.to(device), names_filter=lambda n: n.endswith("hook_pattern"), stop_at_layer=model.cfg.n_layers
+            )
         P = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)]).cpu()
         out[name] = head_scores(P, seq_len)
     return out

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "qwen3", "gemma3", "olmo2")
+# gemma3: layers 0, 1 slide over a window of GEMMA3_WINDOW keys, layer 2 is global
+GEMMA3_WINDOW = 5
 
 
 def make_cfg(family: str = "llama", **overrides):
@@ -41,6 +43,36 @@ def make_cfg(family: str = "llama", **overrides):
             n_key_value_heads=2,
             final_rms=True,
         )
+    elif family in ("qwen3", "gemma3", "olmo2"):  # llama-shaped with QK-norm
+        base.update(
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+            rotary_base=10000,
+            rotary_adjacent_pairs=False,
+            n_key_value_heads=2,
+            final_rms=True,
+        )
+        if family == "qwen3":  # RMS over each head's d_head
+            base.update(use_qk_norm=True, original_architecture="Qwen3ForCausalLM")
+        elif family == "olmo2":  # RMS over all heads at once, before the head split
+            base.update(original_architecture="Olmo2ForCausalLM", n_key_value_heads=None)
+        else:  # Gemma 3: per-head QK-norm, sliding layers with their own rotary base, one KV head
+            base.update(
+                use_qk_norm=True,
+                n_layers=3,
+                n_key_value_heads=1,
+                act_fn="gelu_pytorch_tanh",
+                use_normalization_before_and_after=True,
+                use_local_attn=True,
+                window_size=GEMMA3_WINDOW,
+                attn_types=["local", "local", "global"],
+                rotary_base=1_000_000,
+                rotary_base_local=10000,
+                original_architecture="Gemma3ForCausalLM",
+            )
     else:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     base.update(overrides)
@@ -63,7 +95,7 @@ def make_model(family: str = "llama", processed: bool = False, seed: int = 0, **
     for name, p in raw.state_dict().items():
         if not p.is_floating_point() or "IGNORE" in name or "mask" in name or "rotary" in name:
             state[name] = p
-        elif name.endswith(".w") and "ln" in name:
+        elif name.endswith(".w") and ("ln" in name or "norm" in name):
             state[name] = 1.0 + 0.3 * torch.randn(p.shape, generator=gen)
         else:
             state[name] = 0.3 * torch.randn(p.shape, generator=gen)
@@ -99,13 +131,14 @@ def make_sae(d_in: int, hook_name: str, d_sae: int = 24, k: int | None = 4, seed
 LAYERS = (0, 1)
 
 
-def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3):
-    """Inputs for `fra.ingest.index.build.run`: a tiny llama-style model, one SAE per layer and a few
-    samples whose second half repeats the first (so induction targets exist)."""
+def tiny_inputs(seed=0, d_sae=24, model_seed=0, n_samples=3, family="llama", **model_overrides):
+    """Inputs for `fra.ingest.index.build.run`: a tiny model (llama-style unless `family` says
+    otherwise), one SAE per layer and a few samples whose second half repeats the first (so
+    induction targets exist)."""
     from ..index.build import Inputs
     from ..registry import LoadedModel
 
-    model = make_model("llama", seed=model_seed)
+    model = make_model(family, seed=model_seed, **model_overrides)
     saes = {l: make_sae(16, f"blocks.{l}.ln1.hook_normalized", d_sae=d_sae, k=3, seed=seed + l) for l in LAYERS}
     g = torch.Generator().manual_seed(seed)
     tokens = []
