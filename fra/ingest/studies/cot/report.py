@@ -1,0 +1,328 @@
+"""Tables (Parquet, read by the explorer's CoT page), figures and report.md of `fra report cot`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .resolve import GROUPS
+
+
+def _perm_diff(values: np.ndarray, labels: np.ndarray, n_perm: int, rng) -> tuple[float, float]:
+    """Mean(values | label) - mean(values | not label), and its two-sided permutation p-value."""
+    ok = np.isfinite(values)
+    v, lab = values[ok], labels[ok]
+    if lab.sum() < 1 or (~lab).sum() < 1:
+        return float("nan"), float("nan")
+    obs = v[lab].mean() - v[~lab].mean()
+    hits = 0
+    for _ in range(n_perm):
+        p = rng.permutation(lab)
+        hits += abs(v[p].mean() - v[~p].mean()) >= abs(obs) - 1e-12
+    return float(obs), float((hits + 1) / (n_perm + 1))
+
+
+def _wilcoxon(d: np.ndarray) -> float:
+    from scipy import stats
+
+    d = d[np.isfinite(d)]
+    if len(d) < 3 or np.all(d == 0):
+        return float("nan")
+    return float(stats.wilcoxon(d).pvalue)
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed + 1)
+    L, H = mean_kurt.shape
+
+    # ---- tables for the explorer
+    all_tr = pd.DataFrame(
+        [
+            dict(
+                trace=i,
+                task=t.task,
+                correct=t.correct,
+                problem=t.problem,
+                answer=t.answer,
+                predicted=t.predicted,
+                n_new_tokens=t.n_new_tokens,
+                trace_text=t.trace,
+            )
+            for i, t in enumerate(traces)
+        ]
+    )
+    used = {r.idx for r in done}
+    all_tr["used"] = all_tr["trace"].isin(used)
+    all_tr.to_parquet(out / "traces.parquet", index=False)
+    sent_rows, mat_rows, kl_rows = [], [], []
+    for r in done:
+        from .anchors import receiver_scores, vertical_scores
+
+        rec = receiver_scores(r.vert_LHN, receivers)
+        supp = vertical_scores(r.kl_NN, cfg.proximity)
+        for i, ((s, e), text) in enumerate(zip(r.seg.token_spans, r.seg.sentences)):
+            sent_rows.append(
+                dict(
+                    trace=r.idx,
+                    i=i,
+                    text=text,
+                    tok_start=s,
+                    tok_end=e,
+                    receiver_score=float(rec[i]),
+                    suppression_score=float(supp[i]),
+                )
+            )
+        ii, jj = np.tril_indices(r.seg.n)
+        for l in range(L):
+            for h in range(H):
+                mat_rows.append(
+                    pd.DataFrame(
+                        dict(
+                            trace=r.idx,
+                            layer=l,
+                            head=h,
+                            i=ii,
+                            j=jj,
+                            attn=r.blocks_LHNN[l, h][ii, jj].astype(np.float32),
+                        )
+                    )
+                )
+        kl_rows.append(pd.DataFrame(dict(trace=r.idx, i=ii, j=jj, log_kl=r.kl_NN[ii, jj].astype(np.float32))))
+    sent = pd.DataFrame(sent_rows)
+    sent.to_parquet(out / "sentences.parquet", index=False)
+    pd.concat(mat_rows).to_parquet(out / "matrices.parquet", index=False)
+    pd.concat(kl_rows).to_parquet(out / "kl.parquet", index=False)
+    rank = {lh: k for k, lh in enumerate(receivers)}
+    heads = pd.DataFrame(
+        [
+            dict(
+                layer=l,
+                head=h,
+                mean_kurtosis=float(mean_kurt[l, h]),
+                receiver_rank=rank.get((l, h), -1),
+                resolved=(l, h) in fa_heads,
+            )
+            for l in range(L)
+            for h in range(H)
+        ]
+    )
+    heads.to_parquet(out / "heads.parquet", index=False)
+    tables = {}
+    for name in ("anchors", "anchor_channels", "cells", "cell_channels"):
+        df = pd.DataFrame([x for rv in resolved if rv for x in rv[name]])
+        tables[name] = df
+        df.to_parquet(out / f"{name}.parquet", index=False)
+    cons = pd.DataFrame(rows)
+    cons["null_agreement_mean"] = [
+        float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for x in map(np.asarray, cons["null_agreement"])
+    ]
+    cons.drop(columns=["null_agreement"]).to_parquet(out / "consistency.parquet", index=False)
+
+    # ---- statistics
+    agree = cons["agreement"].to_numpy(float)
+    null_agree = cons["null_agreement_mean"].to_numpy(float)
+    share = cons["content_share"].to_numpy(float)
+    null_share = cons["null_content_share"].to_numpy(float)
+    correct = cons["correct"].to_numpy(bool)
+    stats = dict(
+        n_traces=len(cons),
+        n_correct=int(correct.sum()),
+        agreement_mean=float(np.nanmean(agree)),
+        null_agreement_mean=float(np.nanmean(null_agree)),
+        agreement_vs_null_p=_wilcoxon(agree - null_agree),
+        content_share_mean=float(np.nanmean(share)) if np.isfinite(share).any() else float("nan"),
+        null_content_share_mean=float(np.nanmean(null_share)) if np.isfinite(null_share).any() else float("nan"),
+        content_vs_null_p=_wilcoxon(share - null_share),
+    )
+    for key, vals in (
+        ("agreement", agree),
+        ("null_agreement", null_agree),
+        ("content_share", share),
+        ("null_content_share", null_share),
+    ):
+        d, p = _perm_diff(vals, correct, cfg.n_perm, rng)
+        stats[f"{key}_correct_minus_incorrect"], stats[f"{key}_correct_p"] = d, p
+    anc = tables["anchors"]
+    if len(anc):
+        tot = anc[[f"g_{g}" for g in GROUPS]].sum(1)
+        stats["anchor_delta_mean"] = float(anc["delta"].mean())
+        stats["anchor_groups_mean"] = {g: float(anc[f"g_{g}"].mean()) for g in GROUPS}
+        stats["anchor_split_max_abs_err"] = float((tot - anc["delta"]).abs().max())
+        stats["anchor_ff_share_mean"] = float((anc["g_ff"] / anc["delta"]).median())
+        ch = tables["anchor_channels"]
+        stats["anchor_channel_classes"] = (
+            ch.groupby("cls")["value"].apply(lambda v: float(v.clip(lower=0).sum())).to_dict()
+        )
+        top1 = ch[ch["rank"] == 0]
+        stats["top_channel_share_of_ff"] = float(
+            (
+                top1.set_index(["trace", "layer", "head", "anchor"])["value"]
+                / anc.set_index(["trace", "layer", "head", "anchor"])["g_ff"]
+            ).median()
+        )
+    lengths = pd.DataFrame(
+        [dict(task=t.task, correct=t.correct, n_new=t.n_new_tokens, n_chars=len(t.trace)) for t in traces]
+    )
+    acc = (
+        lengths.groupby("task")
+        .agg(n=("correct", "size"), correct=("correct", "sum"), mean_new_tokens=("n_new", "mean"))
+        .reset_index()
+    )
+
+    # ---- figures
+    fig, ax = plt.subplots(figsize=(6, 8))
+    im = ax.imshow(mean_kurt, aspect="auto", cmap="viridis")
+    for k, (l, h) in enumerate(receivers):
+        ax.text(h, l, str(k + 1), ha="center", va="center", color="w", fontsize=7)
+    for l, h in fa_heads:
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="r", lw=1.5))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"mean kurtosis of vertical scores ({len(done)} traces)\nnumbers: receiver rank; red: resolved")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "receiver_heads.png", dpi=110)
+    plt.close(fig)
+
+    show = sorted(done, key=lambda r: -r.seg.n)[:3]
+    lh = fa_heads[0] if fa_heads else receivers[0]
+    fig, axes = plt.subplots(len(show), 2, figsize=(10, 4.2 * len(show)), squeeze=False)
+    for row, r in enumerate(show):
+        m = np.where(np.tril(np.ones((r.seg.n, r.seg.n), bool)), r.blocks_LHNN[lh[0], lh[1]], np.nan)
+        axes[row, 0].imshow(m, cmap="magma")
+        axes[row, 0].set_title(f"trace {r.idx}: head {lh[0]}.{lh[1]} mean attention", fontsize=9)
+        k = np.where(np.tril(np.ones((r.seg.n, r.seg.n), bool), -1), r.kl_NN, np.nan)
+        axes[row, 1].imshow(k, cmap="viridis")
+        axes[row, 1].set_title(f"trace {r.idx}: suppression log-KL (row: affected, col: suppressed)", fontsize=9)
+        for a in axes[row]:
+            a.set_xlabel("key sentence j")
+            a.set_ylabel("query sentence i")
+    fig.tight_layout()
+    fig.savefig(out / "sentence_matrices.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (a, b, name) in zip(
+        axes, ((agree, null_agree, "receiver-suppression Spearman"), (share, null_share, "content share of channels"))
+    ):
+        bins = np.linspace(np.nanmin(np.r_[a, b, 0]), np.nanmax(np.r_[a, b, 1e-9]), 16)
+        ax.hist(a[correct & np.isfinite(a)], bins, alpha=0.6, label="correct")
+        ax.hist(a[~correct & np.isfinite(a)], bins, alpha=0.6, label="incorrect")
+        ax.hist(b[np.isfinite(b)], bins, histtype="step", color="k", label="null (shuffled boundaries)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "consistency.png", dpi=100)
+    plt.close(fig)
+
+    # ---- report.md
+    lines = [
+        "# Chains of thought, feature-resolved (`fra report cot`)",
+        "",
+        f"Model `{cfg.model}`, traces `{cfg.traces.name}`: {len(traces)} traces, {len(done)} with at least "
+        f"{cfg.min_sentences} sentences within {cfg.max_tokens} tokens are studied. Regenerate with `fra report cot`.",
+        "",
+        "## The traces",
+        "",
+        "| task | traces | correct (reasoning-gym) | mean new tokens |",
+        "|---|---|---|---|",
+        *[f"| {a.task} | {a.n} | {a.correct} | {a.mean_new_tokens:.0f} |" for a in acc.itertuples()],
+        "",
+        f"Studied traces: {stats['n_traces']} ({stats['n_correct']} correct), "
+        f"{np.mean([r.seg.n for r in done]):.1f} sentences and {np.mean([len(r.seg.tokens) for r in done]):.0f} "
+        "tokens (prompt included) on average.",
+        "",
+        "## Receiver heads",
+        "",
+        "![receiver heads](receiver_heads.png)",
+        "",
+        "Thought Anchors' definition (fra/ingest/studies/cot/anchors.py): block means of attention weights, "
+        f"vertical scores over rows >= {cfg.proximity} sentences later, kurtosis per head averaged over traces.",
+        "",
+        "| rank | head | mean kurtosis |",
+        "|---|---|---|",
+        *[f"| {k + 1} | {l}.{h} | {mean_kurt[l, h]:.2f} |" for k, (l, h) in enumerate(receivers[:10])],
+        "",
+        f"Resolved into channels (strongest receiver heads in the SAE layers {list(cfg.sae_layers)}): "
+        + ", ".join(
+            f"{l}.{h} (rank {rank.get((l, h), -1) + 1 if (l, h) in rank else '>' + str(len(receivers))}, "
+            f"kurtosis {mean_kurt[l, h]:.2f})"
+            for l, h in fa_heads
+        ),
+        "",
+        "## Sentence x sentence",
+        "",
+        "![sentence matrices](sentence_matrices.png)",
+        "",
+    ]
+    if len(anc):
+        g = stats["anchor_groups_mean"]
+        lines += [
+            "## Channels behind the top anchors",
+            "",
+            "Split: the attention-weighted score advantage Delta of an anchor's keys over the row's average key, "
+            "from queries >= "
+            f"{cfg.proximity} sentences later (fra/ingest/studies/cot/resolve.py says why scores, not weights, and "
+            "why the advantage). The groups sum to Delta from the model's own scores to "
+            f"{stats['anchor_split_max_abs_err']:.1e} (max over {len(anc)} anchor x head cases).",
+            "",
+            "| group | mean over anchors |",
+            "|---|---|",
+            f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
+            *[f"| {k} | {v:.3f} |" for k, v in g.items()],
+            "",
+            "Channel classes (sum of the positive values of the top channels): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stats["anchor_channel_classes"].items())
+            + ". content = the key token is a number or word that the later sentences reuse; word = alphanumeric,"
+            " not reused; structural = punctuation, whitespace, format.",
+            "",
+            "Examples (the strongest channel of the top anchor of a few traces):",
+            "",
+            "| trace | head | anchor sentence | channel | value | class | key tokens | key feature |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ch = tables["anchor_channels"]
+        ex = ch[(ch["rank"] == 0)].merge(anc[anc["rank"] == 0][["trace", "layer", "head", "anchor"]])
+        for row in ex.head(8).itertuples():
+            text = sent[(sent.trace == row.trace) & (sent.i == row.anchor)]["text"].iloc[0].strip().replace("|", "/")
+            lines.append(
+                f"| {row.trace} | {row.layer}.{row.head} | {text[:60]!r} | ({row.feat_q}, {row.feat_k}) | "
+                f"{row.value:.3f} | {row.cls} | {', '.join(json.loads(row.key_tokens))!r} | {row.label_k[:40]} |"
+            )
+        lines.append("")
+    lines += [
+        "## Internal consistency, against a null",
+        "",
+        "![consistency](consistency.png)",
+        "",
+        "Per trace: (a) agreement = Spearman correlation over sentences between the receiver score (mean vertical "
+        f"score over the {len(receivers)} receiver heads) and the suppression score (mean log-KL over sentences >= "
+        f"{cfg.proximity} later); (b) content share = share of the positive channel values at the anchors that "
+        "belongs to content channels. The null keeps the tokens and the model's outputs and shuffles the order "
+        f"of the sentence lengths ({cfg.n_shuffles} draw(s) per trace), recomputing (a) and (b).",
+        "",
+        "| measure | real | null | real vs null (Wilcoxon p) | correct - incorrect | perm. p | same on null |",
+        "|---|---|---|---|---|---|---|",
+        f"| agreement | {_fmt(stats['agreement_mean'])} | {_fmt(stats['null_agreement_mean'])} | "
+        f"{_fmt(stats['agreement_vs_null_p'], 4)} | {_fmt(stats['agreement_correct_minus_incorrect'])} | "
+        f"{_fmt(stats['agreement_correct_p'], 4)} | {_fmt(stats['null_agreement_correct_minus_incorrect'])} |",
+        f"| content share | {_fmt(stats['content_share_mean'])} | {_fmt(stats['null_content_share_mean'])} | "
+        f"{_fmt(stats['content_vs_null_p'], 4)} | {_fmt(stats['content_share_correct_minus_incorrect'])} | "
+        f"{_fmt(stats['content_share_correct_p'], 4)} | {_fmt(stats['null_content_share_correct_minus_incorrect'])} |",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))

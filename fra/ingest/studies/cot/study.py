@@ -1,0 +1,338 @@
+"""`fra report cot`: thought anchors of chains of thought, resolved into SAE feature-pair channels.
+
+Phases: (1) per trace, the attention pattern of every head -> sentence block means, vertical
+scores and their kurtosis (receiver heads), and Thought Anchors' suppression KL matrix, for the
+real sentence boundaries and for null boundaries (same tokens, sentence lengths shuffled);
+(2) the receiver heads (top mean kurtosis) and, among the heads of the SAE layers, the strongest
+ones, whose anchor sentences and sentence pairs are split exactly into channels (`resolve.py`);
+(3) the consistency test (receiver vs suppression ranking, content share of the channels), correct
+vs incorrect traces, against the null; (4) tables for the explorer, figures and report.md
+(`report.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from . import anchors as ta
+from .config import CotReportConfig
+from .sentences import Segmented, segment, shuffled_spans
+
+
+@dataclass
+class TraceResult:
+    idx: int
+    seg: Segmented
+    correct: bool
+    task: str
+    vert_LHN: np.ndarray
+    kurt_LH: np.ndarray
+    blocks_LHNN: np.ndarray
+    kl_NN: np.ndarray
+    null_spans: list = field(default_factory=list)
+    null_vert: list = field(default_factory=list)  # [L, H, N] per draw
+    null_kl: list = field(default_factory=list)  # [N, N] per draw
+
+
+def token_class(text: str, reused: set[str]) -> str:
+    """'content' (a number or word that the querying sentences reuse), 'word' (alphanumeric, not
+    reused) or 'structural' (punctuation, whitespace, format)."""
+    t = text.strip().lower()
+    if not any(c.isalnum() for c in t):
+        return "structural"
+    return "content" if t in reused else "word"
+
+
+def _patterns(model, tokens_T):
+    import torch
+
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens_T[None], names_filter=lambda n: n in names)
+    return np.stack([cache[n][0].float().numpy() for n in names])  # [L, H, T, T]
+
+
+def phase1(model, seg: Segmented, cfg: CotReportConfig, rng) -> dict:
+    import torch
+
+    tokens_T = torch.tensor(seg.tokens)
+    pat_LHTT = _patterns(model, tokens_T)
+    L, H = pat_LHTT.shape[:2]
+    flat = pat_LHTT.reshape(L * H, *pat_LHTT.shape[2:])
+
+    def verts(spans):
+        b = ta.block_means(flat, spans).reshape(L, H, len(spans), len(spans))
+        return b, ta.vertical_scores(b, cfg.proximity)
+
+    blocks, vert = verts(seg.token_spans)
+    out = dict(blocks=blocks.astype(np.float32), vert=vert, kurt=ta.head_kurtosis(vert))
+    out["kl"] = ta.suppression_matrix(model, tokens_T, seg.token_spans)
+    out["null_spans"], out["null_vert"], out["null_kl"] = [], [], []
+    for _ in range(cfg.n_shuffles):
+        spans = shuffled_spans(seg.token_spans, rng)
+        out["null_spans"].append(spans)
+        out["null_vert"].append(verts(spans)[1])
+        out["null_kl"].append(ta.suppression_matrix(model, tokens_T, spans))
+    return out
+
+
+def consistency(vert_LHN, kl_NN, receivers, proximity) -> float:
+    """Spearman correlation over sentences of the receiver score and the suppression score (mean
+    log-KL on sentences >= `proximity` later, the same rows as the vertical score)."""
+    rec = ta.receiver_scores(vert_LHN, receivers)
+    supp = ta.vertical_scores(kl_NN, proximity)
+    return ta.spearman(rec, supp)
+
+
+def _layer_data(dec, tokens):
+    """The decomposition of one trace at one layer, as tensors per head."""
+    d = dec.decompose(tokens)
+    return d
+
+
+def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_text, labels) -> dict:
+    """Channels of the anchors (real and null boundaries) and of every sentence pair, per FA head."""
+    import pandas as pd
+    import torch
+
+    from .resolve import baseline_rows, resolve
+
+    seg = res.seg
+    tokens_T = torch.tensor(seg.tokens)
+    T = len(seg.tokens)
+    texts = [tok_text(t) for t in seg.tokens]
+    out = {"anchors": [], "anchor_channels": [], "cells": [], "cell_channels": [], "content": [], "null_content": []}
+    rec = ta.receiver_scores(res.vert_LHN, receivers)
+
+    def mask(spans, idx):
+        m = torch.zeros(T, dtype=torch.bool)
+        for i in idx:
+            m[spans[i][0] : spans[i][1]] = True
+        return m
+
+    def label_channels(r, spans, qsent):
+        reused = {texts[t].strip().lower() for i in qsent for t in range(*spans[i])}
+        cls = {k: token_class(texts[k], reused) for k in r.by_key["k"].unique().tolist()}
+        bk = r.by_key.assign(cls=r.by_key["k"].map(cls), mass=r.by_key["anchor"].abs())
+        lab = bk.groupby(["feat_q", "feat_k", "cls"])["mass"].sum().reset_index()
+        lab = lab.sort_values("mass", ascending=False).drop_duplicates(["feat_q", "feat_k"])
+        ch = r.channels.merge(lab[["feat_q", "feat_k", "cls"]], on=["feat_q", "feat_k"], how="left")
+        ch["cls"] = ch["cls"].fillna("baseline-only")
+        pos = ch["value"].clip(lower=0)
+        share = float(pos[ch["cls"] == "content"].sum() / pos.sum()) if pos.sum() > 0 else float("nan")
+        return ch, bk, share
+
+    for layer, head in fa_heads:
+        dec = decs[layer]
+        d = dec.decompose(tokens_T)
+        terms = d.terms_CBHQK[:, 0, head]
+        scores = d.model_scores_BHQK[0, head].clone()
+        scores[~torch.ones(T, T, dtype=torch.bool).tril()] = -torch.inf
+        qf, kf = d.q.feat_BHTAE[0, head], d.k.feat_BHTAE[0, head]
+        fi = d.sparse.feat_idx_BTA[0]
+        F = dec.sae.cfg.d_sae
+        pos = torch.arange(seg.prompt_len, T)
+        pattern = torch.softmax(scores, -1)
+        base = (pos, baseline_rows(qf, kf, fi, pattern, pos, F))
+
+        def run(spans, qsent, ksent, fixed=(terms, scores, qf, kf, fi)):
+            return resolve(*fixed, mask(spans, qsent), mask(spans, [ksent]), F, base)  # noqa: B023 (used in-loop)
+
+        def anchors_of(rec_scores):
+            ok = np.isfinite(rec_scores)
+            return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[: cfg.anchors] if ok[j]]
+
+        shares = []
+        for rank, j in enumerate(anchors_of(rec)):
+            qsent = list(range(j + cfg.proximity, seg.n))
+            r = run(seg.token_spans, qsent, j)
+            ch, bk, share = label_channels(r, seg.token_spans, qsent)
+            shares.append(share)
+            out["anchors"].append(
+                dict(
+                    trace=res.idx,
+                    layer=layer,
+                    head=head,
+                    anchor=j,
+                    rank=rank,
+                    receiver_score=float(rec[j]),
+                    delta=r.delta,
+                    content_share=share,
+                    **{f"g_{g}": v for g, v in r.groups.items()},
+                )
+            )
+            top = ch.reindex(ch["value"].abs().sort_values(ascending=False).index).head(cfg.top_channels)
+            for c_rank, row in enumerate(top.itertuples()):
+                keys = bk[(bk.feat_q == row.feat_q) & (bk.feat_k == row.feat_k)].sort_values("mass", ascending=False)
+                key_tok = [texts[int(k)] for k in keys["k"].head(3)]
+                out["anchor_channels"].append(
+                    dict(
+                        trace=res.idx,
+                        layer=layer,
+                        head=head,
+                        anchor=j,
+                        rank=c_rank,
+                        feat_q=int(row.feat_q),
+                        feat_k=int(row.feat_k),
+                        value=float(row.value),
+                        anchor_part=float(row.anchor),
+                        baseline_part=float(row.baseline),
+                        cls=row.cls,
+                        key_tokens=json.dumps(key_tok),
+                        label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                        label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                    )
+                )
+        out["content"].append(float(np.nanmean(shares)) if shares else float("nan"))
+        for spans, vert in zip(res.null_spans, res.null_vert):
+            nrec = ta.receiver_scores(vert, receivers)
+            ns = []
+            for j in anchors_of(nrec):
+                qsent = list(range(j + cfg.proximity, seg.n))
+                ns.append(label_channels(run(spans, qsent, j), spans, qsent)[2])
+            out["null_content"].append(float(np.nanmean(ns)) if ns else float("nan"))
+        for i in range(1, seg.n):
+            for j in range(i):
+                r = run(seg.token_spans, [i], j)
+                out["cells"].append(
+                    dict(
+                        trace=res.idx,
+                        layer=layer,
+                        head=head,
+                        i=i,
+                        j=j,
+                        attn=float(res.blocks_LHNN[layer, head, i, j]),
+                        delta=r.delta,
+                        **{f"g_{g}": v for g, v in r.groups.items()},
+                    )
+                )
+                ch = r.channels
+                top = ch.reindex(ch["value"].abs().sort_values(ascending=False).index).head(cfg.top_channels)
+                for c_rank, row in enumerate(top.itertuples()):
+                    out["cell_channels"].append(
+                        dict(
+                            trace=res.idx,
+                            layer=layer,
+                            head=head,
+                            i=i,
+                            j=j,
+                            rank=c_rank,
+                            feat_q=int(row.feat_q),
+                            feat_k=int(row.feat_k),
+                            value=float(row.value),
+                            anchor_part=float(row.anchor),
+                            baseline_part=float(row.baseline),
+                        )
+                    )
+    del pd
+    return out
+
+
+def run(cfg: CotReportConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.registry import feature_labels, load_model, load_shipped_sae
+
+    from .report import write_report
+    from .traces import read_jsonl
+
+    if cfg.quick:
+        cfg = replace(cfg, max_traces=cfg.max_traces or 6)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    lm = load_model(cfg.model)
+    model, tok = lm.model, lm.tokenizer
+    traces = read_jsonl(cfg.traces, tok)
+    rng = np.random.default_rng(cfg.seed)
+    results: list[TraceResult] = []
+    skipped = []
+    for idx, tr in enumerate(traces):
+        seg = segment(tok, tr.prompt, tr.trace, cfg.max_tokens)
+        if seg.n < cfg.min_sentences:
+            skipped.append(idx)
+            continue
+        results.append((idx, tr, seg))
+    if cfg.max_traces is not None:
+        results = results[: cfg.max_traces]
+    if len(results) < 2:
+        raise ValueError(
+            f"only {len(results)} of {len(traces)} traces have >= {cfg.min_sentences} sentences within "
+            f"{cfg.max_tokens} tokens; the study needs at least 2 (lower --min-sentences or give longer traces)"
+        )
+    done: list[TraceResult] = []
+    for idx, tr, seg in tqdm(results, desc="attention + suppression", unit="trace"):
+        p = phase1(model, seg, cfg, rng)
+        done.append(
+            TraceResult(
+                idx,
+                seg,
+                tr.correct,
+                tr.task,
+                p["vert"],
+                p["kurt"],
+                p["blocks"],
+                p["kl"],
+                p["null_spans"],
+                p["null_vert"],
+                p["null_kl"],
+            )
+        )
+    mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in done]), 0)
+    receivers = ta.top_heads(mean_kurt, cfg.top_receivers)
+    in_sae = np.full_like(mean_kurt, np.nan)
+    for l in cfg.sae_layers:
+        in_sae[l] = mean_kurt[l]
+    fa_heads = ta.top_heads(in_sae, cfg.fa_heads)
+
+    decs = {}
+    labels = {}
+    if cfg.model == "smollm2-135m":
+        decs = {l: Decomposer(model, l, load_shipped_sae(cfg.model, l)) for l in {l for l, _ in fa_heads}}
+        labels = feature_labels(cfg.model)
+    else:
+        fa_heads = []  # no shipped SAEs for other models
+
+    def tok_text(t):
+        return tok.decode([t])
+
+    resolved = []
+    for r in tqdm(done, desc="feature-resolved anchors", unit="trace"):
+        resolved.append(resolve_trace(r, decs, fa_heads, receivers, cfg, tok_text, labels) if fa_heads else None)
+
+    rows = []
+    for r, rv in zip(done, resolved):
+        rows.append(
+            dict(
+                trace=r.idx,
+                task=r.task,
+                correct=r.correct,
+                n_sentences=r.seg.n,
+                n_tokens=len(r.seg.tokens),
+                agreement=consistency(r.vert_LHN, r.kl_NN, receivers, cfg.proximity),
+                null_agreement=[consistency(v, k, receivers, cfg.proximity) for v, k in zip(r.null_vert, r.null_kl)],
+                content_share=float(np.nanmean(rv["content"])) if rv else float("nan"),
+                null_content_share=float(np.nanmean(rv["null_content"])) if rv else float("nan"),
+            )
+        )
+    meta = dict(
+        config={
+            k: (str(v) if not isinstance(v, (int, float, bool, type(None), tuple)) else v)
+            for k, v in asdict(cfg).items()
+        },
+        n_traces_file=len(traces),
+        n_used=len(done),
+        skipped_short=len(skipped),
+        receivers=receivers,
+        fa_heads=fa_heads,
+        seconds=None,
+    )
+    summary = write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text)
+    summary["seconds"] = time.time() - t0
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
