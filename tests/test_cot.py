@@ -155,7 +155,7 @@ def test_sentence_block_split_is_exact(tiny):
     q_mask[9:14] = True
     k_mask = torch.zeros(T, dtype=torch.bool)
     k_mask[2:5] = True
-    r = resolve(terms, scores, qf, kf, fi, q_mask, k_mask, d_sae)
+    r = resolve(terms, scores, qf, kf, fi, q_mask, k_mask, d_sae, return_all=True, top=5)
     # the block's own scores: the 16 terms sum to the model's scores on it (float32 model)
     blk = q_mask[:, None] & k_mask[None, :]
     torch.testing.assert_close(terms.sum(0)[blk], scores[blk].double(), atol=1e-4, rtol=1e-5)
@@ -170,7 +170,8 @@ def test_sentence_block_split_is_exact(tiny):
     assert sum(r.groups.values()) == pytest.approx(r.delta, abs=1e-4)  # float32 scores vs float64 terms
     assert set(r.groups) == set(GROUPS)
     # channels sum to the ff group to float64 precision, and match a brute-force FA sum
-    assert r.channels["value"].sum() == pytest.approx(r.groups["ff"], rel=1e-10, abs=1e-12)
+    assert r.ff_channels == pytest.approx(r.groups["ff"], rel=1e-10, abs=1e-12)
+    assert r.all_channels["value"].sum() == pytest.approx(r.groups["ff"], rel=1e-10, abs=1e-12)
     W = {q: sum(A[q, k] / Z for k in range(T) if blk[q, k]) for q in range(T)}
     brute: dict[tuple[int, int], float] = {}
     for q in range(T):
@@ -183,9 +184,13 @@ def test_sentence_block_split_is_exact(tiny):
                 for b in range(fa.shape[1]):
                     key = (int(fi[q, a]), int(fi[k, b]))
                     brute[key] = brute.get(key, 0.0) + float(c * fa[a, b])
-    got = {(int(a), int(b)): v for a, b, v in zip(r.channels.feat_q, r.channels.feat_k, r.channels.value)}
+    ch = r.all_channels
+    got = {(int(a), int(b)): v for a, b, v in zip(ch.feat_q, ch.feat_k, ch.value)}
     for key, v in brute.items():
         assert got.get(key, 0.0) == pytest.approx(v, abs=1e-10)
+    # the top table holds the largest |value| channels, largest first
+    want = sorted(brute.items(), key=lambda kv: -abs(kv[1]))[:5]
+    assert [(int(a), int(b)) for a, b in zip(r.top.feat_q, r.top.feat_k)] == [k for k, _ in want]
 
 
 def test_null_shuffles_boundaries_only():
@@ -231,8 +236,10 @@ def test_sentence_offsets_round_trip(tokenizer):
             n_exact += tokenizer.decode(seg.tokens[s:e]) == text
     assert n_exact == n_sent, f"{n_sent - n_exact} sentences straddle a token"
     # a cut keeps whole sentences within the budget
-    seg = segment(tokenizer, traces[0].prompt, traces[0].trace, max_tokens=len(seg.tokens) - 1)
-    assert seg.token_spans[-1][1] <= len(seg.tokens)
+    t = next(t for t in traces if segment(tokenizer, t.prompt, t.trace).n >= 3)
+    full = segment(tokenizer, t.prompt, t.trace)
+    cut = segment(tokenizer, t.prompt, t.trace, max_tokens=full.token_spans[-1][0] + 1)
+    assert cut.token_spans == full.token_spans[:-1] and cut.tokens == full.tokens[: full.token_spans[-1][0]]
 
 
 def test_extract_answer_and_jsonl(tmp_path, tokenizer):

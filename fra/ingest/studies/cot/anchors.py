@@ -20,7 +20,7 @@ one sentence's keys are set to the dtype's minimum in every head of every layer 
 and for every token the KL divergence KL(P_base || P_supp) of the next-token distributions at
 temperature 0.6 is taken; entry [i, j] = mean over sentence i's tokens of log(KL + 1e-9) with
 sentence j suppressed. Thought Anchors computes the KL on top-p (p = 0.9999) truncated logits;
-here it is the full-vocabulary KL.
+here it is the full-vocabulary KL (float32, as theirs), and exactly 0 before sentence j (causality).
 
 Shape key: L layers, H heads, T positions (Q query, K key), N sentences.
 """
@@ -77,9 +77,10 @@ def receiver_scores(vert_LHN: np.ndarray, heads: list[tuple[int, int]]) -> np.nd
 
 
 def kl_next_token(base_TV: torch.Tensor, supp_TV: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """[T] KL(P_base || P_supp) of the next-token distributions at `temperature`, clipped at 0."""
-    lp = torch.log_softmax(base_TV.double() / temperature, -1)
-    lq = torch.log_softmax(supp_TV.double() / temperature, -1)
+    """[T] KL(P_base || P_supp) of the next-token distributions at `temperature`, clipped at 0
+    (in float32, as Thought Anchors computes it)."""
+    lp = torch.log_softmax(base_TV.float() / temperature, -1)
+    lq = torch.log_softmax(supp_TV.float() / temperature, -1)
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
 
 
@@ -88,15 +89,20 @@ def sentence_means(values_T: np.ndarray, spans: list[tuple[int, int]]) -> np.nda
 
 
 @torch.no_grad()
-def suppression_matrix(model, tokens_T: torch.Tensor, spans: list[tuple[int, int]], batch: int = 4) -> np.ndarray:
+def suppression_matrix(
+    model, tokens_T: torch.Tensor, spans: list[tuple[int, int]], columns: list[int] | None = None, batch: int = 4
+) -> np.ndarray:
     """[N, N] Thought Anchors' suppression matrix: [i, j] = mean over sentence i's tokens of
-    log(KL + 1e-9), with sentence j's keys suppressed in every head of every layer."""
+    log(KL + 1e-9), with sentence j's keys suppressed in every head of every layer. Only the
+    sentences j in `columns` (default: all) are suppressed; the other columns are NaN."""
     tokens_T = tokens_T.reshape(-1)
     base_TV = model(tokens_T[None])[0]
     hooks_names = [f"blocks.{l}.attn.hook_attn_scores" for l in range(model.cfg.n_layers)]
     out = np.full((len(spans), len(spans)), np.nan)
-    for b0 in range(0, len(spans), batch):
-        group = spans[b0 : b0 + batch]
+    columns = list(range(len(spans))) if columns is None else list(columns)
+    for b0 in range(0, len(columns), batch):
+        cols = columns[b0 : b0 + batch]
+        group = [spans[j] for j in cols]
 
         def suppress(scores_BHQK, hook, group=group):
             floor = torch.finfo(scores_BHQK.dtype).min
@@ -109,9 +115,11 @@ def suppression_matrix(model, tokens_T: torch.Tensor, spans: list[tuple[int, int
         logits_BTV = model.run_with_hooks(
             tokens_T[None].expand(len(group), -1), fwd_hooks=[(n, suppress) for n in hooks_names]
         )
-        for row in range(len(group)):
-            kl_T = kl_next_token(base_TV, logits_BTV[row]).cpu().numpy()
-            out[:, b0 + row] = sentence_means(np.log(kl_T + LOG_EPS), spans)
+        for row, (s, _) in enumerate(group):
+            # positions before the suppressed keys cannot see them: their KL is 0 by causality
+            kl_T = np.zeros(len(tokens_T))
+            kl_T[s:] = kl_next_token(base_TV[s:], logits_BTV[row, s:]).cpu().numpy()
+            out[:, cols[row]] = sentence_means(np.log(kl_T + LOG_EPS), spans)
     return out
 
 

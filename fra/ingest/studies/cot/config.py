@@ -41,11 +41,13 @@ class CotReportConfig:
     model: str = opt("smollm2-135m", "model that produced the traces (a preset or a TransformerLens name)")
     out: Path = opt(Path("reports/cot"), "directory for report.md, the figures and the explorer's tables")
     sae_layers: tuple[int, ...] = opt((17, 18), "layers with shipped SAEs used for the feature-resolved step")
-    max_tokens: int = opt(320, "prompt + trace tokens kept per trace (cut at a sentence boundary)")
-    min_sentences: int = opt(8, "traces with fewer sentences are left out (vertical scores need rows 4 later)")
+    max_tokens: int = opt(256, "prompt + trace tokens kept per trace (cut at a sentence boundary)")
+    min_sentences: int = opt(
+        7, "traces with fewer sentences are left out (the rankings compare sentences that have rows 4 later)"
+    )
     proximity: int = opt(4, "vertical scores use rows at least this many sentences later (Thought Anchors: 4)")
     top_receivers: int = opt(20, "receiver heads: the top heads by mean kurtosis (Thought Anchors: 20)")
-    fa_heads: int = opt(3, "strongest receiver heads in the SAE layers that are resolved into channels")
+    fa_heads: int = opt(2, "strongest receiver heads in the SAE layers that are resolved into channels")
     anchors: int = opt(3, "anchor sentences per trace resolved into channels (top receiver scores)")
     n_shuffles: int = opt(1, "null draws per trace: the same tokens with the sentence lengths shuffled")
     n_perm: int = opt(10000, "label permutations of the correct-vs-incorrect test")
@@ -58,7 +60,10 @@ class CotReportConfig:
     def __post_init__(self):
         if self.proximity < 1:
             raise ValueError("proximity must be >= 1")
-        if self.min_sentences < self.proximity + 2:
-            raise ValueError(f"min_sentences must be >= proximity + 2 = {self.proximity + 2}")
+        if self.min_sentences < self.proximity + 3:
+            raise ValueError(
+                f"min_sentences must be >= proximity + 3 = {self.proximity + 3}: a rank correlation needs "
+                "3 sentences with rows `proximity` later"
+            )
         if self.n_shuffles < 1:
             raise ValueError("n_shuffles must be >= 1: the null needs at least one draw per trace")

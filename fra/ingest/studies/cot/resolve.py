@@ -53,27 +53,17 @@ def coefficients(pattern_QK: torch.Tensor, q_mask_T: torch.Tensor, k_mask_T: tor
     return w - W_q[:, None] * pattern_QK
 
 
+CLASSES = ("content", "word", "structural")
+
+
 @dataclass(frozen=True)
 class Resolved:
     delta: float  # from the model's own scores
     groups: dict[str, float]  # exact split of delta
-    channels: "object"  # pandas DataFrame: feat_q, feat_k, value, anchor, baseline (ff terms, all nonzero)
-    by_key: "object"  # DataFrame: feat_q, feat_k, k (key position), anchor part at that key
-
-
-def _anchor_part(q_feat_TAE, k_feat_TAE, fi_TA, w_QK, q_idx, k_idx, F: int):
-    """Per key position k: sum_q w_qk FA[q, k, i, j], keyed by channel id fi * F + fj."""
-    ids, vals, keys = [], [], []
-    Qf = q_feat_TAE[q_idx]  # [Qs, A, E]
-    for k in k_idx.tolist():
-        fa_QAA = torch.einsum("qae,be->qab", Qf, k_feat_TAE[k]) * w_QK[q_idx, k][:, None, None]
-        cid = (fi_TA[q_idx][:, :, None] * F + fi_TA[k][None, None, :]).reshape(-1)
-        u, inv = torch.unique(cid, return_inverse=True)
-        s = torch.zeros(len(u), dtype=fa_QAA.dtype).index_add_(0, inv, fa_QAA.reshape(-1))
-        ids.append(u)
-        vals.append(s)
-        keys.append(torch.full((len(u),), k))
-    return torch.cat(ids), torch.cat(vals), torch.cat(keys)
+    ff_channels: float  # sum of every channel's value (equals groups["ff"])
+    top: "object"  # DataFrame of the `top` channels by |value|: feat_q, feat_k, value, anchor, baseline, cls
+    positive_by_class: dict[str, float]  # sum of max(value, 0) over the channels of each class
+    all_channels: "object" = None  # DataFrame of every nonzero channel (only with return_all)
 
 
 def baseline_rows(q_feat_TAE, k_feat_TAE, fi_TA, pattern_QK, q_idx, F: int) -> torch.Tensor:
@@ -96,6 +86,9 @@ def resolve(
     k_mask_T: torch.Tensor,
     d_sae: int,
     base_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_class_T: torch.Tensor | None = None,
+    top: int = 10,
+    return_all: bool = False,
 ) -> Resolved:
     """Split Delta of one head for one (query set, key set) exactly into groups and channels.
 
@@ -103,6 +96,8 @@ def resolve(
     the model's hook_attn_scores (-inf above the diagonal), `*_feat_TAE` the head's per-slot
     query/key vectors and `fi_TA` the slots' feature ids (padding slots hold 0 with a zero
     vector). `base_rows` = (positions, `baseline_rows` of them) reuses the baseline between calls.
+    `key_class_T` (index into CLASSES per key position) labels each channel by the class of keys
+    that carry most of its |anchor part|; channels with no anchor part are 'baseline-only'.
     """
     import pandas as pd
 
@@ -121,33 +116,54 @@ def resolve(
     k_idx = k_mask_T.nonzero().reshape(-1)
     block = pattern_QK * q_mask_T.to(dt)[:, None] * k_mask_T.to(dt)[None, :]
     w_QK = block / block.sum()
-    ids, vals, keys = _anchor_part(q_feat_TAE, k_feat_TAE, fi_TA, w_QK, q_idx, k_idx, F)
+    if key_class_T is None:
+        key_class_T = torch.zeros(len(q_mask_T), dtype=torch.long)
+    # anchor part, per class of key token: sum_q w_qk FA[q, k, i, j] into dense [class, F * F]
+    anchor_CX = torch.zeros(len(CLASSES), F * F, dtype=dt)
+    Qf = q_feat_TAE[q_idx]
+    fq_ids = fi_TA[q_idx][:, :, None] * F
+    for k in k_idx.tolist():
+        fa_QAA = torch.einsum("qae,be->qab", Qf, k_feat_TAE[k]) * w_QK[q_idx, k][:, None, None]
+        cid = (fq_ids + fi_TA[k][None, None, :]).reshape(-1)
+        anchor_CX[int(key_class_T[k])].index_add_(0, cid, fa_QAA.reshape(-1))
+    anchor_X = anchor_CX.sum(0)
 
     if base_rows is None:
         base_pos, B = q_idx, baseline_rows(q_feat_TAE, k_feat_TAE, fi_TA, pattern_QK, q_idx, F)
     else:
         base_pos, B = base_rows
     W_q = w_QK.sum(1)[base_pos]
-    acc_FF = torch.zeros(F, F, dtype=dt)
-    acc_FF.index_add_(0, fi_TA[base_pos].reshape(-1), (B * W_q[:, None, None]).reshape(-1, F))
-    anchor_FF = torch.zeros(F * F, dtype=dt).index_add_(0, ids, vals).reshape(F, F)
-    nz = ((anchor_FF != 0) | (acc_FF != 0)).nonzero()
-    fq, fk = nz[:, 0], nz[:, 1]
-    channels = pd.DataFrame(
-        {
-            "feat_q": fq.numpy().astype(np.int32),
-            "feat_k": fk.numpy().astype(np.int32),
-            "value": (anchor_FF[fq, fk] - acc_FF[fq, fk]).numpy(),
-            "anchor": anchor_FF[fq, fk].numpy(),
-            "baseline": acc_FF[fq, fk].numpy(),
-        }
-    )
-    by_key = pd.DataFrame(
-        {
-            "feat_q": (ids // F).numpy().astype(np.int32),
-            "feat_k": (ids % F).numpy().astype(np.int32),
-            "k": keys.numpy().astype(np.int32),
-            "anchor": vals.numpy(),
-        }
-    )
-    return Resolved(delta, groups, channels, by_key)
+    base_FF = torch.zeros(F, F, dtype=dt)
+    base_FF.index_add_(0, fi_TA[base_pos].reshape(-1), (B * W_q[:, None, None]).reshape(-1, F))
+    base_X = base_FF.reshape(-1)
+    value_X = anchor_X - base_X
+    has_anchor = anchor_CX.abs().amax(0) > 0
+    cls_X = torch.where(has_anchor, anchor_CX.abs().argmax(0), len(CLASSES))
+    names = (*CLASSES, "baseline-only")
+    pos = value_X.clamp_min(0)
+    positive = {names[c]: float(pos[cls_X == c].sum()) for c in range(len(names))}
+    n_top = min(top, F * F)
+    idx = value_X.abs().topk(n_top).indices
+    idx = idx[value_X[idx] != 0]
+
+    def table(ix):
+        return pd.DataFrame(
+            {
+                "feat_q": (ix // F).numpy().astype(np.int32),
+                "feat_k": (ix % F).numpy().astype(np.int32),
+                "value": value_X[ix].numpy(),
+                "anchor": anchor_X[ix].numpy(),
+                "baseline": base_X[ix].numpy(),
+                "cls": [names[int(c)] for c in cls_X[ix]],
+            }
+        )
+
+    everything = table(((anchor_X != 0) | (base_X != 0)).nonzero().reshape(-1)) if return_all else None
+    return Resolved(delta, groups, float(value_X.sum()), table(idx), positive, everything)
+
+
+def key_positions(q_feat_TAE, k_feat_TAE, fi_TA, w_QK, q_idx, k_idx, fq: int, fk: int) -> torch.Tensor:
+    """[len(k_idx)] the anchor part of channel (fq, fk) at each key position."""
+    qsum_QE = (q_feat_TAE[q_idx] * (fi_TA[q_idx] == fq)[..., None]).sum(1)
+    ksum_KE = (k_feat_TAE[k_idx] * (fi_TA[k_idx] == fk)[..., None]).sum(1)
+    return ((qsum_QE @ ksum_KE.T) * w_QK[q_idx][:, k_idx]).sum(0)

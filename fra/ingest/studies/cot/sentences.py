@@ -1,8 +1,9 @@
 """Sentences of a trace and their exact token spans.
 
-pysbd splits the trace into sentences with character spans. The spans are made contiguous (each
-sentence runs to the start of the next, so the whitespace between sentences belongs to the earlier
-one) and the chat prompt + trace is tokenised once with offsets; a token belongs to the sentence
+Every line break ends a sentence, and pysbd splits each line into sentences with character spans
+(Thought Anchors splits at '.', '?', '!' and blank lines). The spans are made contiguous, the
+whitespace between two sentences opening the later one (byte-level BPE tokens carry their leading
+space), and the chat prompt + trace is tokenised once with offsets; a token belongs to the sentence
 in which its first character lies. The token spans therefore partition the trace's tokens, and the
 tokens of sentence i decode to sentence i's text wherever no token straddles a sentence boundary
 (tests/test_cot.py checks the round trip on every shipped trace).
@@ -31,13 +32,25 @@ class Segmented:
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Contiguous character spans covering `text`, one per pysbd sentence (empty text: none)."""
+    """Contiguous character spans covering `text`: every line break ends a sentence (the default
+    model writes one step per line, often without a full stop), and pysbd splits each line."""
+    import re
+
     import pysbd
 
     if not text.strip():
         return []
     seg = pysbd.Segmenter(language="en", clean=False, char_span=True)
-    starts = sorted({s.start for s in seg.segment(text) if s.sent.strip()})
+    starts = set()
+    for line in re.finditer(r"[^\n]+", text):
+        for s in seg.segment(line.group()):
+            if s.sent.strip():
+                starts.add(line.start() + s.start)
+    starts = sorted(starts)
+    # whitespace between sentences opens the next one: byte-level BPE tokens carry leading spaces
+    for k in range(1, len(starts)):
+        while starts[k] > starts[k - 1] + 1 and text[starts[k] - 1].isspace():
+            starts[k] -= 1
     starts[0] = 0
     ends = starts[1:] + [len(text)]
     return list(zip(starts, ends))

@@ -70,13 +70,15 @@ def phase1(model, seg: Segmented, cfg: CotReportConfig, rng) -> dict:
 
     blocks, vert = verts(seg.token_spans)
     out = dict(blocks=blocks.astype(np.float32), vert=vert, kurt=ta.head_kurtosis(vert))
-    out["kl"] = ta.suppression_matrix(model, tokens_T, seg.token_spans)
+    # only sentences with a row `proximity` later enter the suppression score: suppress those
+    cols = list(range(seg.n - cfg.proximity))
+    out["kl"] = ta.suppression_matrix(model, tokens_T, seg.token_spans, cols)
     out["null_spans"], out["null_vert"], out["null_kl"] = [], [], []
     for _ in range(cfg.n_shuffles):
         spans = shuffled_spans(seg.token_spans, rng)
         out["null_spans"].append(spans)
         out["null_vert"].append(verts(spans)[1])
-        out["null_kl"].append(ta.suppression_matrix(model, tokens_T, spans))
+        out["null_kl"].append(ta.suppression_matrix(model, tokens_T, spans, cols))
     return out
 
 
@@ -88,18 +90,12 @@ def consistency(vert_LHN, kl_NN, receivers, proximity) -> float:
     return ta.spearman(rec, supp)
 
 
-def _layer_data(dec, tokens):
-    """The decomposition of one trace at one layer, as tensors per head."""
-    d = dec.decompose(tokens)
-    return d
-
-
 def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_text, labels) -> dict:
-    """Channels of the anchors (real and null boundaries) and of every sentence pair, per FA head."""
-    import pandas as pd
+    """Channels of the anchors (real and null boundaries) per FA head, and of every sentence pair
+    for the first FA head (the explorer's cells)."""
     import torch
 
-    from .resolve import baseline_rows, resolve
+    from .resolve import CLASSES, baseline_rows, key_positions, resolve
 
     seg = res.seg
     tokens_T = torch.tensor(seg.tokens)
@@ -107,6 +103,7 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
     texts = [tok_text(t) for t in seg.tokens]
     out = {"anchors": [], "anchor_channels": [], "cells": [], "cell_channels": [], "content": [], "null_content": []}
     rec = ta.receiver_scores(res.vert_LHN, receivers)
+    by_layer = {}
 
     def mask(spans, idx):
         m = torch.zeros(T, dtype=torch.bool)
@@ -114,44 +111,43 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
             m[spans[i][0] : spans[i][1]] = True
         return m
 
-    def label_channels(r, spans, qsent):
+    def key_classes(spans, qsent):
         reused = {texts[t].strip().lower() for i in qsent for t in range(*spans[i])}
-        cls = {k: token_class(texts[k], reused) for k in r.by_key["k"].unique().tolist()}
-        bk = r.by_key.assign(cls=r.by_key["k"].map(cls), mass=r.by_key["anchor"].abs())
-        lab = bk.groupby(["feat_q", "feat_k", "cls"])["mass"].sum().reset_index()
-        lab = lab.sort_values("mass", ascending=False).drop_duplicates(["feat_q", "feat_k"])
-        ch = r.channels.merge(lab[["feat_q", "feat_k", "cls"]], on=["feat_q", "feat_k"], how="left")
-        ch["cls"] = ch["cls"].fillna("baseline-only")
-        pos = ch["value"].clip(lower=0)
-        share = float(pos[ch["cls"] == "content"].sum() / pos.sum()) if pos.sum() > 0 else float("nan")
-        return ch, bk, share
+        return torch.tensor([CLASSES.index(token_class(x, reused)) for x in texts])
 
-    for layer, head in fa_heads:
-        dec = decs[layer]
-        d = dec.decompose(tokens_T)
+    def anchors_of(rec_scores):
+        ok = np.isfinite(rec_scores)
+        return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[: cfg.anchors] if ok[j]]
+
+    def share(r):
+        tot = sum(r.positive_by_class.values())
+        return r.positive_by_class["content"] / tot if tot > 0 else float("nan")
+
+    for n_head, (layer, head) in enumerate(fa_heads):
+        if layer not in by_layer:
+            by_layer[layer] = decs[layer].decompose(tokens_T)
+        d = by_layer[layer]
         terms = d.terms_CBHQK[:, 0, head]
         scores = d.model_scores_BHQK[0, head].clone()
         scores[~torch.ones(T, T, dtype=torch.bool).tril()] = -torch.inf
         qf, kf = d.q.feat_BHTAE[0, head], d.k.feat_BHTAE[0, head]
         fi = d.sparse.feat_idx_BTA[0]
-        F = dec.sae.cfg.d_sae
-        pos = torch.arange(seg.prompt_len, T)
+        F = decs[layer].sae.cfg.d_sae
         pattern = torch.softmax(scores, -1)
+        pos = torch.arange(seg.prompt_len, T)
         base = (pos, baseline_rows(qf, kf, fi, pattern, pos, F))
+        fixed = (terms, scores, qf, kf, fi)
 
-        def run(spans, qsent, ksent, fixed=(terms, scores, qf, kf, fi)):
-            return resolve(*fixed, mask(spans, qsent), mask(spans, [ksent]), F, base)  # noqa: B023 (used in-loop)
-
-        def anchors_of(rec_scores):
-            ok = np.isfinite(rec_scores)
-            return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[: cfg.anchors] if ok[j]]
+        def run(spans, qsent, ksent, classes=None, fixed=fixed, base=base, F=F):
+            qm, km = mask(spans, qsent), mask(spans, [ksent])
+            r = resolve(*fixed, qm, km, F, base, key_class_T=classes, top=cfg.top_channels)
+            return r, qm, km
 
         shares = []
         for rank, j in enumerate(anchors_of(rec)):
             qsent = list(range(j + cfg.proximity, seg.n))
-            r = run(seg.token_spans, qsent, j)
-            ch, bk, share = label_channels(r, seg.token_spans, qsent)
-            shares.append(share)
+            r, qm, km = run(seg.token_spans, qsent, j, key_classes(seg.token_spans, qsent))
+            shares.append(share(r))
             out["anchors"].append(
                 dict(
                     trace=res.idx,
@@ -161,14 +157,18 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
                     rank=rank,
                     receiver_score=float(rec[j]),
                     delta=r.delta,
-                    content_share=share,
+                    ff_channels=r.ff_channels,
+                    content_share=shares[-1],
                     **{f"g_{g}": v for g, v in r.groups.items()},
+                    **{f"pos_{c}": v for c, v in r.positive_by_class.items()},
                 )
             )
-            top = ch.reindex(ch["value"].abs().sort_values(ascending=False).index).head(cfg.top_channels)
-            for c_rank, row in enumerate(top.itertuples()):
-                keys = bk[(bk.feat_q == row.feat_q) & (bk.feat_k == row.feat_k)].sort_values("mass", ascending=False)
-                key_tok = [texts[int(k)] for k in keys["k"].head(3)]
+            block = pattern * qm[:, None] * km[None, :]
+            w = block / block.sum()
+            q_idx, k_idx = qm.nonzero().reshape(-1), km.nonzero().reshape(-1)
+            for c_rank, row in enumerate(r.top.itertuples()):
+                per_key = key_positions(qf, kf, fi, w, q_idx, k_idx, int(row.feat_q), int(row.feat_k))
+                best = k_idx[per_key.abs().argsort(descending=True)[:3]].tolist()
                 out["anchor_channels"].append(
                     dict(
                         trace=res.idx,
@@ -182,22 +182,23 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
                         anchor_part=float(row.anchor),
                         baseline_part=float(row.baseline),
                         cls=row.cls,
-                        key_tokens=json.dumps(key_tok),
+                        key_tokens=json.dumps([texts[k] for k in best]),
                         label_q=str(labels.get((layer, int(row.feat_q)), "")),
                         label_k=str(labels.get((layer, int(row.feat_k)), "")),
                     )
                 )
         out["content"].append(float(np.nanmean(shares)) if shares else float("nan"))
         for spans, vert in zip(res.null_spans, res.null_vert):
-            nrec = ta.receiver_scores(vert, receivers)
             ns = []
-            for j in anchors_of(nrec):
+            for j in anchors_of(ta.receiver_scores(vert, receivers)):
                 qsent = list(range(j + cfg.proximity, seg.n))
-                ns.append(label_channels(run(spans, qsent, j), spans, qsent)[2])
+                ns.append(share(run(spans, qsent, j, key_classes(spans, qsent))[0]))
             out["null_content"].append(float(np.nanmean(ns)) if ns else float("nan"))
+        if n_head > 0:
+            continue
         for i in range(1, seg.n):
             for j in range(i):
-                r = run(seg.token_spans, [i], j)
+                r = run(seg.token_spans, [i], j)[0]
                 out["cells"].append(
                     dict(
                         trace=res.idx,
@@ -210,9 +211,7 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
                         **{f"g_{g}": v for g, v in r.groups.items()},
                     )
                 )
-                ch = r.channels
-                top = ch.reindex(ch["value"].abs().sort_values(ascending=False).index).head(cfg.top_channels)
-                for c_rank, row in enumerate(top.itertuples()):
+                for c_rank, row in enumerate(r.top.itertuples()):
                     out["cell_channels"].append(
                         dict(
                             trace=res.idx,
@@ -226,9 +225,10 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
                             value=float(row.value),
                             anchor_part=float(row.anchor),
                             baseline_part=float(row.baseline),
+                            label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                            label_k=str(labels.get((layer, int(row.feat_k)), "")),
                         )
                     )
-    del pd
     return out
 
 
@@ -283,7 +283,10 @@ def run(cfg: CotReportConfig) -> dict:
                 p["null_kl"],
             )
         )
-    mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in done]), 0)
+    # kurtosis needs 4 vertical scores: traces with fewer sentences do not vote for receiver heads
+    voters = [r for r in done if r.seg.n >= cfg.proximity + 4] or done
+    mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in voters]), 0)
+    meta_voters = len(voters)
     receivers = ta.top_heads(mean_kurt, cfg.top_receivers)
     in_sae = np.full_like(mean_kurt, np.nan)
     for l in cfg.sae_layers:
@@ -330,6 +333,7 @@ def run(cfg: CotReportConfig) -> dict:
         skipped_short=len(skipped),
         receivers=receivers,
         fa_heads=fa_heads,
+        kurtosis_traces=meta_voters,
         seconds=None,
     )
     summary = write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text)

@@ -19,7 +19,7 @@ INSTRUCTION = "Think step by step, one short sentence per step, then write 'Answ
 # easy settings so that a 135M model gets some right; gsm_symbolic is used as shipped
 TASKS = {
     "basic_arithmetic": dict(
-        min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-"), allow_negation=False
+        min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-"), allow_negation=False
     ),
     "chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
     "gsm_symbolic": {},
