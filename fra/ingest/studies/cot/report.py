@@ -161,17 +161,20 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         stats["anchor_delta_mean"] = float(anc["delta"].mean())
         stats["anchor_groups_mean"] = {g: float(anc[f"g_{g}"].mean()) for g in GROUPS}
         stats["anchor_split_max_abs_err"] = float((tot - anc["delta"]).abs().max())
-        stats["anchor_ff_share_mean"] = float((anc["g_ff"] / anc["delta"]).median())
         ch = tables["anchor_channels"]
-        stats["anchor_channel_classes"] = (
-            ch.groupby("cls")["value"].apply(lambda v: float(v.clip(lower=0).sum())).to_dict()
+        pos_cols = [c for c in anc.columns if c.startswith("pos_")]
+        pos_tot = anc[pos_cols].sum(1)
+        stats["positive_ff_by_class"] = {c[4:]: float((anc[c] / pos_tot).mean()) for c in pos_cols}
+        key = ["trace", "layer", "head", "anchor"]
+        top = ch.groupby(key)["value"].sum()
+        a = anc.set_index(key)
+        stats["top_channels_share_of_ff"] = float((top / a["g_ff"]).median())
+        stats["top1_share_of_positive"] = float(
+            (ch[ch["rank"] == 0].set_index(key)["value"].clip(lower=0) / pos_tot.set_axis(a.index)).median()
         )
-        top1 = ch[ch["rank"] == 0]
-        stats["top_channel_share_of_ff"] = float(
-            (
-                top1.set_index(["trace", "layer", "head", "anchor"])["value"]
-                / anc.set_index(["trace", "layer", "head", "anchor"])["g_ff"]
-            ).median()
+        stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
+        stats["resid_share_of_delta"] = float(
+            ((a["g_bdec_f"] + a["g_f_bdec"] + a["g_err_f"] + a["g_f_err"] + a["g_resid_resid"]) / a["delta"]).median()
         )
     lengths = pd.DataFrame(
         [dict(task=t.task, correct=t.correct, n_new=t.n_new_tokens, n_chars=len(t.trace)) for t in traces]
@@ -284,10 +287,11 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
             f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
             *[f"| {k} | {v:.3f} |" for k, v in g.items()],
             "",
-            "Channel classes (sum of the positive values of the top channels): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in stats["anchor_channel_classes"].items())
-            + ". content = the key token is a number or word that the later sentences reuse; word = alphanumeric,"
-            " not reused; structural = punctuation, whitespace, format.",
+            "Classes of the channels' positive values (mean share over anchors, all channels): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stats["positive_ff_by_class"].items())
+            + ". A channel's class is that of the anchor tokens carrying most of its anchor part: content = a "
+            "number or word that the later sentences reuse; word = alphanumeric, not reused; structural = "
+            "punctuation, whitespace, format; baseline-only = no anchor part (it only lowers the row's average).",
             "",
             "Examples (the strongest channel of the top anchor of a few traces):",
             "",
@@ -324,5 +328,23 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         f"{_fmt(stats['content_share_correct_p'], 4)} | {_fmt(stats['null_content_share_correct_minus_incorrect'])} |",
         "",
     ]
+    if len(anc):
+        lines += [
+            "## What the feature resolution adds over the sentence-level view",
+            "",
+            f"Thought Anchors' view says which sentences receive attention (receiver heads) and which ones matter "
+            f"causally (suppression); here they agree with Spearman {_fmt(stats['agreement_mean'], 2)} on average "
+            f"against {_fmt(stats['null_agreement_mean'], 2)} on shuffled boundaries (p = "
+            f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a receiver head "
+            f"attends to an anchor: the feature x feature terms carry a median {_fmt(stats['ff_share_of_delta'], 2)} "
+            f"of the anchor's score advantage Delta (the b_dec / error terms {_fmt(stats['resid_share_of_delta'], 2)})"
+            f"; that ff part is spread over many channels (the top {cfg.top_channels} carry a median "
+            f"{_fmt(stats['top_channels_share_of_ff'], 2)} of it, the top one "
+            f"{_fmt(stats['top1_share_of_positive'], 2)} of the positive mass); and content channels carry "
+            f"{_fmt(stats['content_share_mean'], 2)} of the positive channel mass against "
+            f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
+            f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))

@@ -116,40 +116,48 @@ def resolve(
     k_idx = k_mask_T.nonzero().reshape(-1)
     block = pattern_QK * q_mask_T.to(dt)[:, None] * k_mask_T.to(dt)[None, :]
     w_QK = block / block.sum()
-    if key_class_T is None:
-        key_class_T = torch.zeros(len(q_mask_T), dtype=torch.long)
-    # anchor part, per class of key token: sum_q w_qk FA[q, k, i, j] into dense [class, F * F]
-    anchor_CX = torch.zeros(len(CLASSES), F * F, dtype=dt)
+    classed = key_class_T is not None
+    n_cls = len(CLASSES) if classed else 1
+    # every channel with a nonzero value has a query feature active on a query of the block: work on
+    # dense [those features, F] rows instead of [F, F]
+    rows_R, local_QA = torch.unique(fi_TA[q_idx], return_inverse=True)
+    R = len(rows_R)
+    anchor_CX = torch.zeros(n_cls, R * F, dtype=dt)
     Qf = q_feat_TAE[q_idx]
-    fq_ids = fi_TA[q_idx][:, :, None] * F
+    fq_ids = local_QA[:, :, None] * F
     for k in k_idx.tolist():
         fa_QAA = torch.einsum("qae,be->qab", Qf, k_feat_TAE[k]) * w_QK[q_idx, k][:, None, None]
         cid = (fq_ids + fi_TA[k][None, None, :]).reshape(-1)
-        anchor_CX[int(key_class_T[k])].index_add_(0, cid, fa_QAA.reshape(-1))
+        anchor_CX[int(key_class_T[k]) if classed else 0].index_add_(0, cid, fa_QAA.reshape(-1))
     anchor_X = anchor_CX.sum(0)
 
     if base_rows is None:
         base_pos, B = q_idx, baseline_rows(q_feat_TAE, k_feat_TAE, fi_TA, pattern_QK, q_idx, F)
     else:
         base_pos, B = base_rows
-    W_q = w_QK.sum(1)[base_pos]
-    base_FF = torch.zeros(F, F, dtype=dt)
-    base_FF.index_add_(0, fi_TA[base_pos].reshape(-1), (B * W_q[:, None, None]).reshape(-1, F))
-    base_X = base_FF.reshape(-1)
+    row_of = torch.full((len(q_mask_T),), -1, dtype=torch.long)
+    row_of[base_pos] = torch.arange(len(base_pos))
+    if (row_of[q_idx] < 0).any():
+        raise ValueError("base_rows must cover every query position of the block")
+    B_q = B[row_of[q_idx]] * w_QK.sum(1)[q_idx][:, None, None]
+    base_X = torch.zeros(R, F, dtype=dt).index_add_(0, local_QA.reshape(-1), B_q.reshape(-1, F)).reshape(-1)
     value_X = anchor_X - base_X
-    has_anchor = anchor_CX.abs().amax(0) > 0
-    cls_X = torch.where(has_anchor, anchor_CX.abs().argmax(0), len(CLASSES))
-    names = (*CLASSES, "baseline-only")
+    if classed:
+        has_anchor = anchor_CX.abs().amax(0) > 0
+        cls_X = torch.where(has_anchor, anchor_CX.abs().argmax(0), len(CLASSES))
+    else:
+        cls_X = torch.where(anchor_X != 0, 0, len(CLASSES))
+    names = (*CLASSES, "baseline-only") if classed else ("n/a", "", "", "baseline-only")
     pos = value_X.clamp_min(0)
-    positive = {names[c]: float(pos[cls_X == c].sum()) for c in range(len(names))}
-    n_top = min(top, F * F)
+    positive = {names[c]: float(pos[cls_X == c].sum()) for c in range(len(names)) if names[c]}
+    n_top = min(top, R * F)
     idx = value_X.abs().topk(n_top).indices
     idx = idx[value_X[idx] != 0]
 
     def table(ix):
         return pd.DataFrame(
             {
-                "feat_q": (ix // F).numpy().astype(np.int32),
+                "feat_q": rows_R[ix // F].numpy().astype(np.int32),
                 "feat_k": (ix % F).numpy().astype(np.int32),
                 "value": value_X[ix].numpy(),
                 "anchor": anchor_X[ix].numpy(),
