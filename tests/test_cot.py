@@ -188,6 +188,12 @@ def test_sentence_block_split_is_exact(tiny):
     got = {(int(a), int(b)): v for a, b, v in zip(ch.feat_q, ch.feat_k, ch.value)}
     for key, v in brute.items():
         assert got.get(key, 0.0) == pytest.approx(v, abs=1e-10)
+    # key classes label channels without changing values: positive mass by class sums to the total
+    classes = torch.tensor([t % 3 for t in range(T)])
+    rc = resolve(terms, scores, qf, kf, fi, q_mask, k_mask, d_sae, key_class_T=classes, top=5)
+    pos_total = sum(max(v, 0.0) for v in brute.values())
+    assert sum(rc.positive_by_class.values()) == pytest.approx(pos_total, rel=1e-9)
+    assert list(rc.top["value"]) == pytest.approx(list(r.top["value"]), rel=1e-12)
     # the top table holds the largest |value| channels, largest first
     want = sorted(brute.items(), key=lambda kv: -abs(kv[1]))[:5]
     assert [(int(a), int(b)) for a, b in zip(r.top.feat_q, r.top.feat_k)] == [k for k, _ in want]
@@ -254,3 +260,14 @@ def test_extract_answer_and_jsonl(tmp_path, tokenizer):
     p.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
     with pytest.raises(TraceInputError, match="trace"):
         read_jsonl(p, tokenizer)
+
+
+def test_token_classes():
+    from fra.ingest.studies.cot.study import token_class
+
+    reused = {"12", "apples"}
+    assert token_class(" 12", reused) == "content"
+    assert token_class(" Apples", reused) == "content"
+    assert token_class(" pears", reused) == "word"
+    assert token_class(".\n\n", reused) == "structural"
+    assert token_class(" =", reused) == "structural"
