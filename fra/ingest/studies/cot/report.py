@@ -200,22 +200,7 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
     fig.savefig(out / "receiver_heads.png", dpi=110)
     plt.close(fig)
 
-    show = sorted(done, key=lambda r: -r.seg.n)[:3]
-    lh = fa_heads[0] if fa_heads else receivers[0]
-    fig, axes = plt.subplots(len(show), 2, figsize=(10, 4.2 * len(show)), squeeze=False)
-    for row, r in enumerate(show):
-        m = np.where(np.tril(np.ones((r.seg.n, r.seg.n), bool)), r.blocks_LHNN[lh[0], lh[1]], np.nan)
-        axes[row, 0].imshow(m, cmap="magma")
-        axes[row, 0].set_title(f"trace {r.idx}: head {lh[0]}.{lh[1]} mean attention", fontsize=9)
-        k = np.where(np.tril(np.ones((r.seg.n, r.seg.n), bool), -1), r.kl_NN, np.nan)
-        axes[row, 1].imshow(k, cmap="viridis")
-        axes[row, 1].set_title(f"trace {r.idx}: suppression log-KL (row: affected, col: suppressed)", fontsize=9)
-        for a in axes[row]:
-            a.set_xlabel("key sentence j")
-            a.set_ylabel("query sentence i")
-    fig.tight_layout()
-    fig.savefig(out / "sentence_matrices.png", dpi=100)
-    plt.close(fig)
+    sentence_figure(out, receivers[0], fa_heads[0] if fa_heads else receivers[0])
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (a, b, name) in zip(
@@ -348,3 +333,43 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))
+
+
+def sentence_figure(out, receiver, resolved, n_traces: int = 3) -> None:
+    """sentence_matrices.png from the stored tables: for the longest traces, the mean attention of the
+    top receiver head and of the strongest resolved head (diagonal left out, as in the vertical
+    scores), and the suppression log-KL matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    sent = pd.read_parquet(out / "sentences.parquet")
+    mats = pd.read_parquet(out / "matrices.parquet")
+    kl = pd.read_parquet(out / "kl.parquet")
+    sizes = sent.groupby("trace")["i"].max().sort_values(ascending=False) + 1
+    show = [int(t) for t in sizes.index[:n_traces]]
+    fig, axes = plt.subplots(len(show), 3, figsize=(14, 4.2 * len(show)), squeeze=False)
+    for row, tr in enumerate(show):
+        n = int(sizes[tr])
+        for col, (l, h) in enumerate((receiver, resolved)):
+            d = mats[(mats.trace == tr) & (mats.layer == l) & (mats["head"] == h) & (mats.i > mats.j)]
+            m = np.full((n, n), np.nan)
+            m[d.i.to_numpy(), d.j.to_numpy()] = d.attn.to_numpy()
+            im = axes[row, col].imshow(m, cmap="magma")
+            fig.colorbar(im, ax=axes[row, col], fraction=0.046)
+            what = "top receiver head" if col == 0 else "resolved head"
+            axes[row, col].set_title(f"trace {tr}: {what} {l}.{h}, mean attention weight", fontsize=9)
+        d = kl[(kl.trace == tr) & (kl.i > kl.j)]
+        m = np.full((n, n), np.nan)
+        m[d.i.to_numpy(), d.j.to_numpy()] = d.log_kl.to_numpy()
+        im = axes[row, 2].imshow(m, cmap="viridis")
+        fig.colorbar(im, ax=axes[row, 2], fraction=0.046)
+        axes[row, 2].set_title(f"trace {tr}: suppression log-KL (col: suppressed)", fontsize=9)
+        for a in axes[row]:
+            a.set_xlabel("key sentence j")
+            a.set_ylabel("query sentence i")
+    fig.tight_layout()
+    fig.savefig(out / "sentence_matrices.png", dpi=90)
+    plt.close(fig)
