@@ -240,6 +240,11 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         "Thought Anchors' definition (fra/ingest/studies/cot/anchors.py): block means of attention weights, "
         f"vertical scores over rows >= {cfg.proximity} sentences later, kurtosis per head averaged over traces.",
         "",
+        f"Kurtosis is bounded by the number of scores: with n finite vertical scores the Fisher kurtosis is at most "
+        f"n - 5 + 1/(n - 1) (one dominant sentence), so on short traces many heads reach the bound and tie. Here "
+        f"{meta.get('kurtosis_traces')} traces (>= {cfg.proximity + 4} sentences) vote, with "
+        f"{np.median([r.seg.n - cfg.proximity for r in done]):.0f} finite vertical scores per trace (median).",
+        "",
         "| rank | head | mean kurtosis |",
         "|---|---|---|",
         *[f"| {k + 1} | {l}.{h} | {mean_kurt[l, h]:.2f} |" for k, (l, h) in enumerate(receivers[:10])],

@@ -283,7 +283,7 @@ def run(cfg: CotReportConfig) -> dict:
                 p["null_kl"],
             )
         )
-    # kurtosis needs 4 vertical scores: traces with fewer sentences do not vote for receiver heads
+    # kurtosis needs 4 vertical scores (its bound is n - 5 + 1/(n - 1)): shorter traces do not vote
     voters = [r for r in done if r.seg.n >= cfg.proximity + 4] or done
     mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in voters]), 0)
     meta_voters = len(voters)
