@@ -232,12 +232,38 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
     return out
 
 
+# reasoning models TransformerLens does not list by name, loaded into the architecture they share
+DISTILL_BASES = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "Qwen/Qwen2.5-1.5B"}
+
+
+def load_cot_model(name: str):
+    """A preset or TransformerLens name (fra.ingest.registry.load_model), or a distilled reasoning
+    model of DISTILL_BASES: its Hugging Face weights in the base architecture (needs the hub)."""
+    from fra.ingest.registry import LoadedModel, ModelUnavailableError, load_model
+
+    if name not in DISTILL_BASES:
+        return load_model(name)
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ModelUnavailableError(f"cannot load {name!r} from the Hugging Face hub: {exc}") from exc
+    model = HookedTransformer.from_pretrained_no_processing(
+        DISTILL_BASES[name], hf_model=hf, tokenizer=tok, dtype=torch.float32
+    )
+    return LoadedModel(name, model.eval(), tok, tok.bos_token_id)
+
+
 def run(cfg: CotReportConfig) -> dict:
     import torch
     from tqdm import tqdm
 
     from fra.ingest.core.decompose import Decomposer
-    from fra.ingest.registry import feature_labels, load_model, load_shipped_sae
+    from fra.ingest.registry import feature_labels, load_shipped_sae
 
     from .report import write_report
     from .traces import read_jsonl
@@ -246,7 +272,7 @@ def run(cfg: CotReportConfig) -> dict:
         cfg = replace(cfg, max_traces=cfg.max_traces or 6)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    lm = load_model(cfg.model)
+    lm = load_cot_model(cfg.model)
     model, tok = lm.model, lm.tokenizer
     traces = read_jsonl(cfg.traces, tok)
     rng = np.random.default_rng(cfg.seed)
