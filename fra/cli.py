@@ -202,7 +202,10 @@ def cmd_report_cot(argv):
         prog="fra report cot", description="thought anchors of chains of thought, resolved into feature-pair channels"
     )
     add_config_args(p, CotReportConfig)
-    cfg = config_from_args(CotReportConfig, p.parse_args(argv))
+    try:
+        cfg = config_from_args(CotReportConfig, p.parse_args(argv))
+    except ValueError as exc:
+        p.error(str(exc))
     from fra.ingest.studies.cot import run_report
 
     summary = run_report(cfg)

@@ -271,3 +271,15 @@ def test_token_classes():
     assert token_class(" pears", reused) == "word"
     assert token_class(".\n\n", reused) == "structural"
     assert token_class(" =", reused) == "structural"
+
+
+def test_cli_has_cot_commands(capsys):
+    from fra.cli import main
+
+    for argv, flag in ((["report", "cot", "--help"], "--proximity"), (["cot", "--help"], "--from-jsonl")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0 and flag in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # config validation is a usage error, not a traceback
+        main(["report", "cot", "--min-sentences", "2"])
+    assert exc.value.code == 2 and "min_sentences must be >= proximity + 3" in capsys.readouterr().err
