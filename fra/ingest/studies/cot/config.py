@@ -42,6 +42,7 @@ class CotReportConfig:
     out: Path = opt(Path("reports/cot"), "directory for report.md, the figures and the explorer's tables")
     sae_layers: tuple[int, ...] = opt((17, 18), "layers with shipped SAEs used for the feature-resolved step")
     max_tokens: int = opt(256, "prompt + trace tokens kept per trace (cut at a sentence boundary)")
+    max_sentences: int = opt(24, "traces are cut after this many sentences (the cost grows with its square)")
     min_sentences: int = opt(
         7, "traces with fewer sentences are left out (the rankings compare sentences that have rows 4 later)"
     )

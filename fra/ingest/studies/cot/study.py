@@ -280,6 +280,8 @@ def run(cfg: CotReportConfig) -> dict:
     skipped = []
     for idx, tr in enumerate(traces):
         seg = segment(tok, tr.prompt, tr.trace, cfg.max_tokens)
+        if seg.n > cfg.max_sentences:
+            seg = segment(tok, tr.prompt, tr.trace, seg.token_spans[cfg.max_sentences - 1][1])
         if seg.n < cfg.min_sentences:
             skipped.append(idx)
             continue
