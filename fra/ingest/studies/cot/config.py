@@ -66,5 +66,7 @@ class CotReportConfig:
                 f"min_sentences must be >= proximity + 3 = {self.proximity + 3}: a rank correlation needs "
                 "3 sentences with rows `proximity` later"
             )
+        if self.max_sentences < self.min_sentences:
+            raise ValueError("max_sentences must be >= min_sentences")
         if self.n_shuffles < 1:
             raise ValueError("n_shuffles must be >= 1: the null needs at least one draw per trace")
