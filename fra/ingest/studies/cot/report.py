@@ -335,6 +335,25 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
             f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
             f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
             "",
+            f"Read with care: the resolved heads are the strongest receiver heads *of the SAE layers*, and their "
+            f"ranks among all heads are given above. Their mean Delta at the anchors is "
+            f"{stats['anchor_delta_mean']:.2f}, and the group with the largest mean |part| is "
+            f"`{max(stats['anchor_groups_mean'], key=lambda g: abs(stats['anchor_groups_mean'][g]))}` "
+            f"({max(stats['anchor_groups_mean'].values(), key=abs):.2f}): what sets these heads' attention to an "
+            "anchor is visible only after the split, and so is whether feature pairs or the SAE's b_dec / error "
+            "carry it.",
+            "",
+        ]
+    if stats["n_correct"] == 0 or stats["n_correct"] == stats["n_traces"]:
+        n_ok = sum(t.correct for t in traces)
+        lines += [
+            "## Correct against incorrect traces",
+            "",
+            f"Not measurable on these traces: {n_ok} of {len(traces)} traces are correct, and "
+            f"{stats['n_correct']} of the {stats['n_traces']} studied ones (a correct trace of this model is "
+            f"short: at most {max([len(t.trace) for t in traces if t.correct], default=0)} characters). "
+            "Run the study on a reasoning model's traces (README) for this test.",
+            "",
         ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))
