@@ -202,6 +202,32 @@ def cmd_report(args):
     run(config_from_args(CIHConfig, args))
 
 
+def cmd_cot(args):
+    from fra.ingest.studies.cot import CotConfig, make_traces
+
+    cfg = config_from_args(CotConfig, args)
+    traces = make_traces(cfg)
+    n_ok = sum(t.correct for t in traces)
+    print(f"{len(traces)} traces ({n_ok} correct) written to {cfg.out}")
+
+
+def cmd_report_cot(argv):
+    from fra.ingest.studies.cot.config import CotReportConfig
+
+    p = argparse.ArgumentParser(
+        prog="fra report cot", description="thought anchors of chains of thought, resolved into feature-pair channels"
+    )
+    add_config_args(p, CotReportConfig)
+    try:
+        cfg = config_from_args(CotReportConfig, p.parse_args(argv))
+    except ValueError as exc:
+        p.error(str(exc))
+    from fra.ingest.studies.cot import run_report
+
+    summary = run_report(cfg)
+    print(f"report written to {cfg.out / 'report.md'} ({summary['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -263,7 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
             "studies.cih.config",
             "CIHConfig",
             cmd_report,
-            "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed)",
+            "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed); "
+            "`fra report cot` (see `fra report cot --help`)",
+        ),
+        (
+            "cot",
+            "studies.cot.config",
+            "CotConfig",
+            cmd_cot,
+            "chains of thought: generate traces on reasoning-gym problems, or read a JSONL of them",
         ),
     )
     for name, module, cls, func, text in staged:
@@ -271,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "corpus":
             p.add_argument("action", choices=["fetch", "build"])
         if name == "report":
-            p.add_argument("study", choices=["cih"])
+            p.add_argument("study", choices=["cih", "cot"])
         add_config_args(p, config_of(module, cls))
         p.set_defaults(func=func)
 
@@ -305,6 +339,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if argv and argv[0] in PASSTHROUGH:  # these parse their own arguments (fra.queries.cli)
         return run_reporting(f"fra {argv[0]}", lambda: PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])), debug)
+    if argv[:2] == ["report", "cot"]:  # its own flags (CotReportConfig), not the CIH study's
+        return run_reporting("fra report cot", lambda: cmd_report_cot(argv[2:]), debug)
     args = build_parser().parse_args(argv)
     return run_reporting(f"fra {args.command}", lambda: args.func(args), debug)
 

@@ -562,6 +562,7 @@ def checks_for(index: Path, issue_urls: bool = False) -> list[Check]:
         ),
         Check("sample", f"page=Sample&layer={L}&head={H}", ["Most-attended keys"], ["q="], screenshot="sample"),
         Check("cih", "page=CIH", ["CIH"], ["page=CIH"], screenshot="cih"),
+        Check("cot", "page=CoT", ["CoT: thought anchors"], ["page=CoT"], screenshot="cot"),
         # issue 15, bug 1: numbers out of range
         Check("fq=-1", f"{chan}&fq=-1&fk=1289", ["fq=-1 is not one of the features"], ["fq="]),
         Check("fk=-3", f"{chan}&fq=316&fk=-3", ["fk=-3 is not one of the features"]),

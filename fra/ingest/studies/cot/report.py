@@ -1,0 +1,399 @@
+"""Tables (Parquet, read by the explorer's CoT page), figures and report.md of `fra report cot`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .resolve import GROUPS
+
+
+def _perm_diff(values: np.ndarray, labels: np.ndarray, n_perm: int, rng) -> tuple[float, float]:
+    """Mean(values | label) - mean(values | not label), and its two-sided permutation p-value."""
+    ok = np.isfinite(values)
+    v, lab = values[ok], labels[ok]
+    if lab.sum() < 1 or (~lab).sum() < 1:
+        return float("nan"), float("nan")
+    obs = v[lab].mean() - v[~lab].mean()
+    hits = 0
+    for _ in range(n_perm):
+        p = rng.permutation(lab)
+        hits += abs(v[p].mean() - v[~p].mean()) >= abs(obs) - 1e-12
+    return float(obs), float((hits + 1) / (n_perm + 1))
+
+
+def _wilcoxon(d: np.ndarray) -> float:
+    from scipy import stats
+
+    d = d[np.isfinite(d)]
+    if len(d) < 3 or np.all(d == 0):
+        return float("nan")
+    return float(stats.wilcoxon(d).pvalue)
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed + 1)
+    L, H = mean_kurt.shape
+
+    # ---- tables for the explorer
+    all_tr = pd.DataFrame(
+        [
+            dict(
+                trace=i,
+                task=t.task,
+                correct=t.correct,
+                problem=t.problem,
+                answer=t.answer,
+                predicted=t.predicted,
+                n_new_tokens=t.n_new_tokens,
+                trace_text=t.trace,
+            )
+            for i, t in enumerate(traces)
+        ]
+    )
+    used = {r.idx for r in done}
+    all_tr["used"] = all_tr["trace"].isin(used)
+    all_tr.to_parquet(out / "traces.parquet", index=False)
+    sent_rows, mat_rows, kl_rows = [], [], []
+    for r in done:
+        from .anchors import receiver_scores, vertical_scores
+
+        rec = receiver_scores(r.vert_LHN, receivers)
+        supp = vertical_scores(r.kl_NN, cfg.proximity)
+        for i, ((s, e), text) in enumerate(zip(r.seg.token_spans, r.seg.sentences)):
+            sent_rows.append(
+                dict(
+                    trace=r.idx,
+                    i=i,
+                    text=text,
+                    tok_start=s,
+                    tok_end=e,
+                    receiver_score=float(rec[i]),
+                    suppression_score=float(supp[i]),
+                )
+            )
+        ii, jj = np.tril_indices(r.seg.n)
+        for l in range(L):
+            for h in range(H):
+                mat_rows.append(
+                    pd.DataFrame(
+                        dict(
+                            trace=r.idx,
+                            layer=l,
+                            head=h,
+                            i=ii,
+                            j=jj,
+                            attn=r.blocks_LHNN[l, h][ii, jj].astype(np.float32),
+                        )
+                    )
+                )
+        kl_rows.append(pd.DataFrame(dict(trace=r.idx, i=ii, j=jj, log_kl=r.kl_NN[ii, jj].astype(np.float32))))
+    sent = pd.DataFrame(sent_rows)
+    sent.to_parquet(out / "sentences.parquet", index=False)
+    pd.concat(mat_rows).to_parquet(out / "matrices.parquet", index=False)
+    pd.concat(kl_rows).to_parquet(out / "kl.parquet", index=False)
+    rank = {lh: k for k, lh in enumerate(receivers)}
+    heads = pd.DataFrame(
+        [
+            dict(
+                layer=l,
+                head=h,
+                mean_kurtosis=float(mean_kurt[l, h]),
+                receiver_rank=rank.get((l, h), -1),
+                resolved=(l, h) in fa_heads,
+            )
+            for l in range(L)
+            for h in range(H)
+        ]
+    )
+    heads.to_parquet(out / "heads.parquet", index=False)
+    tables = {}
+    for name in ("anchors", "anchor_channels", "cells", "cell_channels"):
+        df = pd.DataFrame([x for rv in resolved if rv for x in rv[name]])
+        tables[name] = df
+        df.to_parquet(out / f"{name}.parquet", index=False)
+    cons = pd.DataFrame(rows)
+    cons["null_agreement_mean"] = [
+        float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for x in map(np.asarray, cons["null_agreement"])
+    ]
+    cons.drop(columns=["null_agreement"]).to_parquet(out / "consistency.parquet", index=False)
+
+    # ---- statistics
+    agree = cons["agreement"].to_numpy(float)
+    null_agree = cons["null_agreement_mean"].to_numpy(float)
+    share = cons["content_share"].to_numpy(float)
+    null_share = cons["null_content_share"].to_numpy(float)
+    correct = cons["correct"].to_numpy(bool)
+    stats = dict(
+        n_traces=len(cons),
+        n_correct=int(correct.sum()),
+        agreement_mean=float(np.nanmean(agree)),
+        null_agreement_mean=float(np.nanmean(null_agree)),
+        agreement_vs_null_p=_wilcoxon(agree - null_agree),
+        content_share_mean=float(np.nanmean(share)) if np.isfinite(share).any() else float("nan"),
+        null_content_share_mean=float(np.nanmean(null_share)) if np.isfinite(null_share).any() else float("nan"),
+        content_vs_null_p=_wilcoxon(share - null_share),
+    )
+    for key, vals in (
+        ("agreement", agree),
+        ("null_agreement", null_agree),
+        ("content_share", share),
+        ("null_content_share", null_share),
+    ):
+        d, p = _perm_diff(vals, correct, cfg.n_perm, rng)
+        stats[f"{key}_correct_minus_incorrect"], stats[f"{key}_correct_p"] = d, p
+    anc = tables["anchors"]
+    if len(anc):
+        tot = anc[[f"g_{g}" for g in GROUPS]].sum(1)
+        stats["anchor_delta_mean"] = float(anc["delta"].mean())
+        stats["anchor_groups_mean"] = {g: float(anc[f"g_{g}"].mean()) for g in GROUPS}
+        stats["anchor_split_max_abs_err"] = float((tot - anc["delta"]).abs().max())
+        ch = tables["anchor_channels"]
+        pos_cols = [c for c in anc.columns if c.startswith("pos_")]
+        pos_tot = anc[pos_cols].sum(1)
+        stats["positive_ff_by_class"] = {c[4:]: float((anc[c] / pos_tot).mean()) for c in pos_cols}
+        key = ["trace", "layer", "head", "anchor"]
+        top = ch.groupby(key)["value"].sum()
+        a = anc.set_index(key)
+        stats["top_channels_share_of_ff"] = float((top / a["g_ff"]).median())
+        stats["top1_share_of_positive"] = float(
+            (ch[ch["rank"] == 0].set_index(key)["value"].clip(lower=0) / pos_tot.set_axis(a.index)).median()
+        )
+        stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
+        stats["resid_share_of_delta"] = float(
+            ((a["g_bdec_f"] + a["g_f_bdec"] + a["g_err_f"] + a["g_f_err"] + a["g_resid_resid"]) / a["delta"]).median()
+        )
+    lengths = pd.DataFrame(
+        [dict(task=t.task, correct=t.correct, n_new=t.n_new_tokens, n_chars=len(t.trace)) for t in traces]
+    )
+    acc = (
+        lengths.groupby("task")
+        .agg(n=("correct", "size"), correct=("correct", "sum"), mean_new_tokens=("n_new", "mean"))
+        .reset_index()
+    )
+
+    # ---- figures
+    fig, ax = plt.subplots(figsize=(6, 8))
+    im = ax.imshow(mean_kurt, aspect="auto", cmap="viridis")
+    for k, (l, h) in enumerate(receivers):
+        ax.text(h, l, str(k + 1), ha="center", va="center", color="w", fontsize=7)
+    for l, h in fa_heads:
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="r", lw=1.5))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"mean kurtosis of vertical scores ({len(done)} traces)\nnumbers: receiver rank; red: resolved")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "receiver_heads.png", dpi=110)
+    plt.close(fig)
+
+    sentence_figure(out, receivers[0], fa_heads[0] if fa_heads else receivers[0])
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (a, b, name) in zip(
+        axes, ((agree, null_agree, "receiver-suppression Spearman"), (share, null_share, "content share of channels"))
+    ):
+        bins = np.linspace(np.nanmin(np.r_[a, b, 0]), np.nanmax(np.r_[a, b, 1e-9]), 16)
+        ax.hist(a[correct & np.isfinite(a)], bins, alpha=0.6, label="correct")
+        ax.hist(a[~correct & np.isfinite(a)], bins, alpha=0.6, label="incorrect")
+        ax.hist(b[np.isfinite(b)], bins, histtype="step", color="k", label="null (shuffled boundaries)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "consistency.png", dpi=100)
+    plt.close(fig)
+
+    # ---- report.md
+    lines = [
+        "# Chains of thought, feature-resolved (`fra report cot`)",
+        "",
+        f"Model `{cfg.model}`, traces `{cfg.traces.name}`: {len(traces)} traces, {len(done)} with at least "
+        f"{cfg.min_sentences} sentences within {cfg.max_tokens} tokens are studied. Regenerate with `fra report cot`.",
+        "",
+        "## The traces",
+        "",
+        "| task | traces | correct (reasoning-gym) | mean new tokens |",
+        "|---|---|---|---|",
+        *[f"| {a.task} | {a.n} | {a.correct} | {a.mean_new_tokens:.0f} |" for a in acc.itertuples()],
+        "",
+        f"Studied traces: {stats['n_traces']} ({stats['n_correct']} correct), "
+        f"{np.mean([r.seg.n for r in done]):.1f} sentences and {np.mean([len(r.seg.tokens) for r in done]):.0f} "
+        "tokens (prompt included) on average.",
+        "",
+        "## Receiver heads",
+        "",
+        "![receiver heads](receiver_heads.png)",
+        "",
+        "Thought Anchors' definition (fra/ingest/studies/cot/anchors.py): block means of attention weights, "
+        f"vertical scores over rows >= {cfg.proximity} sentences later, kurtosis per head averaged over traces.",
+        "",
+        f"Kurtosis is bounded by the number of scores: with n finite vertical scores the Fisher kurtosis is at most "
+        f"n - 5 + 1/(n - 1) (one dominant sentence), so on short traces many heads reach the bound and tie. Here "
+        f"{meta.get('kurtosis_traces')} traces (>= {cfg.proximity + 4} sentences) vote, with "
+        f"{np.median([r.seg.n - cfg.proximity for r in done]):.0f} finite vertical scores per trace (median).",
+        "",
+        "| rank | head | mean kurtosis |",
+        "|---|---|---|",
+        *[f"| {k + 1} | {l}.{h} | {mean_kurt[l, h]:.2f} |" for k, (l, h) in enumerate(receivers[:10])],
+        "",
+        f"Resolved into channels (strongest receiver heads in the SAE layers {list(cfg.sae_layers)}): "
+        + ", ".join(
+            f"{l}.{h} (rank {rank.get((l, h), -1) + 1 if (l, h) in rank else '>' + str(len(receivers))}, "
+            f"kurtosis {mean_kurt[l, h]:.2f})"
+            for l, h in fa_heads
+        ),
+        "",
+        "## Sentence x sentence",
+        "",
+        "![sentence matrices](sentence_matrices.png)",
+        "",
+    ]
+    if len(anc):
+        g = stats["anchor_groups_mean"]
+        lines += [
+            "## Channels behind the top anchors",
+            "",
+            "Split: the attention-weighted score advantage Delta of an anchor's keys over the row's average key, "
+            "from queries >= "
+            f"{cfg.proximity} sentences later (fra/ingest/studies/cot/resolve.py says why scores, not weights, and "
+            "why the advantage). The groups sum to Delta from the model's own scores to "
+            f"{stats['anchor_split_max_abs_err']:.1e} (max over {len(anc)} anchor x head cases).",
+            "",
+            "| group | mean over anchors |",
+            "|---|---|",
+            f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
+            *[f"| {k} | {v:.3f} |" for k, v in g.items()],
+            "",
+            "Classes of the channels' positive values (mean share over anchors, all channels): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stats["positive_ff_by_class"].items())
+            + ". A channel's class is that of the anchor tokens carrying most of its anchor part: content = a "
+            "number or word that the later sentences reuse; word = alphanumeric, not reused; structural = "
+            "punctuation, whitespace, format; baseline-only = no anchor part (it only lowers the row's average).",
+            "",
+            "Examples (the strongest channel of the top anchor of a few traces):",
+            "",
+            "| trace | head | anchor sentence | channel | value | class | key tokens | key feature |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ch = tables["anchor_channels"]
+        ex = ch[(ch["rank"] == 0)].merge(anc[anc["rank"] == 0][["trace", "layer", "head", "anchor"]])
+        for row in ex.head(8).itertuples():
+            text = sent[(sent.trace == row.trace) & (sent.i == row.anchor)]["text"].iloc[0].strip().replace("|", "/")
+            lines.append(
+                f"| {row.trace} | {row.layer}.{row.head} | {text[:60]!r} | ({row.feat_q}, {row.feat_k}) | "
+                f"{row.value:.3f} | {row.cls} | {', '.join(json.loads(row.key_tokens))!r} | {row.label_k[:40]} |"
+            )
+        lines.append("")
+    lines += [
+        "## Internal consistency, against a null",
+        "",
+        "![consistency](consistency.png)",
+        "",
+        "Per trace: (a) agreement = Spearman correlation over sentences between the receiver score (mean vertical "
+        f"score over the {len(receivers)} receiver heads) and the suppression score (mean log-KL over sentences >= "
+        f"{cfg.proximity} later); (b) content share = share of the positive channel values at the anchors that "
+        "belongs to content channels. The null keeps the tokens and the model's outputs and shuffles the order "
+        f"of the sentence lengths ({cfg.n_shuffles} draw(s) per trace), recomputing (a) and (b).",
+        "",
+        "| measure | real | null | real vs null (Wilcoxon p) | correct - incorrect | perm. p | same on null |",
+        "|---|---|---|---|---|---|---|",
+        f"| agreement | {_fmt(stats['agreement_mean'])} | {_fmt(stats['null_agreement_mean'])} | "
+        f"{_fmt(stats['agreement_vs_null_p'], 4)} | {_fmt(stats['agreement_correct_minus_incorrect'])} | "
+        f"{_fmt(stats['agreement_correct_p'], 4)} | {_fmt(stats['null_agreement_correct_minus_incorrect'])} |",
+        f"| content share | {_fmt(stats['content_share_mean'])} | {_fmt(stats['null_content_share_mean'])} | "
+        f"{_fmt(stats['content_vs_null_p'], 4)} | {_fmt(stats['content_share_correct_minus_incorrect'])} | "
+        f"{_fmt(stats['content_share_correct_p'], 4)} | {_fmt(stats['null_content_share_correct_minus_incorrect'])} |",
+        "",
+    ]
+    if len(anc):
+        lines += [
+            "## What the feature resolution adds over the sentence-level view",
+            "",
+            f"Thought Anchors' view says which sentences receive attention (receiver heads) and which ones matter "
+            f"causally (suppression); here they agree with Spearman {_fmt(stats['agreement_mean'], 2)} on average "
+            f"against {_fmt(stats['null_agreement_mean'], 2)} on shuffled boundaries (p = "
+            f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a receiver head "
+            f"attends to an anchor: the feature x feature terms carry a median {_fmt(stats['ff_share_of_delta'], 2)} "
+            f"of the anchor's score advantage Delta (the b_dec / error terms {_fmt(stats['resid_share_of_delta'], 2)})"
+            f"; that ff part is spread over many channels (the top {cfg.top_channels} carry a median "
+            f"{_fmt(stats['top_channels_share_of_ff'], 2)} of it, the top one "
+            f"{_fmt(stats['top1_share_of_positive'], 2)} of the positive mass); and content channels carry "
+            f"{_fmt(stats['content_share_mean'], 2)} of the positive channel mass against "
+            f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
+            f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
+            "",
+            f"Read with care: the resolved heads are the strongest receiver heads *of the SAE layers*, and their "
+            f"ranks among all heads are given above. Their mean Delta at the anchors is "
+            f"{stats['anchor_delta_mean']:.2f}, and the group with the largest mean |part| is "
+            f"`{max(stats['anchor_groups_mean'], key=lambda g: abs(stats['anchor_groups_mean'][g]))}` "
+            f"({max(stats['anchor_groups_mean'].values(), key=abs):.2f}): what sets these heads' attention to an "
+            "anchor is visible only after the split, and so is whether feature pairs or the SAE's b_dec / error "
+            "carry it.",
+            "",
+        ]
+    if stats["n_correct"] == 0 or stats["n_correct"] == stats["n_traces"]:
+        n_ok = sum(t.correct for t in traces)
+        lines += [
+            "## Correct against incorrect traces",
+            "",
+            f"Not measurable on these traces: {n_ok} of {len(traces)} traces are correct, and "
+            f"{stats['n_correct']} of the {stats['n_traces']} studied ones (a correct trace of this model is "
+            f"short: at most {max([len(t.trace) for t in traces if t.correct], default=0)} characters). "
+            "Run the study on a reasoning model's traces (README) for this test.",
+            "",
+        ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))
+
+
+def sentence_figure(out, receiver, resolved, n_traces: int = 3) -> None:
+    """sentence_matrices.png from the stored tables: for the longest traces, the mean attention of the
+    top receiver head and of the strongest resolved head (diagonal left out, as in the vertical
+    scores), and the suppression log-KL matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    sent = pd.read_parquet(out / "sentences.parquet")
+    mats = pd.read_parquet(out / "matrices.parquet")
+    kl = pd.read_parquet(out / "kl.parquet")
+    sizes = sent.groupby("trace")["i"].max().sort_values(ascending=False) + 1
+    show = [int(t) for t in sizes.index[:n_traces]]
+    fig, axes = plt.subplots(len(show), 3, figsize=(14, 4.2 * len(show)), squeeze=False)
+    for row, tr in enumerate(show):
+        n = int(sizes[tr])
+        for col, (l, h) in enumerate((receiver, resolved)):
+            d = mats[(mats.trace == tr) & (mats.layer == l) & (mats["head"] == h) & (mats.i > mats.j)]
+            m = np.full((n, n), np.nan)
+            m[d.i.to_numpy(), d.j.to_numpy()] = d.attn.to_numpy()
+            im = axes[row, col].imshow(m, cmap="magma")
+            fig.colorbar(im, ax=axes[row, col], fraction=0.046)
+            what = "top receiver head" if col == 0 else "resolved head"
+            axes[row, col].set_title(f"trace {tr}: {what} {l}.{h}, mean attention weight", fontsize=9)
+        d = kl[(kl.trace == tr) & (kl.i > kl.j)]
+        m = np.full((n, n), np.nan)
+        m[d.i.to_numpy(), d.j.to_numpy()] = d.log_kl.to_numpy()
+        im = axes[row, 2].imshow(m, cmap="viridis")
+        fig.colorbar(im, ax=axes[row, 2], fraction=0.046)
+        axes[row, 2].set_title(f"trace {tr}: suppression log-KL (col: suppressed)", fontsize=9)
+        for a in axes[row]:
+            a.set_xlabel("key sentence j")
+            a.set_ylabel("query sentence i")
+    fig.tight_layout()
+    fig.savefig(out / "sentence_matrices.png", dpi=90)
+    plt.close(fig)

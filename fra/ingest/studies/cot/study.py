@@ -1,0 +1,370 @@
+"""`fra report cot`: thought anchors of chains of thought, resolved into SAE feature-pair channels.
+
+Phases: (1) per trace, the attention pattern of every head -> sentence block means, vertical
+scores and their kurtosis (receiver heads), and Thought Anchors' suppression KL matrix, for the
+real sentence boundaries and for null boundaries (same tokens, sentence lengths shuffled);
+(2) the receiver heads (top mean kurtosis) and, among the heads of the SAE layers, the strongest
+ones, whose anchor sentences and sentence pairs are split exactly into channels (`resolve.py`);
+(3) the consistency test (receiver vs suppression ranking, content share of the channels), correct
+vs incorrect traces, against the null; (4) tables for the explorer, figures and report.md
+(`report.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from . import anchors as ta
+from .config import CotReportConfig
+from .sentences import Segmented, segment, shuffled_spans
+
+
+@dataclass
+class TraceResult:
+    idx: int
+    seg: Segmented
+    correct: bool
+    task: str
+    vert_LHN: np.ndarray
+    kurt_LH: np.ndarray
+    blocks_LHNN: np.ndarray
+    kl_NN: np.ndarray
+    null_spans: list = field(default_factory=list)
+    null_vert: list = field(default_factory=list)  # [L, H, N] per draw
+    null_kl: list = field(default_factory=list)  # [N, N] per draw
+
+
+def token_class(text: str, reused: set[str]) -> str:
+    """'content' (a number or word that the querying sentences reuse), 'word' (alphanumeric, not
+    reused) or 'structural' (punctuation, whitespace, format)."""
+    t = text.strip().lower()
+    if not any(c.isalnum() for c in t):
+        return "structural"
+    return "content" if t in reused else "word"
+
+
+def _patterns(model, tokens_T):
+    import torch
+
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens_T[None], names_filter=lambda n: n in names)
+    return np.stack([cache[n][0].float().numpy() for n in names])  # [L, H, T, T]
+
+
+def phase1(model, seg: Segmented, cfg: CotReportConfig, rng) -> dict:
+    import torch
+
+    tokens_T = torch.tensor(seg.tokens)
+    pat_LHTT = _patterns(model, tokens_T)
+    L, H = pat_LHTT.shape[:2]
+    flat = pat_LHTT.reshape(L * H, *pat_LHTT.shape[2:])
+
+    def verts(spans):
+        b = ta.block_means(flat, spans).reshape(L, H, len(spans), len(spans))
+        return b, ta.vertical_scores(b, cfg.proximity)
+
+    blocks, vert = verts(seg.token_spans)
+    out = dict(blocks=blocks.astype(np.float32), vert=vert, kurt=ta.head_kurtosis(vert))
+    # only sentences with a row `proximity` later enter the suppression score: suppress those
+    cols = list(range(seg.n - cfg.proximity))
+    out["kl"] = ta.suppression_matrix(model, tokens_T, seg.token_spans, cols)
+    out["null_spans"], out["null_vert"], out["null_kl"] = [], [], []
+    for _ in range(cfg.n_shuffles):
+        spans = shuffled_spans(seg.token_spans, rng)
+        out["null_spans"].append(spans)
+        out["null_vert"].append(verts(spans)[1])
+        out["null_kl"].append(ta.suppression_matrix(model, tokens_T, spans, cols))
+    return out
+
+
+def consistency(vert_LHN, kl_NN, receivers, proximity) -> float:
+    """Spearman correlation over sentences of the receiver score and the suppression score (mean
+    log-KL on sentences >= `proximity` later, the same rows as the vertical score)."""
+    rec = ta.receiver_scores(vert_LHN, receivers)
+    supp = ta.vertical_scores(kl_NN, proximity)
+    return ta.spearman(rec, supp)
+
+
+def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_text, labels) -> dict:
+    """Channels of the anchors (real and null boundaries) per FA head, and of every sentence pair
+    for the first FA head (the explorer's cells)."""
+    import torch
+
+    from .resolve import CLASSES, baseline_rows, key_positions, resolve
+
+    seg = res.seg
+    tokens_T = torch.tensor(seg.tokens)
+    T = len(seg.tokens)
+    texts = [tok_text(t) for t in seg.tokens]
+    out = {"anchors": [], "anchor_channels": [], "cells": [], "cell_channels": [], "content": [], "null_content": []}
+    rec = ta.receiver_scores(res.vert_LHN, receivers)
+    by_layer = {}
+
+    def mask(spans, idx):
+        m = torch.zeros(T, dtype=torch.bool)
+        for i in idx:
+            m[spans[i][0] : spans[i][1]] = True
+        return m
+
+    def key_classes(spans, qsent):
+        reused = {texts[t].strip().lower() for i in qsent for t in range(*spans[i])}
+        return torch.tensor([CLASSES.index(token_class(x, reused)) for x in texts])
+
+    def anchors_of(rec_scores):
+        ok = np.isfinite(rec_scores)
+        return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[: cfg.anchors] if ok[j]]
+
+    def share(r):
+        tot = sum(r.positive_by_class.values())
+        return r.positive_by_class["content"] / tot if tot > 0 else float("nan")
+
+    for n_head, (layer, head) in enumerate(fa_heads):
+        if layer not in by_layer:
+            by_layer[layer] = decs[layer].decompose(tokens_T)
+        d = by_layer[layer]
+        terms = d.terms_CBHQK[:, 0, head]
+        scores = d.model_scores_BHQK[0, head].clone()
+        scores[~torch.ones(T, T, dtype=torch.bool).tril()] = -torch.inf
+        qf, kf = d.q.feat_BHTAE[0, head], d.k.feat_BHTAE[0, head]
+        fi = d.sparse.feat_idx_BTA[0]
+        F = decs[layer].sae.cfg.d_sae
+        pattern = torch.softmax(scores, -1)
+        pos = torch.arange(seg.prompt_len, T)
+        base = (pos, baseline_rows(qf, kf, fi, pattern, pos, F))
+        fixed = (terms, scores, qf, kf, fi)
+
+        def run(spans, qsent, ksent, classes=None, fixed=fixed, base=base, F=F):
+            qm, km = mask(spans, qsent), mask(spans, [ksent])
+            r = resolve(*fixed, qm, km, F, base, key_class_T=classes, top=cfg.top_channels)
+            return r, qm, km
+
+        shares = []
+        for rank, j in enumerate(anchors_of(rec)):
+            qsent = list(range(j + cfg.proximity, seg.n))
+            r, qm, km = run(seg.token_spans, qsent, j, key_classes(seg.token_spans, qsent))
+            shares.append(share(r))
+            out["anchors"].append(
+                dict(
+                    trace=res.idx,
+                    layer=layer,
+                    head=head,
+                    anchor=j,
+                    rank=rank,
+                    receiver_score=float(rec[j]),
+                    delta=r.delta,
+                    ff_channels=r.ff_channels,
+                    content_share=shares[-1],
+                    **{f"g_{g}": v for g, v in r.groups.items()},
+                    **{f"pos_{c}": v for c, v in r.positive_by_class.items()},
+                )
+            )
+            block = pattern * qm[:, None] * km[None, :]
+            w = block / block.sum()
+            q_idx, k_idx = qm.nonzero().reshape(-1), km.nonzero().reshape(-1)
+            for c_rank, row in enumerate(r.top.itertuples()):
+                per_key = key_positions(qf, kf, fi, w, q_idx, k_idx, int(row.feat_q), int(row.feat_k))
+                best = k_idx[per_key.abs().argsort(descending=True)[:3]].tolist()
+                out["anchor_channels"].append(
+                    dict(
+                        trace=res.idx,
+                        layer=layer,
+                        head=head,
+                        anchor=j,
+                        rank=c_rank,
+                        feat_q=int(row.feat_q),
+                        feat_k=int(row.feat_k),
+                        value=float(row.value),
+                        anchor_part=float(row.anchor),
+                        baseline_part=float(row.baseline),
+                        cls=row.cls,
+                        key_tokens=json.dumps([texts[k] for k in best]),
+                        label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                        label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                    )
+                )
+        out["content"].append(float(np.nanmean(shares)) if shares else float("nan"))
+        for spans, vert in zip(res.null_spans, res.null_vert):
+            ns = []
+            for j in anchors_of(ta.receiver_scores(vert, receivers)):
+                qsent = list(range(j + cfg.proximity, seg.n))
+                ns.append(share(run(spans, qsent, j, key_classes(spans, qsent))[0]))
+            out["null_content"].append(float(np.nanmean(ns)) if ns else float("nan"))
+        if n_head > 0:
+            continue
+        for i in range(1, seg.n):
+            for j in range(i):
+                r = run(seg.token_spans, [i], j)[0]
+                out["cells"].append(
+                    dict(
+                        trace=res.idx,
+                        layer=layer,
+                        head=head,
+                        i=i,
+                        j=j,
+                        attn=float(res.blocks_LHNN[layer, head, i, j]),
+                        delta=r.delta,
+                        **{f"g_{g}": v for g, v in r.groups.items()},
+                    )
+                )
+                for c_rank, row in enumerate(r.top.itertuples()):
+                    out["cell_channels"].append(
+                        dict(
+                            trace=res.idx,
+                            layer=layer,
+                            head=head,
+                            i=i,
+                            j=j,
+                            rank=c_rank,
+                            feat_q=int(row.feat_q),
+                            feat_k=int(row.feat_k),
+                            value=float(row.value),
+                            anchor_part=float(row.anchor),
+                            baseline_part=float(row.baseline),
+                            label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                            label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                        )
+                    )
+    return out
+
+
+# reasoning models TransformerLens does not list by name, loaded into the architecture they share
+DISTILL_BASES = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "Qwen/Qwen2.5-1.5B"}
+
+
+def load_cot_model(name: str):
+    """A preset or TransformerLens name (fra.ingest.registry.load_model), or a distilled reasoning
+    model of DISTILL_BASES: its Hugging Face weights in the base architecture (needs the hub)."""
+    from fra.ingest.registry import LoadedModel, ModelUnavailableError, load_model
+
+    if name not in DISTILL_BASES:
+        return load_model(name)
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ModelUnavailableError(f"cannot load {name!r} from the Hugging Face hub: {exc}") from exc
+    model = HookedTransformer.from_pretrained_no_processing(
+        DISTILL_BASES[name], hf_model=hf, tokenizer=tok, dtype=torch.float32
+    )
+    return LoadedModel(name, model.eval(), tok, tok.bos_token_id)
+
+
+def run(cfg: CotReportConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.registry import feature_labels, load_shipped_sae
+
+    from .report import write_report
+    from .traces import read_jsonl
+
+    if cfg.quick:
+        cfg = replace(cfg, max_traces=cfg.max_traces or 6)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    lm = load_cot_model(cfg.model)
+    model, tok = lm.model, lm.tokenizer
+    traces = read_jsonl(cfg.traces, tok)
+    rng = np.random.default_rng(cfg.seed)
+    results: list[TraceResult] = []
+    skipped = []
+    for idx, tr in enumerate(traces):
+        seg = segment(tok, tr.prompt, tr.trace, cfg.max_tokens)
+        if seg.n > cfg.max_sentences:
+            seg = segment(tok, tr.prompt, tr.trace, seg.token_spans[cfg.max_sentences - 1][1])
+        if seg.n < cfg.min_sentences:
+            skipped.append(idx)
+            continue
+        results.append((idx, tr, seg))
+    if cfg.max_traces is not None:
+        results = results[: cfg.max_traces]
+    if len(results) < 2:
+        raise ValueError(
+            f"only {len(results)} of {len(traces)} traces have >= {cfg.min_sentences} sentences within "
+            f"{cfg.max_tokens} tokens; the study needs at least 2 (lower --min-sentences or give longer traces)"
+        )
+    done: list[TraceResult] = []
+    for idx, tr, seg in tqdm(results, desc="attention + suppression", unit="trace"):
+        p = phase1(model, seg, cfg, rng)
+        done.append(
+            TraceResult(
+                idx,
+                seg,
+                tr.correct,
+                tr.task,
+                p["vert"],
+                p["kurt"],
+                p["blocks"],
+                p["kl"],
+                p["null_spans"],
+                p["null_vert"],
+                p["null_kl"],
+            )
+        )
+    # kurtosis needs 4 vertical scores (its bound is n - 5 + 1/(n - 1)): shorter traces do not vote
+    voters = [r for r in done if r.seg.n >= cfg.proximity + 4] or done
+    mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in voters]), 0)
+    meta_voters = len(voters)
+    receivers = ta.top_heads(mean_kurt, cfg.top_receivers)
+    in_sae = np.full_like(mean_kurt, np.nan)
+    for l in cfg.sae_layers:
+        in_sae[l] = mean_kurt[l]
+    fa_heads = ta.top_heads(in_sae, cfg.fa_heads)
+
+    decs = {}
+    labels = {}
+    if cfg.model == "smollm2-135m":
+        decs = {l: Decomposer(model, l, load_shipped_sae(cfg.model, l)) for l in {l for l, _ in fa_heads}}
+        labels = feature_labels(cfg.model)
+    else:
+        fa_heads = []  # no shipped SAEs for other models
+
+    def tok_text(t):
+        return tok.decode([t])
+
+    resolved = []
+    for r in tqdm(done, desc="feature-resolved anchors", unit="trace"):
+        resolved.append(resolve_trace(r, decs, fa_heads, receivers, cfg, tok_text, labels) if fa_heads else None)
+
+    rows = []
+    for r, rv in zip(done, resolved):
+        rows.append(
+            dict(
+                trace=r.idx,
+                task=r.task,
+                correct=r.correct,
+                n_sentences=r.seg.n,
+                n_tokens=len(r.seg.tokens),
+                agreement=consistency(r.vert_LHN, r.kl_NN, receivers, cfg.proximity),
+                null_agreement=[consistency(v, k, receivers, cfg.proximity) for v, k in zip(r.null_vert, r.null_kl)],
+                content_share=float(np.nanmean(rv["content"])) if rv else float("nan"),
+                null_content_share=float(np.nanmean(rv["null_content"])) if rv else float("nan"),
+            )
+        )
+    meta = dict(
+        config={
+            k: (str(v) if not isinstance(v, (int, float, bool, type(None), tuple)) else v)
+            for k, v in asdict(cfg).items()
+        },
+        n_traces_file=len(traces),
+        n_used=len(done),
+        skipped_short=len(skipped),
+        receivers=receivers,
+        fa_heads=fa_heads,
+        kurtosis_traces=meta_voters,
+        seconds=None,
+    )
+    summary = write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text)
+    summary["seconds"] = time.time() - t0
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
