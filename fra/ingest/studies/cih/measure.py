@@ -80,68 +80,126 @@ def row_channels(
     return uniq_S, contrib.view(H, uniq_S.shape[0], T)
 
 
-def gather_units(keys_S: Tensor, contrib_HST: Tensor, unit_keys_U: Tensor) -> tuple[Float[Tensor, "U H T"], Tensor]:
-    """Contributions of the selected units (zero where a unit is absent from the row), and each
-    unit's index into the row's channels (-1 where absent)."""
+def coalesce(keys_S: Int[Tensor, " S"], vals_HS: Float[Tensor, "H S"]) -> tuple[Tensor, Tensor]:
+    """Sum the columns that share a key; returns sorted unique keys and their summed values."""
+    uniq, inv = torch.unique(keys_S, return_inverse=True)
+    out = torch.zeros(vals_HS.shape[0], uniq.shape[0], dtype=vals_HS.dtype)
+    out.index_add_(1, inv, vals_HS)
+    return uniq, out
+
+
+def difference(
+    keys_a: Tensor, vals_a_HS: Tensor, keys_b: Tensor, vals_b_HS: Tensor
+) -> tuple[Int[Tensor, " D"], Float[Tensor, "H D"]]:
+    """a - b over the union of their keys (a key missing on one side counts 0 there)."""
+    return coalesce(torch.cat([keys_a, keys_b]), torch.cat([vals_a_HS, -vals_b_HS], 1))
+
+
+def marginal(keys_S: Tensor, vals_HS: Tensor, d_sae: int, side: str) -> Float[Tensor, "H F"]:
+    """Channel values summed over the other side: side 'q' gives feature i at the query x every key
+    feature, side 'k' every query feature x feature j at the key. Dense over the d_sae features."""
+    feat = keys_S // d_sae if side == "q" else keys_S % d_sae
+    out = torch.zeros(vals_HS.shape[0], d_sae, dtype=vals_HS.dtype)
+    return out.index_add_(1, feat, vals_HS)
+
+
+def gather_keys(keys_S: Tensor, vals_HS: Tensor, sel_HN: Int[Tensor, "H N"]) -> Float[Tensor, "H N"]:
+    """vals[h, s] at the key sel[h, n] of each head (0 where the key is absent or sel is -1)."""
+    H, S = vals_HS.shape
+    if S == 0:
+        return torch.zeros(sel_HN.shape, dtype=vals_HS.dtype)
+    pos = torch.searchsorted(keys_S, sel_HN.clamp(min=0)).clamp(max=S - 1)
+    hit = (keys_S[pos] == sel_HN) & (sel_HN >= 0)
+    return torch.where(hit, vals_HS.gather(1, pos), torch.zeros((), dtype=vals_HS.dtype))
+
+
+def top_keys(keys_S: Tensor, vals_HS: Tensor, n: int) -> Int[Tensor, "H n"]:
+    """Per head, the keys of the n largest values, largest first (-1 pads when fewer exist)."""
+    H, S = vals_HS.shape
+    out = torch.full((H, n), -1, dtype=torch.long)
+    if S == 0:
+        return out
+    k = min(n, S)
+    idx = vals_HS.topk(k, dim=1).indices
+    out[:, :k] = keys_S[idx]
+    return out
+
+
+def unit_contrib(keys_S: Tensor, contrib_HST: Tensor, sel_HN: Tensor, d_sae: int, kind: str) -> Float[Tensor, "H N T"]:
+    """Each selected unit's contribution at every key: a channel's own, or a feature marginal's
+    (every channel of the row that has that query / key feature)."""
     H, S, T = contrib_HST.shape
-    out = torch.zeros(unit_keys_U.shape[0], H, T, dtype=contrib_HST.dtype)
-    idx = torch.full((unit_keys_U.shape[0],), -1, dtype=torch.long)
-    if S == 0 or unit_keys_U.numel() == 0:
-        return out, idx
-    pos = torch.searchsorted(keys_S, unit_keys_U).clamp(max=S - 1)
-    hit = keys_S[pos] == unit_keys_U
-    out[hit] = contrib_HST[:, pos[hit]].permute(1, 0, 2)
-    idx[hit] = pos[hit]
-    return out, idx
+    if kind in ("channel", "fixed"):
+        if S == 0:
+            return torch.zeros(H, sel_HN.shape[1], T)
+        pos = torch.searchsorted(keys_S, sel_HN.clamp(min=0)).clamp(max=S - 1)
+        hit = (keys_S[pos] == sel_HN) & (sel_HN >= 0)
+        out = contrib_HST.gather(1, pos[..., None].expand(H, -1, T))
+        return out * hit[..., None]
+    feat = keys_S // d_sae if kind == "query" else keys_S % d_sae
+    dense = torch.zeros(H, d_sae, T, dtype=contrib_HST.dtype).index_add_(1, feat, contrib_HST)
+    return dense.gather(1, sel_HN.clamp(min=0)[..., None].expand(-1, -1, T)) * (sel_HN >= 0)[..., None]
+
+
+def x_matched_random_drop(
+    row_HT: Float[Tensor, "H T"],
+    contrib_HST: Float[Tensor, "H S T"],
+    exclude_HS: Bool[Tensor, "H S"],
+    target_H: Float[Tensor, " H"],
+    x_pos: int,
+    n_draws: int,
+    generator: torch.Generator,
+) -> Float[Tensor, " H"]:
+    """Mean drop of attention on X when random channels of the row (outside the unit) are removed,
+    their summed contribution at X matched to the unit's (target_H).
+
+    Each draw walks a random order of the channels whose contribution at X is positive and removes
+    the shortest prefix whose cumulative contribution at X reaches the target. NaN where the target
+    is not positive or no prefix reaches it."""
+    H, S, T = contrib_HST.shape
+    out = torch.full((H,), float("nan"))
+    p0 = row_HT.softmax(-1)[:, x_pos]
+    for h in range(H):
+        if not target_H[h] > 0:
+            continue
+        cand = torch.nonzero((contrib_HST[h, :, x_pos] > 0) & ~exclude_HS[h])[:, 0]
+        xs = contrib_HST[h, cand, x_pos]
+        if xs.sum() < target_H[h]:
+            continue
+        acc = 0.0
+        for _ in range(n_draws):
+            perm = cand[torch.randperm(cand.shape[0], generator=generator)]
+            cum = contrib_HST[h, perm, x_pos].cumsum(0)
+            n = int(torch.searchsorted(cum, target_H[h])) + 1
+            removed_T = contrib_HST[h, perm[:n]].sum(0)
+            acc += float(p0[h] - (row_HT[h] - removed_T).softmax(-1)[x_pos])
+        out[h] = acc / n_draws
+    return out
+
+
+def channel_labels(qc: Tensor, qu: Tensor, kc: Tensor, ku: Tensor, floor: float, ratio: float) -> list[str]:
+    """Gating label of each channel from its query feature's activation at B (conceptual qc,
+    control qu) and its key feature's at X (kc, ku):
+    - 'weak': either feature is below the activation floor on the conceptual prompt;
+    - 'gated query': the query feature fires at B much less without A (qu < ratio * qc): the A -> B
+      match happened upstream, in what switched the query feature on;
+    - 'matching': the query feature fires at B either way and the key feature at X depends on A
+      (ku < ratio * kc): the pair itself matches B's content with what came before X;
+    - 'ungated': both fire either way; the channel does not see A (a structural channel)."""
+    out = []
+    for a, b, c, d in zip(qc.tolist(), qu.tolist(), kc.tolist(), ku.tolist()):
+        if a < floor or c < floor:
+            out.append("weak")
+        elif b < ratio * a:
+            out.append("gated query")
+        elif d < ratio * c:
+            out.append("matching")
+        else:
+            out.append("ungated")
+    return out
 
 
 def p_target(row_HT: Float[Tensor, "... H T"], x_pos: int) -> Float[Tensor, "... H"]:
     """Attention probability on X of the query row (the query is the last position, so every key
     is causal)."""
     return row_HT.softmax(-1)[..., x_pos]
-
-
-def random_matched_removal(
-    row_HT: Float[Tensor, "H T"],
-    contrib_HST: Float[Tensor, "H S T"],
-    unit_idx_U: Int[Tensor, " U"],
-    x_pos: int,
-    n_draws: int,
-    generator: torch.Generator,
-) -> Float[Tensor, "U H"]:
-    """Mean attention on X after removing, instead of unit u, random other channels of the row
-    whose total magnitude (sum over keys of |contribution|) first reaches unit u's own.
-
-    Each draw walks one random order of the row's channels with unit u's own channel taken out;
-    the removed set is the shortest prefix of that order whose cumulative magnitude reaches the
-    target (all other channels, if they never do). Absent units (index -1) get NaN."""
-    H, S, T = contrib_HST.shape
-    U = unit_idx_U.shape[0]
-    out = torch.full((U, H), float("nan"))
-    present = unit_idx_U >= 0
-    if S == 0 or not present.any():
-        return out
-    u_idx = unit_idx_U[present]
-    for h in range(H):
-        mag_S = contrib_HST[h].abs().sum(-1)
-        target_U = mag_S[u_idx]
-        acc = torch.zeros(u_idx.shape[0])
-        for _ in range(n_draws):
-            perm = torch.randperm(S, generator=generator)
-            cum_mag = mag_S[perm].cumsum(0)  # [S]
-            # only a prefix can be needed: once 2 x the largest target is reached, every unit's
-            # target is reached even with the unit's own channel taken out
-            K = min(S, int(torch.searchsorted(cum_mag, 2 * target_U.max())) + 2)
-            perm, cum_mag = perm[:K], cum_mag[:K]
-            rank_S = torch.full((S,), K, dtype=torch.long)
-            rank_S[perm] = torch.arange(K)
-            cum_rows = contrib_HST[h, perm].cumsum(0)  # [K, T]
-            r_U = rank_S[u_idx]  # K when the unit is beyond the prefix
-            # the unit's own channel taken out of the order: subtract it from every prefix that holds it
-            after_UK = torch.arange(K)[None] >= r_U[:, None]
-            cum_mag_UK = cum_mag[None] - after_UK * target_U[:, None]
-            i = torch.searchsorted(cum_mag_UK, target_U[:, None]).clamp(max=K - 1)[:, 0]
-            removed = cum_rows[i] - (i >= r_U)[:, None] * contrib_HST[h, u_idx]
-            acc += (row_HT[h][None] - removed).softmax(-1)[:, x_pos]
-        out[present, h] = acc / n_draws
-    return out
