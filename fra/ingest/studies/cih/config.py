@@ -27,7 +27,7 @@ class CIHConfig:
     seeds: tuple[int, ...] = opt((0, 1, 2), "seeds; each draws its own pairs, template split, fillers and controls")
     group_size: int = opt(20, "units per head in a pair's group (its top channels or feature marginals)")
     n_perm: int = opt(20000, "permutations per test (p-values resolve down to 1 / (n_perm + 1))")
-    n_random_draws: int = opt(5, "random channel sets, matched on their contribution at X, per causal test")
+    n_random_draws: int = opt(3, "random channel sets, matched on their contribution at X, per causal test")
     fdr: float = opt(0.05, "Benjamini-Hochberg false discovery rate, over the heads of a relation, unit and seed")
     min_pass: int = opt(2, "a headline answer must hold in at least this many seeds")
     share_floor: float = opt(0.05, "effect-size floor: a unit's held-out share of its head's contrast")

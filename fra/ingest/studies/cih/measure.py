@@ -20,6 +20,8 @@ U selected units, G term groups, R random draws.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -44,19 +46,72 @@ def contrast_weights(T: int, x_pos: int, others) -> Float[Tensor, " T"]:
     return w
 
 
-def row_groups(q_side, k_side, b: int, q_pos: int) -> Float[Tensor, "G H T"]:
-    """The four term groups of the query row of prompt b; they sum to hook_attn_scores[b, :, q]."""
+def batch_groups(q_side, k_side, q_pos: int) -> Float[Tensor, "B G H T"]:
+    """The four term groups of the query row at q_pos of every prompt of a batch (one length);
+    they sum to hook_attn_scores[:, :, q_pos]."""
     comps = ("feat", "bdec", "err", "bias")
-    qv = {c: q_side.component(c)[b, :, q_pos] for c in comps}  # [H, E]
-    kv = {c: k_side.component(c)[b] for c in comps}  # [H, T, E]
-    term = {(cq, ck): torch.einsum("he,hte->ht", qv[cq], kv[ck]) for cq in comps for ck in comps}
+    qv = {c: q_side.component(c)[:, :, q_pos] for c in comps}  # [B, H, E]
+    kv = {c: k_side.component(c) for c in comps}  # [B, H, T, E]
+    term = {(cq, ck): torch.einsum("bhe,bhte->bht", qv[cq], kv[ck]) for cq in comps for ck in comps}
     group = {
         "ff": [("feat", "feat")],
         "bdec": [("feat", "bdec"), ("bdec", "feat"), ("bdec", "bdec")],
         "err": [t for t in term if "err" in t and "bias" not in t],
         "bias": [t for t in term if "bias" in t],
     }
-    return torch.stack([sum(term[t] for t in group[g]) for g in GROUPS])
+    return torch.stack([sum(term[t] for t in group[g]) for g in GROUPS], 1)
+
+
+def row_groups(q_side, k_side, b: int, q_pos: int) -> Float[Tensor, "G H T"]:
+    """The four term groups of the query row of prompt b; they sum to hook_attn_scores[b, :, q]."""
+    return batch_groups(q_side, k_side, q_pos)[b]
+
+
+@dataclass(frozen=True)
+class RowEntries:
+    """The feature x feature terms of one query row, sparse: entry n is the term of channel
+    keys_S[inv_N[n]] at key position t_N[n], with value V_HN[:, n] in each head."""
+
+    keys_S: Tensor
+    inv_N: Tensor
+    t_N: Tensor
+    V_HN: Tensor
+    T: int
+
+    def values(self, w_T: Float[Tensor, " T"]) -> Float[Tensor, "H S"]:
+        """Each channel's contributions weighted over keys (a margin, or the value at one key)."""
+        out = torch.zeros(self.V_HN.shape[0], self.keys_S.shape[0], dtype=self.V_HN.dtype)
+        return out.index_add_(1, self.inv_N, self.V_HN * w_T[self.t_N])
+
+    def removed(self, mask_HS: Bool[Tensor, "H S"]) -> Float[Tensor, "H T"]:
+        """The summed contribution at every key of the channels selected per head by mask_HS."""
+        vals = self.V_HN * mask_HS[:, self.inv_N]
+        return torch.zeros(self.V_HN.shape[0], self.T, dtype=self.V_HN.dtype).index_add_(1, self.t_N, vals)
+
+    def dense(self) -> Float[Tensor, "H S T"]:
+        H, S = self.V_HN.shape[0], self.keys_S.shape[0]
+        out = torch.zeros(H, S * self.T, dtype=self.V_HN.dtype)
+        out.index_add_(1, self.inv_N * self.T + self.t_N, self.V_HN)
+        return out.view(H, S, self.T)
+
+
+def row_entries(
+    qf_HAE: Float[Tensor, "H A E"],
+    kf_HTAE: Float[Tensor, "H T A E"],
+    idx_q_A: Int[Tensor, " A"],
+    live_q_A: Bool[Tensor, " A"],
+    idx_TA: Int[Tensor, "T A"],
+    live_TA: Bool[Tensor, "T A"],
+    d_sae: int,
+) -> RowEntries:
+    """Every feature x feature term of the row with its channel key i * d_sae + j and key position."""
+    T = kf_HTAE.shape[1]
+    V_HATA = torch.einsum("hae,htbe->hatb", qf_HAE, kf_HTAE)
+    keys_ATA = idx_q_A[:, None, None] * d_sae + idx_TA[None]
+    valid_ATA = live_q_A[:, None, None] & live_TA[None]
+    uniq_S, inv = torch.unique(keys_ATA[valid_ATA], return_inverse=True)
+    t_pos = torch.arange(T, device=idx_TA.device)[None, :, None].expand_as(keys_ATA)[valid_ATA]
+    return RowEntries(uniq_S, inv, t_pos, V_HATA[:, valid_ATA], T)
 
 
 def row_channels(
@@ -69,15 +124,18 @@ def row_channels(
     d_sae: int,
 ) -> tuple[Int[Tensor, " S"], Float[Tensor, "H S T"]]:
     """Channel keys i * d_sae + j present in the row, and each one's contribution at every key."""
-    H, T = kf_HTAE.shape[:2]
-    V_HATA = torch.einsum("hae,htbe->hatb", qf_HAE, kf_HTAE)
-    keys_ATA = idx_q_A[:, None, None] * d_sae + idx_TA[None]
-    valid_ATA = live_q_A[:, None, None] & live_TA[None]
-    uniq_S, inv = torch.unique(keys_ATA[valid_ATA], return_inverse=True)
-    t_pos = torch.arange(T, device=idx_TA.device)[None, :, None].expand_as(keys_ATA)[valid_ATA]
-    contrib = torch.zeros(H, uniq_S.shape[0] * T, dtype=V_HATA.dtype, device=V_HATA.device)
-    contrib.index_add_(1, inv * T + t_pos, V_HATA[:, valid_ATA])
-    return uniq_S, contrib.view(H, uniq_S.shape[0], T)
+    e = row_entries(qf_HAE, kf_HTAE, idx_q_A, live_q_A, idx_TA, live_TA, d_sae)
+    return e.keys_S, e.dense()
+
+
+def unit_mask(keys_S: Tensor, sel_HN: Int[Tensor, "H N"], d_sae: int, kind: str) -> Bool[Tensor, "H S"]:
+    """Which channels of the row belong to each head's unit group: the channels themselves
+    (kind 'channel' / 'fixed'), or every channel with that query ('query') or key ('key') feature."""
+    if kind in ("channel", "fixed"):
+        ids = keys_S
+    else:
+        ids = keys_S // d_sae if kind == "query" else keys_S % d_sae
+    return torch.stack([torch.isin(ids, s[s >= 0]) for s in sel_HN])
 
 
 def coalesce(keys_S: Int[Tensor, " S"], vals_HS: Float[Tensor, "H S"]) -> tuple[Tensor, Tensor]:
@@ -125,25 +183,9 @@ def top_keys(keys_S: Tensor, vals_HS: Tensor, n: int) -> Int[Tensor, "H n"]:
     return out
 
 
-def unit_contrib(keys_S: Tensor, contrib_HST: Tensor, sel_HN: Tensor, d_sae: int, kind: str) -> Float[Tensor, "H N T"]:
-    """Each selected unit's contribution at every key: a channel's own, or a feature marginal's
-    (every channel of the row that has that query / key feature)."""
-    H, S, T = contrib_HST.shape
-    if kind in ("channel", "fixed"):
-        if S == 0:
-            return torch.zeros(H, sel_HN.shape[1], T)
-        pos = torch.searchsorted(keys_S, sel_HN.clamp(min=0)).clamp(max=S - 1)
-        hit = (keys_S[pos] == sel_HN) & (sel_HN >= 0)
-        out = contrib_HST.gather(1, pos[..., None].expand(H, -1, T))
-        return out * hit[..., None]
-    feat = keys_S // d_sae if kind == "query" else keys_S % d_sae
-    dense = torch.zeros(H, d_sae, T, dtype=contrib_HST.dtype).index_add_(1, feat, contrib_HST)
-    return dense.gather(1, sel_HN.clamp(min=0)[..., None].expand(-1, -1, T)) * (sel_HN >= 0)[..., None]
-
-
 def x_matched_random_drop(
     row_HT: Float[Tensor, "H T"],
-    contrib_HST: Float[Tensor, "H S T"],
+    entries: RowEntries,
     exclude_HS: Bool[Tensor, "H S"],
     target_H: Float[Tensor, " H"],
     x_pos: int,
@@ -155,23 +197,28 @@ def x_matched_random_drop(
 
     Each draw walks a random order of the channels whose contribution at X is positive and removes
     the shortest prefix whose cumulative contribution at X reaches the target. NaN where the target
-    is not positive or no prefix reaches it."""
-    H, S, T = contrib_HST.shape
+    is not positive or all such channels together do not reach it."""
+    H, S = exclude_HS.shape
     out = torch.full((H,), float("nan"))
+    w = torch.zeros(entries.T)
+    w[x_pos] = 1.0
+    xc_HS = entries.values(w)
     p0 = row_HT.softmax(-1)[:, x_pos]
     for h in range(H):
         if not target_H[h] > 0:
             continue
-        cand = torch.nonzero((contrib_HST[h, :, x_pos] > 0) & ~exclude_HS[h])[:, 0]
-        xs = contrib_HST[h, cand, x_pos]
-        if xs.sum() < target_H[h]:
+        cand = torch.nonzero((xc_HS[h] > 0) & ~exclude_HS[h])[:, 0]
+        if xc_HS[h, cand].sum() < target_H[h]:
             continue
         acc = 0.0
         for _ in range(n_draws):
             perm = cand[torch.randperm(cand.shape[0], generator=generator)]
-            cum = contrib_HST[h, perm, x_pos].cumsum(0)
-            n = int(torch.searchsorted(cum, target_H[h])) + 1
-            removed_T = contrib_HST[h, perm[:n]].sum(0)
+            cum = xc_HS[h, perm].cumsum(0)
+            n = min(int(torch.searchsorted(cum, target_H[h])) + 1, perm.shape[0])
+            chosen = torch.zeros(S, dtype=torch.bool)
+            chosen[perm[:n]] = True
+            vals = entries.V_HN[h] * chosen[entries.inv_N]
+            removed_T = torch.zeros(entries.T, dtype=vals.dtype).index_add_(0, entries.t_N, vals)
             acc += float(p0[h] - (row_HT[h] - removed_T).softmax(-1)[x_pos])
         out[h] = acc / n_draws
     return out

@@ -298,8 +298,8 @@ def study_prompts(
 ) -> list[Prompt]:
     """All prompts of one relation for one seed. Pairs: a seeded sample of n_pairs, split into
     word-disjoint selection and test pairs (for units fixed across pairs). Templates: every pair
-    gets n_templates selection templates and n_templates held-out ones (a quarter of each from the
-    function-word family)."""
+    gets the same n_templates selection templates and n_templates held-out ones, drawn per seed (a
+    quarter of each from the function-X family)."""
     rng = random.Random(f"{seed}:{relation}")
     pairs = list(pairs)
     rng.shuffle(pairs)
@@ -312,12 +312,14 @@ def study_prompts(
         fn = [t for t in ts if x_kind(t) == "function"]
         return tuple(rng.sample(noun, min(len(noun), n_templates - n_fn)) + rng.sample(fn, min(len(fn), n_fn)))
 
+    # one template draw per seed for every pair: prompts of a template share a length, so they batch
+    chosen = ((0, draw(sel_t)), (1, draw(test_t)))
     out = []
     for pair_set, ps in enumerate((sel_p, test_p)):
         for p in ps:
             pid = hash_pair(p)
-            for half, ts in ((0, sel_t), (1, test_t)):
-                out += pair_prompts(p, pid, pair_set, draw(ts), half, lex, encode, bos, rng)
+            for half, ts in chosen:
+                out += pair_prompts(p, pid, pair_set, ts, half, lex, encode, bos, rng)
     return out
 
 

@@ -35,10 +35,11 @@ from .measure import (
     margin_weights,
     marginal,
     p_target,
-    row_channels,
-    row_groups,
+    RowEntries,
+    batch_groups,
+    row_entries,
     top_keys,
-    unit_contrib,
+    unit_mask,
     x_matched_random_drop,
 )
 from .prompts import Prompt, x_kind
@@ -68,8 +69,7 @@ class Setup:
 class Row:
     """The query row of one prompt at one layer."""
 
-    keys_S: Tensor  # sorted channel keys feat_q * d_sae + feat_k present in the row
-    contrib_HST: Tensor  # each channel's contribution at every key
+    entries: RowEntries  # the feature x feature terms, sparse
     groups_GHT: Tensor  # ff, bdec, err, bias; they sum to scores_HT
     scores_HT: Tensor  # hook_attn_scores[h, q, :]
     act_b_F: Tensor  # SAE activations at B (dense)
@@ -124,9 +124,12 @@ def measure_rows(setup: Setup, prompts: list[Prompt], full: bool) -> tuple[list[
         sparse, q, k, _ = project_tokens(proj, x, acts, sae.W_dec, sae.b_dec)
         scores_BHQK = cache[f"blocks.{L}.attn.hook_attn_scores"].float()
         live_BTA = sparse.acts_BTA != 0
+        if len({len(p.tokens) for p in prompts}) != 1:
+            raise ValueError("a batch must hold prompts of one length (one template)")
+        groups_BGHT = batch_groups(q, k, prompts[0].q_pos)
         for b, p in enumerate(prompts):
             qp, T = p.q_pos, len(p.tokens)
-            keys, contrib = row_channels(
+            entries = row_entries(
                 q.feat_BHTAE[b, :, qp],
                 k.feat_BHTAE[b],
                 sparse.feat_idx_BTA[b, qp],
@@ -135,13 +138,13 @@ def measure_rows(setup: Setup, prompts: list[Prompt], full: bool) -> tuple[list[
                 live_BTA[b],
                 F,
             )
-            groups = row_groups(q, k, b, qp)
+            groups = groups_BGHT[b, :, :, :T]
             scores = scores_BHQK[b, :, qp, :T]
             resid = max(resid, float((groups.sum(0) - scores).abs().max()))
             dense = torch.zeros(2, F)
             for i, t in enumerate((qp, p.x_pos)):
                 dense[i].scatter_add_(0, sparse.feat_idx_BTA[b, t], sparse.acts_BTA[b, t].float())
-            out[b][L] = Row(keys, contrib.float(), groups.float(), scores, dense[0], dense[1], logp[b])
+            out[b][L] = Row(entries, groups.float(), scores, dense[0], dense[1], logp[b])
     return out, resid
 
 
@@ -166,7 +169,7 @@ class Selection:
         for L, rc in rows_c.items():
             ru = rows_u[L]
             w = margin_weights(len(c.tokens), c.x_pos, c.q_pos)
-            keys, d = difference(rc.keys_S, rc.contrib_HST @ w, ru.keys_S, ru.contrib_HST @ w)
+            keys, d = difference(rc.entries.keys_S, rc.entries.values(w), ru.entries.keys_S, ru.entries.values(w))
             self.acc[(c.pair_id, L)].append((keys, d))
             if c.pair_set == 0:
                 self.fixed[L].append((keys, d))
@@ -206,10 +209,10 @@ class Selection:
 
 
 def _unit_values(row: Row, w: Tensor, sel_HN: Tensor, kind: str, d_sae: int) -> Tensor:
-    m_HS = row.contrib_HST @ w
+    m_HS = row.entries.values(w)
     if kind in ("channel", "fixed"):
-        return gather_keys(row.keys_S, m_HS, sel_HN)
-    dense = marginal(row.keys_S, m_HS, d_sae, "q" if kind == "query" else "k")
+        return gather_keys(row.entries.keys_S, m_HS, sel_HN)
+    dense = marginal(row.entries.keys_S, m_HS, d_sae, "q" if kind == "query" else "k")
     return dense.gather(1, sel_HN.clamp(min=0)) * (sel_HN >= 0)
 
 
@@ -279,16 +282,10 @@ def held_out(
                     )
                 )  # fmt: skip
             g_sel = sel[:, :N]
-            g_contrib = unit_contrib(rc.keys_S, rc.contrib_HST, g_sel, F, kind)  # [H, N, T]
-            removed = g_contrib.sum(1)
+            mask = unit_mask(rc.entries.keys_S, g_sel, F, kind)
+            removed = rc.entries.removed(mask)
             drop = pc - p_target(rc.scores_HT - removed, x)
-            # the unit's own channels are excluded from the random draws
-            feat = {"channel": None, "fixed": None, "query": rc.keys_S // F, "key": rc.keys_S % F}[kind]
-            if feat is None:
-                excl = torch.stack([torch.isin(rc.keys_S, g_sel[h]) for h in range(H)])
-            else:
-                excl = torch.stack([torch.isin(feat, g_sel[h]) for h in range(H)])
-            rand = x_matched_random_drop(rc.scores_HT, rc.contrib_HST, excl, removed[:, x], x, cfg.n_random_draws, gen)
+            rand = x_matched_random_drop(rc.scores_HT, rc.entries, mask, removed[:, x], x, cfg.n_random_draws, gen)
             labs = _labels(kind, g_sel, rc, ru, F, cfg.act_floor, cfg.gate_ratio)
             gdc = d[:, :N]
             for h in range(H):
