@@ -5,8 +5,9 @@ relation, a unit kind and a head, in one seed, the unit passes when
 - head gate: the head's conceptual-minus-control attention on X, averaged over pairs, is at least
   `attn_floor`, with BH q < fdr (sign-flip test over pairs, BH over the heads);
 - the unit's held-out contrast is positive over pairs, larger than the placebo relation's, and
-  larger than on the anchor swap (each one-sided; the unit's p is the largest of the three, an
-  intersection-union test), with BH q < fdr over the heads;
+  more than twice its anchor-swap contrast (the swap keeps less than half of it) (each one-sided;
+  the unit's p is the largest of the three, an intersection-union test), with BH q < fdr over
+  the heads;
 - effect size: the unit carries at least `share_floor` of the head's own held-out contrast
   (summed over pairs and templates before dividing, so near-zero pairs cannot blow it up).
 "Matching" additionally needs at least half of the unit's positive contrast to sit in units
@@ -87,7 +88,8 @@ def unit_tests(groups: pd.DataFrame, heads: pd.DataFrame, htests: pd.DataFrame, 
     for (seed, rel, unit, L, h), g in gm.groupby(["seed", "relation", "unit", "layer", "head"]):
         x = g["contrast"].to_numpy()
         p_sign = _sign_p(x, c.n_perm, seed + 1)
-        p_swap = _sign_p(x - g["swap_contrast"].to_numpy(), c.n_perm, seed + 2)
+        # the anchor swap must keep less than half the contrast: test contrast - 2 x swap contrast > 0
+        p_swap = _sign_p(x - 2 * g["swap_contrast"].to_numpy(), c.n_perm, seed + 2)
         pl = placebo.get((seed, unit, L, h))
         p_pl = permutation_greater(x, pl, c.n_perm, seed + 3) if rel != "placebo" and pl is not None else p_sign
         pos = g["pos"].sum()

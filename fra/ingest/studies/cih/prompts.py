@@ -149,11 +149,16 @@ def unrelated(w: str, others) -> bool:
 
 
 def morphological(a: str, b: str) -> bool:
-    """True when a and b look like forms of one word: a shared 3-letter prefix or containment
-    (fire/firing, vote/voting, hate/hatred, shot/shooting), case-insensitive. Conservative: it also
-    drops a few true synonyms that happen to share a prefix."""
+    """True when a and b may be forms of one word (case-insensitive): a shared 3-letter prefix,
+    containment, a shared run of 4 letters, or a shared 2-letter prefix with a difflib similarity
+    >= 0.4 (fire/firing, vote/voting, hate/hatred, shot/shooting, alone/lonely, thought/thinking,
+    gray/grey). Conservative: it also drops a few true synonyms (house/home)."""
+    import difflib
+
     a, b = a.lower(), b.lower()
-    return a[:3] == b[:3] or a in b or b in a
+    m = difflib.SequenceMatcher(None, a, b)
+    longest = m.find_longest_match(0, len(a), 0, len(b)).size
+    return a[:3] == b[:3] or a in b or b in a or longest >= 4 or (a[:2] == b[:2] and m.ratio() >= 0.4)
 
 
 def split_pairs(pairs: list[WordPair], rng: random.Random) -> tuple[list[WordPair], list[WordPair]]:
