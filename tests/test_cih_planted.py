@@ -132,7 +132,7 @@ def run_planted(kind: str, relation: str):
 
 
 def frames(*recs) -> dict:
-    return {k: pd.DataFrame([r for rec in recs for r in rec[k]]) for k in ("heads", "groups", "curves", "channels")}
+    return {k: pd.DataFrame([r for rec in recs for r in rec[k]]) for k in ("heads", "groups", "curves", "members")}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_concept_specific_channel_is_found_by_the_per_pair_unit_and_not_by_the_f
     # contrast on its held-out templates; no other pair's group carries anything like it
     by_pair = ch.groupby("pair_id")["contrast"].mean()
     assert by_pair[0] > 4 and by_pair.drop(0).abs().max() < 0.2 * by_pair[0]
-    top = f["channels"][f["channels"].relation == "synonym"]
+    top = f["members"][(f["members"].relation == "synonym") & (f["members"].unit == "channel")]
     top0 = top[(top.pair_id == 0) & (top["head"] == 0) & (top["rank"] == 0)]
     assert set(zip(top0.feat_q, top0.feat_k)) == {(tok(0, "B"), tok(0, "XA"))}
     assert (top0.label == "matching").all()  # B fires either way; XA_0 only after A_0
@@ -204,7 +204,7 @@ def test_anchor_swap_rejects_a_structural_unit(placebo):
     assert u.swap_contrast == pytest.approx(u.contrast, rel=0.05)
     assert u.p_swap > 0.5 and not u.passes
     # its top channel is labelled gated query: BA_p fires at B only when A_p occurred
-    top = f["channels"][f["channels"].relation == "synonym"]
+    top = f["members"][(f["members"].relation == "synonym") & (f["members"].unit == "channel")]
     assert (top[(top["head"] == 0) & (top["rank"] == 0)].label == "gated query").all()
 
 

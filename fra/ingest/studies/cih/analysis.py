@@ -229,46 +229,56 @@ def x_kind_heads(heads: pd.DataFrame, tih: list[str]) -> pd.DataFrame:
     return h.groupby(["relation", "x_kind"], as_index=False)[["d_attn", "d_attn_swap", "contrast"]].mean()
 
 
-def channel_families(channels: pd.DataFrame, tih: list[str], top: int = 15) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stage 3c, channels as units: the channels of the per-pair groups in the TIH, pooled over
-    pairs, templates and seeds. Per channel: in how many distinct pairs (and relations) it is in
-    a group, its mean contrast per relation, its anchor-swap ratio and its commonest label.
-    'structural' = it recurs across many pairs and its key feature fires at X as much after the
-    control word (ungated) or its swap contrast is at least half its contrast; 'content' = matching
-    or gated and specific to a few pairs. Returns (the top channels, a summary per class)."""
-    ch = channels.assign(name=channels["layer"].astype(str) + "." + channels["head"].astype(str))
-    ch = ch[ch.name.isin(tih) & (ch.relation != "placebo")]
-    if ch.empty:
+def channel_families(
+    members: pd.DataFrame, tih: list[str], unit: str, top: int = 15
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 3c, units as objects of their own: the members of the per-pair groups of `unit` in
+    the TIH, pooled over pairs and seeds. Per member (a channel, or a query / key feature): in how
+    many distinct pairs (and relations) it is selected, its mean contrast per relation, its
+    anchor-swap ratio, its activations with and without A, and its commonest label.
+    Classes: 'structural' = selected for >= 20% of all pairs, with an ungated label or a swap
+    ratio >= 0.5 (it does not need A before X); 'recurrent' = selected for >= 20% of pairs
+    otherwise; 'content, pair-specific' = matching or gated query and selected for fewer pairs;
+    'other' = the rest. Returns (the most often selected members, a summary per class)."""
+    m = members.assign(name=members["layer"].astype(str) + "." + members["head"].astype(str))
+    m = m[m.name.isin(tih) & (m.relation != "placebo") & (m.unit == unit)]
+    if m.empty:
         return pd.DataFrame(), pd.DataFrame()
-    ch = ch.assign(pair=ch["relation"] + ":" + ch["pair_id"].astype(str))
-    g = ch.groupby(["layer", "feat_q", "feat_k"])
-    t = g.agg(
-        n_pairs=("pair", "nunique"),
-        n_relations=("relation", "nunique"),
-        contrast=("contrast", "mean"),
-        swap_contrast=("swap_contrast", "mean"),
-        q_act=("q_act", "mean"),
-        q_act_control=("q_act_control", "mean"),
-        k_act_x=("k_act_x", "mean"),
-        k_act_x_control=("k_act_x_control", "mean"),
-        label=("label", lambda s: s.value_counts().index[0]),
-        heads=("name", lambda s: ",".join(sorted(set(s)))),
-    ).reset_index()
-    prof = ch.pivot_table(index=["layer", "feat_q", "feat_k"], columns="relation", values="contrast", aggfunc="mean")
+    m = m.assign(pair=m["relation"] + ":" + m["pair_id"].astype(str))
+    key = ["layer", "feat_q", "feat_k"]
+    t = (
+        m.groupby(key)
+        .agg(
+            n_pairs=("pair", "nunique"),
+            n_relations=("relation", "nunique"),
+            contrast=("contrast", "mean"),
+            swap_contrast=("swap_contrast", "mean"),
+            q_act=("q_act", "mean"),
+            q_act_control=("q_act_control", "mean"),
+            k_act_x=("k_act_x", "mean"),
+            k_act_x_control=("k_act_x_control", "mean"),
+            label=("label", lambda s: s.value_counts().index[0]),
+            heads=("name", lambda s: ",".join(sorted(set(s)))),
+        )
+        .reset_index()
+    )
+    prof = m.pivot_table(index=key, columns="relation", values="contrast", aggfunc="mean")
     prof.columns = [f"contrast_{c}" for c in prof.columns]
-    t = t.merge(prof.reset_index(), on=["layer", "feat_q", "feat_k"])
-    n_all = ch["pair"].nunique()
+    act = m.pivot_table(index=key, columns="relation", values="q_act", aggfunc="mean")
+    act.columns = [f"q_act_{c}" for c in act.columns]
+    t = t.merge(prof.reset_index(), on=key).merge(act.reset_index(), on=key)
+    n_all = m["pair"].nunique()
     t["pair_rate"] = t["n_pairs"] / n_all
     t["swap_ratio"] = t["swap_contrast"] / t["contrast"].where(t["contrast"] > 0)
     recurrent = t["pair_rate"] >= 0.2
     structural = (t["label"] == "ungated") | (t["swap_ratio"] >= 0.5)
     t["class"] = np.select(
-        [recurrent & structural, recurrent, structural, t["label"].isin(["matching", "gated query"])],
-        ["structural, recurrent", "recurrent", "structural", "content, pair-specific"],
+        [recurrent & structural, recurrent, t["label"].isin(["matching", "gated query"])],
+        ["structural", "recurrent", "content, pair-specific"],
         "other",
     )
-    total = ch.assign(pos=ch["contrast"].clip(lower=0)).merge(t[["layer", "feat_q", "feat_k", "class"]])
-    summary = total.groupby("class", as_index=False).agg(n_channels=("feat_q", "size"), contrast=("pos", "sum"))
-    summary["n_channels"] = summary["class"].map(t["class"].value_counts())
+    pos = m.assign(pos=m["contrast"].clip(lower=0)).merge(t[key + ["class"]], on=key)
+    summary = pos.groupby("class", as_index=False).agg(contrast=("pos", "sum"))
+    summary["n_members"] = summary["class"].map(t["class"].value_counts())
     summary["share_of_group_contrast"] = summary["contrast"] / summary["contrast"].sum()
-    return t.sort_values("n_pairs", ascending=False).head(top), summary
+    return t.sort_values(["n_pairs", "contrast"], ascending=False).head(top), summary

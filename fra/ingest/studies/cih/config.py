@@ -22,8 +22,8 @@ class CIHConfig:
         'a JSON list of {"A", "B", "relation"} pairs to study instead of the shipped ones; they go '
         "through the same validation by the model (the report says how many passed)",
     )
-    n_pairs: int = opt(16, "word pairs per relation and seed (split into word-disjoint selection and test pairs)")
-    n_templates: int = opt(6, "templates per pair in each half (selection and held-out); a quarter are function-X ones")
+    n_pairs: int = opt(10, "word pairs per relation and seed (split into word-disjoint selection and test pairs)")
+    n_templates: int = opt(4, "templates per pair in each half (selection and held-out); a quarter are function-X ones")
     seeds: tuple[int, ...] = opt((0, 1, 2), "seeds; each draws its own pairs, template split, fillers and controls")
     group_size: int = opt(20, "units per head in a pair's group (its top channels or feature marginals)")
     n_perm: int = opt(20000, "permutations per test (p-values resolve down to 1 / (n_perm + 1))")

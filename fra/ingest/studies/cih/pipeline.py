@@ -3,6 +3,7 @@ Parquet tables and report.md (report.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -65,7 +66,6 @@ def run(cfg: CIHConfig, progress: bool = True):
     from fra.ingest.studies.census import load_census
 
     from .prompts import load_lexicon
-    from .report import write_report
     from .study import Setup, run_seed
 
     t0 = time.time()
@@ -79,7 +79,7 @@ def run(cfg: CIHConfig, progress: bool = True):
     pairs, info = choose_pairs(rc, setup, lex)
     recs, resid = {}, 0.0
     for seed in rc.seeds:
-        r, res = run_seed(setup, rc, pairs, seed, progress)
+        r, res = run_seed(setup, rc, pairs, seed, progress, detail={tuple(map(int, h.split("."))) for h in tih})
         resid = max(resid, res)
         for k, v in r.items():
             recs.setdefault(k, []).extend(v)
@@ -89,9 +89,17 @@ def run(cfg: CIHConfig, progress: bool = True):
             info[rel]["used_per_seed"] = int(
                 frames["prompts"][frames["prompts"].relation == rel].groupby("seed")["pair_id"].nunique().mean()
             )
-    results, derived = analyse(frames, rc, tih, lex.kinds, labels_of(rc.model), info, resid)
+    from .report import model_description, sae_description, write_tables
+
     out = Path(cfg.out)
-    results = write_report(out, results, frames, derived, rc, setup, time.time() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    # the measurements first: `reanalyse` can redo everything below from them
+    run_info = dict(
+        tih=tih, pairs=info, max_abs_residual=resid, model_text=model_description(setup),
+        sae_text=sae_description(setup), seconds=time.time() - t0, tables=write_tables(out, frames),
+    )  # fmt: skip
+    (out / "cih_run.json").write_text(json.dumps(run_info, indent=1))
+    results = reanalyse(out, rc, kinds=lex.kinds)
     if progress:
         print(f"CIH report written to {out}/report.md in {time.time() - t0:.0f} s")
     return results
@@ -104,7 +112,9 @@ def labels_of(model: str) -> dict:
     return {key: str(label) for key, label in feature_labels(model).items()}
 
 
-def analyse(frames: dict, cfg: CIHConfig, tih: list[str], kinds: dict, labels: dict, info: dict, resid: float):
+def analyse(
+    frames: dict, cfg: CIHConfig, tih: list[str], kinds: dict, labels: dict, info: dict, resid: float, texts=("", "")
+):
     """Tests, verdicts, answers and the stage-3c channels; returns the cih.json record and the
     derived tables the report shows."""
     c = A.Criteria(cfg.fdr, cfg.attn_floor, cfg.share_floor, cfg.min_pass, cfg.n_perm)
@@ -117,7 +127,7 @@ def analyse(frames: dict, cfg: CIHConfig, tih: list[str], kinds: dict, labels: d
     pc = A.positive_control(ans, cv, cfg.group_size, tih)
     unit = A.chosen_unit(pc)
     beh = A.behaviour(frames["heads"])
-    fam, fam_summary = A.channel_families(frames["channels"], tih)
+    fam, fam_summary = A.channel_families(frames["members"], tih, unit or "channel")
     if len(fam):
         fam = fam.assign(
             label_q=[labels.get((int(L), int(f)), "") for L, f in zip(fam.layer, fam.feat_q)],
@@ -126,6 +136,8 @@ def analyse(frames: dict, cfg: CIHConfig, tih: list[str], kinds: dict, labels: d
         )
     res = CIHResults(
         model=cfg.model,
+        model_text=texts[0],
+        sae_text=texts[1],
         layers=list(cfg.layers),
         seeds=list(cfg.seeds),
         tih=tih,
@@ -145,3 +157,21 @@ def analyse(frames: dict, cfg: CIHConfig, tih: list[str], kinds: dict, labels: d
         head_tests=ht, unit_tests=ut, curves=cv, x_kind=A.x_kind_heads(frames["heads"], tih), families=fam_summary
     )
     return res, derived
+
+
+def reanalyse(out: Path, cfg: CIHConfig, kinds: dict | None = None) -> CIHResults:
+    """Tests, cih.json and report.md from the measurements of a run in `out` (cih_run.json and
+    the Parquet tables it names; no model needed), so the analysis can change without measuring
+    again. `cfg` must be the measured run's config (seeds); its criteria may differ."""
+    from .prompts import load_lexicon
+    from .report import write_report
+
+    out = Path(out)
+    info = json.loads((out / "cih_run.json").read_text())
+    frames = {name: pd.read_parquet(out / f) for name, f in info["tables"].items()}
+    rc = cfg.effective()
+    res, derived = analyse(
+        frames, rc, info["tih"], kinds or load_lexicon().kinds, labels_of(rc.model), info["pairs"],
+        info["max_abs_residual"], (info["model_text"], info["sae_text"]),
+    )  # fmt: skip
+    return write_report(out, res, derived, rc, info["seconds"], info["tables"])

@@ -447,6 +447,8 @@ def write_tables(out: Path, frames: dict) -> dict:
     """Every record as Parquet (zstd); returns name -> file name."""
     names = {}
     for name, df in frames.items():
+        if df.empty:
+            continue
         f = f"cih_{name}.parquet"
         tmp = out / (f + ".tmp")
         df.to_parquet(tmp, compression="zstd", index=False)
@@ -455,14 +457,14 @@ def write_tables(out: Path, frames: dict) -> dict:
     return names
 
 
-def write_report(out: Path, res, frames: dict, derived: dict, cfg, setup, seconds: float):
-    """Parquet tables, figure, report.md and cih.json into `out`; returns the final record."""
+def write_report(out: Path, res, derived: dict, cfg, seconds: float, tables: dict):
+    """The figure, report.md and cih.json into `out` (the Parquet tables are already there);
+    returns the final record."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("heads.png", "causal.png", "placebo.png"):
         (out / stale).unlink(missing_ok=True)
-    tables = write_tables(out, {k: v for k, v in frames.items() if len(v)})
     res = replace(res, tables=tables, seconds=seconds)
     figure_concentration(derived["curves"], res.tih, out / "concentration.png")
-    (out / "report.md").write_text(markdown(res, derived, cfg, model_description(setup), sae_description(setup), out))
+    (out / "report.md").write_text(markdown(res, derived, cfg, res.model_text, res.sae_text, out))
     schema.save(res, out / "cih.json")
     return res

@@ -103,6 +103,8 @@ class Behaviour:
 @dataclass(frozen=True)
 class CIHResults:
     model: str
+    model_text: str  # what the model is and where it comes from
+    sae_text: str  # the SAEs studied
     layers: list[int]
     seeds: list[int]
     tih: list[str]

@@ -28,6 +28,8 @@ from torch import Tensor
 from .config import CIHConfig
 from .measure import (
     GROUPS,
+    RowEntries,
+    batch_groups,
     channel_labels,
     coalesce,
     difference,
@@ -35,8 +37,6 @@ from .measure import (
     margin_weights,
     marginal,
     p_target,
-    RowEntries,
-    batch_groups,
     row_entries,
     top_keys,
     unit_mask,
@@ -237,10 +237,18 @@ def _labels(kind: str, sel_HN: Tensor, rc: Row, ru: Row, d_sae: int, floor: floa
 
 
 def held_out(
-    trio: dict, rows: dict, units: dict, cfg: CIHConfig, seed: int, d_sae: dict, gen: torch.Generator
+    trio: dict,
+    rows: dict,
+    units: dict,
+    cfg: CIHConfig,
+    seed: int,
+    d_sae: dict,
+    gen: torch.Generator,
+    detail: set | None = None,
 ) -> tuple[list, list, list, list]:
     """Every measurement on one (pair, held-out template): head rows, unit group rows, held-out
-    curve rows and the group's channel rows."""
+    curve rows and the groups' member rows. The random-channel removals and the member rows are
+    made only for the heads in `detail` ((layer, head) pairs; None = every head)."""
     c, u, s = trio["concept"], trio["control"], trio["swap"]
     rc_all, ru_all, rs_all = rows[c], rows[u], rows[s]
     w = margin_weights(len(c.tokens), c.x_pos, c.q_pos)
@@ -285,7 +293,9 @@ def held_out(
             mask = unit_mask(rc.entries.keys_S, g_sel, F, kind)
             removed = rc.entries.removed(mask)
             drop = pc - p_target(rc.scores_HT - removed, x)
-            rand = x_matched_random_drop(rc.scores_HT, rc.entries, mask, removed[:, x], x, cfg.n_random_draws, gen)
+            want = torch.tensor([detail is None or (L, h) in detail for h in range(H)])
+            target = torch.where(want, removed[:, x], torch.full_like(removed[:, x], float("nan")))
+            rand = x_matched_random_drop(rc.scores_HT, rc.entries, mask, target, x, cfg.n_random_draws, gen)
             labs = _labels(kind, g_sel, rc, ru, F, cfg.act_floor, cfg.gate_ratio)
             gdc = d[:, :N]
             for h in range(H):
@@ -303,26 +313,31 @@ def held_out(
                         **{f"frac_{k.replace(' ', '_')}": v for k, v in frac.items()},
                     )
                 )  # fmt: skip
-                if kind == "channel":
-                    for r in range(N):
-                        key_ = int(g_sel[h, r])
-                        if key_ < 0:
-                            continue
-                        fq, fk = key_ // F, key_ % F
-                        chans.append(
-                            dict(
-                                **base, layer=L, head=h, rank=r, feat_q=fq, feat_k=fk, contrast=float(gdc[h, r]),
-                                swap_contrast=float(dsw[h, r]), q_act=float(rc.act_b_F[fq]),
-                                q_act_control=float(ru.act_b_F[fq]), k_act_x=float(rc.act_x_F[fk]),
-                                k_act_x_control=float(ru.act_x_F[fk]), k_act_x_swap=float(rs.act_x_F[fk]),
-                                label=labs[h][r],
-                            )
-                        )  # fmt: skip
+                if kind == "fixed" or not bool(want[h]):
+                    continue
+                for r in range(N):
+                    key_ = int(g_sel[h, r])
+                    if key_ < 0:
+                        continue
+                    fq, fk = {"channel": (key_ // F, key_ % F), "query": (key_, -1), "key": (-1, key_)}[kind]
+                    qa = [float(r_.act_b_F[fq]) if fq >= 0 else float("nan") for r_ in (rc, ru, rs)]
+                    ka = [float(r_.act_x_F[fk]) if fk >= 0 else float("nan") for r_ in (rc, ru, rs)]
+                    chans.append(
+                        dict(
+                            **base, layer=L, head=h, unit=kind, rank=r, feat_q=fq, feat_k=fk,
+                            contrast=float(gdc[h, r]), swap_contrast=float(dsw[h, r]),
+                            q_act=qa[0], q_act_control=qa[1], q_act_swap=qa[2],
+                            k_act_x=ka[0], k_act_x_control=ka[1], k_act_x_swap=ka[2], label=labs[h][r],
+                        )
+                    )  # fmt: skip
     return heads, groups, curves, chans
 
 
-def run_relation(setup, cfg: CIHConfig, prompts: list[Prompt], seed: int, gen: torch.Generator, progress=None):
-    """Phase 1 then phase 2 for one relation; returns the record lists and the largest residual."""
+def run_relation(
+    setup, cfg: CIHConfig, prompts: list[Prompt], seed: int, gen: torch.Generator, progress=None, detail=None
+):
+    """Phase 1 then phase 2 for one relation; returns the record lists and the largest residual.
+    `detail`: the (layer, head) pairs that get random-channel removals and member rows (None: all)."""
     d_sae = {L: setup.saes[L].cfg.d_sae for L in setup.layers}
     sel = Selection()
     resid = 0.0
@@ -354,17 +369,35 @@ def run_relation(setup, cfg: CIHConfig, prompts: list[Prompt], seed: int, gen: t
                 continue
             # the fixed unit is evaluated on test pairs only (it was selected on the selection pairs)
             us = {k: v for k, v in units.items() if k[0] is not None or trio["concept"].pair_set == 1}
-            h, g, cv, ch = held_out(trio, row_of, us, cfg, seed, d_sae, gen)
+            h, g, cv, ch = held_out(trio, row_of, us, cfg, seed, d_sae, gen, detail)
             heads += h
             groups += g
             curves += cv
             chans += ch
         if progress:
             progress(len(batch))
-    return dict(heads=heads, groups=groups, curves=curves, channels=chans), resid
+    return dict(heads=heads, groups=groups, curves=curves, members=members_per_pair(chans)), resid
 
 
-def run_seed(setup: Setup, cfg: CIHConfig, pairs_of: dict, seed: int, progress: bool = True) -> tuple[dict, float]:
+def members_per_pair(rows: list[dict]) -> list[dict]:
+    """Member rows averaged over a pair's held-out templates (the label: the commonest)."""
+    if not rows:
+        return []
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    keys = ["seed", "relation", "pair_id", "layer", "head", "unit", "rank", "feat_q", "feat_k"]
+    num = ["contrast", "swap_contrast", "q_act", "q_act_control", "q_act_swap", "k_act_x", "k_act_x_control",
+           "k_act_x_swap"]  # fmt: skip
+    out = df.groupby(keys, as_index=False)[num].mean()
+    lab = df.groupby(keys)["label"].agg(lambda s: s.value_counts().index[0]).reset_index()
+    n = df.groupby(keys).size().rename("n_templates").reset_index()
+    return out.merge(lab, on=keys).merge(n, on=keys).to_dict("records")
+
+
+def run_seed(
+    setup: Setup, cfg: CIHConfig, pairs_of: dict, seed: int, progress: bool = True, detail=None
+) -> tuple[dict, float]:
     """Every relation for one seed; the records carry the seed and relation."""
     from tqdm import tqdm
 
@@ -382,7 +415,7 @@ def run_seed(setup: Setup, cfg: CIHConfig, pairs_of: dict, seed: int, progress: 
     bar = tqdm(total=total, desc=f"seed {seed}", disable=not progress, unit="prompt")
     t0 = time.time()
     for rel, prompts in n_prompts.items():
-        recs, r = run_relation(setup, cfg, prompts, seed, gen, bar.update)
+        recs, r = run_relation(setup, cfg, prompts, seed, gen, bar.update, detail)
         resid = max(resid, r)
         for k, v in recs.items():
             out[k] += v
