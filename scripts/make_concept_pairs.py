@@ -479,7 +479,9 @@ def main() -> None:
     cands = cands[:N_SYNONYM_CANDIDATES]
     print(f"{len(cands)} of {n_all} synonym candidates", flush=True)
     p1 = probs([(SYNONYM_PROMPT.format(A=a), b) for a, b, _ in cands])
-    synonym = clean([{"A": a, "B": b, "pos": pos, "p_model": round(x, 4)} for (a, b, pos), x in zip(cands, p1) if x >= P_MIN])
+    synonym = clean(
+        [{"A": a, "B": b, "pos": pos, "p_model": round(x, 4)} for (a, b, pos), x in zip(cands, p1) if x >= P_MIN]
+    )
     print(
         f"synonym: {len(synonym)} of {len(cands)} candidates pass p >= {P_MIN}; "
         f"p >= 0.01: {sum(x >= 0.01 for x in p1)}, p >= 0.1: {sum(x >= 0.1 for x in p1)}",

@@ -154,7 +154,12 @@ def analyse(
         max_abs_residual=resid,
     )
     derived = dict(
-        head_tests=ht, unit_tests=ut, curves=cv, x_kind=A.x_kind_heads(frames["heads"], tih), families=fam_summary
+        head_tests=ht,
+        unit_tests=ut,
+        curves=cv,
+        x_kind=A.x_kind_heads(frames["heads"], tih),
+        families=fam_summary,
+        families_top=fam,
     )
     return res, derived
 

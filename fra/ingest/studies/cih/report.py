@@ -141,37 +141,46 @@ def sec_headline(res, derived, cfg) -> str:
     unit = res.chosen_unit
     if unit is None:
         lines.append(
-            "No unit passed the positive control, so H1 and H2 are not answered. The head-level effects below "
-            "(attention and behaviour) still stand on their own.\n"
+            "No unit passed the positive control, so H1 and H2 are not answered: the instrument cannot see token "
+            "induction inside its units, and a negative answer about conceptual induction would mean nothing. "
+            "The head-level effects (attention and behaviour) stand on their own.\n"
         )
-        unit = "channel"
     ans = {(a.relation, a.unit): a for a in res.answers}
     beh = {(b.relation, b.x_kind): b for b in res.behaviour}
     ut = derived["unit_tests"]
     ht = derived["head_tests"]
     for rel in _relations(res):
-        a = ans.get((rel, unit))
-        if a is None:
-            continue
         b = beh.get((rel, "all"))
-        u = ut[(ut.relation == rel) & (ut.unit == unit) & ut.tih]
         h = ht[(ht.relation == rel) & ht.tih]
+        a = ans.get((rel, unit)) if unit else None
+        kind = next((x.relation_kind for x in res.answers if x.relation == rel), "")
+        if a is None:
+            answer = "H1/H2 not answered: no unit passed the positive control"
+            unit_txt = ""
+        else:
+            n_hold = len(a.tih_holding.split(",")) if a.tih_holding else 0
+            answer = (
+                f"H1 **{a.h1}** ({n_hold} of {a.n_tih} TIH hold: {a.tih_holding or 'none'}); with matching units "
+                f"only: H1 {a.h1_matching} ({a.tih_holding_matching or 'none'}). H2: {a.h2 or 'none'} (matching "
+                f"only: {a.h2_matching or 'none'})"
+            )
+            u = ut[(ut.relation == rel) & (ut.unit == unit) & ut.tih]
+            unit_txt = (
+                f" The unit carries {f3(u.share.mean())} of the TIH contrast; removing it drops attention on X by "
+                f"{f3(u.attn_drop.mean())} (random channels matched at X: {f3(u.attn_drop_random.mean())}; the "
+                f"head's SAE-error terms: {f3(u.attn_drop_error.mean())})."
+            )
         beh_txt = (
-            f"behaviour: log P(X) conceptual minus control {f3(b.d_logp, 2)} [{f3(b.d_logp_lo, 2)}, {f3(b.d_logp_hi, 2)}]"
+            f" Behaviour: log P(X) conceptual minus control {f3(b.d_logp, 2)} "
+            f"[{f3(b.d_logp_lo, 2)}, {f3(b.d_logp_hi, 2)}]."
             if b
             else ""
         )
-        claim = "" if res.chosen_unit else " (not answered: no unit passed the positive control)"
         lines.append(
-            f"- **{rel}** ({a.relation_kind}){claim}: H1 **{a.h1}** ({len(a.tih_holding.split(',')) if a.tih_holding else 0}"
-            f" of {a.n_tih} TIH hold: {a.tih_holding or 'none'}); with matching units only: H1 {a.h1_matching} "
-            f"({a.tih_holding_matching or 'none'}). H2: {a.h2 or 'none'} (matching only: {a.h2_matching or 'none'}). "
-            f"In the TIH: attention on X conceptual minus control {f3(h.d_attn.mean())}, anchor swap minus control "
-            f"{f3(h.d_attn_swap.mean())}; the unit carries {f3(u.share.mean())} of the head's contrast; removing it "
-            f"drops attention on X by {f3(u.attn_drop.mean())} (random channels matched at X: "
-            f"{f3(u.attn_drop_random.mean())}; the head's SAE-error terms: {f3(u.attn_drop_error.mean())}); "
-            f"shares of the TIH contrast: ff {f3(h.share_ff.mean())}, SAE error {f3(h.share_err.mean())}, "
-            f"b_dec {f3(h.share_bdec.mean())}, bias {f3(h.share_bias.mean())}; {beh_txt}."
+            f"- **{rel}** ({kind}): {answer}. In the TIH, attention on X conceptual minus control "
+            f"{f3(h.d_attn.mean())} (anchor swap minus control {f3(h.d_attn_swap.mean())}); shares of their "
+            f"contrast: feature x feature {f3(h.share_ff.mean())}, SAE error {f3(h.share_err.mean())}, b_dec "
+            f"{f3(h.share_bdec.mean())}, bias {f3(h.share_bias.mean())}.{unit_txt}{beh_txt}"
         )
     lines.append(
         "\nH1: every TIH holds (passes in >= min_pass seeds). H2: heads outside the TIH that hold. 'Matching only' "
@@ -298,40 +307,42 @@ def sec_causal(res, derived) -> str:
 
 
 def sec_channels(res, derived) -> str:
-    ch = pd.DataFrame([vars(c) for c in res.channels])
+    top = derived["families_top"]
     fam = derived["families"]
-    if ch.empty:
-        return "## 7. Channels as units (stage 3c)\n\nNo channel groups in the TIH.\n"
+    unit = res.chosen_unit or "channel"
+    head = "## 7. Units as objects of their own (stage 3c)\n\n"
+    if top is None or top.empty:
+        return head + "No unit groups in the TIH.\n"
+    what = {"channel": "channel (i, j)", "query": "query feature i", "key": "key feature j"}.get(unit, unit)
+    rels = [c for c in top.columns if c.startswith("contrast_")]
+    acts = [c for c in top.columns if c.startswith("q_act_") and c != "q_act_control"]
     return (
-        "## 7. Channels as units (stage 3c)\n\n"
-        "What do the channels of the per-pair groups do across contexts? Pooled over the TIH, all relations but "
-        "placebo, pairs, templates and seeds: how many distinct pairs select each channel, its contrast, its "
-        "anchor-swap ratio and its commonest gating label. Classes: *structural, recurrent* = selected for >= 20% "
-        "of all pairs and ungated or keeping >= half its contrast on the anchor swap (it does not need A before "
-        "X); *content, pair-specific* = matching or gated query, selected for fewer pairs.\n\n"
+        head + f"What does each {what} of the per-pair groups (unit *{unit}*) do across contexts, independent of the "
+        "pair it was selected for? Pooled over the TIH, every relation but placebo, pairs and seeds: for how many "
+        "distinct pairs it is selected, its mean contrast per relation, its anchor-swap ratio (swap contrast / "
+        "contrast) and its commonest gating label. Classes (analysis.channel_families): *structural* = selected "
+        "for >= 20% of all pairs and ungated or keeping >= half its contrast on the anchor swap; *recurrent* = "
+        "selected for >= 20% of pairs otherwise; *content, pair-specific* = matching or gated query and selected "
+        "for fewer pairs.\n\n"
         + (
-            table(fam, ["class", "n_channels", "share_of_group_contrast"], {"n_channels": lambda n: str(int(n))})
+            table(fam, ["class", "n_members", "share_of_group_contrast"], {"n_members": lambda n: str(int(n))})
             if len(fam)
             else ""
         )
-        + "\n\nThe channels selected for the most pairs (labels are the shipped feature labels):\n\n"
+        + "\n\nThe members selected for the most pairs, with the shipped feature labels, their contrast per "
+        "relation and the query feature's mean activation at B per relation (q_act_<relation>) against the "
+        "control (q_act_control):\n\n"
         + table(
-            ch,
-            [
-                "layer",
-                "feat_q",
-                "label_q",
-                "feat_k",
-                "label_k",
-                "heads",
-                "n_pairs",
-                "n_relations",
-                "contrast",
-                "swap_ratio",
-                "label",
-                "cls",
-            ],
-            {"n_pairs": lambda n: str(int(n)), "n_relations": lambda n: str(int(n))},
+            top,
+            ["layer", "feat_q", "label_q", "feat_k", "label_k", "heads", "n_pairs", "swap_ratio", "label", "class"]
+            + rels
+            + acts
+            + ["q_act_control"],
+            {
+                "n_pairs": lambda n: str(int(n)),
+                "feat_q": lambda n: str(int(n)) if n >= 0 else "all",
+                "feat_k": lambda n: str(int(n)) if n >= 0 else "all",
+            },
         )  # fmt: skip
         + "\n"
     )
