@@ -167,23 +167,9 @@ def test_every_page_renders_from_its_url(open_app, page):
     ],
 )
 def test_every_table_has_help_on_every_column(labelled_index, monkeypatch, tmp_path, params):
-    (tmp_path / "cih.json").write_text(
-        json.dumps(
-            {
-                "findings": [
-                    {
-                        "relation": "plural",
-                        "layer": 0,
-                        "feat_q": 5,
-                        "feat_k": 7,
-                        "heads": "0.1",
-                        "kind": "gated query",
-                        "margin": 1.0,
-                    }
-                ]
-            }
-        )
-    )
+    from tests.test_cih_page import write_cih_json
+
+    write_cih_json(tmp_path / "cih.json", layers=(0, 17))
     at = make_app(labelled_index, monkeypatch, tmp_path / "cih.json", **params)
     assert at.dataframe, "no table to check"
     for df in at.dataframe:
@@ -406,62 +392,6 @@ def test_sql_injection_strings_do_no_harm(open_app, tiny_index, con, monkeypatch
         ]
         assert "execute" not in calls and "sql" not in calls, path
     assert connect(tiny_index).execute("SELECT count(*) FROM channels").fetchone()[0] == before
-
-
-def test_cih_page_reads_findings_as_a_linked_table(tiny_index, monkeypatch, tmp_path):
-    rep = {
-        "findings": [
-            {
-                "relation": "synonym",
-                "layer": 1,
-                "feat_q": 3,
-                "feat_k": 4,
-                "heads": "1.2,0.3",
-                "kind": "matching",
-                "margin": 0.5,
-                "q": 0.01,
-            }
-        ],
-        "config": {"x": 1},
-    }
-    (tmp_path / "cih.json").write_text(json.dumps(rep))
-    at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
-    assert not errors(at) and not at.get("json")
-    df = at.dataframe[0].value
-    assert df["open"].tolist() == ["?page=Channel&layer=1&head=2&fq=3&fk=4"]
-    assert df["feat_q"].tolist() == ["?page=Feature+search&layer=1&feature=3"]
-    assert {"relation", "kind", "margin", "q"} <= set(df.columns)
-
-
-def test_cih_page_reads_the_old_report_without_raw_json(tiny_index, monkeypatch, tmp_path):
-    rep = {
-        "answers": {"summary": {"H1": "no", "H2": ["17.1"]}},
-        "tih": ["1.2"],
-        "census": {"1.2": {"induction": 0.5}},
-        "layers": {
-            "1": {
-                "tests": [
-                    {
-                        "head": 2,
-                        "family": "concept",
-                        "feat_q": 3,
-                        "feat_k": 4,
-                        "margin_B": 0.5,
-                        "shifted_B": 0.1,
-                        "control_B": 0.0,
-                        "q": 0.01,
-                        "cih": True,
-                    }
-                ]
-            }
-        },
-    }
-    (tmp_path / "cih.json").write_text(json.dumps(rep))
-    at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
-    assert not errors(at) and not at.get("json")
-    assert at.table[0].value["answer"].tolist() == ["no", "17.1"]
-    tests = at.dataframe[0].value
-    assert tests["open"].tolist() == ["?page=Channel&layer=1&head=2&fq=3&fk=4"]
 
 
 def test_app_never_imports_torch_and_uses_no_deprecated_arguments():

@@ -28,7 +28,7 @@ def records(seed: int, rel: str, n_pairs: int, d_attn: float, head_c: float, uni
     for pid in range(n_pairs):
         for L, h in HEADS:
             eff = 1.0 if (L, h) == (17, 3) else 0.0
-            n = lambda m: m * eff + 0.1 * abs(m) * rng.standard_normal() if m else 0.02 * rng.standard_normal()  # noqa: E731
+            n = lambda m, eff=eff: m * eff + 0.1 * abs(m) * rng.standard_normal() if m else 0.02 * rng.standard_normal()  # noqa: E731
             hc = n(head_c)
             heads.append(
                 dict(seed=seed, relation=rel, pair_id=pid, template=0, x_kind="noun", layer=L, head=h,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from fra.app import pages, ui
+from fra.app import cih_page, pages, ui
 from fra.app.state import pick_page
 from fra.queries import IndexNotFound, manifest
 
@@ -27,7 +27,7 @@ PAGES = {
     "Head": pages.page_head,
     "Channel": pages.page_channel,
     "Sample": pages.page_sample,
-    "CIH": pages.page_cih,
+    "CIH": cih_page.page_cih,
 }
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 from .stats import benjamini_hochberg, mean_ci, permutation_greater, sign_flip_pvalues
 
 PAIR = ["seed", "relation", "pair_id", "layer", "head"]
+GROUP_NAMES = ("ff", "bdec", "err", "bias")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def head_tests(heads: pd.DataFrame, tih: set, c: Criteria) -> pd.DataFrame:
                 seed=seed, relation=rel, layer=L, head=h, name=f"{L}.{h}", tih=f"{L}.{h}" in tih, n_pairs=len(g),
                 d_attn=m, d_attn_lo=lo, d_attn_hi=hi, p=_sign_p(g["d_attn"].to_numpy(), c.n_perm, seed),
                 d_attn_swap=g["d_attn_swap"].mean(), contrast=g["contrast"].mean(),
-                **{f"share_{k}": g[f"contrast_{k}"].sum() / tot if tot else np.nan for k in ("ff", "bdec", "err", "bias")},
+                **{f"share_{k}": g[f"contrast_{k}"].sum() / tot if tot else np.nan for k in GROUP_NAMES},
                 attn_x=g["attn_x"].mean(), attn_x_control=g["attn_x_control"].mean(),
                 attn_x_swap=g["attn_x_swap"].mean(), attn_x_no_error=g["attn_x_no_error"].mean(),
             )
