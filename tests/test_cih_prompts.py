@@ -254,3 +254,36 @@ def test_read_pairs_validates_the_file(tmp_path):
         f.write_text(bad)
         with pytest.raises(ValueError, match=msg):
             read_pairs(f)
+
+
+def test_validate_pairs_applies_the_shipped_rules_with_the_model():
+    from types import SimpleNamespace
+
+    import torch
+
+    from fra.ingest.studies.cih.study import validate_pairs
+    from fra.ingest.tools.testing import make_model
+
+    model = make_model("llama")
+    vocab = {" dog": 5, " hound": 6, " fire": 7, " firing": 8, " Dog": 9, " dogs": 10}
+
+    def encode(s):
+        return [vocab[s]] if s in vocab else [11 + (hash(w) % 20) for w in s.split()]
+
+    setup = SimpleNamespace(model=model, encode=encode, lm=SimpleNamespace(bos_id=0))
+    pairs = [
+        WordPair("dog", "dog", "noun", "identity"),
+        WordPair("dog", "Dog", "noun", "identity"),  # not an identity pair
+        WordPair("dog", "dogs", "noun", "plural"),
+        WordPair("fire", "firing", "noun", "synonym"),  # morphological
+        WordPair("dog", "hound", "noun", "synonym"),
+        WordPair("dog", "big red", "noun", "synonym"),  # two tokens
+    ]
+    # reference probability of " hound" after the prompt, by the model itself
+    ids = [0] + encode("Another word for dog is")
+    p = float(model(torch.tensor([ids]))[0, -1].softmax(-1)[6])
+    kept, dropped = validate_pairs(setup, pairs, p / 2, "Another word for {A} is")
+    assert [(q.A, q.B) for q in kept] == [("dog", "dog"), ("dog", "dogs"), ("dog", "hound")]
+    assert dropped == {"not a identity pair": 1, "morphological": 1, "not single tokens": 1}
+    kept, dropped = validate_pairs(setup, pairs, p * 2, "Another word for {A} is")
+    assert ("dog", "hound") not in [(q.A, q.B) for q in kept] and dropped[f"model probability < {p * 2}"] == 1
