@@ -290,19 +290,23 @@ def sec_controls(res, derived, cfg) -> str:
 
 def sec_causal(res, derived) -> str:
     ut = derived["unit_tests"]
-    t = (
-        ut[ut.tih]
-        .groupby(["relation", "unit"], as_index=False)[["attn_drop", "attn_drop_random", "attn_drop_error"]]
-        .mean()
-    )
+    cols = ["attn_drop", "attn_drop_random", "attn_drop_error"]
+    t = ut[ut.tih].groupby(["relation", "unit"], as_index=False)[cols].mean()
+    unit = res.chosen_unit or "channel"
+    c = t[(t.unit == unit) & (t.relation != "placebo")]
+    ratio = float((c.attn_drop_random / c.attn_drop).median()) if len(c) else float("nan")
     return (
         "## 6. Causal tests in the TIH\n\n"
         "The unit's terms are subtracted from the head's scores at B on held-out conceptual prompts and the "
         "head's softmax is re-applied: the drop of attention on X, against (a) random channels of the same row "
         "whose summed contribution at X equals the unit's, (b) the placebo relation's units (its rows below), "
         "and (c) removing the head's SAE-error terms. Means over TIH, pairs and seeds.\n\n"
-        + table(t, ["relation", "unit", "attn_drop", "attn_drop_random", "attn_drop_error"])
-        + "\n"
+        + table(t, ["relation", "unit"] + cols)
+        + f"\n\nFor the unit *{unit}*, random channels matched on their contribution at X drop attention on X "
+        f"{f3(ratio, 2)} times as much as the unit (median over relations). Attention on X depends mostly on the "
+        "score at X, so a drop matched there is about the same whatever channels carry it: this test shows how "
+        "much of the score at X the unit carries, not that those channels are special. The specificity tests are "
+        "the placebo and anchor-swap comparisons of the criterion.\n"
     )
 
 
@@ -393,14 +397,22 @@ def sec_method(res, cfg) -> str:
 def sec_limits(res, derived) -> str:
     return (
         "## 10. What this does not show\n\n"
-        "- Per-pair units are selected and tested on the same pair's words: they show that a pair's channels "
-        "generalise across templates and fillers, not that a channel encodes a concept in general (section 7 "
+        "- Per-pair units are selected and tested on the same pair's words: they show that a pair's units "
+        "generalise to held-out templates and fillers, not that a unit encodes a concept across pairs (section 7 "
         "looks at that).\n"
+        "- A query-feature marginal sums every key feature: it says which features at B look for X, not which "
+        "key features they match. Its 'matching' label only says that the query feature fires at B without A; "
+        "for identity that holds almost by construction (B is the same token in both prompts).\n"
+        "- The placebo's own per-pair units also carry a held-out contrast (selection finds whatever separates "
+        "A from the control word): a unit counts only above it, so the answers depend on the placebo being a "
+        "fair null (B unrelated to A, same frequency band).\n"
         "- The SAE-error terms carry a large share of every TIH contrast (section 4); whatever sits there is not "
         "resolved into features by these SAEs.\n"
-        "- The causal tests edit one head's scores at B and watch that head's attention; they do not show what "
-        "the rest of the model does with it (behaviour is measured separately, section 5).\n"
-        "- Only layers " + ", ".join(map(str, res.layers)) + " have SAEs, so TIH of other layers are not studied.\n"
+        "- The causal tests edit one head's scores at B and watch that head's attention; behaviour (section 5) "
+        "is measured on the unedited model.\n"
+        f"- {len(res.seeds)} seeds; the fixed unit sees only half the pairs of a seed. Only layers "
+        + ", ".join(map(str, res.layers))
+        + " have SAEs, so TIH of other layers are not studied.\n"
     )
 
 
