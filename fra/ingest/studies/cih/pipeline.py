@@ -144,7 +144,7 @@ def analyse(
         chosen_unit=unit,
         positive_control=_rows(PositiveControl, pc),
         answers=_rows(AnswerRow, ans),
-        verdicts=_rows(Verdict, v),
+        verdicts=_rows(Verdict, v[v.tih | (v.n_pass > 0)]),  # the rest is in the tables
         channels=_rows(Channel, fam) if len(fam) else [],
         behaviour=_rows(Behaviour, beh),
         pairs=info,
