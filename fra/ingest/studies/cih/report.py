@@ -261,6 +261,7 @@ def sec_controls(res, derived, cfg) -> str:
     unit = res.chosen_unit or "channel"
     pl = ut[(ut.relation == "placebo") & (ut.unit == unit)]
     n_pl = int(pl.passes.sum())
+    n_pl_nogate = int(((pl.q < cfg.fdr) & (pl.contrast > 0) & (pl.share >= cfg.share_floor)).sum())
     sw = (
         ut[(ut.unit == unit) & ut.tih]
         .groupby("relation", as_index=False)[["contrast", "swap_contrast", "placebo_contrast"]]
@@ -269,7 +270,9 @@ def sec_controls(res, derived, cfg) -> str:
     return (
         "## 5. Controls and behaviour\n\n"
         f"**Placebo** (B of a synonym pair after an unrelated, frequency-matched A): {n_pl} (head, seed) tests pass "
-        f"with the unit *{unit}* (it must be 0).\n\n"
+        f"with the unit *{unit}* (it must be 0); without the attention gate, {n_pl_nogate} of {len(pl)} would pass the "
+        "unit tests alone (the placebo's own per-pair units carry a held-out contrast: selection finds whatever "
+        "separates A from the control word).\n\n"
         "**Anchor swap** (B's relative moved into the N slot, an unrelated word before X) and **placebo** "
         f"contrast of the unit *{unit}* in the TIH, against its conceptual contrast (held-out, margin units):\n\n"
         + table(sw, ["relation", "contrast", "swap_contrast", "placebo_contrast"])
