@@ -165,22 +165,43 @@ def sec_headline(res, derived, cfg) -> str:
                 f"only: {a.h2_matching or 'none'})"
             )
             u = ut[(ut.relation == rel) & (ut.unit == unit) & ut.tih]
-            unit_txt = (
-                f" The unit carries {f3(u.share.mean())} of the TIH contrast; removing it drops attention on X by "
-                f"{f3(u.attn_drop.mean())} (random channels matched at X: {f3(u.attn_drop_random.mean())}; the "
-                f"head's SAE-error terms: {f3(u.attn_drop_error.mean())})."
-            )
+            fails = []
+            for name in res.tih:
+                if a.tih_holding and name in a.tih_holding.split(","):
+                    continue
+                t = u[u.name == name]
+                why = (
+                    f"passes the attention gate in {int(t.gate.sum())} of {len(t)} seeds"
+                    if t.gate.sum() < cfg.min_pass
+                    else f"passes the unit criterion in {int(t.passes.sum())} of {len(t)} seeds (share "
+                    f"{f3(t.share.mean())}, q {f3(t.q.median())})"
+                )
+                fails.append(f"{name}: {why}")
+            why_txt = f" Why the other TIH do not hold: {'; '.join(fails)}." if fails else ""
+            if h.d_attn.mean() < cfg.attn_floor:
+                unit_txt = " The TIH show no attention effect, so no share of it is meaningful."
+            else:
+                unit_txt = (
+                    f" The unit carries {f3(u.share.mean())} of the TIH contrast; removing it drops attention on X "
+                    f"by {f3(u.attn_drop.mean())} (random channels matched at X: {f3(u.attn_drop_random.mean())}; "
+                    f"the head's SAE-error terms: {f3(u.attn_drop_error.mean())})."
+                )
+            unit_txt = why_txt + unit_txt
         beh_txt = (
             f" Behaviour: log P(X) conceptual minus control {f3(b.d_logp, 2)} "
             f"[{f3(b.d_logp_lo, 2)}, {f3(b.d_logp_hi, 2)}]."
             if b
             else ""
         )
+        split = (
+            f"; shares of their contrast: feature x feature {f3(h.share_ff.mean())}, SAE error "
+            f"{f3(h.share_err.mean())}, b_dec {f3(h.share_bdec.mean())}, bias {f3(h.share_bias.mean())}"
+            if h.d_attn.mean() >= cfg.attn_floor
+            else ""
+        )
         lines.append(
             f"- **{rel}** ({kind}): {answer}. In the TIH, attention on X conceptual minus control "
-            f"{f3(h.d_attn.mean())} (anchor swap minus control {f3(h.d_attn_swap.mean())}); shares of their "
-            f"contrast: feature x feature {f3(h.share_ff.mean())}, SAE error {f3(h.share_err.mean())}, b_dec "
-            f"{f3(h.share_bdec.mean())}, bias {f3(h.share_bias.mean())}.{unit_txt}{beh_txt}"
+            f"{f3(h.d_attn.mean())} (anchor swap minus control {f3(h.d_attn_swap.mean())}){split}.{unit_txt}{beh_txt}"
         )
     lines.append(
         "\nH1: every TIH holds (passes in >= min_pass seeds). H2: heads outside the TIH that hold. 'Matching only' "
@@ -281,7 +302,8 @@ def sec_controls(res, derived, cfg) -> str:
         "control) and the margin contrast:\n\n"
         + table(xk, ["relation", "x_kind", "d_attn", "d_attn_swap", "contrast"])
         + "\n\n**Behaviour**: does the model itself predict X after B more when A is B's relative? log P(X) as the "
-        "token after B (held-out templates), conceptual minus control, 95% interval over pairs:\n\n"
+        "token after B (held-out templates), conceptual minus control, 95% interval over pair draws (n_pairs: "
+        "pairs x seeds; a pair drawn by two seeds counts twice):\n\n"
         + table(
             beh,
             ["relation", "x_kind", "n_pairs", "logp_x", "d_logp", "d_logp_lo", "d_logp_hi", "d_logp_swap"],
