@@ -404,8 +404,9 @@ def sec_method(res, cfg) -> str:
         '- Synonym pairs are two lemmas of one WordNet synset that the model completes ("Another word for A is" '
         "-> B at probability >= 0.05), one direction per unordered pair; morphological pairs are dropped (a shared "
         "3-letter prefix, containment, a shared run of 4 letters, or a shared 2-letter prefix with a difflib "
-        "similarity >= 0.4: prompts.morphological). Each seed splits its pairs into selection and test pairs with no word in common "
-        "(prompts.split_pairs); only the fixed unit uses that split, the per-pair units use the template split.\n"
+        "similarity >= 0.4: prompts.morphological). Each seed splits its pairs into selection and test pairs with "
+        "no word in common (prompts.split_pairs); only the fixed unit uses that split, the per-pair units use the "
+        "template split.\n"
         f"- Templates: {len(TEMPLATES)} with a noun X after A and {len(FUNCTION_TEMPLATES)} with X the template's "
         "own punctuation or function word; each family is split per seed into selection and held-out halves.\n"
         "- Control word U: a random word of A's part of speech within 0.25 Zipf of A's corpus frequency (the band "
