@@ -199,7 +199,15 @@ def cmd_app(args):
 def cmd_report(args):
     from fra.ingest.studies.cih import CIHConfig, run
 
-    run(config_from_args(CIHConfig, args))
+    cfg = config_from_args(CIHConfig, args)
+    if args.study == "atlas":  # stage 2b: from an index only, no model
+        from fra.ingest.studies.cih.atlas import write_atlas
+
+        if cfg.atlas_index is None:
+            raise UsageError("fra report atlas: give the index with --atlas-index PATH")
+        print(write_atlas(cfg.atlas_index, cfg.out.parent / "atlas"))
+        return
+    run(cfg)
 
 
 def cmd_cot(args):
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
             "studies.cih.config",
             "CIHConfig",
             cmd_report,
-            "reproducible studies; `fra report cih` (`--quick`: a few minutes, one seed); "
+            "reproducible studies; `fra report cih` (`--quick`: a smoke run), `fra report atlas --atlas-index PATH`, "
             "`fra report cot` (see `fra report cot --help`)",
         ),
         (
@@ -305,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "corpus":
             p.add_argument("action", choices=["fetch", "build"])
         if name == "report":
-            p.add_argument("study", choices=["cih", "cot"])
+            p.add_argument("study", choices=["cih", "atlas", "cot"])
         add_config_args(p, config_of(module, cls))
         p.set_defaults(func=func)
 

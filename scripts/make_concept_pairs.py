@@ -8,9 +8,11 @@ only to rebuild this file), the SmolLM2 tokenizer, and a hand-written English ->
 Spanish list (below). Every word is a single token with a leading space.
 
 Relations and how a pair is admitted:
-- synonym: two lemmas of one WordNet noun or adjective synset, no shared 4-letter stem, both
-  Zipf >= MIN_ZIPF, and the model completes "Another word for A is" with " B" at probability
-  >= P_MIN.
+- synonym: two lemmas of one WordNet noun or adjective synset, not morphological (no shared
+  3-letter prefix, neither contains the other: fire/firing, vote/voting, hate/hatred are out;
+  `prompts.morphological`), both Zipf >= MIN_ZIPF, and the model completes "Another word for A
+  is" with " B" at probability >= P_MIN. One direction per unordered pair (the likelier one), so
+  a pair and its reverse never count as two pairs.
 - translation: EN -> FR/DE/ES from the hand list; the model completes "The French word for A
   is" (German, Spanish) with " B" at probability >= P_MIN.
 - plural (A -> A+s) and capitalised (A -> A.capitalize()): orthographic relations, not
@@ -21,18 +23,23 @@ Relations and how a pair is admitted:
 The placebo relation is built at run time (fra/ingest/studies/cih/prompts.py).
 
 Run: python scripts/make_concept_pairs.py   (about 10 minutes on 2 busy CPU cores)
+     python scripts/make_concept_pairs.py --refilter   (applies the pair rules above to the shipped
+     file without the model: they only remove pairs)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
 
 import torch
-from wordfreq import zipf_frequency
 
 from fra.ingest.registry import smollm2_hf
+from fra.ingest.studies.cih.prompts import morphological
+
+ASSET = Path("fra/ingest/assets/concept_pairs.json")
 
 P_MIN = 0.05  # the model's probability of B after the validation prompt
 MIN_ZIPF = 4.0  # "common": at least ~10 per million words (wordfreq Zipf scale)
@@ -390,7 +397,33 @@ TRANSLATIONS = {
 }
 
 
+def clean(pairs: list[dict]) -> list[dict]:
+    """Drop morphological pairs, and keep one direction of each unordered pair (the likelier)."""
+    best = {}
+    for p in pairs:
+        if morphological(p["A"], p["B"]):
+            continue
+        key = frozenset((p["A"].lower(), p["B"].lower()))
+        if key not in best or p.get("p_model", 0) > best[key].get("p_model", 0):
+            best[key] = p
+    keep = set(map(id, best.values()))
+    return [p for p in pairs if id(p) in keep]
+
+
+def refilter() -> None:
+    """Apply `clean` to the shipped synonym and translation pairs (no model needed: it only removes)."""
+    out = json.loads(ASSET.read_text())
+    before = {r: len(v) for r, v in out["relations"].items()}
+    for rel in ("synonym", "translation"):
+        out["relations"][rel] = clean(out["relations"][rel])
+    out["validation"]["pair_rules"] = "morphological pairs dropped; one direction per unordered pair"
+    ASSET.write_text(json.dumps(out, ensure_ascii=False, indent=0))
+    print({r: f"{before[r]} -> {len(v)}" for r, v in out["relations"].items()})
+
+
 def main() -> None:
+    from wordfreq import zipf_frequency  # needed only to rebuild the pools (pip install wordfreq)
+
     torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads ran a forward pass 35x slower
     model, tok = smollm2_hf()
 
@@ -439,14 +472,16 @@ def main() -> None:
     for pos in ("noun", "adj"):
         for ss in synsets(pos):
             ss = [w for w in ss if w in pools[pos] and pools[pos][w] >= MIN_ZIPF]
-            cands |= {(a, b, pos) for a in ss for b in ss if a != b and a[:4] != b[:4] and a not in b and b not in a}
+            cands |= {(a, b, pos) for a in ss for b in ss if a != b and not morphological(a, b)}
     cands = sorted(c for c in cands if not {c[0], c[1]} & EXAMPLE_WORDS)
     n_all = len(cands)
     random.Random(0).shuffle(cands)
     cands = cands[:N_SYNONYM_CANDIDATES]
     print(f"{len(cands)} of {n_all} synonym candidates", flush=True)
     p1 = probs([(SYNONYM_PROMPT.format(A=a), b) for a, b, _ in cands])
-    synonym = [{"A": a, "B": b, "pos": pos, "p_model": round(x, 4)} for (a, b, pos), x in zip(cands, p1) if x >= P_MIN]
+    synonym = clean(
+        [{"A": a, "B": b, "pos": pos, "p_model": round(x, 4)} for (a, b, pos), x in zip(cands, p1) if x >= P_MIN]
+    )
     print(
         f"synonym: {len(synonym)} of {len(cands)} candidates pass p >= {P_MIN}; "
         f"p >= 0.01: {sum(x >= 0.01 for x in p1)}, p >= 0.1: {sum(x >= 0.1 for x in p1)}",
@@ -463,11 +498,13 @@ def main() -> None:
     pt = probs(
         [(TRANSLATION_PROMPT.format(lang=lang, cat=TRANSLATIONS[lang]["cat"], A=a), b) for lang, a, b in tr_cands]
     )
-    translation = [
-        {"A": a, "B": b, "pos": "noun" if a in pools["noun"] else "adj", "lang": lang, "p_model": round(p, 4)}
-        for (lang, a, b), p in zip(tr_cands, pt)
-        if p >= P_MIN
-    ]
+    translation = clean(
+        [
+            {"A": a, "B": b, "pos": "noun" if a in pools["noun"] else "adj", "lang": lang, "p_model": round(p, 4)}
+            for (lang, a, b), p in zip(tr_cands, pt)
+            if p >= P_MIN
+        ]
+    )
     print(f"translation: {len(translation)} of {n_tr} single-token candidates pass")
 
     common = {w: z for w, z in pools["noun"].items() if z >= MIN_ZIPF}
@@ -494,6 +531,7 @@ def main() -> None:
             "translation_prompt": TRANSLATION_PROMPT,
             "synonym_candidates": f"{len(cands)} (seeded random subset of {n_all})",
             "translation_candidates": f"{n_tr} single-token pairs of {sum(map(len, TRANSLATIONS.values()))}",
+            "pair_rules": "morphological pairs dropped; one direction per unordered pair",
         },
         "relations": {
             "identity": identity[:150],
@@ -512,11 +550,16 @@ def main() -> None:
         },
         "zipf": {"noun": pools["noun"], "adj": pools["adj"]},
     }
-    Path("fra/ingest/assets/concept_pairs.json").write_text(json.dumps(out, ensure_ascii=False, indent=0))
+    ASSET.write_text(json.dumps(out, ensure_ascii=False, indent=0))
     print({k: len(v) for k, v in out["relations"].items()})
     print(synonym[:20])
     print(translation[:20])
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--refilter", action="store_true", help="apply the pair rules to the shipped file, no model")
+    if ap.parse_args().refilter:
+        refilter()
+    else:
+        main()

@@ -247,23 +247,9 @@ def test_every_page_renders_from_its_url(open_app, page):
     ],
 )
 def test_every_table_has_help_on_every_column(labelled_index, monkeypatch, tmp_path, params):
-    (tmp_path / "cih.json").write_text(
-        json.dumps(
-            {
-                "findings": [
-                    {
-                        "relation": "plural",
-                        "layer": 0,
-                        "feat_q": 5,
-                        "feat_k": 7,
-                        "heads": "0.1",
-                        "kind": "gated query",
-                        "margin": 1.0,
-                    }
-                ]
-            }
-        )
-    )
+    from tests.test_cih_page import write_cih_json
+
+    write_cih_json(tmp_path / "cih.json", layers=(0, 17))
     at = make_app(labelled_index, monkeypatch, tmp_path / "cih.json", **params)
     assert at.dataframe, "no table to check"
     for df in at.dataframe:
@@ -824,62 +810,6 @@ def test_sample_page_colours_the_text_by_attention(open_app, con):
             f'title="key {k}: attention {probs[k]:.4f}" style="background: rgba(33,113,181,{probs[k] / body:.3f})'
             in html
         )
-
-
-def test_cih_page_reads_findings_as_a_linked_table(tiny_index, monkeypatch, tmp_path):
-    rep = {
-        "findings": [
-            {
-                "relation": "synonym",
-                "layer": 1,
-                "feat_q": 3,
-                "feat_k": 4,
-                "heads": "1.2,0.3",
-                "kind": "matching",
-                "margin": 0.5,
-                "q": 0.01,
-            }
-        ],
-        "config": {"x": 1},
-    }
-    (tmp_path / "cih.json").write_text(json.dumps(rep))
-    at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
-    assert not errors(at) and not at.get("json")
-    df = at.dataframe[0].value
-    t = targets(at, "cih_findings")
-    assert t[(0, "open")] == {"page": "Channel", "layer": "1", "head": "2", "fq": "3", "fk": "4"}
-    assert t[(0, "feat_q")] == {"page": "Feature search", "layer": "1", "feature": "3"}
-    assert {"relation", "kind", "margin", "q"} <= set(df.columns)
-
-
-def test_cih_page_reads_the_old_report_without_raw_json(tiny_index, monkeypatch, tmp_path):
-    rep = {
-        "answers": {"summary": {"H1": "no", "H2": ["17.1"]}},
-        "tih": ["1.2"],
-        "census": {"1.2": {"induction": 0.5}},
-        "layers": {
-            "1": {
-                "tests": [
-                    {
-                        "head": 2,
-                        "family": "concept",
-                        "feat_q": 3,
-                        "feat_k": 4,
-                        "margin_B": 0.5,
-                        "shifted_B": 0.1,
-                        "control_B": 0.0,
-                        "q": 0.01,
-                        "cih": True,
-                    }
-                ]
-            }
-        },
-    }
-    (tmp_path / "cih.json").write_text(json.dumps(rep))
-    at = make_app(tiny_index, monkeypatch, tmp_path / "cih.json", page="CIH")
-    assert not errors(at) and not at.get("json")
-    assert at.table[0].value["answer"].tolist() == ["no", "17.1"]
-    assert targets(at, "cih_tests")[(0, "open")] == {"page": "Channel", "layer": "1", "head": "2", "fq": "3", "fk": "4"}
 
 
 def test_app_never_imports_torch_and_uses_no_deprecated_arguments():

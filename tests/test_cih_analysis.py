@@ -1,198 +1,146 @@
-"""The combined CIH criterion, gating labels, aggregation over seeds and answers(), on hand-made
-inputs; the statistics on hand-worked and simulated numbers."""
+"""CIH analysis on hand-made records: the head gate, the unit criterion (placebo, anchor swap,
+effect floor), verdicts over seeds, H1/H2 answers, the positive control; and the statistics."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from fra.ingest.studies.cih.analysis import aggregate, answers, gating_label, passes, seed_findings
-from fra.ingest.studies.cih.results import HeadStat, SeedResult, UnitTest
-from fra.ingest.studies.cih.stats import benjamini_hochberg, mean_ci, sign_flip_pvalues, wilson
+from fra.ingest.studies.cih import analysis as A
+from fra.ingest.studies.cih.stats import (
+    benjamini_hochberg,
+    mean_ci,
+    permutation_greater,
+    sign_flip_pvalues,
+    wilson,
+)
+
+C = A.Criteria(fdr=0.05, attn_floor=0.02, share_floor=0.05, min_pass=2, n_perm=2000)
+HEADS = [(17, 3), (17, 0)]  # 17.3 is a TIH, 17.0 is not
+TIH = ["17.3"]
 
 
-def head(layer=17, h=3, contrast=2.0, q=0.001, tih=True, rel="synonym", err=1.0, bdec=0.2):
-    return HeadStat(
-        rel,
-        layer,
-        h,
-        tih,
-        40,
-        contrast,
-        contrast - 0.5,
-        contrast + 0.5,
-        q,
-        q,
-        contrast - err - bdec,
-        bdec,
-        err,
-        0.0,
-        1.0,
-        1.0,
-        0.3,
-        0.1,
-        0.2,
-    )
+def records(seed: int, rel: str, n_pairs: int, d_attn: float, head_c: float, unit_c: float, swap: float, rng):
+    """One held-out template per pair; noise of sd 0.1 x the effect around each value."""
+    heads, groups = [], []
+    for pid in range(n_pairs):
+        for L, h in HEADS:
+            eff = 1.0 if (L, h) == (17, 3) else 0.0
+            n = lambda m, eff=eff: m * eff + 0.1 * abs(m) * rng.standard_normal() if m else 0.02 * rng.standard_normal()  # noqa: E731
+            hc = n(head_c)
+            heads.append(
+                dict(seed=seed, relation=rel, pair_id=pid, template=0, x_kind="noun", layer=L, head=h,
+                     contrast=hc, swap_contrast=0.0, contrast_ff=0.7 * hc, contrast_bdec=0.0, contrast_err=0.3 * hc,
+                     contrast_bias=0.0, attn_x=0.01 + max(n(d_attn), 0), attn_x_control=0.01, attn_x_swap=0.01,
+                     attn_x_no_error=0.01, logp_x=-2.0, logp_x_control=-4.0, logp_x_swap=-4.0)
+            )  # fmt: skip
+            uc = n(unit_c)
+            groups.append(
+                dict(seed=seed, relation=rel, pair_id=pid, template=0, x_kind="noun", layer=L, head=h,
+                     unit="query", contrast=uc, swap_contrast=swap * uc, x_contrib=1.0, attn_drop=0.1,
+                     attn_drop_random=0.1, attn_drop_error=0.2, frac_matching=0.8, frac_gated_query=0.2,
+                     frac_ungated=0.0, frac_weak=0.0)
+            )  # fmt: skip
+    return heads, groups
 
 
-def unit(
-    layer=17,
-    h=3,
-    fq=10,
-    fk=20,
-    contrast=0.2,
-    q=0.001,
-    x_contrast=0.2,
-    x_minus_a=0.3,
-    rel="synonym",
-    q_act=2.0,
-    q_act_control=1.8,
-    head_contrast=2.0,
-    k_act_x=1.0,
-    k_act_x_control=0.2,
-):
-    return UnitTest(
-        rel,
-        layer,
-        fq,
-        fk,
-        h,
-        True,
-        0.25,
-        contrast,
-        contrast - 0.1,
-        contrast + 0.1,
-        q,
-        q,
-        x_contrast,
-        x_minus_a,
-        0.2,
-        contrast / head_contrast,
-        30,
-        0.05,
-        0.005,
-        q_act,
-        q_act_control,
-        k_act_x,
-        k_act_x_control,
-        0.01,
-    )
+def frames(spec: dict, seeds=(0, 1)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    hs, gs = [], []
+    for seed in seeds:
+        for rel, args in spec.items():
+            h, g = records(seed, rel, 16, *args, rng)
+            hs += h
+            gs += g
+    return pd.DataFrame(hs), pd.DataFrame(gs)
 
 
-def test_passes_needs_every_part_of_the_criterion():
-    h, t = head(), unit()
-    assert passes(t, h, 0.05)
-    assert not passes(replace(t, q=0.06), h, 0.05)  # channel not significant
-    assert not passes(replace(t, contrast=-0.1), h, 0.05)  # channel contrast negative
-    assert not passes(replace(t, x_contrast=-0.1), h, 0.05)  # does not raise the score on X itself
-    assert not passes(replace(t, x_minus_a=-0.1), h, 0.05)  # points at A rather than X
-    assert not passes(t, replace(h, q=0.2), 0.05)  # head's own contrast not significant
-    assert not passes(t, replace(h, head=4), 0.05)  # another head's statistics
+def run(spec, seeds=(0, 1)):
+    heads, groups = frames(spec, seeds)
+    ht = A.head_tests(heads, set(TIH), C)
+    ut = A.unit_tests(groups, heads, ht, C)
+    return ht, ut
 
 
-def test_a_head_with_a_negative_margin_never_counts():
-    # head 17.1: its channel is significant and positive, but the head's own contrast is negative
-    # (and 'significant' by a one-sided test would be impossible; q is set low to make the point)
-    neg = head(h=1, contrast=-0.4, q=0.001, tih=False)
-    t = unit(h=1, head_contrast=-0.4)
-    assert not passes(t, neg, 0.05)
-    found = seed_findings([t, unit(h=3)], [neg, head(h=3)], 0.05, 0.5)
-    assert [(f.feat_q, f.feat_k, f.heads) for f in found] == [(10, 20, (3,))]
+PLACEBO = (0.0, 0.0, 0.5, 0.0)  # no attention effect, a small selected contrast, no head contrast
 
 
-def test_gating_label():
-    # query fires at B either way, key at X only after A: the pair matches
-    assert gating_label(2.0, 1.8, 0.5, 1.0, 0.2) == "matching"
-    assert gating_label(2.0, 0.0, 0.5, 1.0, 0.2) == "gated query"
-    assert gating_label(2.0, 0.99, 0.5, 1.0, 1.0) == "gated query"  # 0.99 < 0.5 x 2.0
-    assert gating_label(2.0, 1.8, 0.5, 1.0, 0.9) == "ungated"  # neither side depends on A
-    found = seed_findings([unit(q_act=2.0, q_act_control=0.1)], [head()], 0.05, 0.5)
-    assert found[0].kind == "gated query"
-    found = seed_findings([unit(q_act=2.0, q_act_control=1.9, k_act_x=1.0, k_act_x_control=0.95)], [head()], 0.05, 0.5)
-    assert found[0].kind == "ungated"
+def test_a_real_unit_passes_in_the_tih_only():
+    ht, ut = run({"synonym": (0.2, 5.0, 2.0, 0.0), "placebo": PLACEBO})
+    s = ut[ut.relation == "synonym"].set_index(["seed", "name"])
+    assert s.loc[(0, "17.3"), "passes"] and s.loc[(1, "17.3"), "passes"]
+    assert s.loc[(0, "17.3"), "share"] == pytest.approx(0.4, abs=0.05)  # 2 / 5, summed before dividing
+    assert not s.loc[(0, "17.0"), "passes"]  # no attention effect: the gate fails
+    assert not ht[ht.name == "17.0"].gate.any()
+    v = A.verdicts(ut, 2, C)
+    ans = A.answers(v, TIH).set_index(["relation", "unit"])
+    assert ans.loc[("synonym", "query"), "h1"] == "yes" and ans.loc[("synonym", "query"), "h2"] == ""
+    assert ans.loc[("placebo", "query"), "h1"] == "no"
 
 
-def seed_result(seed, tests, heads):
-    return SeedResult(
-        seed,
-        (0,),
-        (1,),
-        (("synonym", 20, 20),),
-        tuple(heads),
-        tuple(tests),
-        tuple(seed_findings(tests, heads, 0.05, 0.5)),
-        0.0,
-        1.0,
-    )
+def test_each_part_of_the_criterion_can_fail():
+    base = {"placebo": PLACEBO}
+    # the anchor swap keeps 80% of the contrast: a structural unit
+    _, ut = run({**base, "synonym": (0.2, 5.0, 2.0, 0.8)})
+    t = ut[(ut.relation == "synonym") & (ut.name == "17.3")]
+    assert (t.p_swap > 0.5).all() and not t.passes.any()
+    # smaller than the placebo's selected contrast (0.3 against 0.5), though significantly positive
+    _, ut = run({**base, "synonym": (0.2, 5.0, 0.3, 0.0)})
+    t = ut[(ut.relation == "synonym") & (ut.name == "17.3")]
+    assert (t.p_sign < 0.01).all() and (t.p_placebo > 0.5).all() and not t.passes.any()
+    # below the effect floor: 0.1 of a head contrast of 5 is 2%
+    _, ut = run({"placebo": (0.0, 0.0, 0.01, 0.0), "synonym": (0.2, 5.0, 0.1, 0.0)})
+    t = ut[(ut.relation == "synonym") & (ut.name == "17.3")]
+    assert (t.q < 0.05).all() and (t.share < 0.05).all() and not t.passes.any()
+    # attention contrast below the floor: the head gate fails whatever the unit does
+    ht, ut = run({**base, "synonym": (0.01, 5.0, 2.0, 0.0)})
+    assert not ht[(ht.relation == "synonym") & (ht.name == "17.3")].gate.any()
+    assert not ut[ut.relation == "synonym"].passes.any()
 
 
-def test_aggregate_and_answers_on_hand_made_seeds():
-    tih = ["17.3", "18.6"]
-    # unit (17, 10, 20) passes in head 17.3 in seeds 0-3 and fails in seed 4 (q = 0.2): 4/5
-    # unit (18, 5, 6) passes in head 18.6 in seed 0 only: 1/5
-    # head 17.1 (not TIH, negative own margin) has a significant channel in every seed: never counts
-    seeds = []
-    for s in range(5):
-        hs = [head(17, 3), head(18, 6), head(17, 1, contrast=-0.4, tih=False)]
-        ts = [
-            unit(17, 3, q=0.001 if s < 4 else 0.2),
-            unit(18, 6, 5, 6, q=0.001 if s == 0 else 0.3),
-            unit(17, 1, 10, 20, head_contrast=-0.4),
-        ]
-        seeds.append(seed_result(s, ts, hs))
-    fs = aggregate(seeds, {"synonym": "conceptual"}, 4, {})
-    assert [(f.layer, f.feat_q, f.feat_k, f.n_pass, f.headline, f.heads) for f in fs] == [
-        (17, 10, 20, 4, True, "17.3"),
-        (18, 5, 6, 1, False, "18.6"),
-    ]
-    lo, hi = wilson(4, 5)
-    assert (fs[0].pass_rate, fs[0].pass_ci_lo, fs[0].pass_ci_hi) == (0.8, lo, hi)
-    (a,) = answers(seeds, fs, tih, ["synonym"], {"synonym": "conceptual"}, 4, 0.05)
-    # 17.3 carries a headline finding in 4 seeds, 18.6 in only 1: H1 is "no"
-    assert a.h1 == "no" and a.h1_detail.startswith("1 of 2 TIH")
-    assert a.h2_heads == ()  # 17.1 has a negative margin and must not count
-    assert a.contrast_heads == ("17.3", "18.6")
-    assert a.findings_per_seed == (2, 1, 1, 1, 0) and a.n_headline_matching == 1  # seed 0: both units
-    assert a.matching_per_seed == a.findings_per_seed and a.n_headline_gated == 0
-    # shares over TIH contrasts (2.0 each), both TIH and all 5 seeds: findings 0.2 / 2.0 in 17.3 (the
-    # headline unit is tested there) and 0 in 18.6 -> mean 0.05; error 1.0 / 2.0 = 0.5; b_dec 0.1
-    assert a.share_findings == pytest.approx(0.05)
-    assert a.share_err == pytest.approx(0.5) and a.share_bdec == pytest.approx(0.1)
-    # if 18.6 also carries it in 4 seeds, H1 becomes "yes"
-    seeds2 = [
-        seed_result(s, [unit(17, 3), unit(18, 6, 5, 6, q=0.001 if s < 4 else 0.3)], [head(17, 3), head(18, 6)])
-        for s in range(5)
-    ]
-    fs2 = aggregate(seeds2, {}, 4, {})
-    assert answers(seeds2, fs2, tih, ["synonym"], {}, 4, 0.05)[0].h1 == "yes"
-    # ... but not when its finding in 18.6 is a gated query: gated findings do not count for H1/H2
-    seeds3 = [
-        seed_result(
-            s,
-            [unit(17, 3), unit(18, 6, 5, 6, q_act_control=0.0, q=0.001 if s < 4 else 0.3)],
-            [head(17, 3), head(18, 6)],
-        )
-        for s in range(5)
-    ]
-    a3 = answers(seeds3, aggregate(seeds3, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
-    assert (a3.h1, a3.gated_heads, a3.n_headline_gated) == ("no", ("18.6",), 1)
-    # a head whose non-matching findings are gated in some seeds and ungated in others still counts
-    # its seeds together: gated in seeds 0-1, ungated in seeds 2-3 -> 4 of 5
-    seeds4 = [
-        seed_result(
-            s,
-            [
-                unit(17, 3),
-                unit(18, 6, 5, 6, q_act_control=0.0 if s < 2 else 1.9, k_act_x_control=1.0, q=0.001 if s < 4 else 0.3),
-            ],
-            [head(17, 3), head(18, 6)],
-        )
-        for s in range(5)
-    ]
-    a4 = answers(seeds4, aggregate(seeds4, {}, 4, {}), tih, ["synonym"], {}, 4, 0.05)[0]
-    assert a4.gated_heads == ("18.6",)
+def test_verdicts_need_min_pass_seeds():
+    _, ut = run({"placebo": PLACEBO, "synonym": (0.2, 5.0, 2.0, 0.0)}, seeds=(0, 1, 2))
+    # break seed 2 and seed 1 by hand: a pass in one seed of three is not a headline
+    ut.loc[ut.seed.isin([1, 2]), "passes"] = False
+    ut["passes_matching"] = ut["passes"] & (ut["frac_matching"] >= 0.5)
+    v = A.verdicts(ut, 3, C).set_index(["relation", "name"])
+    assert v.loc[("synonym", "17.3"), "n_pass"] == 1 and not v.loc[("synonym", "17.3"), "holds"]
+
+
+def test_positive_control_and_chosen_unit():
+    ans = pd.DataFrame(
+        [dict(relation="identity", unit=u, h1=h, h1_matching=h, tih_holding="17.3" if h == "yes" else "")
+         for u, h in (("channel", "no"), ("query", "yes"), ("key", "yes"), ("fixed", "no"))]
+    )  # fmt: skip
+    cv = pd.DataFrame(
+        [dict(relation="identity", unit=u, sample="held-out", name="17.3", share_top20=s)
+         for u, s in (("channel", 0.03), ("query", 0.5), ("key", 0.15), ("fixed", 0.02))]
+    )  # fmt: skip
+    pc = A.positive_control(ans, cv, 20, TIH)
+    assert pc.set_index("unit").passes.to_dict() == {"channel": False, "query": True, "key": True, "fixed": False}
+    assert A.chosen_unit(pc) == "query"  # the larger held-out share of the two that pass
+    assert A.chosen_unit(pc.assign(passes=False)) is None
+
+
+def test_curve_table_divides_sums_not_means():
+    cv = pd.DataFrame(
+        [dict(relation="identity", unit="channel", sample="held-out", layer=17, head=3, ff=ff, top1=t, top5=t,
+              top20=t, top100=t) for ff, t in ((10.0, 1.0), (0.001, 0.5))]
+    )  # fmt: skip
+    # (1 + 0.5) / (10 + 0.001); a mean of per-row shares would be dominated by 0.5 / 0.001 = 500
+    assert A.curve_table(cv, 20).share_top20.iloc[0] == pytest.approx(1.5 / 10.001)
+
+
+def test_permutation_greater():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, generator=g) + 2.0
+    y = torch.randn(20, generator=g)
+    assert permutation_greater(x, y, 2000, 0) == pytest.approx(1 / 2001)
+    assert permutation_greater(y, x, 2000, 0) > 0.99
+    # identical samples: p about 0.5 or above
+    assert permutation_greater(y, y, 2000, 0) > 0.3
 
 
 def test_sign_flip_pvalues_null_and_effect():

@@ -1,15 +1,16 @@
-"""The whole CIH pipeline (measure -> select -> test -> BH -> criterion -> label) on a planted model.
+"""The CIH pipeline (measure -> per-pair selection -> held-out tests -> criterion) on planted models.
 
 A one-layer attention-only HookedTransformer with one-hot token residuals and an SAE whose features
-are exactly the tokens (zero error, zero b_dec), so each channel is one (query token, key token) pair
-and its contribution is that pair's whole score. A one-layer model cannot move A's identity into X,
-so the token at X itself stands for "X after A": conceptual prompts carry XA there, controls XU.
+are exactly the tokens (zero error, zero b_dec), so each channel is one (query token, key token)
+pair and its contribution is that pair's whole score. A one-layer model cannot move A's identity
+into X, so the token at X stands for "X after A": conceptual prompts carry XA_p there, controls and
+anchor swaps XU_p.
 
-- matching: head 0's query of B is aligned with the key of XA (the key side differs with A);
-- gated: the conceptual prompt's query token is BA, the control's is B (the A -> B match happened
-  upstream, in what switched the query feature on), and head 0 aligns BA with a generic X;
-- placebo: nothing planted; A and U are drawn from the same pool, X is the same in both prompts.
-Head 1 has W_Q = 0: its scores are all 0, so its contrast is exactly 0 and it must never count.
+- concept-specific: only pair 0's query token B_0 is aligned with the key of XA_0 in head 0;
+- token induction: every pair's B_p is aligned with XA_p in head 0 (the positive control);
+- structural: the query token is BA_p whenever A_p occurs anywhere before B (conceptual prompts and
+  anchor swaps) and head 0 aligns BA_p with a generic X token: it passes everything but the swap.
+Head 1 has W_Q = 0: its scores are all 0, so it must never count.
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
 from fra.ingest.core.decompose import build_projector
-from fra.ingest.studies.cih.analysis import seed_findings
+from fra.ingest.studies.cih import analysis as A
 from fra.ingest.studies.cih.config import CIHConfig
 from fra.ingest.studies.cih.prompts import Prompt
 from fra.ingest.studies.cih.study import run_relation
 
-BOS, A, XA, U, XU, B, BA, X = range(8)
-FILL = tuple(range(8, 16))
-T = 12
+N_PAIRS = 10
+BOS, X = 0, 1
+FILL = tuple(range(2, 10))
+FIRST = 10  # pair p owns tokens FIRST + 6p .. FIRST + 6p + 5: A, XA, U, XU, B, BA
+V = FIRST + 6 * N_PAIRS
+T = 14
+
+
+def tok(p: int, name: str) -> int:
+    return FIRST + 6 * p + ("A", "XA", "U", "XU", "B", "BA").index(name)
 
 
 def planted_setup(kind: str, seed: int = 0):
@@ -36,108 +45,182 @@ def planted_setup(kind: str, seed: int = 0):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        d_model=16,
-        d_head=8,
-        n_heads=2,
-        n_layers=1,
-        n_ctx=32,
-        d_vocab=16,
-        act_fn="relu",
-        normalization_type="RMSPre",
-        attn_only=True,
-        device="cpu",
-        seed=seed,
-    )
+        d_model=V, d_head=8, n_heads=2, n_layers=1, n_ctx=32, d_vocab=V, act_fn="relu",
+        normalization_type="RMSPre", attn_only=True, device="cpu", seed=seed,
+    )  # fmt: skip
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.W_E.copy_(torch.eye(16))
+        model.W_E.copy_(torch.eye(V))
         model.W_pos.zero_()
-        attn = model.blocks[0].attn
-        W_Q = 0.3 * torch.randn(2, 16, 8, generator=g)
-        W_K = 0.3 * torch.randn(2, 16, 8, generator=g)
+        # RMS-normalised one-hot residuals have norm sqrt(V): scale so random scores stay about 0.3
+        W_Q = 0.3 * V**-0.5 * torch.randn(2, V, 8, generator=g)
+        W_K = 0.3 * V**-0.5 * torch.randn(2, V, 8, generator=g)
         W_Q[1] = 0.0
-        if kind in ("matching", "gated"):
-            q_tok, k_tok = (B, XA) if kind == "matching" else (BA, X)
+        plants = {
+            "concept-specific": [(tok(0, "B"), tok(0, "XA"))],
+            "token": [(tok(p, "B"), tok(p, "XA")) for p in range(N_PAIRS)],
+            "structural": [(tok(p, "BA"), X) for p in range(N_PAIRS)],
+            "none": [],
+        }[kind]
+        for q_tok, k_tok in plants:
             k = W_K[0, k_tok]
-            others = (W_Q[0] @ W_K[0].T).abs().max()
-            W_Q[0, q_tok] += 4 * others * k / (k @ k)
+            W_Q[0, q_tok] += 8 * 8**0.5 / V * k / (k @ k)  # adds 8 to the score of the planted pair
+        attn = model.blocks[0].attn
         attn.W_Q.copy_(W_Q)
         attn.W_K.copy_(W_K)
         attn.b_Q.zero_()
         attn.b_K.zero_()
-    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=16))
+    sae = StandardSAE(StandardSAEConfig(d_in=V, d_sae=V))
     sae.cfg.metadata.hook_name = "blocks.0.ln1.hook_normalized"
     with torch.no_grad():
-        sae.W_dec.copy_(torch.eye(16))
-        sae.W_enc.copy_(torch.eye(16))
+        sae.W_dec.copy_(torch.eye(V))
+        sae.W_enc.copy_(torch.eye(V))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     model, sae = model.eval(), sae.eval()
     return SimpleNamespace(model=model, layers=(0,), saes={0: sae}, projs={0: build_projector(model, 0, sae)})
 
 
-def planted_prompts(kind: str, n_pairs: int = 40, seed: int = 0):
-    """[BOS] fillers A X fillers N fillers B, length T; the control differs as the kind says."""
+def planted_prompts(kind: str, relation: str, seed: int = 0) -> list[Prompt]:
+    """Per pair, 3 selection and 3 held-out templates (a template fixes the A and N positions);
+    conceptual, control and (held-out) anchor-swap prompts share every position."""
     rng = random.Random(seed)
     out = []
-    for i in range(n_pairs):
-        a_pos = rng.randint(1, 4)
-        n_pos = rng.randint(a_pos + 2, T - 2)
-        toks = [BOS] + [rng.choice(FILL) for _ in range(T - 1)]
-        ctrl = list(toks)
-        if kind == "matching":
-            toks[a_pos], toks[a_pos + 1], toks[-1] = A, XA, B
-            ctrl[a_pos], ctrl[a_pos + 1], ctrl[-1] = U, XU, B
-        elif kind == "gated":
-            toks[a_pos], toks[a_pos + 1], toks[-1] = A, X, BA
-            ctrl[a_pos], ctrl[a_pos + 1], ctrl[-1] = U, X, B
-        else:  # placebo: A and U from the same pool, same X and B
-            toks[a_pos], toks[a_pos + 1], toks[-1] = rng.choice((A, U)), X, B
-            ctrl[a_pos], ctrl[a_pos + 1], ctrl[-1] = rng.choice((A, U)), X, B
-        for role, tk in (("concept", toks), ("control", ctrl)):
-            out.append(Prompt(tuple(tk), a_pos, a_pos + 1, (n_pos,), kind, role, i, i % 2, 0, ("a", "x", "n", "b")))
+    for p in range(N_PAIRS):
+        for half in (0, 1):
+            for t in range(3 * half, 3 * half + 3):
+                a_pos, n_pos = 1 + t % 3, 6 + t % 4
+                base = [BOS] + [rng.choice(FILL) for _ in range(T - 1)]
+                b_tok = tok(p, "B")
+                roles = {
+                    "concept": {a_pos: tok(p, "A"), a_pos + 1: tok(p, "XA")},
+                    "control": {a_pos: tok(p, "U"), a_pos + 1: tok(p, "XU")},
+                    "swap": {a_pos: tok(p, "U"), a_pos + 1: tok(p, "XU"), n_pos: tok(p, "A")},
+                }
+                if kind == "structural":  # X is generic; the query token says "A occurred before me"
+                    for r in roles.values():
+                        r[a_pos + 1] = X
+                if kind == "none":  # placebo: A and U from the same pool, the rest identical
+                    a, u = rng.sample((tok(p, "A"), tok(p, "U")), 2)
+                    roles["concept"][a_pos], roles["control"][a_pos] = a, u
+                    roles["concept"][a_pos + 1] = roles["control"][a_pos + 1] = X
+                    roles["swap"].update({a_pos: u, a_pos + 1: X})
+                for role, edits in roles.items():
+                    if role == "swap" and half == 0:
+                        continue
+                    toks = list(base)
+                    for i, v in edits.items():
+                        toks[i] = v
+                    has_a = tok(p, "A") in toks
+                    toks[-1] = tok(p, "BA") if kind == "structural" and has_a else b_tok
+                    out.append(
+                        Prompt(tuple(toks), a_pos, a_pos + 1, (n_pos,), relation, role, p, half, t,
+                               ("a", "x", "n", "b"), p % 2)
+                    )  # fmt: skip
     return out
 
 
-CFG = CIHConfig(n_select=3, n_perm=2000, n_random_draws=5, batch_size=16)
+CFG = CIHConfig(group_size=3, n_perm=1000, n_random_draws=2, batch_size=30, act_floor=0.1, seeds=(0,), min_pass=1)
+CRIT = A.Criteria(CFG.fdr, CFG.attn_floor, CFG.share_floor, 1, CFG.n_perm)
 
 
-def run_planted(kind: str):
+def run_planted(kind: str, relation: str):
     setup = planted_setup(kind)
-    heads, tests, resid = run_relation(
-        setup, CFG, planted_prompts(kind), kind, set(), 0, torch.Generator().manual_seed(0)
-    )
-    return setup, heads, tests, resid, seed_findings(tests, heads, CFG.fdr, CFG.gate_ratio)
+    rec, resid = run_relation(setup, CFG, planted_prompts(kind, relation), 0, torch.Generator().manual_seed(0))
+    return setup, rec, resid
 
 
-def test_planted_matching_channel_is_found_and_labelled_matching():
-    setup, heads, tests, resid, found = run_planted("matching")
-    assert resid < 1e-4  # identity SAE: the groups sum to the model's scores (fp32)
-    assert [(f.feat_q, f.feat_k, f.heads, f.kind) for f in found] == [(B, XA, (0,), "matching")]
-    h0, h1 = sorted(heads, key=lambda h: h.head)
-    assert h0.q < 0.05 and h0.contrast > 0
-    assert h1.contrast == 0.0 and h1.p == 1.0  # W_Q = 0: nothing to count in head 1
-    assert h0.err == pytest.approx(0, abs=1e-5) and h0.bdec == pytest.approx(0, abs=1e-5)  # identity SAE
-    # reference for the unit's contrast: XA occurs only at X in conceptual prompts and never in
-    # controls, and the margin weight at X is +1, so the contrast is the mean model score at (B, X)
-    t = next(t for t in tests if (t.feat_q, t.feat_k, t.head) == (B, XA, 0))
+def frames(*recs) -> dict:
+    return {k: pd.DataFrame([r for rec in recs for r in rec[k]]) for k in ("heads", "groups", "curves", "members")}
+
+
+@pytest.fixture(scope="module")
+def placebo():
+    return run_planted("none", "placebo")[1]
+
+
+def analysed(rec, placebo_rec):
+    f = frames(rec, placebo_rec)
+    ht = A.head_tests(f["heads"], {"0.0"}, CRIT)
+    ut = A.unit_tests(f["groups"], f["heads"], ht, CRIT)
+    return f, ht, ut
+
+
+def test_concept_specific_channel_is_found_by_the_per_pair_unit_and_not_by_the_fixed_one(placebo):
+    setup, rec, resid = run_planted("concept-specific", "synonym")
+    assert resid < 1e-4  # identity SAE: the term groups sum to the model's scores (fp32)
+    f, ht, ut = analysed(rec, placebo)
+    g = f["groups"][f["groups"].relation == "synonym"]
+    ch = g[(g.unit == "channel") & (g["head"] == 0)]
+    # pair 0's own group, selected on its selection templates, carries the planted channel's
+    # contrast on its held-out templates; no other pair's group carries anything like it
+    by_pair = ch.groupby("pair_id")["contrast"].mean()
+    assert by_pair[0] > 4 and by_pair.drop(0).abs().max() < 0.2 * by_pair[0]
+    top = f["members"][(f["members"].relation == "synonym") & (f["members"].unit == "channel")]
+    top0 = top[(top.pair_id == 0) & (top["head"] == 0) & (top["rank"] == 0)]
+    assert set(zip(top0.feat_q, top0.feat_k)) == {(tok(0, "B"), tok(0, "XA"))}
+    assert (top0.label == "matching").all()  # B fires either way; XA_0 only after A_0
+    # reference for the contrast: the model's own score at (B, X) on pair 0's held-out conceptual
+    # prompts (XA_0 occurs nowhere else, and the margin weight at X is +1) ...
     ref = []
-    for p in planted_prompts("matching"):
-        if p.half == 1 and p.role == "concept":
+    for p in planted_prompts("concept-specific", "synonym"):
+        if p.pair_id == 0 and p.half == 1 and p.role == "concept":
             _, cache = setup.model.run_with_cache(torch.tensor([p.tokens]))
             ref.append(float(cache["blocks.0.attn.hook_attn_scores"][0, 0, p.q_pos, p.x_pos]))
-    assert t.contrast == pytest.approx(sum(ref) / len(ref), rel=1e-5)
-    assert t.share == pytest.approx(t.contrast / h0.contrast, rel=1e-6) and 0.5 < t.share < 1.5
+    mine = float(top0.contrast.mean())
+    assert mine == pytest.approx(sum(ref) / len(ref), rel=1e-4)
+    # ... while the fixed unit, selected on other pairs, carries nothing on the test pairs
+    fx = g[(g.unit == "fixed") & (g["head"] == 0)]
+    assert fx["contrast"].abs().max() < 0.2 * by_pair[0]
+    assert fx.pair_id.isin([p for p in range(N_PAIRS) if p % 2 == 1]).all()  # test pairs only
 
 
-def test_planted_causal_removal_removes_the_planted_attention_and_random_channels_do_not():
-    setup, heads, tests, _, _ = run_planted("matching")
-    t = next(t for t in tests if (t.feat_q, t.feat_k, t.head) == (B, XA, 0))
-    # independent reference: the channel's contribution is the model's whole score at (B, X), so
-    # removing it sets that score to 0; re-softmax the model's own row
+def test_positive_control_passes_on_planted_token_induction_and_fails_without_it(placebo):
+    _, rec, _ = run_planted("token", "identity")
+    f, ht, ut = analysed(rec, placebo)
+    v = A.verdicts(ut, 1, CRIT)
+    ans = A.answers(v, ["0.0"])
+    cv = A.curve_table(f["curves"], CFG.group_size)
+    pc = A.positive_control(ans, cv, CFG.group_size, ["0.0"]).set_index("unit")
+    assert bool(pc.loc["channel", "passes"]) and bool(pc.loc["channel", "passes_matching"])
+    assert A.chosen_unit(pc.reset_index()) is not None
+    h1 = ut[(ut["head"] == 1) & (ut.relation == "identity")]
+    assert not h1.passes.any()  # W_Q = 0 in head 1: no gate, nothing counts
+    # the same pipeline on a model with nothing planted: identity must fail the positive control
+    _, rec0, _ = run_planted("none", "identity")
+    f0, ht0, ut0 = analysed(rec0, placebo)
+    ans0 = A.answers(A.verdicts(ut0, 1, CRIT), ["0.0"])
+    pc0 = A.positive_control(ans0, A.curve_table(f0["curves"], CFG.group_size), CFG.group_size, ["0.0"])
+    assert not pc0.passes.any() and A.chosen_unit(pc0) is None
+
+
+def test_anchor_swap_rejects_a_structural_unit(placebo):
+    _, rec, _ = run_planted("structural", "synonym")
+    f, ht, ut = analysed(rec, placebo)
+    u = ut[(ut["head"] == 0) & (ut.unit == "channel") & (ut.relation == "synonym")].iloc[0]
+    assert u.contrast > 1 and u.p_sign < 0.01  # it looks like a finding on contrast alone
+    # but A anywhere does the same (up to the margin's mean over other keys, where A now sits)
+    assert u.swap_contrast == pytest.approx(u.contrast, rel=0.05)
+    assert u.p_swap > 0.5 and not u.passes
+    # its top channel is labelled gated query: BA_p fires at B only when A_p occurred
+    top = f["members"][(f["members"].relation == "synonym") & (f["members"].unit == "channel")]
+    assert (top[(top["head"] == 0) & (top["rank"] == 0)].label == "gated query").all()
+
+
+def test_placebo_passes_nothing(placebo):
+    f, ht, ut = analysed(placebo, placebo)
+    assert len(ut) and not ut.passes.any()
+
+
+def test_causal_removal_matches_a_by_hand_edit_of_the_planted_score():
+    setup, rec, _ = run_planted("token", "identity")
+    g = pd.DataFrame(rec["groups"])
+    ch = g[(g.unit == "channel") & (g["head"] == 0)]
+    # reference: the planted channel's contribution is the model's whole score at (B, X), and the
+    # other two channels of the group add little; removing the whole group by hand
     drops = []
-    for p in planted_prompts("matching"):
+    for p in planted_prompts("token", "identity"):
         if p.half != 1 or p.role != "concept":
             continue
         _, cache = setup.model.run_with_cache(torch.tensor([p.tokens]))
@@ -146,48 +229,6 @@ def test_planted_causal_removal_removes_the_planted_attention_and_random_channel
         row[p.x_pos] = 0.0
         drops.append(float(before - row.softmax(-1)[p.x_pos]))
     ref = sum(drops) / len(drops)
-    assert ref > 0.5  # the planted attention is large and removal takes it away
-    assert t.attn_drop == pytest.approx(ref, abs=1e-5)
-    assert abs(t.attn_drop_random) < 0.1 * t.attn_drop  # matched random channels barely move it
-
-
-def test_planted_gated_query_is_labelled_gated():
-    _, heads, tests, _, found = run_planted("gated")
-    assert [(f.feat_q, f.feat_k, f.heads, f.kind) for f in found] == [(BA, X, (0,), "gated query")]
-    t = next(t for t in tests if (t.feat_q, t.feat_k, t.head) == (BA, X, 0))
-    assert t.q_act > 0 and t.q_act_control == 0.0  # BA never occurs at B in the control
-
-
-def test_planted_placebo_finds_nothing():
-    _, heads, tests, _, found = run_planted("placebo")
-    assert tests  # units were selected and tested
-    assert found == []
-
-
-def test_logprob_check_edits_the_planted_head_at_b_and_matches_the_analytic_removal():
-    from fra.ingest.studies.cih.causal import logprob_effects
-    from fra.ingest.studies.cih.results import Finding
-
-    setup = planted_setup("matching")
-    prompts = planted_prompts("matching")
-    f = Finding(
-        "matching", "", 0, B, XA, "0.0", "0.0", "matching", 1, 1, 1.0, 0.2, 1.0, True, 0.9, 0.001, 0.5, 0.0, 0.0, "", ""
-    )
-    e = logprob_effects(setup, CFG, f, prompts)
-    test = [p for p in prompts if p.half == 1 and p.role == "concept"]
-    assert e.n_prompts == len(test) and e.head == 0
-    assert e.delta_error == 0.0  # identity SAE: the error terms are exactly zero, removing them changes nothing
-    # reference: the same edit by hand (score at (B, X) set to 0 in head 0), through the model's own softmax
-    p = test[0]
-
-    def edit(scores, hook):
-        scores[:, 0, p.q_pos, p.x_pos] = 0.0
-        return scores
-
-    toks = torch.tensor([p.tokens])
-    lp = lambda lg: float(lg[0, -1].log_softmax(-1)[p.tokens[p.x_pos]])  # noqa: E731
-    ref = lp(setup.model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_attn_scores", edit)])) - lp(
-        setup.model(toks)
-    )
-    one = logprob_effects(setup, CFG, f, [p] + [q for q in prompts if q.pair_id == p.pair_id and q.role == "control"])
-    assert one.delta_channel == pytest.approx(ref, abs=1e-5) and ref != 0.0
+    assert ref > 0.5
+    assert ch["attn_drop"].mean() == pytest.approx(ref, abs=0.05)  # the group's other channels are small
+    assert (ch["attn_drop_error"] == 0).all()  # identity SAE: no error terms

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from fra.app import cot_page, pages, ui
+from fra.app import cih_page, cot_page, pages, ui
 from fra.app.state import pick_page
 from fra.queries import IndexNotFound, manifest
 from fra.queries.lib import INDEX_LACKS
@@ -30,7 +30,7 @@ PAGES = {
     "Head": pages.page_head,
     "Channel": pages.page_channel,
     "Sample": pages.page_sample,
-    "CIH": pages.page_cih,
+    "CIH": cih_page.page_cih,
     "CoT": cot_page.page_cot,
 }
 

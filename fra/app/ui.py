@@ -430,7 +430,9 @@ def show_table(
     targets = cell_targets(df.reset_index(drop=True), columns, feature_cols, layer, open_col)
     view = data.copy()
     if open_col in view:
-        view[open_col] = ["open ▸" if parse_link(v) else ("" if v is None else str(v)) for v in view[open_col]]
+        view[open_col] = [
+            "open ▸" if parse_link(v) else ("" if v is None or pd.isna(v) else str(v)) for v in view[open_col]
+        ]
     cfg = {}
     for c in columns:
         h = (helps or {}).get(c) or HELP.get(c)

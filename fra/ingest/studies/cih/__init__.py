@@ -8,16 +8,20 @@ studied layers carries such a channel. H2: heads outside the TIH set do too.
 
 Modules, in data-flow order:
 - config.py    CIHConfig, the one frozen config (`fra report cih` maps onto it).
-- prompts.py   relations, templates (half selection-only, half test-only), frequency-matched
-               controls, the placebo relation, tokenisation checks.
+- prompts.py   relations, templates (noun-X and function-X families, each split into selection
+               and held-out halves), frequency-matched controls, anchor swaps, the placebo
+               relation, word-disjoint pair split, tokenisation checks.
 - measure.py   the query row of one prompt decomposed: four term groups that sum to
-               hook_attn_scores, and per-channel contributions over keys (pure tensor functions).
-- stats.py     sign-flip tests, Benjamini-Hochberg, intervals.
-- analysis.py  head contrasts, unit tests, the combined criterion, gating labels, causal drops,
-               aggregation over seeds and the H1/H2 answers (pure functions on measured rows).
-- results.py   the frozen result records.
-- study.py     runs the model over the prompts; selection then test, per relation and seed.
-- report.py    report.md, cih.json (its "findings" key feeds the explorer) and the figures.
+               hook_attn_scores, per-channel contributions, feature marginals, removals (pure
+               tensor functions).
+- study.py     runs the model: per pair, units selected on its selection templates and measured
+               on its held-out templates; flat records.
+- stats.py     sign-flip and permutation tests, Benjamini-Hochberg, intervals.
+- analysis.py  tests, the positive control, verdicts, H1/H2 answers, behaviour, channel families
+               (pure functions on DataFrames).
+- schema.py    the dataclasses of cih.json (standard library only: the explorer reads it).
+- report.py    report.md (one function per section), the figures and the Parquet tables.
+- pipeline.py  the whole run.
 """
 
 from .config import CIHConfig
@@ -26,6 +30,6 @@ __all__ = ["CIHConfig", "run"]
 
 
 def run(cfg: CIHConfig, progress: bool = True):
-    from .study import run as _run
+    from .pipeline import run as _run
 
     return _run(cfg, progress)

@@ -1,372 +1,285 @@
-"""From measured query rows to tests, findings and answers (pure functions, no model).
+"""From the study's records to tests, verdicts and answers (pure functions on DataFrames, no model).
 
-The combined criterion. A unit (layer, feat_q, feat_k) is a finding of a relation in head h for
-one seed when, on the test half (held-out pairs and held-out templates):
-- its conceptual-minus-control margin contrast has BH q < fdr (sign-flip test over test pairs,
-  BH over every (unit, head) test of that relation and seed) and a positive mean;
-- it raises the score on X itself more after A than after the control word (x_contrast > 0), and
-  its contribution at X exceeds its contribution at A (it points at the token after A; a channel
-  that only pushes attention away from A is not induction);
-- the head's own conceptual-minus-control contrast has BH q < fdr and a positive mean.
-So a head with a negative or non-significant margin of its own never counts, whatever its
-channels do. The headline keeps the findings that pass in at least `min_pass` seeds, and H1/H2
-count only "matching" findings (the query feature also fires at B without A).
+The unit of analysis is measured per pair on held-out templates and aggregated over pairs. For a
+relation, a unit kind and a head, in one seed, the unit passes when
+- head gate: the head's conceptual-minus-control attention on X, averaged over pairs, is at least
+  `attn_floor`, with BH q < fdr (sign-flip test over pairs, BH over the heads);
+- the unit's held-out contrast is positive over pairs, larger than the placebo relation's, and
+  more than twice its anchor-swap contrast (the swap keeps less than half of it) (each one-sided;
+  the unit's p is the largest of the three, an intersection-union test), with BH q < fdr over
+  the heads;
+- effect size: the unit carries at least `share_floor` of the head's own held-out contrast
+  (summed over pairs and templates before dividing, so near-zero pairs cannot blow it up).
+"Matching" additionally needs at least half of the unit's positive contrast to sit in units
+labelled matching (study._labels). An answer holds when it holds in at least `min_pass` seeds.
+
+The positive control: a unit kind passes it when identity (B = A) passes in every token
+induction head (TIH) of the studied layers. Only a unit kind that passes it can answer H1/H2.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
+import pandas as pd
 
-from .measure import GROUPS, contrast_weights, margin_weights, p_target
-from .prompts import Prompt
-from .results import Answer, Finding, HeadStat, SeedFinding, SeedResult, UnitTest
-from .stats import benjamini_hochberg, mean_ci, sign_flip_pvalues, wilson
+from .stats import benjamini_hochberg, mean_ci, permutation_greater, sign_flip_pvalues
+
+PAIR = ["seed", "relation", "pair_id", "layer", "head"]
+GROUP_NAMES = ("ff", "bdec", "err", "bias")
 
 
 @dataclass(frozen=True)
-class PromptRow:
-    """The measured query row of one prompt at one layer (test half)."""
-
-    prompt: Prompt
-    layer: int
-    groups_GHT: Tensor  # ff, bdec, err, bias; they sum to scores_HT
-    scores_HT: Tensor  # hook_attn_scores[h, q, :]
-    units_UHT: Tensor  # the selected units' contributions (0 where absent)
-    rand_p_UH: Tensor  # attention on X after removing random channels of matched magnitude
-    q_act_U: Tensor  # feat_q's activation at B
-    k_act_x_U: Tensor  # feat_k's activation at X
-    k_rate_else_U: Tensor  # fraction of positions 1..q, other than X, where feat_k is active
+class Criteria:
+    fdr: float
+    attn_floor: float
+    share_floor: float
+    min_pass: int
+    n_perm: int
 
 
-def pairs_of(rows: list[PromptRow]) -> list[tuple[PromptRow, PromptRow]]:
-    """(conceptual, control) rows that share a pair_id, in pair order."""
-    by = defaultdict(dict)
-    for r in rows:
-        by[r.prompt.pair_id][r.prompt.role] = r
-    return [(d["concept"], d["control"]) for _, d in sorted(by.items()) if len(d) == 2]
-
-
-def _weights(p: Prompt):
-    T = len(p.tokens)
-    return (
-        margin_weights(T, p.x_pos, p.q_pos),
-        contrast_weights(T, p.x_pos, [p.a_pos]),
-        contrast_weights(T, p.x_pos, p.n_pos),
-    )
-
-
-def head_measures(pairs) -> dict:
-    """Per pair and head: total and group contrasts, X-vs-A / X-vs-N, attention on X."""
-    out = defaultdict(list)
-    for c, u in pairs:
-        w, w_xa, w_xn = _weights(c.prompt)
-        x = c.prompt.x_pos
-        out["contrast"].append((c.scores_HT - u.scores_HT) @ w)
-        out["groups"].append((c.groups_GHT - u.groups_GHT) @ w)  # [G, H]
-        out["x_minus_a"].append(c.scores_HT @ w_xa)
-        out["x_minus_n"].append(c.scores_HT @ w_xn)
-        out["attn_x"].append(p_target(c.scores_HT, x))
-        out["attn_x_control"].append(p_target(u.scores_HT, x))
-        out["attn_x_no_error"].append(p_target(c.scores_HT - c.groups_GHT[GROUPS.index("err")], x))
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def head_stats(pairs, relation: str, layer: int, tih: set, n_perm: int, seed: int) -> list[HeadStat]:
-    """Every head's held-out contrast (q is filled in by `with_bh` over all heads of a relation)."""
-    m = head_measures(pairs)
-    p = sign_flip_pvalues(m["contrast"], n_perm, seed)
-    out = []
-    for h in range(m["contrast"].shape[1]):
-        mean, lo, hi = mean_ci(m["contrast"][:, h])
-        g = m["groups"][:, :, h].mean(0)
-        out.append(
-            HeadStat(
-                relation,
-                layer,
-                h,
-                f"{layer}.{h}" in tih,
-                len(pairs),
-                mean,
-                lo,
-                hi,
-                float(p[h]),
-                1.0,
-                *[float(v) for v in g],
-                float(m["x_minus_a"][:, h].mean()),
-                float(m["x_minus_n"][:, h].mean()),
-                float(m["attn_x"][:, h].mean()),
-                float(m["attn_x_control"][:, h].mean()),
-                float(m["attn_x_no_error"][:, h].mean()),
-            )
-        )
+def _bh(df: pd.DataFrame, by: list[str], p: str = "p") -> pd.Series:
+    out = pd.Series(np.nan, index=df.index)
+    for _, g in df.groupby(by):
+        out.loc[g.index] = benjamini_hochberg(g[p].tolist())
     return out
 
 
-def unit_tests(
-    pairs,
-    relation: str,
-    layer: int,
-    unit_keys: list[int],
-    selected: dict,
-    d_sae: int,
-    heads: list[HeadStat],
-    n_perm: int,
-    seed: int,
-) -> list[UnitTest]:
-    """Every selected unit in every head of its layer. `selected[key]` maps head -> mean
-    selection-half contrast for the heads where the unit was selected."""
-    if not pairs or not unit_keys:
-        return []
-    d, dx, xa, xn, drop, drop_r, present = [], [], [], [], [], [], []
-    for c, u in pairs:
-        w, w_xa, w_xn = _weights(c.prompt)
-        x = c.prompt.x_pos
-        d.append((c.units_UHT - u.units_UHT) @ w)  # [U, H]
-        dx.append(c.units_UHT[..., x] - u.units_UHT[..., x])
-        xa.append(c.units_UHT @ w_xa)
-        xn.append(c.units_UHT @ w_xn)
-        p0 = p_target(c.scores_HT, x)
-        drop.append(p0[None] - p_target(c.scores_HT[None] - c.units_UHT, x))
-        drop_r.append(p0[None] - c.rand_p_UH)
-        present.append(c.units_UHT.abs().sum((1, 2)) > 0)
-    d, dx, xa, xn = torch.stack(d), torch.stack(dx), torch.stack(xa), torch.stack(xn)  # [J, U, H]
-    drop, drop_r, present = torch.stack(drop), torch.stack(drop_r), torch.stack(present)
-    J, U, H = d.shape
-    p = sign_flip_pvalues(d.reshape(J, U * H), n_perm, seed).reshape(U, H)
-    gate = {
-        name: torch.stack([getattr(r, name) for r, _ in pairs]) for name in ("q_act_U", "k_act_x_U", "k_rate_else_U")
+def _sign_p(x: np.ndarray, n_perm: int, seed: int) -> float:
+    return float(sign_flip_pvalues(np.asarray(x, dtype=float), n_perm, seed)[0]) if len(x) else 1.0
+
+
+def head_tests(heads: pd.DataFrame, tih: set, c: Criteria) -> pd.DataFrame:
+    """Per seed, relation and head: attention and score contrasts over pairs (held-out templates)."""
+    pm = heads.groupby(PAIR, as_index=False).mean(numeric_only=True)
+    pm["d_attn"] = pm["attn_x"] - pm["attn_x_control"]
+    pm["d_attn_swap"] = pm["attn_x_swap"] - pm["attn_x_control"]
+    rows = []
+    for (seed, rel, L, h), g in pm.groupby(["seed", "relation", "layer", "head"]):
+        m, lo, hi = mean_ci(g["d_attn"].to_numpy())
+        tot = g["contrast"].sum()
+        rows.append(
+            dict(
+                seed=seed, relation=rel, layer=L, head=h, name=f"{L}.{h}", tih=f"{L}.{h}" in tih, n_pairs=len(g),
+                d_attn=m, d_attn_lo=lo, d_attn_hi=hi, p=_sign_p(g["d_attn"].to_numpy(), c.n_perm, seed),
+                d_attn_swap=g["d_attn_swap"].mean(), contrast=g["contrast"].mean(),
+                **{f"share_{k}": g[f"contrast_{k}"].sum() / tot if tot else np.nan for k in GROUP_NAMES},
+                attn_x=g["attn_x"].mean(), attn_x_control=g["attn_x_control"].mean(),
+                attn_x_swap=g["attn_x_swap"].mean(), attn_x_no_error=g["attn_x_no_error"].mean(),
+            )
+        )  # fmt: skip
+    out = pd.DataFrame(rows)
+    out["q"] = _bh(out, ["seed", "relation"])
+    out["gate"] = (out["q"] < c.fdr) & (out["d_attn"] >= c.attn_floor)
+    return out
+
+
+def unit_tests(groups: pd.DataFrame, heads: pd.DataFrame, htests: pd.DataFrame, c: Criteria) -> pd.DataFrame:
+    """Per seed, relation, unit kind and head: the unit's held-out tests (module docstring)."""
+    gm = groups.groupby(PAIR + ["unit"], as_index=False).mean(numeric_only=True)
+    hm = heads.groupby(PAIR, as_index=False)["contrast"].mean().rename(columns={"contrast": "head_contrast"})
+    gm = gm.merge(hm, on=PAIR)
+    gm["pos"] = gm["contrast"].clip(lower=0)
+    placebo = {
+        k: g["contrast"].to_numpy() for k, g in gm[gm.relation == "placebo"].groupby(["seed", "unit", "layer", "head"])
     }
-    q_ctrl = torch.stack([u.q_act_U for _, u in pairs])
-    k_ctrl = torch.stack([u.k_act_x_U for _, u in pairs])
-    head_c = {hs.head: hs.contrast for hs in heads}
-    out = []
-    for i, key in enumerate(unit_keys):
-        pres = present[:, i]
-        n_pres = int(pres.sum())
-        for h in range(H):
-            mean, lo, hi = mean_ci(d[:, i, h])
-            share = mean / head_c[h] if head_c[h] else float("nan")
-            out.append(
-                UnitTest(
-                    relation,
-                    layer,
-                    key // d_sae,
-                    key % d_sae,
-                    h,
-                    h in selected.get(key, {}),
-                    float(selected.get(key, {}).get(h, float("nan"))),
-                    mean,
-                    lo,
-                    hi,
-                    float(p[i, h]),
-                    1.0,
-                    float(dx[:, i, h].mean()),
-                    float(xa[:, i, h].mean()),
-                    float(xn[:, i, h].mean()),
-                    share,
-                    n_pres,
-                    float(drop[pres, i, h].mean()) if n_pres else 0.0,
-                    float(drop_r[pres, i, h].mean()) if n_pres else 0.0,
-                    float(gate["q_act_U"][:, i].mean()),
-                    float(q_ctrl[:, i].mean()),
-                    float(gate["k_act_x_U"][:, i].mean()),
-                    float(k_ctrl[:, i].mean()),
-                    float(gate["k_rate_else_U"][:, i].mean()),
-                )
+    gate = htests.set_index(["seed", "relation", "layer", "head"])
+    rows = []
+    for (seed, rel, unit, L, h), g in gm.groupby(["seed", "relation", "unit", "layer", "head"]):
+        x = g["contrast"].to_numpy()
+        p_sign = _sign_p(x, c.n_perm, seed + 1)
+        # the anchor swap must keep less than half the contrast: test contrast - 2 x swap contrast > 0
+        p_swap = _sign_p(x - 2 * g["swap_contrast"].to_numpy(), c.n_perm, seed + 2)
+        pl = placebo.get((seed, unit, L, h))
+        p_pl = permutation_greater(x, pl, c.n_perm, seed + 3) if rel != "placebo" and pl is not None else p_sign
+        pos = g["pos"].sum()
+        head_tot = g["head_contrast"].sum()
+        hg = gate.loc[(seed, rel, L, h)]
+        rows.append(
+            dict(
+                seed=seed, relation=rel, unit=unit, layer=L, head=h, name=f"{L}.{h}", tih=bool(hg["tih"]),
+                n_pairs=len(g), contrast=x.mean(), swap_contrast=g["swap_contrast"].mean(),
+                placebo_contrast=float(np.mean(pl)) if pl is not None else np.nan,
+                share=g["contrast"].sum() / head_tot if head_tot > 0 else np.nan,
+                p_sign=p_sign, p_swap=p_swap, p_placebo=p_pl, p=max(p_sign, p_swap, p_pl),
+                attn_drop=g["attn_drop"].mean(), attn_drop_random=g["attn_drop_random"].mean(),
+                attn_drop_error=g["attn_drop_error"].mean(),
+                **{
+                    f"frac_{k}": float((g[f"frac_{k}"] * g["pos"]).sum() / pos) if pos > 0 else np.nan
+                    for k in ("matching", "gated_query", "ungated", "weak")
+                },
+                gate=bool(hg["gate"]),
             )
+        )  # fmt: skip
+    out = pd.DataFrame(rows)
+    out["q"] = _bh(out, ["seed", "relation", "unit"])
+    out["passes"] = out["gate"] & (out["q"] < c.fdr) & (out["contrast"] > 0) & (out["share"] >= c.share_floor)
+    out["passes_matching"] = out["passes"] & (out["frac_matching"] >= 0.5)
     return out
 
 
-def with_bh(items: list, attr: str = "q"):
-    """The same records with q = BH-adjusted p over the whole list."""
-    qs = benjamini_hochberg([it.p for it in items])
-    return [replace(it, **{attr: q}) for it, q in zip(items, qs)]
-
-
-def gating_label(
-    q_act: float, q_act_control: float, gate_ratio: float, k_act: float = 0.0, k_act_control: float = 0.0
-) -> str:
-    """'gated query' when the query feature fires at B much less without A (the A -> B match then
-    happens upstream, in what switches the query feature on); 'matching' when the query feature
-    fires at B either way and the key feature at X depends on A (fires much less after the control
-    word): the pair itself does the matching; 'ungated' when both features fire either way and the
-    contrast is only a change in their activation sizes."""
-    if q_act_control < gate_ratio * q_act:
-        return "gated query"
-    if k_act_control < gate_ratio * k_act:
-        return "matching"
-    return "ungated"
-
-
-def passes(t: UnitTest, h: HeadStat, fdr: float) -> bool:
-    """The combined criterion of the module docstring."""
-    return (
-        t.q < fdr
-        and t.contrast > 0
-        and t.x_contrast > 0
-        and t.x_minus_a > 0
-        and h.q < fdr
-        and h.contrast > 0
-        and (t.relation, t.layer, t.head) == (h.relation, h.layer, h.head)
+def verdicts(utests: pd.DataFrame, n_seeds: int, c: Criteria) -> pd.DataFrame:
+    """Per relation, unit kind and head: in how many seeds it passes (any kind / matching)."""
+    v = utests.groupby(["relation", "unit", "layer", "head", "name", "tih"], as_index=False).agg(
+        n_pass=("passes", "sum"),
+        n_pass_matching=("passes_matching", "sum"),
+        n_gate=("gate", "sum"),
+        share=("share", "mean"),
+        contrast=("contrast", "mean"),
+        frac_matching=("frac_matching", "mean"),
+        attn_drop=("attn_drop", "mean"),
+        attn_drop_random=("attn_drop_random", "mean"),
+        attn_drop_error=("attn_drop_error", "mean"),
+        swap_contrast=("swap_contrast", "mean"),
+        placebo_contrast=("placebo_contrast", "mean"),
     )
+    v["n_seeds"] = n_seeds
+    v["holds"] = v["n_pass"] >= c.min_pass
+    v["holds_matching"] = v["n_pass_matching"] >= c.min_pass
+    return v
 
 
-def seed_findings(tests: list[UnitTest], heads: list[HeadStat], fdr: float, gate_ratio: float) -> list[SeedFinding]:
-    hs = {(h.relation, h.layer, h.head): h for h in heads}
-    by = defaultdict(list)
-    for t in tests:
-        h = hs[(t.relation, t.layer, t.head)]
-        if passes(t, h, fdr):
-            by[(t.relation, t.layer, t.feat_q, t.feat_k)].append((t, h))
-    out = []
-    for (rel, layer, fq, fk), hits in sorted(by.items()):
-        best, bh = max(hits, key=lambda th: th[0].share)
-        out.append(
-            SeedFinding(
-                rel,
-                layer,
-                fq,
-                fk,
-                tuple(sorted(t.head for t, _ in hits)),
-                best.head,
-                gating_label(best.q_act, best.q_act_control, gate_ratio, best.k_act_x, best.k_act_x_control),
-                best.share,
-                min(t.q for t, _ in hits),
-                best.attn_drop,
-                best.attn_drop_random,
-                bh.attn_x - bh.attn_x_no_error,
+def answers(v: pd.DataFrame, tih: list[str]) -> pd.DataFrame:
+    """H1 (every TIH holds) and H2 (non-TIH heads that hold), per relation and unit kind, counting
+    any passing unit and, separately, only matching ones."""
+    rows = []
+    for (rel, unit), g in v.groupby(["relation", "unit"]):
+        held = set(g.loc[g.holds, "name"])
+        held_m = set(g.loc[g.holds_matching, "name"])
+        t = [h for h in tih if h in held]
+        tm = [h for h in tih if h in held_m]
+        rows.append(
+            dict(
+                relation=rel, unit=unit, n_tih=len(tih), tih_holding=",".join(t), tih_holding_matching=",".join(tm),
+                h1="yes" if tih and len(t) == len(tih) else "no",
+                h1_matching="yes" if tih and len(tm) == len(tih) else "no",
+                h2=",".join(sorted(held - set(tih))), h2_matching=",".join(sorted(held_m - set(tih))),
+                gated_heads=",".join(sorted(set(g.loc[g.n_gate >= g.n_seeds.clip(upper=2), "name"]))),
             )
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def curve_table(curves: pd.DataFrame, group_size: int) -> pd.DataFrame:
+    """Concentration: share of the feature x feature contrast that the top-N units carry, as
+    sum over pairs and templates of top-N contrast / sum of ff contrast, per relation, unit kind,
+    sample (in-sample or held-out) and head."""
+    cols = [c for c in curves.columns if c.startswith("top")]
+    s = curves.groupby(["relation", "unit", "sample", "layer", "head"], as_index=False)[cols + ["ff"]].sum()
+    for col in cols:
+        s[f"share_{col}"] = s[col] / s["ff"]
+    s["name"] = s["layer"].astype(str) + "." + s["head"].astype(str)
+    return s
+
+
+def positive_control(answers_df: pd.DataFrame, curves_t: pd.DataFrame, group_size: int, tih: list[str]) -> pd.DataFrame:
+    """Per unit kind: does identity pass in every TIH, and its mean held-out share at the group size."""
+    ident = answers_df[answers_df.relation == "identity"].set_index("unit")
+    col = f"share_top{group_size}" if f"share_top{group_size}" in curves_t else "share_top20"
+    rows = []
+    for unit in ("channel", "query", "key", "fixed"):
+        if unit not in ident.index:
+            continue
+        cv = curves_t[(curves_t.relation == "identity") & (curves_t.unit == unit) & curves_t.name.isin(tih)]
+        held = cv[cv["sample"] == "held-out"]
+        ins = cv[cv["sample"] == "in-sample"]
+        rows.append(
+            dict(
+                unit=unit, passes=ident.loc[unit, "h1"] == "yes", tih_passing=ident.loc[unit, "tih_holding"],
+                passes_matching=ident.loc[unit, "h1_matching"] == "yes",
+                share_held_out=float(held[col].mean()) if len(held) else np.nan,
+                share_in_sample=float(ins[col].mean()) if len(ins) else np.nan,
+            )
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def chosen_unit(pc: pd.DataFrame) -> str | None:
+    """The unit kind that passes the positive control with the largest held-out share (None if none)."""
+    ok = pc[pc.passes]
+    return None if ok.empty else str(ok.sort_values("share_held_out", ascending=False).iloc[0]["unit"])
+
+
+def behaviour(heads: pd.DataFrame) -> pd.DataFrame:
+    """The model's own conceptual induction: log P(X) after B, conceptual minus control (and anchor
+    swap minus control), per relation and X kind; mean and 95% interval over pairs."""
+    one = heads.drop_duplicates(["seed", "relation", "pair_id", "template"])
+    rows = []
+    for (rel, xk), g in list(one.groupby(["relation", "x_kind"])) + [
+        ((r, "all"), g) for r, g in one.groupby("relation")
+    ]:
+        pm = g.groupby(["seed", "pair_id"])[["logp_x", "logp_x_control", "logp_x_swap"]].mean()
+        d = (pm["logp_x"] - pm["logp_x_control"]).to_numpy()
+        ds = (pm["logp_x_swap"] - pm["logp_x_control"]).to_numpy()
+        m, lo, hi = mean_ci(d)
+        rows.append(
+            dict(
+                relation=rel, x_kind=xk, n_pairs=len(pm), logp_x=pm["logp_x"].mean(), d_logp=m, d_logp_lo=lo,
+                d_logp_hi=hi, d_logp_swap=float(np.mean(ds)) if len(ds) else np.nan,
+            )
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def x_kind_heads(heads: pd.DataFrame, tih: list[str]) -> pd.DataFrame:
+    """Attention contrast on X in the TIH, separately on noun-X and function-X templates."""
+    h = heads.assign(name=heads["layer"].astype(str) + "." + heads["head"].astype(str))
+    h = h[h.name.isin(tih)]
+    h = h.assign(d_attn=h["attn_x"] - h["attn_x_control"], d_attn_swap=h["attn_x_swap"] - h["attn_x_control"])
+    return h.groupby(["relation", "x_kind"], as_index=False)[["d_attn", "d_attn_swap", "contrast"]].mean()
+
+
+def channel_families(
+    members: pd.DataFrame, tih: list[str], unit: str, top: int = 15
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 3c, units as objects of their own: the members of the per-pair groups of `unit` in
+    the TIH, pooled over pairs and seeds. Per member (a channel, or a query / key feature): in how
+    many distinct pairs (and relations) it is selected, its mean contrast per relation, its
+    anchor-swap ratio, its activations with and without A, and its commonest label.
+    Classes: 'structural' = selected for >= 20% of all pairs, with an ungated label or a swap
+    ratio >= 0.5 (it does not need A before X); 'recurrent' = selected for >= 20% of pairs
+    otherwise; 'content, pair-specific' = matching or gated query and selected for fewer pairs;
+    'other' = the rest. Returns (the most often selected members, a summary per class)."""
+    m = members.assign(name=members["layer"].astype(str) + "." + members["head"].astype(str))
+    m = m[m.name.isin(tih) & (m.relation != "placebo") & (m.unit == unit)]
+    if m.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    m = m.assign(pair=m["relation"] + ":" + m["pair_id"].astype(str))
+    key = ["layer", "feat_q", "feat_k"]
+    t = (
+        m.groupby(key)
+        .agg(
+            n_pairs=("pair", "nunique"),
+            n_relations=("relation", "nunique"),
+            contrast=("contrast", "mean"),
+            swap_contrast=("swap_contrast", "mean"),
+            q_act=("q_act", "mean"),
+            q_act_control=("q_act_control", "mean"),
+            k_act_x=("k_act_x", "mean"),
+            k_act_x_control=("k_act_x_control", "mean"),
+            label=("label", lambda s: s.value_counts().index[0]),
+            heads=("name", lambda s: ",".join(sorted(set(s)))),
         )
-    return out
-
-
-def aggregate(seeds: list[SeedResult], kinds: dict, min_pass: int, labels: dict) -> list[Finding]:
-    """One record per distinct (relation, layer, feat_q, feat_k) that passed in any seed."""
-    by = defaultdict(list)
-    for s in seeds:
-        for f in s.findings:
-            by[(f.relation, f.layer, f.feat_q, f.feat_k)].append(f)
-    n = len(seeds)
-    out = []
-    for (rel, layer, fq, fk), fs in by.items():
-        head_count = defaultdict(int)
-        for f in fs:
-            for h in f.heads:
-                head_count[h] += 1
-        heads = sorted(head_count, key=lambda h: (-head_count[h], h))
-        kinds_seen = [f.kind for f in fs]
-        bests = [f.best_head for f in fs]
-        lo, hi = wilson(len(fs), n)
-        out.append(
-            Finding(
-                rel,
-                kinds.get(rel, ""),
-                layer,
-                fq,
-                fk,
-                ",".join(f"{layer}.{h}" for h in heads),
-                f"{layer}.{max(sorted(set(bests)), key=bests.count)}",
-                max(sorted(set(kinds_seen)), key=kinds_seen.count),
-                len(fs),
-                n,
-                len(fs) / n,
-                lo,
-                hi,
-                len(fs) >= min_pass,
-                statistics.mean(f.share for f in fs),
-                statistics.median(f.q_value for f in fs),
-                statistics.mean(f.attn_drop for f in fs),
-                statistics.mean(f.attn_drop_random for f in fs),
-                statistics.mean(f.attn_drop_error for f in fs),
-                labels.get((layer, fq), ""),
-                labels.get((layer, fk), ""),
-            )
-        )
-    return sorted(out, key=lambda f: (f.relation, -f.n_pass, -f.share))
-
-
-def answers(
-    seeds: list[SeedResult],
-    findings: list[Finding],
-    tih_here: list[str],
-    relations,
-    kinds: dict,
-    min_pass: int,
-    fdr: float,
-) -> list[Answer]:
-    """H1: every token induction head of the studied layers carries a "matching" finding of the
-    relation in at least min_pass seeds (so it also has a significant contrast of its own). H2:
-    heads outside the TIH set that do. "gated query" findings are reported but do not count (the
-    A -> B match happens upstream, in what switches the query feature on), nor do "ungated" ones
-    (neither feature depends on A; only activation sizes do)."""
-    out = []
-    for rel in relations:
-        carried = {"matching": defaultdict(int), "gated query": defaultdict(int), "ungated": defaultdict(int)}
-        other = defaultdict(int)  # head -> seeds in which it carries a gated-query or ungated finding
-        sig = defaultdict(int)
-        per_seed, per_seed_m = [], []
-        for s in seeds:
-            fs = [f for f in s.findings if f.relation == rel]
-            per_seed.append(len(fs))
-            per_seed_m.append(sum(f.kind == "matching" for f in fs))
-            for kind in carried:
-                for h in {f"{f.layer}.{h}" for f in fs if f.kind == kind for h in f.heads}:
-                    carried[kind][h] += 1
-            for h in {f"{f.layer}.{h}" for f in fs if f.kind != "matching" for h in f.heads}:
-                other[h] += 1
-            for h in s.heads:
-                if h.relation == rel and h.q < fdr and h.contrast > 0:
-                    sig[f"{h.layer}.{h.head}"] += 1
-        headline = [f for f in findings if f.relation == rel and f.headline]
-        # shares of the contrast of TIH whose own contrast is significant: headline findings
-        # together (both kinds), error and b_dec terms
-        shares = defaultdict(list)
-        for s in seeds:
-            tests = {(t.layer, t.feat_q, t.feat_k, t.head): t for t in s.tests if t.relation == rel}
-            for h in s.heads:
-                if h.relation != rel or f"{h.layer}.{h.head}" not in tih_here or h.contrast <= 0 or h.q >= fdr:
-                    continue
-                tot = sum(
-                    tests[(f.layer, f.feat_q, f.feat_k, h.head)].contrast
-                    for f in headline
-                    if (f.layer, f.feat_q, f.feat_k, h.head) in tests
-                )
-                shares["findings"].append(tot / h.contrast)
-                shares["err"].append(h.err / h.contrast)
-                shares["bdec"].append(h.bdec / h.contrast)
-        holding = sorted(h for h, n in carried["matching"].items() if n >= min_pass)
-        gated = sorted(h for h, n in other.items() if n >= min_pass and h not in holding)
-        with_head = [h for h in tih_here if h in holding]
-        if not tih_here:
-            h1, detail = "not applicable", "no token induction head in the studied layers"
-        else:
-            h1 = "yes" if len(with_head) == len(tih_here) else "no"
-            detail = (
-                f"{len(with_head)} of {len(tih_here)} TIH carry a matching finding in >= {min_pass} of "
-                f"{len(seeds)} seeds"
-            )
-        mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
-        out.append(
-            Answer(
-                rel,
-                kinds.get(rel, ""),
-                h1,
-                detail,
-                tuple(h for h in holding if h not in tih_here),
-                tuple(gated),
-                tuple(sorted(h for h, n in sig.items() if n >= min_pass)),
-                sum(f.kind == "matching" for f in headline),
-                sum(f.kind != "matching" for f in headline),
-                tuple(per_seed),
-                tuple(per_seed_m),
-                mean(shares["findings"]),
-                mean(shares["err"]),
-                mean(shares["bdec"]),
-            )
-        )
-    return out
+        .reset_index()
+    )
+    prof = m.pivot_table(index=key, columns="relation", values="contrast", aggfunc="mean")
+    prof.columns = [f"contrast_{c}" for c in prof.columns]
+    act = m.pivot_table(index=key, columns="relation", values="q_act", aggfunc="mean")
+    act.columns = [f"q_act_{c}" for c in act.columns]
+    t = t.merge(prof.reset_index(), on=key).merge(act.reset_index(), on=key)
+    n_all = m["pair"].nunique()
+    t["pair_rate"] = t["n_pairs"] / n_all
+    t["swap_ratio"] = t["swap_contrast"] / t["contrast"].where(t["contrast"] > 0)
+    recurrent = t["pair_rate"] >= 0.2
+    structural = (t["label"] == "ungated") | (t["swap_ratio"] >= 0.5)
+    t["class"] = np.select(
+        [recurrent & structural, recurrent, t["label"].isin(["matching", "gated query"])],
+        ["structural", "recurrent", "content, pair-specific"],
+        "other",
+    )
+    pos = m.assign(pos=m["contrast"].clip(lower=0)).merge(t[key + ["class"]], on=key)
+    summary = pos.groupby("class", as_index=False).agg(contrast=("pos", "sum"))
+    summary["n_members"] = summary["class"].map(t["class"].value_counts())
+    summary["share_of_group_contrast"] = summary["contrast"] / summary["contrast"].sum()
+    return t.sort_values(["n_pairs", "contrast"], ascending=False).head(top), summary

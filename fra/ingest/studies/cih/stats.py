@@ -66,3 +66,25 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def permutation_greater(x, y, n_perm: int, seed: int) -> float:
+    """One-sided p-value that mean(x) > mean(y), by permuting the group labels (counts the
+    observed labelling, so it is never below 1 / (n_perm + 1))."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    if x.numel() == 0 or y.numel() == 0:
+        return 1.0
+    allv = torch.cat([x, y])
+    n = x.numel()
+    obs = float(x.mean() - y.mean())
+    g = torch.Generator().manual_seed(seed)
+    hits, done = 0, 0
+    while done < n_perm:
+        b = min(2048, n_perm - done)
+        perm = torch.argsort(torch.rand(b, allv.numel(), generator=g), dim=1)
+        v = allv[perm]
+        diff = v[:, :n].mean(1) - v[:, n:].mean(1)
+        hits += int((diff >= obs - 1e-12 * abs(obs)).sum())
+        done += b
+    return (hits + 1) / (n_perm + 1)
