@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PKG = Path(__file__).resolve().parent.parent / "fra"
 
 
@@ -90,10 +88,5 @@ def test_no_import_circle_in_index():
     assert circles_through("fra.ingest.index") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="studies/cih: study <-> causal and study <-> report; the cih helper removes these circles on its "
-    "branch, and the lead removes this mark when merging it",
-)
 def test_no_import_circle_in_studies():
     assert circles_through("fra.ingest.studies") == []
