@@ -36,19 +36,18 @@ def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text) -> dict:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _write_traces(out, traces, done) -> None:
     import pandas as pd
 
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed + 1)
-    L, H = mean_kurt.shape
-
-    # ---- tables for the explorer
     all_tr = pd.DataFrame(
         [
             dict(
@@ -67,44 +66,68 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
     used = {r.idx for r in done}
     all_tr["used"] = all_tr["trace"].isin(used)
     all_tr.to_parquet(out / "traces.parquet", index=False)
+
+
+def _sentence_rows(r, receivers, proximity) -> list[dict]:
+    from .anchors import receiver_scores, vertical_scores
+
+    rec = receiver_scores(r.vert_LHN, receivers)
+    supp = vertical_scores(r.kl_NN, proximity)
+    return [
+        dict(
+            trace=r.idx,
+            i=i,
+            text=text,
+            tok_start=s,
+            tok_end=e,
+            receiver_score=float(rec[i]),
+            suppression_score=float(supp[i]),
+        )
+        for i, ((s, e), text) in enumerate(zip(r.seg.token_spans, r.seg.sentences))
+    ]
+
+
+def _matrix_frames(r, L, H) -> list:
+    import pandas as pd
+
+    ii, jj = np.tril_indices(r.seg.n)
+    return [
+        pd.DataFrame(
+            dict(
+                trace=r.idx,
+                layer=l,
+                head=h,
+                i=ii,
+                j=jj,
+                attn=r.blocks_LHNN[l, h][ii, jj].astype(np.float32),
+            )
+        )
+        for l in range(L)
+        for h in range(H)
+    ]
+
+
+def _write_trace_tables(out, done, receivers, cfg, L, H):
+    """sentences, matrices and kl tables; returns the sentences."""
+    import pandas as pd
+
     sent_rows, mat_rows, kl_rows = [], [], []
     for r in done:
-        from .anchors import receiver_scores, vertical_scores
-
-        rec = receiver_scores(r.vert_LHN, receivers)
-        supp = vertical_scores(r.kl_NN, cfg.proximity)
-        for i, ((s, e), text) in enumerate(zip(r.seg.token_spans, r.seg.sentences)):
-            sent_rows.append(
-                dict(
-                    trace=r.idx,
-                    i=i,
-                    text=text,
-                    tok_start=s,
-                    tok_end=e,
-                    receiver_score=float(rec[i]),
-                    suppression_score=float(supp[i]),
-                )
-            )
+        sent_rows += _sentence_rows(r, receivers, cfg.proximity)
+        mat_rows += _matrix_frames(r, L, H)
         ii, jj = np.tril_indices(r.seg.n)
-        for l in range(L):
-            for h in range(H):
-                mat_rows.append(
-                    pd.DataFrame(
-                        dict(
-                            trace=r.idx,
-                            layer=l,
-                            head=h,
-                            i=ii,
-                            j=jj,
-                            attn=r.blocks_LHNN[l, h][ii, jj].astype(np.float32),
-                        )
-                    )
-                )
         kl_rows.append(pd.DataFrame(dict(trace=r.idx, i=ii, j=jj, log_kl=r.kl_NN[ii, jj].astype(np.float32))))
     sent = pd.DataFrame(sent_rows)
     sent.to_parquet(out / "sentences.parquet", index=False)
     pd.concat(mat_rows).to_parquet(out / "matrices.parquet", index=False)
     pd.concat(kl_rows).to_parquet(out / "kl.parquet", index=False)
+    return sent
+
+
+def _write_heads(out, mean_kurt, receivers, fa_heads) -> None:
+    import pandas as pd
+
+    L, H = mean_kurt.shape
     rank = {lh: k for k, lh in enumerate(receivers)}
     heads = pd.DataFrame(
         [
@@ -120,25 +143,50 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         ]
     )
     heads.to_parquet(out / "heads.parquet", index=False)
+
+
+def _write_resolved(out, resolved) -> dict:
+    import pandas as pd
+
     tables = {}
     for name in ("anchors", "anchor_channels", "cells", "cell_channels"):
         df = pd.DataFrame([x for rv in resolved if rv for x in rv[name]])
         tables[name] = df
         df.to_parquet(out / f"{name}.parquet", index=False)
+    return tables
+
+
+def _write_consistency(out, rows):
+    import pandas as pd
+
     cons = pd.DataFrame(rows)
     cons["null_agreement_mean"] = [
         float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for x in map(np.asarray, cons["null_agreement"])
     ]
     cons.drop(columns=["null_agreement"]).to_parquet(out / "consistency.parquet", index=False)
+    return cons
 
-    # ---- statistics
-    agree = cons["agreement"].to_numpy(float)
-    null_agree = cons["null_agreement_mean"].to_numpy(float)
-    share = cons["content_share"].to_numpy(float)
-    null_share = cons["null_content_share"].to_numpy(float)
-    correct = cons["correct"].to_numpy(bool)
+
+def _consistency_arrays(cons) -> dict:
+    return dict(
+        agree=cons["agreement"].to_numpy(float),
+        null_agree=cons["null_agreement_mean"].to_numpy(float),
+        share=cons["content_share"].to_numpy(float),
+        null_share=cons["null_content_share"].to_numpy(float),
+        correct=cons["correct"].to_numpy(bool),
+    )
+
+
+def _consistency_stats(v: dict, n_perm: int, rng) -> dict:
+    agree, null_agree, share, null_share, correct = (
+        v["agree"],
+        v["null_agree"],
+        v["share"],
+        v["null_share"],
+        v["correct"],
+    )
     stats = dict(
-        n_traces=len(cons),
+        n_traces=len(agree),
         n_correct=int(correct.sum()),
         agreement_mean=float(np.nanmean(agree)),
         null_agreement_mean=float(np.nanmean(null_agree)),
@@ -153,39 +201,49 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         ("content_share", share),
         ("null_content_share", null_share),
     ):
-        d, p = _perm_diff(vals, correct, cfg.n_perm, rng)
+        d, p = _perm_diff(vals, correct, n_perm, rng)
         stats[f"{key}_correct_minus_incorrect"], stats[f"{key}_correct_p"] = d, p
-    anc = tables["anchors"]
-    if len(anc):
-        tot = anc[[f"g_{g}" for g in GROUPS]].sum(1)
-        stats["anchor_delta_mean"] = float(anc["delta"].mean())
-        stats["anchor_groups_mean"] = {g: float(anc[f"g_{g}"].mean()) for g in GROUPS}
-        stats["anchor_split_max_abs_err"] = float((tot - anc["delta"]).abs().max())
-        ch = tables["anchor_channels"]
-        pos_cols = [c for c in anc.columns if c.startswith("pos_")]
-        pos_tot = anc[pos_cols].sum(1)
-        stats["positive_ff_by_class"] = {c[4:]: float((anc[c] / pos_tot).mean()) for c in pos_cols}
-        key = ["trace", "layer", "head", "anchor"]
-        top = ch.groupby(key)["value"].sum()
-        a = anc.set_index(key)
-        stats["top_channels_share_of_ff"] = float((top / a["g_ff"]).median())
-        stats["top1_share_of_positive"] = float(
-            (ch[ch["rank"] == 0].set_index(key)["value"].clip(lower=0) / pos_tot.set_axis(a.index)).median()
-        )
-        stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
-        stats["resid_share_of_delta"] = float(
-            ((a["g_bdec_f"] + a["g_f_bdec"] + a["g_err_f"] + a["g_f_err"] + a["g_resid_resid"]) / a["delta"]).median()
-        )
+    return stats
+
+
+def _anchor_stats(anc, ch) -> dict:
+    stats = {}
+    tot = anc[[f"g_{g}" for g in GROUPS]].sum(1)
+    stats["anchor_delta_mean"] = float(anc["delta"].mean())
+    stats["anchor_groups_mean"] = {g: float(anc[f"g_{g}"].mean()) for g in GROUPS}
+    stats["anchor_split_max_abs_err"] = float((tot - anc["delta"]).abs().max())
+    pos_cols = [c for c in anc.columns if c.startswith("pos_")]
+    pos_tot = anc[pos_cols].sum(1)
+    stats["positive_ff_by_class"] = {c[4:]: float((anc[c] / pos_tot).mean()) for c in pos_cols}
+    key = ["trace", "layer", "head", "anchor"]
+    top = ch.groupby(key)["value"].sum()
+    a = anc.set_index(key)
+    stats["top_channels_share_of_ff"] = float((top / a["g_ff"]).median())
+    stats["top1_share_of_positive"] = float(
+        (ch[ch["rank"] == 0].set_index(key)["value"].clip(lower=0) / pos_tot.set_axis(a.index)).median()
+    )
+    stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
+    stats["resid_share_of_delta"] = float(
+        ((a["g_bdec_f"] + a["g_f_bdec"] + a["g_err_f"] + a["g_f_err"] + a["g_resid_resid"]) / a["delta"]).median()
+    )
+    return stats
+
+
+def _accuracy(traces):
+    import pandas as pd
+
     lengths = pd.DataFrame(
         [dict(task=t.task, correct=t.correct, n_new=t.n_new_tokens, n_chars=len(t.trace)) for t in traces]
     )
-    acc = (
+    return (
         lengths.groupby("task")
         .agg(n=("correct", "size"), correct=("correct", "sum"), mean_new_tokens=("n_new", "mean"))
         .reset_index()
     )
 
-    # ---- figures
+
+def _receiver_figure(out, mean_kurt, receivers, fa_heads, n_done: int) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 8))
     im = ax.imshow(mean_kurt, aspect="auto", cmap="viridis")
     for k, (l, h) in enumerate(receivers):
@@ -194,17 +252,23 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="r", lw=1.5))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"mean kurtosis of vertical scores ({len(done)} traces)\nnumbers: receiver rank; red: resolved")
+    ax.set_title(f"mean kurtosis of vertical scores ({n_done} traces)\nnumbers: receiver rank; red: resolved")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "receiver_heads.png", dpi=110)
     plt.close(fig)
 
-    sentence_figure(out, receivers[0], fa_heads[0] if fa_heads else receivers[0])
 
+def _consistency_figure(out, v: dict) -> None:
+    plt = _pyplot()
+    correct = v["correct"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (a, b, name) in zip(
-        axes, ((agree, null_agree, "receiver-suppression Spearman"), (share, null_share, "content share of channels"))
+        axes,
+        (
+            (v["agree"], v["null_agree"], "receiver-suppression Spearman"),
+            (v["share"], v["null_share"], "content share of channels"),
+        ),
     ):
         bins = np.linspace(np.nanmin(np.r_[a, b, 0]), np.nanmax(np.r_[a, b, 1e-9]), 16)
         ax.hist(a[correct & np.isfinite(a)], bins, alpha=0.6, label="correct")
@@ -216,8 +280,9 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
     fig.savefig(out / "consistency.png", dpi=100)
     plt.close(fig)
 
-    # ---- report.md
-    lines = [
+
+def _intro_lines(cfg, traces, done, acc, stats) -> list[str]:
+    return [
         "# Chains of thought, feature-resolved (`fra report cot`)",
         "",
         f"Model `{cfg.model}`, traces `{cfg.traces.name}`: {len(traces)} traces, {len(done)} with at least "
@@ -233,6 +298,12 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         f"{np.mean([r.seg.n for r in done]):.1f} sentences and {np.mean([len(r.seg.tokens) for r in done]):.0f} "
         "tokens (prompt included) on average.",
         "",
+    ]
+
+
+def _receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta) -> list[str]:
+    rank = {lh: k for k, lh in enumerate(receivers)}
+    return [
         "## Receiver heads",
         "",
         "![receiver heads](receiver_heads.png)",
@@ -256,48 +327,60 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
             for l, h in fa_heads
         ),
         "",
+    ]
+
+
+def _sentence_lines() -> list[str]:
+    return [
         "## Sentence x sentence",
         "",
         "![sentence matrices](sentence_matrices.png)",
         "",
     ]
-    if len(anc):
-        g = stats["anchor_groups_mean"]
-        lines += [
-            "## Channels behind the top anchors",
-            "",
-            "Split: the attention-weighted score advantage Delta of an anchor's keys over the row's average key, "
-            "from queries >= "
-            f"{cfg.proximity} sentences later (fra/ingest/studies/cot/resolve.py says why scores, not weights, and "
-            "why the advantage). The groups sum to Delta from the model's own scores to "
-            f"{stats['anchor_split_max_abs_err']:.1e} (max over {len(anc)} anchor x head cases).",
-            "",
-            "| group | mean over anchors |",
-            "|---|---|",
-            f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
-            *[f"| {k} | {v:.3f} |" for k, v in g.items()],
-            "",
-            "Classes of the channels' positive values (mean share over anchors, all channels): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in stats["positive_ff_by_class"].items())
-            + ". A channel's class is that of the anchor tokens carrying most of its anchor part: content = a "
-            "number or word that the later sentences reuse; word = alphanumeric, not reused; structural = "
-            "punctuation, whitespace, format; baseline-only = no anchor part (it only lowers the row's average).",
-            "",
-            "Examples (the strongest channel of the top anchor of a few traces):",
-            "",
-            "| trace | head | anchor sentence | channel | value | class | key tokens | key feature |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        ch = tables["anchor_channels"]
-        ex = ch[(ch["rank"] == 0)].merge(anc[anc["rank"] == 0][["trace", "layer", "head", "anchor"]])
-        for row in ex.head(8).itertuples():
-            text = sent[(sent.trace == row.trace) & (sent.i == row.anchor)]["text"].iloc[0].strip().replace("|", "/")
-            lines.append(
-                f"| {row.trace} | {row.layer}.{row.head} | {text[:60]!r} | ({row.feat_q}, {row.feat_k}) | "
-                f"{row.value:.3f} | {row.cls} | {', '.join(json.loads(row.key_tokens))!r} | {row.label_k[:40]} |"
-            )
-        lines.append("")
-    lines += [
+
+
+def _anchor_lines(cfg, stats, tables, sent) -> list[str]:
+    anc = tables["anchors"]
+    g = stats["anchor_groups_mean"]
+    lines = [
+        "## Channels behind the top anchors",
+        "",
+        "Split: the attention-weighted score advantage Delta of an anchor's keys over the row's average key, "
+        "from queries >= "
+        f"{cfg.proximity} sentences later (fra/ingest/studies/cot/resolve.py says why scores, not weights, and "
+        "why the advantage). The groups sum to Delta from the model's own scores to "
+        f"{stats['anchor_split_max_abs_err']:.1e} (max over {len(anc)} anchor x head cases).",
+        "",
+        "| group | mean over anchors |",
+        "|---|---|",
+        f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
+        *[f"| {k} | {v:.3f} |" for k, v in g.items()],
+        "",
+        "Classes of the channels' positive values (mean share over anchors, all channels): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in stats["positive_ff_by_class"].items())
+        + ". A channel's class is that of the anchor tokens carrying most of its anchor part: content = a "
+        "number or word that the later sentences reuse; word = alphanumeric, not reused; structural = "
+        "punctuation, whitespace, format; baseline-only = no anchor part (it only lowers the row's average).",
+        "",
+        "Examples (the strongest channel of the top anchor of a few traces):",
+        "",
+        "| trace | head | anchor sentence | channel | value | class | key tokens | key feature |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ch = tables["anchor_channels"]
+    ex = ch[(ch["rank"] == 0)].merge(anc[anc["rank"] == 0][["trace", "layer", "head", "anchor"]])
+    for row in ex.head(8).itertuples():
+        text = sent[(sent.trace == row.trace) & (sent.i == row.anchor)]["text"].iloc[0].strip().replace("|", "/")
+        lines.append(
+            f"| {row.trace} | {row.layer}.{row.head} | {text[:60]!r} | ({row.feat_q}, {row.feat_k}) | "
+            f"{row.value:.3f} | {row.cls} | {', '.join(json.loads(row.key_tokens))!r} | {row.label_k[:40]} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _consistency_lines(cfg, stats, receivers) -> list[str]:
+    return [
         "## Internal consistency, against a null",
         "",
         "![consistency](consistency.png)",
@@ -318,43 +401,89 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         f"{_fmt(stats['content_share_correct_p'], 4)} | {_fmt(stats['null_content_share_correct_minus_incorrect'])} |",
         "",
     ]
+
+
+def _resolution_lines(cfg, stats) -> list[str]:
+    return [
+        "## What the feature resolution adds over the sentence-level view",
+        "",
+        f"Thought Anchors' view says which sentences receive attention (receiver heads) and which ones matter "
+        f"causally (suppression); here they agree with Spearman {_fmt(stats['agreement_mean'], 2)} on average "
+        f"against {_fmt(stats['null_agreement_mean'], 2)} on shuffled boundaries (p = "
+        f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a receiver head "
+        f"attends to an anchor: the feature x feature terms carry a median {_fmt(stats['ff_share_of_delta'], 2)} "
+        f"of the anchor's score advantage Delta (the b_dec / error terms {_fmt(stats['resid_share_of_delta'], 2)})"
+        f"; that ff part is spread over many channels (the top {cfg.top_channels} carry a median "
+        f"{_fmt(stats['top_channels_share_of_ff'], 2)} of it, the top one "
+        f"{_fmt(stats['top1_share_of_positive'], 2)} of the positive mass); and content channels carry "
+        f"{_fmt(stats['content_share_mean'], 2)} of the positive channel mass against "
+        f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
+        f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
+        "",
+        f"Read with care: the resolved heads are the strongest receiver heads *of the SAE layers*, and their "
+        f"ranks among all heads are given above. Their mean Delta at the anchors is "
+        f"{stats['anchor_delta_mean']:.2f}, and the group with the largest mean |part| is "
+        f"`{max(stats['anchor_groups_mean'], key=lambda g: abs(stats['anchor_groups_mean'][g]))}` "
+        f"({max(stats['anchor_groups_mean'].values(), key=abs):.2f}): what sets these heads' attention to an "
+        "anchor is visible only after the split, and so is whether feature pairs or the SAE's b_dec / error "
+        "carry it.",
+        "",
+    ]
+
+
+def _correctness_lines(traces, stats) -> list[str]:
+    if not (stats["n_correct"] == 0 or stats["n_correct"] == stats["n_traces"]):
+        return []
+    n_ok = sum(t.correct for t in traces)
+    return [
+        "## Correct against incorrect traces",
+        "",
+        f"Not measurable on these traces: {n_ok} of {len(traces)} traces are correct, and "
+        f"{stats['n_correct']} of the {stats['n_traces']} studied ones (a correct trace of this model is "
+        f"short: at most {max([len(t.trace) for t in traces if t.correct], default=0)} characters). "
+        "Run the study on a reasoning model's traces (README) for this test.",
+        "",
+    ]
+
+
+def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text) -> dict:
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed + 1)
+    L, H = mean_kurt.shape
+
+    # ---- tables for the explorer
+    _write_traces(out, traces, done)
+    sent = _write_trace_tables(out, done, receivers, cfg, L, H)
+    _write_heads(out, mean_kurt, receivers, fa_heads)
+    tables = _write_resolved(out, resolved)
+    cons = _write_consistency(out, rows)
+
+    # ---- statistics
+    v = _consistency_arrays(cons)
+    stats = _consistency_stats(v, cfg.n_perm, rng)
+    anc = tables["anchors"]
     if len(anc):
-        lines += [
-            "## What the feature resolution adds over the sentence-level view",
-            "",
-            f"Thought Anchors' view says which sentences receive attention (receiver heads) and which ones matter "
-            f"causally (suppression); here they agree with Spearman {_fmt(stats['agreement_mean'], 2)} on average "
-            f"against {_fmt(stats['null_agreement_mean'], 2)} on shuffled boundaries (p = "
-            f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a receiver head "
-            f"attends to an anchor: the feature x feature terms carry a median {_fmt(stats['ff_share_of_delta'], 2)} "
-            f"of the anchor's score advantage Delta (the b_dec / error terms {_fmt(stats['resid_share_of_delta'], 2)})"
-            f"; that ff part is spread over many channels (the top {cfg.top_channels} carry a median "
-            f"{_fmt(stats['top_channels_share_of_ff'], 2)} of it, the top one "
-            f"{_fmt(stats['top1_share_of_positive'], 2)} of the positive mass); and content channels carry "
-            f"{_fmt(stats['content_share_mean'], 2)} of the positive channel mass against "
-            f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
-            f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
-            "",
-            f"Read with care: the resolved heads are the strongest receiver heads *of the SAE layers*, and their "
-            f"ranks among all heads are given above. Their mean Delta at the anchors is "
-            f"{stats['anchor_delta_mean']:.2f}, and the group with the largest mean |part| is "
-            f"`{max(stats['anchor_groups_mean'], key=lambda g: abs(stats['anchor_groups_mean'][g]))}` "
-            f"({max(stats['anchor_groups_mean'].values(), key=abs):.2f}): what sets these heads' attention to an "
-            "anchor is visible only after the split, and so is whether feature pairs or the SAE's b_dec / error "
-            "carry it.",
-            "",
-        ]
-    if stats["n_correct"] == 0 or stats["n_correct"] == stats["n_traces"]:
-        n_ok = sum(t.correct for t in traces)
-        lines += [
-            "## Correct against incorrect traces",
-            "",
-            f"Not measurable on these traces: {n_ok} of {len(traces)} traces are correct, and "
-            f"{stats['n_correct']} of the {stats['n_traces']} studied ones (a correct trace of this model is "
-            f"short: at most {max([len(t.trace) for t in traces if t.correct], default=0)} characters). "
-            "Run the study on a reasoning model's traces (README) for this test.",
-            "",
-        ]
+        stats.update(_anchor_stats(anc, tables["anchor_channels"]))
+    acc = _accuracy(traces)
+
+    # ---- figures
+    _receiver_figure(out, mean_kurt, receivers, fa_heads, len(done))
+    sentence_figure(out, receivers[0], fa_heads[0] if fa_heads else receivers[0])
+    _consistency_figure(out, v)
+
+    # ---- report.md
+    lines = [
+        *_intro_lines(cfg, traces, done, acc, stats),
+        *_receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta),
+        *_sentence_lines(),
+    ]
+    if len(anc):
+        lines += _anchor_lines(cfg, stats, tables, sent)
+    lines += _consistency_lines(cfg, stats, receivers)
+    if len(anc):
+        lines += _resolution_lines(cfg, stats)
+    lines += _correctness_lines(traces, stats)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))
 
@@ -363,11 +492,9 @@ def sentence_figure(out, receiver, resolved, n_traces: int = 3) -> None:
     """sentence_matrices.png from the stored tables: for the longest traces, the mean attention of the
     top receiver head and of the strongest resolved head (diagonal left out, as in the vertical
     scores), and the suppression log-KL matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    plt = _pyplot()
 
     sent = pd.read_parquet(out / "sentences.parquet")
     mats = pd.read_parquet(out / "matrices.parquet")
