@@ -75,13 +75,8 @@ def _matrix(m: np.ndarray, i: int, j: int, title: str):
     return fig
 
 
-def page_cot() -> None:
-    st.header("CoT: thought anchors, feature-resolved")
-    t = tables()
-    if t is None:
-        st.info(f"No CoT report at {report_dir()}. Run `fra report cot` first (or set FRA_COT_REPORT).")
-        return
-    tr, sent, heads = t["traces"], t["sentences"], t["heads"]
+def _pick_trace(tr: pd.DataFrame) -> int:
+    """The trace selector and the trace's problem; returns the trace id."""
     used = tr[tr["used"]].set_index("trace")
     ids = [int(x) for x in used.index]
     trace = ui.select_int(
@@ -102,6 +97,11 @@ def page_cot() -> None:
         f"**Problem.** {md_text(str(row['problem']))}  \n**Expected** {md_text(str(row['answer']))}, "
         f"**extracted** {md_text(str(row['predicted']))}: {'correct' if row['correct'] else 'wrong'}"
     )
+    return trace
+
+
+def _pick_head(heads: pd.DataFrame) -> tuple[int, int]:
+    """The layer and head selectors and the head's caption; returns (layer, head)."""
     resolved = heads[heads["resolved"]]
     default = (int(resolved.iloc[0].layer), int(resolved.iloc[0]["head"])) if len(resolved) else (0, 0)
     layers = sorted(int(x) for x in heads["layer"].unique())
@@ -123,13 +123,19 @@ def page_cot() -> None:
             + "."
         )
     )
-    s = sent[sent.trace == trace].sort_values("i")
-    n = len(s)
-    mat = t["matrices"]
+    return layer, head
+
+
+def _attention(mat: pd.DataFrame, trace: int, layer: int, head: int, n: int) -> np.ndarray:
+    """[n, n] mean attention weights of the head on the trace (NaN above the diagonal)."""
     mat = mat[(mat.trace == trace) & (mat.layer == layer) & (mat["head"] == head)]
     m = np.full((n, n), np.nan)
     m[mat["i"].to_numpy(), mat["j"].to_numpy()] = mat["attn"].to_numpy()
-    # a click on the matrix (from the previous run) sets the cell, before its widgets are drawn
+    return m
+
+
+def _pick_cell(n: int) -> tuple[int, int]:
+    """The cell (i, j): a click on the matrix (from the previous run) sets it, before its widgets are drawn."""
     sel = st.session_state.get("cot_matrix")
     pts = list(sel["selection"]["points"]) if sel and sel.get("selection") else []
     if pts:
@@ -144,6 +150,10 @@ def page_cot() -> None:
         st.warning(f"Sentence {i} cannot attend to the later sentence {j}: showing j = 0.")
         j = 0
         ui.url()["j"] = 0
+    return i, j
+
+
+def _show_matrix(m: np.ndarray, s: pd.DataFrame, layer: int, head: int, i: int, j: int) -> None:
     st.plotly_chart(
         _matrix(m, i, j, f"head {layer}.{head}: mean attention weight, sentence i -> sentence j (click a cell)"),
         key="cot_matrix",
@@ -155,6 +165,10 @@ def page_cot() -> None:
         f"**j = {j}:** {md_text(str(s.iloc[j]['text']).strip())}  \n"
         f"mean attention weight {m[i, j]:.4f}"
     )
+
+
+def _cell_channels(t: dict[str, pd.DataFrame], trace: int, layer: int, head: int, i: int, j: int) -> None:
+    """The cell's split of Delta into groups and its channels, or why none are stored."""
     cells = t.get("cells", pd.DataFrame())
     cell = cells[
         (cells.trace == trace) & (cells.layer == layer) & (cells["head"] == head) & (cells.i == i) & (cells.j == j)
@@ -168,53 +182,81 @@ def page_cot() -> None:
                 else f"head {layer}.{head} is not one of the resolved heads."
             )
         )
-    else:
-        c = cell.iloc[0]
-        groups = [g[2:] for g in cell.columns if g.startswith("g_")]
-        st.markdown(
-            f"Score advantage of sentence {j}'s keys for sentence {i}'s queries: **Delta = {c.delta:.4f}**, "
-            "split exactly into:"
-        )
-        ui.show_table(
-            pd.DataFrame({"group": groups, "split": [float(c[f"g_{g}"]) for g in groups]}),
-            ["group", "split"],
-            "cot_groups",
-            helps=HELPS,
-        )
-        ch = t["cell_channels"]
-        ch = ch[(ch.trace == trace) & (ch.layer == layer) & (ch["head"] == head) & (ch.i == i) & (ch.j == j)].copy()
-        ch["open"] = [ui.channel_link(layer, head, a, b) for a, b in zip(ch.feat_q, ch.feat_k)]
-        st.markdown(f"The {len(ch)} channels of largest |value| (of the ff group {c.g_ff:.4f}):")
-        ui.show_table(
-            ch.sort_values("rank"),
-            ["rank", "feat_q", "feat_k", "value", "anchor_part", "baseline_part", "open"],
-            "cot_channels",
-            layer=layer,
-            helps=HELPS,
-        )
-    st.subheader("Sentences")
-    ui.show_table(s, ["i", "text", "receiver_score", "suppression_score"], "cot_sentences", helps=HELPS)
+        return
+    c = cell.iloc[0]
+    groups = [g[2:] for g in cell.columns if g.startswith("g_")]
+    st.markdown(
+        f"Score advantage of sentence {j}'s keys for sentence {i}'s queries: **Delta = {c.delta:.4f}**, "
+        "split exactly into:"
+    )
+    ui.show_table(
+        pd.DataFrame({"group": groups, "split": [float(c[f"g_{g}"]) for g in groups]}),
+        ["group", "split"],
+        "cot_groups",
+        helps=HELPS,
+    )
+    ch = t["cell_channels"]
+    ch = ch[(ch.trace == trace) & (ch.layer == layer) & (ch["head"] == head) & (ch.i == i) & (ch.j == j)].copy()
+    ch["open"] = [ui.channel_link(layer, head, a, b) for a, b in zip(ch.feat_q, ch.feat_k)]
+    st.markdown(f"The {len(ch)} channels of largest |value| (of the ff group {c.g_ff:.4f}):")
+    ui.show_table(
+        ch.sort_values("rank"),
+        ["rank", "feat_q", "feat_k", "value", "anchor_part", "baseline_part", "open"],
+        "cot_channels",
+        layer=layer,
+        helps=HELPS,
+    )
+
+
+def _anchor_channels(t: dict[str, pd.DataFrame], trace: int, layer: int, head: int) -> None:
+    """The channels behind the trace's top anchors, for the chosen head (if it is resolved)."""
     anc = t.get("anchor_channels", pd.DataFrame())
-    if len(anc):
-        a = anc[(anc.trace == trace) & (anc.layer == layer) & (anc["head"] == head)].copy()
-        if len(a):
-            st.subheader("Channels behind this trace's top anchors (queries >= 4 sentences later)")
-            a["open"] = [ui.channel_link(layer, head, x, y) for x, y in zip(a.feat_q, a.feat_k)]
-            ui.show_table(
-                a,
-                ["anchor", "rank", "feat_q", "label_q", "feat_k", "label_k", "cls", "key_tokens", "value", "open"],
-                "cot_anchor_channels",
-                layer=layer,
-                helps={
-                    **HELPS,
-                    "anchor": "The anchor sentence (top receiver score).",
-                    "cls": "content: the key token is a number or word the later sentences reuse; "
-                    "word: alphanumeric, not reused; structural: punctuation, whitespace, format.",
-                    "key_tokens": "The anchor tokens where the channel's key side carries the most.",
-                    "label_q": "Query feature's label.",
-                    "label_k": "Key feature's label.",
-                },
-            )
+    if not len(anc):
+        return
+    a = anc[(anc.trace == trace) & (anc.layer == layer) & (anc["head"] == head)].copy()
+    if not len(a):
+        return
+    st.subheader("Channels behind this trace's top anchors (queries >= 4 sentences later)")
+    a["open"] = [ui.channel_link(layer, head, x, y) for x, y in zip(a.feat_q, a.feat_k)]
+    ui.show_table(
+        a,
+        ["anchor", "rank", "feat_q", "label_q", "feat_k", "label_k", "cls", "key_tokens", "value", "open"],
+        "cot_anchor_channels",
+        layer=layer,
+        helps={
+            **HELPS,
+            "anchor": "The anchor sentence (top receiver score).",
+            "cls": "content: the key token is a number or word the later sentences reuse; "
+            "word: alphanumeric, not reused; structural: punctuation, whitespace, format.",
+            "key_tokens": "The anchor tokens where the channel's key side carries the most.",
+            "label_q": "Query feature's label.",
+            "label_k": "Key feature's label.",
+        },
+    )
+
+
+def _figures() -> None:
     for fig in ("receiver_heads.png", "consistency.png"):
         if (report_dir() / fig).exists():
             st.image(str(report_dir() / fig), caption=fig, width=560)
+
+
+def page_cot() -> None:
+    st.header("CoT: thought anchors, feature-resolved")
+    t = tables()
+    if t is None:
+        st.info(f"No CoT report at {report_dir()}. Run `fra report cot` first (or set FRA_COT_REPORT).")
+        return
+    trace = _pick_trace(t["traces"])
+    layer, head = _pick_head(t["heads"])
+    sent = t["sentences"]
+    s = sent[sent.trace == trace].sort_values("i")
+    n = len(s)
+    m = _attention(t["matrices"], trace, layer, head, n)
+    i, j = _pick_cell(n)
+    _show_matrix(m, s, layer, head, i, j)
+    _cell_channels(t, trace, layer, head, i, j)
+    st.subheader("Sentences")
+    ui.show_table(s, ["i", "text", "receiver_score", "suppression_score"], "cot_sentences", helps=HELPS)
+    _anchor_channels(t, trace, layer, head)
+    _figures()
