@@ -90,12 +90,172 @@ def consistency(vert_LHN, kl_NN, receivers, proximity) -> float:
     return ta.spearman(rec, supp)
 
 
+def _mask(spans, idx, T: int):
+    import torch
+
+    m = torch.zeros(T, dtype=torch.bool)
+    for i in idx:
+        m[spans[i][0] : spans[i][1]] = True
+    return m
+
+
+def _key_classes(texts: list[str], spans, qsent):
+    import torch
+
+    from .resolve import CLASSES
+
+    reused = {texts[t].strip().lower() for i in qsent for t in range(*spans[i])}
+    return torch.tensor([CLASSES.index(token_class(x, reused)) for x in texts])
+
+
+def _anchors_of(rec_scores, n_anchors: int) -> list[int]:
+    ok = np.isfinite(rec_scores)
+    return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[:n_anchors] if ok[j]]
+
+
+def _content_share(r) -> float:
+    tot = sum(r.positive_by_class.values())
+    return r.positive_by_class["content"] / tot if tot > 0 else float("nan")
+
+
+def _head_inputs(d, head: int, T: int, prompt_len: int, F: int) -> dict:
+    """What `resolve` needs of one head of a decomposed trace, fixed over its blocks."""
+    import torch
+
+    from .resolve import baseline_rows
+
+    terms = d.terms_CBHQK[:, 0, head]
+    scores = d.model_scores_BHQK[0, head].clone()
+    scores[~torch.ones(T, T, dtype=torch.bool).tril()] = -torch.inf
+    qf, kf = d.q.feat_BHTAE[0, head], d.k.feat_BHTAE[0, head]
+    fi = d.sparse.feat_idx_BTA[0]
+    pattern = torch.softmax(scores, -1)
+    pos = torch.arange(prompt_len, T)
+    base = (pos, baseline_rows(qf, kf, fi, pattern, pos, F))
+    return dict(fixed=(terms, scores, qf, kf, fi), base=base, F=F, T=T, pattern=pattern, qf=qf, kf=kf, fi=fi)
+
+
+def _resolve_block(h: dict, spans, qsent, ksent, top: int, classes=None):
+    from .resolve import resolve
+
+    qm, km = _mask(spans, qsent, h["T"]), _mask(spans, [ksent], h["T"])
+    r = resolve(*h["fixed"], qm, km, h["F"], h["base"], key_class_T=classes, top=top)
+    return r, qm, km
+
+
+def _anchor_channel_rows(res, h, layer, head, j, r, qm, km, texts, labels) -> list[dict]:
+    from .resolve import key_positions
+
+    block = h["pattern"] * qm[:, None] * km[None, :]
+    w = block / block.sum()
+    q_idx, k_idx = qm.nonzero().reshape(-1), km.nonzero().reshape(-1)
+    rows = []
+    for c_rank, row in enumerate(r.top.itertuples()):
+        per_key = key_positions(h["qf"], h["kf"], h["fi"], w, q_idx, k_idx, int(row.feat_q), int(row.feat_k))
+        best = k_idx[per_key.abs().argsort(descending=True)[:3]].tolist()
+        rows.append(
+            dict(
+                trace=res.idx,
+                layer=layer,
+                head=head,
+                anchor=j,
+                rank=c_rank,
+                feat_q=int(row.feat_q),
+                feat_k=int(row.feat_k),
+                value=float(row.value),
+                anchor_part=float(row.anchor),
+                baseline_part=float(row.baseline),
+                cls=row.cls,
+                key_tokens=json.dumps([texts[k] for k in best]),
+                label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                label_k=str(labels.get((layer, int(row.feat_k)), "")),
+            )
+        )
+    return rows
+
+
+def _resolve_anchors(res, h, layer, head, rec, cfg, texts, labels, out) -> list[float]:
+    """The anchors of the real boundaries and their channels (into `out`); returns their content shares."""
+    seg = res.seg
+    shares = []
+    for rank, j in enumerate(_anchors_of(rec, cfg.anchors)):
+        qsent = list(range(j + cfg.proximity, seg.n))
+        classes = _key_classes(texts, seg.token_spans, qsent)
+        r, qm, km = _resolve_block(h, seg.token_spans, qsent, j, cfg.top_channels, classes)
+        shares.append(_content_share(r))
+        out["anchors"].append(
+            dict(
+                trace=res.idx,
+                layer=layer,
+                head=head,
+                anchor=j,
+                rank=rank,
+                receiver_score=float(rec[j]),
+                delta=r.delta,
+                ff_channels=r.ff_channels,
+                content_share=shares[-1],
+                **{f"g_{g}": v for g, v in r.groups.items()},
+                **{f"pos_{c}": v for c, v in r.positive_by_class.items()},
+            )
+        )
+        out["anchor_channels"] += _anchor_channel_rows(res, h, layer, head, j, r, qm, km, texts, labels)
+    return shares
+
+
+def _null_content(res, h, receivers, cfg, texts) -> list[float]:
+    """Mean content share of the anchors of each null draw."""
+    shares = []
+    for spans, vert in zip(res.null_spans, res.null_vert):
+        ns = []
+        for j in _anchors_of(ta.receiver_scores(vert, receivers), cfg.anchors):
+            qsent = list(range(j + cfg.proximity, res.seg.n))
+            r = _resolve_block(h, spans, qsent, j, cfg.top_channels, _key_classes(texts, spans, qsent))[0]
+            ns.append(_content_share(r))
+        shares.append(float(np.nanmean(ns)) if ns else float("nan"))
+    return shares
+
+
+def _resolve_cells(res, h, layer, head, cfg, labels, out) -> None:
+    """Every sentence pair (i > j) of the trace and its channels, into `out`."""
+    for i in range(1, res.seg.n):
+        for j in range(i):
+            r = _resolve_block(h, res.seg.token_spans, [i], j, cfg.top_channels)[0]
+            out["cells"].append(
+                dict(
+                    trace=res.idx,
+                    layer=layer,
+                    head=head,
+                    i=i,
+                    j=j,
+                    attn=float(res.blocks_LHNN[layer, head, i, j]),
+                    delta=r.delta,
+                    **{f"g_{g}": v for g, v in r.groups.items()},
+                )
+            )
+            for c_rank, row in enumerate(r.top.itertuples()):
+                out["cell_channels"].append(
+                    dict(
+                        trace=res.idx,
+                        layer=layer,
+                        head=head,
+                        i=i,
+                        j=j,
+                        rank=c_rank,
+                        feat_q=int(row.feat_q),
+                        feat_k=int(row.feat_k),
+                        value=float(row.value),
+                        anchor_part=float(row.anchor),
+                        baseline_part=float(row.baseline),
+                        label_q=str(labels.get((layer, int(row.feat_q)), "")),
+                        label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                    )
+                )
+
+
 def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_text, labels) -> dict:
     """Channels of the anchors (real and null boundaries) per FA head, and of every sentence pair
     for the first FA head (the explorer's cells)."""
     import torch
-
-    from .resolve import CLASSES, baseline_rows, key_positions, resolve
 
     seg = res.seg
     tokens_T = torch.tensor(seg.tokens)
@@ -104,131 +264,15 @@ def resolve_trace(res: TraceResult, decs: dict, fa_heads, receivers, cfg, tok_te
     out = {"anchors": [], "anchor_channels": [], "cells": [], "cell_channels": [], "content": [], "null_content": []}
     rec = ta.receiver_scores(res.vert_LHN, receivers)
     by_layer = {}
-
-    def mask(spans, idx):
-        m = torch.zeros(T, dtype=torch.bool)
-        for i in idx:
-            m[spans[i][0] : spans[i][1]] = True
-        return m
-
-    def key_classes(spans, qsent):
-        reused = {texts[t].strip().lower() for i in qsent for t in range(*spans[i])}
-        return torch.tensor([CLASSES.index(token_class(x, reused)) for x in texts])
-
-    def anchors_of(rec_scores):
-        ok = np.isfinite(rec_scores)
-        return [int(j) for j in np.argsort(-np.where(ok, rec_scores, -np.inf))[: cfg.anchors] if ok[j]]
-
-    def share(r):
-        tot = sum(r.positive_by_class.values())
-        return r.positive_by_class["content"] / tot if tot > 0 else float("nan")
-
     for n_head, (layer, head) in enumerate(fa_heads):
         if layer not in by_layer:
             by_layer[layer] = decs[layer].decompose(tokens_T)
-        d = by_layer[layer]
-        terms = d.terms_CBHQK[:, 0, head]
-        scores = d.model_scores_BHQK[0, head].clone()
-        scores[~torch.ones(T, T, dtype=torch.bool).tril()] = -torch.inf
-        qf, kf = d.q.feat_BHTAE[0, head], d.k.feat_BHTAE[0, head]
-        fi = d.sparse.feat_idx_BTA[0]
-        F = decs[layer].sae.cfg.d_sae
-        pattern = torch.softmax(scores, -1)
-        pos = torch.arange(seg.prompt_len, T)
-        base = (pos, baseline_rows(qf, kf, fi, pattern, pos, F))
-        fixed = (terms, scores, qf, kf, fi)
-
-        def run(spans, qsent, ksent, classes=None, fixed=fixed, base=base, F=F):
-            qm, km = mask(spans, qsent), mask(spans, [ksent])
-            r = resolve(*fixed, qm, km, F, base, key_class_T=classes, top=cfg.top_channels)
-            return r, qm, km
-
-        shares = []
-        for rank, j in enumerate(anchors_of(rec)):
-            qsent = list(range(j + cfg.proximity, seg.n))
-            r, qm, km = run(seg.token_spans, qsent, j, key_classes(seg.token_spans, qsent))
-            shares.append(share(r))
-            out["anchors"].append(
-                dict(
-                    trace=res.idx,
-                    layer=layer,
-                    head=head,
-                    anchor=j,
-                    rank=rank,
-                    receiver_score=float(rec[j]),
-                    delta=r.delta,
-                    ff_channels=r.ff_channels,
-                    content_share=shares[-1],
-                    **{f"g_{g}": v for g, v in r.groups.items()},
-                    **{f"pos_{c}": v for c, v in r.positive_by_class.items()},
-                )
-            )
-            block = pattern * qm[:, None] * km[None, :]
-            w = block / block.sum()
-            q_idx, k_idx = qm.nonzero().reshape(-1), km.nonzero().reshape(-1)
-            for c_rank, row in enumerate(r.top.itertuples()):
-                per_key = key_positions(qf, kf, fi, w, q_idx, k_idx, int(row.feat_q), int(row.feat_k))
-                best = k_idx[per_key.abs().argsort(descending=True)[:3]].tolist()
-                out["anchor_channels"].append(
-                    dict(
-                        trace=res.idx,
-                        layer=layer,
-                        head=head,
-                        anchor=j,
-                        rank=c_rank,
-                        feat_q=int(row.feat_q),
-                        feat_k=int(row.feat_k),
-                        value=float(row.value),
-                        anchor_part=float(row.anchor),
-                        baseline_part=float(row.baseline),
-                        cls=row.cls,
-                        key_tokens=json.dumps([texts[k] for k in best]),
-                        label_q=str(labels.get((layer, int(row.feat_q)), "")),
-                        label_k=str(labels.get((layer, int(row.feat_k)), "")),
-                    )
-                )
+        h = _head_inputs(by_layer[layer], head, T, seg.prompt_len, decs[layer].sae.cfg.d_sae)
+        shares = _resolve_anchors(res, h, layer, head, rec, cfg, texts, labels, out)
         out["content"].append(float(np.nanmean(shares)) if shares else float("nan"))
-        for spans, vert in zip(res.null_spans, res.null_vert):
-            ns = []
-            for j in anchors_of(ta.receiver_scores(vert, receivers)):
-                qsent = list(range(j + cfg.proximity, seg.n))
-                ns.append(share(run(spans, qsent, j, key_classes(spans, qsent))[0]))
-            out["null_content"].append(float(np.nanmean(ns)) if ns else float("nan"))
-        if n_head > 0:
-            continue
-        for i in range(1, seg.n):
-            for j in range(i):
-                r = run(seg.token_spans, [i], j)[0]
-                out["cells"].append(
-                    dict(
-                        trace=res.idx,
-                        layer=layer,
-                        head=head,
-                        i=i,
-                        j=j,
-                        attn=float(res.blocks_LHNN[layer, head, i, j]),
-                        delta=r.delta,
-                        **{f"g_{g}": v for g, v in r.groups.items()},
-                    )
-                )
-                for c_rank, row in enumerate(r.top.itertuples()):
-                    out["cell_channels"].append(
-                        dict(
-                            trace=res.idx,
-                            layer=layer,
-                            head=head,
-                            i=i,
-                            j=j,
-                            rank=c_rank,
-                            feat_q=int(row.feat_q),
-                            feat_k=int(row.feat_k),
-                            value=float(row.value),
-                            anchor_part=float(row.anchor),
-                            baseline_part=float(row.baseline),
-                            label_q=str(labels.get((layer, int(row.feat_q)), "")),
-                            label_k=str(labels.get((layer, int(row.feat_k)), "")),
-                        )
-                    )
+        out["null_content"] += _null_content(res, h, receivers, cfg, texts)
+        if n_head == 0:
+            _resolve_cells(res, h, layer, head, cfg, labels, out)
     return out
 
 
