@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
             "tools.bench",
             "BenchConfig",
             cmd_bench,
-            "ingest cost per SAE width (synthetic SAEs) against the dense schema-1 path, and local against Ray",
+            "ingest cost per SAE width (synthetic, shipped SAEs): FA values/s, roofline ratio, local vs Ray",
         ),
         (
             "report",
@@ -341,9 +341,12 @@ PASSTHROUGH = {"query": cmd_query, "sql": cmd_sql, "export": cmd_export, "bench-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug, argv = debug_wanted(argv)
-    if not debug:  # the hub's retry warnings: its final error is reported in one line
-        import os
+    import os
 
+    # before torch loads OpenMP: threads that spin at every barrier made a forward pass 17x slower
+    # on a 2-core machine shared with another process; passive waiting costs nothing when idle
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not debug:  # the hub's retry warnings: its final error is reported in one line
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if argv and argv[0] in PASSTHROUGH:  # these parse their own arguments (fra.queries.cli)
         return run_reporting(f"fra {argv[0]}", lambda: PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])), debug)

@@ -473,7 +473,7 @@ def test_an_older_index_explains_a_score_with_its_kept_rows_and_says_what_it_lac
     at = open_app(page="Head", layer=l, head=h, sample=s, q=qpos, k=kpos)
     assert not errors(at) and not at.warning
     assert any(h.value.startswith(f"Why query {qpos} ") for h in at.subheader)
-    assert "This index has no `example_terms` table (it was built by an older `fra ingest`)" in all_text(at)
+    assert "This index has no `example_terms` table (`fra explain --index PATH` adds it)" in all_text(at)
     assert "spread over smaller terms" not in all_text(at)
     pairs = _pairs_table(at)
     assert pairs["value"].sum() == pytest.approx(kept, rel=1e-5)
@@ -790,7 +790,7 @@ def test_feature_page_ranks_its_channels_by_total_on_each_side(open_app, con):
 
 def test_older_index_feature_page_says_it_has_no_activations(open_app):
     at = open_app(page="Feature search", layer=0, feature=5)
-    assert "This index has no `activations` table (it was built by an older `fra ingest`)" in all_text(at)
+    assert "This index has no `activations` table (`fra explain --index PATH` adds it)" in all_text(at)
 
 
 def test_sample_page_colours_the_text_by_attention(open_app, con):

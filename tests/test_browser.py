@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import explained_index  # noqa: F401  (the fixture, shared with the AppTest tests)
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "browser_check.py"
 

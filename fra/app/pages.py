@@ -173,7 +173,7 @@ def _activations(layer: int, feature: int) -> None:
     """Neuronpedia's view of a feature on the indexed samples: how strongly it fires, where, and on what."""
     if not ui.has("activations"):
         st.info(
-            "This index has no `activations` table (it was built by an older `fra ingest`), so the feature's "
+            "This index has no `activations` table (`fra explain --index PATH` adds it), so the feature's "
             "activations on the indexed samples (histogram, coloured contexts, where it fires) cannot be shown. "
             "Rebuild the index to see them."
         )
@@ -431,7 +431,7 @@ def _explain(layer: int, head: int, sample: int, qpos: int, kpos: int, toks: lis
         top = top[top["k"] == kpos].copy()
         if not has_terms:
             why = (
-                "This index has no `example_terms` table (it was built by an older `fra ingest`), so it stores "
+                "This index has no `example_terms` table (`fra explain --index PATH` adds it), so it stores "
                 f"feature pairs only where k is one of the query's {top_keys} most-attended keys"
             )
         else:

@@ -137,9 +137,11 @@ class IngestConfig:
         32, "queries whose pair values are formed at once (memory ~ heads x q_block x T x k^2 x 4 bytes)"
     )
     explain_pairs: int = opt(
-        16,
-        "example_terms: feature pairs stored at each example's (q, k), largest |FA| first (the explain "
-        "pass, `explain.py`); 0 skips it; --engine ray and --shard runs skip it too (run `fra explain` after them)",
+        0,
+        "N > 0: end with the explain pass (`fra explain`): at each example's (q, k) the N feature pairs of "
+        "largest |FA| and the exact rest of the score (example_terms), every SAE activation (activations), each "
+        "channel's q = k part (channel_diag); it visits every sample again, so it is off by default; --engine ray "
+        "and --shard runs skip it (run `fra explain --index OUT` after them)",
     )
     device: str | None = opt(None, "torch device; default: cuda when available, else cpu")
     progress: bool = opt(True, "show progress bars and a summary")

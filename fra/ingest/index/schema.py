@@ -293,7 +293,7 @@ def markdown() -> str:
         "An index is one directory written by `fra ingest`. Tables are Parquet (zstd); the partitioned",
         "ones are hive-partitioned by `layer` and `head` (`activations` by `layer` only), so DuckDB and",
         "pyarrow read those as columns. The tables marked optional are written by the explain pass",
-        "(`fra explain --index OUT`, which `fra ingest` runs at its end unless `--explain-pairs 0`); an",
+        "(`fra explain --index OUT` after the ingest, or `fra ingest --explain-pairs N`); an",
         "index without them reads as empty tables. Each column's meaning below is also stored in the",
         "Parquet files, as the Arrow field metadata `description`",
         "(`pyarrow.parquet.read_schema(path).field(name).metadata`).",
