@@ -302,25 +302,10 @@ def load_cot_model(name: str):
     return LoadedModel(name, model.eval(), tok, tok.bos_token_id)
 
 
-def run(cfg: CotReportConfig) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    from fra.ingest.core.decompose import Decomposer
-    from fra.ingest.registry import feature_labels, load_shipped_sae
-
-    from .report import write_report
-    from .traces import read_jsonl
-
-    if cfg.quick:
-        cfg = replace(cfg, max_traces=cfg.max_traces or 6)
-    torch.set_num_threads(cfg.threads)
-    t0 = time.time()
-    lm = load_cot_model(cfg.model)
-    model, tok = lm.model, lm.tokenizer
-    traces = read_jsonl(cfg.traces, tok)
-    rng = np.random.default_rng(cfg.seed)
-    results: list[TraceResult] = []
+def _select_traces(cfg: CotReportConfig, tok, traces) -> tuple[list, list[int]]:
+    """(idx, trace, segmented) of the traces with enough sentences (cut at max_sentences), and the
+    indices of the skipped ones."""
+    results = []
     skipped = []
     for idx, tr in enumerate(traces):
         seg = segment(tok, tr.prompt, tr.trace, cfg.max_tokens)
@@ -337,6 +322,12 @@ def run(cfg: CotReportConfig) -> dict:
             f"only {len(results)} of {len(traces)} traces have >= {cfg.min_sentences} sentences within "
             f"{cfg.max_tokens} tokens; the study needs at least 2 (lower --min-sentences or give longer traces)"
         )
+    return results, skipped
+
+
+def _run_phase1(model, results, cfg: CotReportConfig, rng) -> list[TraceResult]:
+    from tqdm import tqdm
+
     done: list[TraceResult] = []
     for idx, tr, seg in tqdm(results, desc="attention + suppression", unit="trace"):
         p = phase1(model, seg, cfg, rng)
@@ -355,15 +346,26 @@ def run(cfg: CotReportConfig) -> dict:
                 p["null_kl"],
             )
         )
+    return done
+
+
+def _pick_heads(done: list[TraceResult], cfg: CotReportConfig):
+    """Mean kurtosis [L, H], the number of traces that vote, the receiver heads and the FA heads."""
     # kurtosis needs 4 vertical scores (its bound is n - 5 + 1/(n - 1)): shorter traces do not vote
     voters = [r for r in done if r.seg.n >= cfg.proximity + 4] or done
     mean_kurt = np.nanmean(np.stack([r.kurt_LH for r in voters]), 0)
-    meta_voters = len(voters)
     receivers = ta.top_heads(mean_kurt, cfg.top_receivers)
     in_sae = np.full_like(mean_kurt, np.nan)
     for l in cfg.sae_layers:
         in_sae[l] = mean_kurt[l]
     fa_heads = ta.top_heads(in_sae, cfg.fa_heads)
+    return mean_kurt, len(voters), receivers, fa_heads
+
+
+def _decomposers(cfg: CotReportConfig, model, fa_heads):
+    """Decomposers and feature labels of the FA heads' layers, and the FA heads (none without shipped SAEs)."""
+    from fra.ingest.core.decompose import Decomposer
+    from fra.ingest.registry import feature_labels, load_shipped_sae
 
     decs = {}
     labels = {}
@@ -372,14 +374,10 @@ def run(cfg: CotReportConfig) -> dict:
         labels = feature_labels(cfg.model)
     else:
         fa_heads = []  # no shipped SAEs for other models
+    return decs, labels, fa_heads
 
-    def tok_text(t):
-        return tok.decode([t])
 
-    resolved = []
-    for r in tqdm(done, desc="feature-resolved anchors", unit="trace"):
-        resolved.append(resolve_trace(r, decs, fa_heads, receivers, cfg, tok_text, labels) if fa_heads else None)
-
+def _consistency_rows(done, resolved, receivers, cfg: CotReportConfig) -> list[dict]:
     rows = []
     for r, rv in zip(done, resolved):
         rows.append(
@@ -395,7 +393,11 @@ def run(cfg: CotReportConfig) -> dict:
                 null_content_share=float(np.nanmean(rv["null_content"])) if rv else float("nan"),
             )
         )
-    meta = dict(
+    return rows
+
+
+def _meta(cfg: CotReportConfig, traces, done, skipped, receivers, fa_heads, n_voters: int) -> dict:
+    return dict(
         config={
             k: (str(v) if not isinstance(v, (int, float, bool, type(None), tuple)) else v)
             for k, v in asdict(cfg).items()
@@ -405,9 +407,39 @@ def run(cfg: CotReportConfig) -> dict:
         skipped_short=len(skipped),
         receivers=receivers,
         fa_heads=fa_heads,
-        kurtosis_traces=meta_voters,
+        kurtosis_traces=n_voters,
         seconds=None,
     )
+
+
+def run(cfg: CotReportConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from .report import write_report
+    from .traces import read_jsonl
+
+    if cfg.quick:
+        cfg = replace(cfg, max_traces=cfg.max_traces or 6)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    lm = load_cot_model(cfg.model)
+    model, tok = lm.model, lm.tokenizer
+    traces = read_jsonl(cfg.traces, tok)
+    rng = np.random.default_rng(cfg.seed)
+    results, skipped = _select_traces(cfg, tok, traces)
+    done = _run_phase1(model, results, cfg, rng)
+    mean_kurt, n_voters, receivers, fa_heads = _pick_heads(done, cfg)
+    decs, labels, fa_heads = _decomposers(cfg, model, fa_heads)
+
+    def tok_text(t):
+        return tok.decode([t])
+
+    resolved = []
+    for r in tqdm(done, desc="feature-resolved anchors", unit="trace"):
+        resolved.append(resolve_trace(r, decs, fa_heads, receivers, cfg, tok_text, labels) if fa_heads else None)
+    rows = _consistency_rows(done, resolved, receivers, cfg)
+    meta = _meta(cfg, traces, done, skipped, receivers, fa_heads, n_voters)
     summary = write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_heads, meta, tok_text)
     summary["seconds"] = time.time() - t0
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
