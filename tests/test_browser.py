@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cih_page import write_cih_json
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "browser_check.py"
 
@@ -31,24 +33,8 @@ def test_every_page_and_every_bad_url_in_chromium(request, tmp_path):
             "(apt-get install -y chromium) to run the real-browser test"
         )
     tiny_index = request.getfixturevalue("explained_index")  # built only when the test runs
-    cih = tmp_path / "cih.json"  # the new report format, so that the browser sees its linked table
-    cih.write_text(
-        json.dumps(
-            {
-                "findings": [
-                    {
-                        "relation": "synonym",
-                        "layer": 1,
-                        "feat_q": 3,
-                        "feat_k": 4,
-                        "heads": "1.2,0.3",
-                        "kind": "matching",
-                        "margin": 0.5,
-                    }
-                ]
-            }
-        )
-    )
+    cih = tmp_path / "cih.json"  # a small report of the study's schema, one layer indexed and one not
+    write_cih_json(cih)
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--index", str(tiny_index), "--json", str(report)],
