@@ -103,7 +103,8 @@ def sec_positive_control(res, derived, cfg) -> str:
         "x feature (ff) contrast carried by the top 1, 5, 20 and 100 units: *in-sample* ranks and measures on the "
         "same prompt pair; *held-out* ranks on the pair's selection templates and measures on its held-out "
         "templates (for the fixed unit: ranked on other pairs). Shares are sums over pairs and templates divided "
-        "by the summed ff contrast.\n"
+        "by the summed ff contrast. Units carry positive and negative parts, so the top units ranked by contrast "
+        "can carry more than the net contrast: a share above 1 means the remaining units pull the other way.\n"
     )
     lines.append("![concentration](concentration.png)\n")
     cols = [f"share_top{n}" for n in CURVE_N]
