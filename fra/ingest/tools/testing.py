@@ -13,6 +13,21 @@ FAMILIES = ("gpt2", "llama", "qwen3", "gemma3", "olmo2")
 GEMMA3_WINDOW = 5
 
 
+# the Llama family's shape (RMSNorm, rotary, gated MLP, grouped-query attention); the QK-norm
+# families are built on it
+LLAMA_SHAPE = dict(
+    act_fn="silu",
+    gated_mlp=True,
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=4,
+    rotary_base=10000,
+    rotary_adjacent_pairs=False,
+    n_key_value_heads=2,
+    final_rms=True,
+)
+
+
 def make_cfg(family: str = "llama", **overrides):
     """A tiny HookedTransformerConfig of one family; `overrides` replace any field."""
     from transformer_lens import HookedTransformerConfig
@@ -31,35 +46,13 @@ def make_cfg(family: str = "llama", **overrides):
     )
     if family == "gpt2":
         base.update(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard")
-    elif family == "llama":
-        base.update(
-            act_fn="silu",
-            gated_mlp=True,
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=4,
-            rotary_base=10000,
-            rotary_adjacent_pairs=False,
-            n_key_value_heads=2,
-            final_rms=True,
-        )
-    elif family in ("qwen3", "gemma3", "olmo2"):  # llama-shaped with QK-norm
-        base.update(
-            act_fn="silu",
-            gated_mlp=True,
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=4,
-            rotary_base=10000,
-            rotary_adjacent_pairs=False,
-            n_key_value_heads=2,
-            final_rms=True,
-        )
+    elif family in ("llama", "qwen3", "gemma3", "olmo2"):  # the last three add QK-norm
+        base.update(LLAMA_SHAPE)
         if family == "qwen3":  # RMS over each head's d_head
             base.update(use_qk_norm=True, original_architecture="Qwen3ForCausalLM")
         elif family == "olmo2":  # RMS over all heads at once, before the head split
             base.update(original_architecture="Olmo2ForCausalLM", n_key_value_heads=None)
-        else:  # Gemma 3: per-head QK-norm, sliding layers with their own rotary base, one KV head
+        elif family == "gemma3":  # per-head QK-norm, sliding layers with their own rotary base, one KV head
             base.update(
                 use_qk_norm=True,
                 n_layers=3,
