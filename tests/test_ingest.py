@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fra.ingest.core.decompose import run_hooks
+from fra.ingest.core.decompose import Decomposer, run_hooks
 from fra.ingest.core.reduce import induction_mask
 from fra.ingest.core.reference import naive_fa
 from fra.ingest.index.build import IngestConfig, Inputs, run
@@ -25,19 +25,31 @@ from fra.queries import connect
 
 def brute_force(inp, n_examples=8):
     """(layer, head, feat_q, feat_k) -> count, sum, sumsq, ind_count, ind_sum, ind_sumsq and the
-    top examples [(|value|, sample, q, k, value)], all from the naive per-pair reference."""
+    top examples [(|value|, sample, q, k, value)], all from the naive per-pair reference, over the
+    (q, k) the layer's own mask lets through (its sliding window, if any), with a QK-norm's RMS of
+    each position passed to the reference."""
     model = inp.lm.model
+    H = model.cfg.n_heads
     out, best = {}, {}
     for l in inp.layers:
         sae = inp.saes[l]
+        window = Decomposer(model, l, sae).sliding_window
         for s, toks in enumerate(inp.tokens):
             t = torch.tensor(toks)[None]
             hooks = run_hooks(model, l, sae.cfg.metadata.hook_name, t)
+            q_TH = k_TH = None
+            if hooks.q_scale_BTH is not None:
+                q_TH = hooks.q_scale_BTH[0]
+                k_TH = hooks.k_scale_BTG[0][:, torch.arange(H) // (H // hooks.k_scale_BTG.shape[-1])]
             ind = induction_mask(t[0])
-            for h in range(model.cfg.n_heads):
+            for h in range(H):
                 for q in range(len(toks)):
                     for k in range(q + 1):
-                        fq, fk, fa = naive_fa(model, l, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, q, k)
+                        if window is not None and q - k >= window:
+                            continue
+                        fq, fk, fa = naive_fa(
+                            model, l, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, q, k, q_TH, k_TH
+                        )
                         for a, i in enumerate(fq.tolist()):
                             for b, j in enumerate(fk.tolist()):
                                 c = out.setdefault((l, h, i, j), [0, 0.0, 0.0, 0, 0.0, 0.0])

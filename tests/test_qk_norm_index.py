@@ -5,52 +5,12 @@ samples of up to 12 tokens: needs the inner loop's window mask)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from fra.ingest.core.decompose import Decomposer, run_hooks
-from fra.ingest.core.reduce import induction_mask
-from fra.ingest.core.reference import naive_fa
+from fra.ingest.core.decompose import Decomposer
 from fra.ingest.index.build import IngestConfig, run
 from fra.ingest.tools.testing import GEMMA3_WINDOW, tiny_inputs
 from fra.queries import connect
-
-
-def windowed_brute_force(inp):
-    """As tests/test_ingest.brute_force, over the pairs the layer's own mask lets through, with the
-    QK-norm RMS of each position passed to the float64 reference."""
-    model = inp.lm.model
-    H = model.cfg.n_heads
-    out, best = {}, {}
-    for l in inp.layers:
-        sae = inp.saes[l]
-        window = Decomposer(model, l, sae).sliding_window
-        for s, toks in enumerate(inp.tokens):
-            t = torch.tensor(toks)[None]
-            hooks = run_hooks(model, l, sae.cfg.metadata.hook_name, t)
-            q_TH = hooks.q_scale_BTH[0]
-            k_TH = hooks.k_scale_BTG[0][:, torch.arange(H) // (H // hooks.k_scale_BTG.shape[-1])]
-            ind = induction_mask(t[0])
-            for h in range(H):
-                for q in range(len(toks)):
-                    for k in range(q + 1):
-                        if window is not None and q - k >= window:
-                            continue
-                        fq, fk, fa = naive_fa(
-                            model, l, sae, hooks.x_BTD[0], hooks.norm_scale_BT[0], h, q, k, q_TH, k_TH
-                        )
-                        for a, i in enumerate(fq.tolist()):
-                            for b, j in enumerate(fk.tolist()):
-                                c = out.setdefault((l, h, i, j), [0, 0.0, 0.0, 0, 0.0, 0.0])
-                                v = fa[a, b].item()
-                                c[0] += 1
-                                c[1] += v
-                                c[2] += v * v
-                                if ind[q, k]:
-                                    c[3] += 1
-                                    c[4] += v
-                                    c[5] += v * v
-                                best.setdefault((l, h, i, j), {}).setdefault(inp.sample_ids[s], {})[q, k] = v
-    return out, best
+from tests.test_ingest import brute_force  # the same brute force, over the layer's own mask
 
 
 def check_against_brute_force(index, ref, examples):
@@ -92,7 +52,7 @@ def build_and_check(tmp_path, window):
     out = tmp_path / "index"
     cfg = IngestConfig(out=out, model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=4)
     run(IngestConfig(**{**cfg.__dict__, "progress": False}), inp)
-    ref, examples = windowed_brute_force(inp)
+    ref, examples = brute_force(inp)
     assert any(v[3] > 0 for v in ref.values())  # induction targets exist
     check_against_brute_force(out, ref, examples)
 
