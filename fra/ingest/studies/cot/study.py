@@ -143,6 +143,24 @@ def _resolve_block(h: dict, spans, qsent, ksent, top: int, classes=None):
     return r, qm, km
 
 
+def _channel_values(rank: int, row) -> dict:
+    """A resolved channel's columns (a row of `resolve(...).top`), shared by anchor and cell tables."""
+    return dict(
+        rank=rank,
+        feat_q=int(row.feat_q),
+        feat_k=int(row.feat_k),
+        value=float(row.value),
+        anchor_part=float(row.anchor),
+        baseline_part=float(row.baseline),
+    )
+
+
+def _channel_labels(layer: int, row, labels: dict) -> dict:
+    return dict(
+        label_q=str(labels.get((layer, int(row.feat_q)), "")), label_k=str(labels.get((layer, int(row.feat_k)), ""))
+    )
+
+
 def _anchor_channel_rows(res, h, layer, head, j, r, qm, km, texts, labels) -> list[dict]:
     from .resolve import key_positions
 
@@ -159,16 +177,10 @@ def _anchor_channel_rows(res, h, layer, head, j, r, qm, km, texts, labels) -> li
                 layer=layer,
                 head=head,
                 anchor=j,
-                rank=c_rank,
-                feat_q=int(row.feat_q),
-                feat_k=int(row.feat_k),
-                value=float(row.value),
-                anchor_part=float(row.anchor),
-                baseline_part=float(row.baseline),
+                **_channel_values(c_rank, row),
                 cls=row.cls,
                 key_tokens=json.dumps([texts[k] for k in best]),
-                label_q=str(labels.get((layer, int(row.feat_q)), "")),
-                label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                **_channel_labels(layer, row, labels),
             )
         )
     return rows
@@ -240,14 +252,8 @@ def _resolve_cells(res, h, layer, head, cfg, labels, out) -> None:
                         head=head,
                         i=i,
                         j=j,
-                        rank=c_rank,
-                        feat_q=int(row.feat_q),
-                        feat_k=int(row.feat_k),
-                        value=float(row.value),
-                        anchor_part=float(row.anchor),
-                        baseline_part=float(row.baseline),
-                        label_q=str(labels.get((layer, int(row.feat_q)), "")),
-                        label_k=str(labels.get((layer, int(row.feat_k)), "")),
+                        **_channel_values(c_rank, row),
+                        **_channel_labels(layer, row, labels),
                     )
                 )
 
