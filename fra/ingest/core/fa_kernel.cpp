@@ -1,27 +1,31 @@
 // The CPU inner loop of `fra ingest` (loaded by fused.py through ctypes; plain C++17, no torch or
 // Python headers, so one build serves every Python environment and torch version).
 //
-// fra_reduce_block: one block of FA values V[h, i, k, b] (rows i = query slots (row_q[i], row_a[i])
-// in (q, a) order, keys k0..k0+nk-1, as torch.matmul wrote them) reduced into the sample's
-// channel slots. Each value is read once, from the block the matmul just wrote:
-//   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s == S: the trash, for entries of
+// fra_fused_sample: one sample's FA values V[h, q, a, k, b] = <Q[h, q, a], K[h, k, b]>, formed
+// tile by tile in registers and reduced at once into the sample's channel slots; no value is
+// written to memory. Per value:
+//   - its slot s = table[local[q, a] * U1 + local[k, b]] (int32; s >= S: a trash slot, for entries of
 //     channels not kept and of dead slots);
-//   - per (head, slot): sum and sum of squares (float64), the entry of largest |value| (first in
-//     (q, k) order on ties) and its position (q << 16) | k; on induction targets (ind[q, k]) the
+//   - per (head, slot): sum and sum of squares (float64), the entry of largest |value| (the first
+//     in (q, k) order on ties) and its position (q << 16) | k; on induction targets (ind[q, k]) the
 //     induction sum, sum of squares and (head 0 only) count;
-//   - per (head, q, k): the sum of |value| over the feature pairs (ffabs [groups, H, T, T], float32,
-//     one partial sum per slot item's feature range; their sum is the total).
-// Only keys visible from q are read: k <= q and q - k < window (window <= 0: no window).
+//   - per (head, q, k), where ffabs is given: the sum of |value| over the feature pairs (ffabs
+//     [groups, H, T, T], one partial sum per work item's feature range; their sum is the total).
+// Only keys visible from q are formed: k <= q and q - k < window (window <= 0: no window).
 //
-// Work is split into items that own disjoint outputs, so no two threads write one address and the
-// results do not depend on the number of threads: items are (head, range g of query-side
-// features u) and own the slots (u, *), which are contiguous because slots are sorted by (u, w),
-// and the partial |value| sums ffabs[g, h]. Within an item the scan is in (q, a, k, b) order, so a
-// slot sees its entries in (q, k) order.
+// Order of work. Items are (head, range g of query-side local features u); an item owns the slots
+// (u, *) of its features, which are contiguous because slots are sorted by (u, w), and the partial
+// sums ffabs[g, h]: no two threads write one address, and the results do not depend on the number
+// of threads. Within an item, for each query q, its rows (q, a) are formed up to MAX_R at a time
+// against every visible key: a tile of MAX_R x A values in registers (the micro-kernel: rows x
+// 16-wide vectors of key slots b, K given transposed as [k, e, b]), each a float32 dot product
+// over d_head, reduced before the next key.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -40,92 +44,186 @@ void run_items(int64_t n_items, int64_t n_threads, F&& work) {
   for (auto& th : pool) th.join();
 }
 
-// One sample's slot statistics of one head; each array has a trash entry at index S that takes
-// every entry without a slot (so the inner loop has no branch and vectorises: within one key
-// position the slots of distinct features are distinct, only the trash repeats).
+// What one value updates: its slot's record (one cache line or two at most). The strongest entry
+// is kept as one integer whose order is the order of entries: |value|'s float bits (which order
+// like the values), then the earlier position (q, k), then the sign; so it is updated by max.
+struct Record {
+  double sum, sumsq;
+  uint64_t best;
+};
+
+inline uint64_t entry_key(float v, int32_t pos) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint64_t low = ((uint64_t)(0x7FFFFFFF - pos) << 1) | (bits >> 31);
+  return ((uint64_t)(bits & 0x7FFFFFFF) << 32) | low;
+}
+
+// the entry of a key: its value (0 for no entry, or where the largest |value| is 0) and position
+inline void entry_of(uint64_t key, float* v, int32_t* pos) {
+  const uint32_t abs_bits = (uint32_t)(key >> 32), low = (uint32_t)key;
+  const uint32_t bits = abs_bits | ((low & 1u) << 31);
+  if (abs_bits == 0) {
+    *v = 0.f;
+    *pos = 0;
+    return;
+  }
+  std::memcpy(v, &bits, 4);
+  *pos = 0x7FFFFFFF - (int32_t)(low >> 1);
+}
+static_assert(sizeof(Record) == 24, "Record must match SlotStats.record_HP3");
+
+// One head's slot statistics, S slots and TRASH scratch slots after them (the table sends every
+// entry of no kept channel to one of those, so the inner loop has no branch for it)
 struct SlotRefs {
-  double *sum, *sumsq;
-  float* best;
-  int32_t* bpos;
+  Record* rec;
   double *ind_sum, *ind_sumsq;
   int64_t* ind_count;  // head 0 only, else null
 };
 
-// GCC builds the inner loop for several x86 levels and picks one at load time
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FRA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FRA_CLONES
-#endif
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads and stores
+constexpr int64_t VW = 16;  // floats per vector
+constexpr int64_t TRASH = 16;  // reduce.TRASH
+constexpr int MAX_R = 6;    // query rows per tile (6 x 4 accumulators + 4 key vectors fit 32 registers)
 
-// the values V[q, a, k, b] of one (head, q, a) row for keys klo..khi (v indexed by absolute k)
-FRA_CLONES void slot_row(const float* v, int64_t q, int64_t klo, int64_t khi, int64_t A, const int32_t* local,
-                         const int32_t* trow, const uint8_t* ind_row, const SlotRefs& r, float* fa_row) {
-  double* __restrict s_h = r.sum;
-  double* __restrict ss_h = r.sumsq;
-  float* __restrict b_h = r.best;
-  int32_t* __restrict p_h = r.bpos;
-  for (int64_t k = klo; k <= khi; ++k) {
-    const float* __restrict vk = v + k * A;
-    const int32_t* __restrict lk = local + k * A;
-    const int32_t pos = (int32_t)((q << 16) | k);
-    float acc = 0.f;
-#pragma GCC ivdep
-    for (int64_t b = 0; b < A; ++b) {
-      const int32_t s = trow[lk[b]];
-      const float x = vk[b];
-      const double xd = x;
-      acc += std::fabs(x);
-      s_h[s] += xd;
-      ss_h[s] += xd * xd;
-      const bool better = std::fabs(x) > std::fabs(b_h[s]);
-      b_h[s] = better ? x : b_h[s];
-      p_h[s] = better ? pos : p_h[s];
-    }
-    fa_row[k] += acc;
-    if (ind_row[k]) {
-      for (int64_t b = 0; b < A; ++b) {
-        const int32_t s = trow[lk[b]];
-        const double xd = vk[b];
-        r.ind_sum[s] += xd;
-        r.ind_sumsq[s] += xd * xd;
-        if (r.ind_count) r.ind_count[s] += 1;
-      }
+// out[r, b0 + 16 j + l] = sum_e q[r][e] * kt[e, b0 + 16 j + l] for R rows and NV vectors
+template <int R, int NV>
+inline void micro(const float* const* q, const float* kt, int64_t E, int64_t A16, int64_t b0, float* out) {
+  v16 acc[R][NV];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+  const float* k = kt + b0;
+  for (int64_t e = 0; e < E; ++e, k += A16) {
+    v16 kv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) kv[j] = *(const v16u*)(k + VW * j);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const v16 qb = v16{} + q[r][e];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += qb * kv[j];
     }
   }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) *(v16u*)(out + r * A16 + b0 + VW * j) = acc[r][j];
+}
+
+template <int R>
+inline void tile_rows(const float* const* q, const float* kt, int64_t E, int64_t A16, float* out) {
+  int64_t b0 = 0;
+  for (; b0 + 4 * VW <= A16; b0 += 4 * VW) micro<R, 4>(q, kt, E, A16, b0, out);
+  for (; b0 < A16; b0 += VW) micro<R, 1>(q, kt, E, A16, b0, out);
+}
+
+// the values of rows q[0..n) (n <= MAX_R) against one key: out [n, A16]
+void tile(const float* const* q, int n, const float* kt, int64_t E, int64_t A16, float* out) {
+  switch (n) {
+    case 6: tile_rows<6>(q, kt, E, A16, out); break;
+    case 5: tile_rows<5>(q, kt, E, A16, out); break;
+    case 4: tile_rows<4>(q, kt, E, A16, out); break;
+    case 3: tile_rows<3>(q, kt, E, A16, out); break;
+    case 2: tile_rows<2>(q, kt, E, A16, out); break;
+    default: tile_rows<1>(q, kt, E, A16, out); break;
+  }
+}
+
+// reduce the values x[0..A) of one (q, a) row at key k into the row's slots (trow: its table row)
+inline float reduce_row(const float* __restrict x, int64_t A, const int32_t* __restrict lk,
+                        const int32_t* __restrict trow, int32_t pos, bool induction, const SlotRefs& r) {
+  Record* __restrict rec = r.rec;
+  float acc = 0.f;
+  for (int64_t b = 0; b < A; ++b) {
+    Record& o = rec[trow[lk[b]]];
+    const float v = x[b];
+    const double vd = v;
+    acc += std::fabs(v);
+    o.sum += vd;
+    o.sumsq += vd * vd;
+    o.best = std::max(o.best, entry_key(v, pos));
+  }
+  if (induction) {
+    for (int64_t b = 0; b < A; ++b) {
+      const int32_t s = trow[lk[b]];
+      const double vd = x[b];
+      r.ind_sum[s] += vd;
+      r.ind_sumsq[s] += vd * vd;
+      if (r.ind_count) r.ind_count[s] += 1;
+    }
+  }
+  return acc;
 }
 
 }  // namespace
 
 extern "C" {
 
-int fra_kernel_version() { return 6; }
+int fra_kernel_version() { return 7; }
 
-void fra_reduce_block(const float* V, int64_t H, int64_t n_rows, int64_t A, int64_t nk, const int32_t* row_q,
-                      const int32_t* row_a, int64_t k0, int64_t T, const int32_t* local, const int32_t* table,
-                      int64_t U1, int64_t S, int64_t window, const uint8_t* ind, double* sum, double* sumsq,
-                      float* best, int32_t* bpos, int64_t* ind_count, double* ind_sum, double* ind_sumsq,
-                      float* ffabs, int64_t groups, int64_t n_threads) {
-  const int64_t U = U1 - 1, P = S + 1;  // per-head arrays hold S slots and the trash
-  const int64_t row_stride = nk * A;    // one (h, row) of V
-  const int64_t head_stride = n_rows * row_stride;
-
-  // slot items: (h, g), g = a range of query-side features
+// Q [H, T, A, E] and KT [G, T, E, A16] float32 (key slots b >= A are zero), kv [H]: the key-value
+// head of each query head; local [T, A16] int32 (U for dead and padding slots); mode [U]: 0 skip
+// the rows of feature u, 1 reduce them into its slots, 2 also add them to ffabs (which may be null
+// when no u has mode 2).
+void fra_fused_sample(const float* Q, const float* KT, const int64_t* kv, int64_t H, int64_t T, int64_t A,
+                      int64_t A16, int64_t E, const int32_t* local, const int32_t* table, int64_t U1, int64_t S,
+                      int64_t window, const uint8_t* ind,
+                      const uint8_t* mode, Record* rec, float* best, int32_t* bpos, int64_t* ind_count,
+                      double* ind_sum, double* ind_sumsq, float* ffabs, int64_t groups, int64_t n_threads) {
+  const int64_t U = U1 - 1, P = S + TRASH;  // per-head arrays hold S slots and the trash
+  // the query rows (q, a) of each feature u, q ascending (a counting sort)
+  std::vector<int32_t> row_ptr(U + 2, 0), row_of(T * A);
+  for (int64_t i = 0; i < T * A; ++i) ++row_ptr[local[(i / A) * A16 + i % A] + 1];
+  for (int64_t u = 0; u <= U; ++u) row_ptr[u + 1] += row_ptr[u];
+  {
+    std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
+    for (int64_t i = 0; i < T * A; ++i) row_of[fill[local[(i / A) * A16 + i % A]]++] = (int32_t)i;
+  }
   run_items(H * groups, n_threads, [&](int64_t item) {
     const int64_t h = item / groups, g = item % groups;
-    const int64_t u_lo = U * g / groups, u_hi = U * (g + 1) / groups;
-    SlotRefs r{sum + h * P, sumsq + h * P, best + h * P, bpos + h * P, ind_sum + h * P, ind_sumsq + h * P,
-               h == 0 ? ind_count : nullptr};
-    for (int64_t i = 0; i < n_rows; ++i) {
-      const int64_t q = row_q[i];
-      const int64_t u = local[q * A + row_a[i]];
-      if (u < u_lo || u >= u_hi) continue;  // dead slots (u == U) fall out here
-      // visible keys of q, within the block's keys k0..k0+nk-1
-      const int64_t klo = std::max(window > 0 ? q - window + 1 : 0, k0), khi = std::min(q, k0 + nk - 1);
-      const float* vrow = V + h * head_stride + i * row_stride;
-      slot_row(vrow - k0 * A, q, klo, khi, A, local, table + u * U1, ind + q * T, r,
-               ffabs + ((g * H + h) * T + q) * T);
+    const SlotRefs r{rec + h * P, ind_sum + h * P, ind_sumsq + h * P, h == 0 ? ind_count : nullptr};
+    const float* Qh = Q + h * T * A * E;
+    const float* Kh = KT + kv[h] * T * E * A16;
+    float* fa = ffabs ? ffabs + (g * H + h) * T * T : nullptr;
+    std::vector<float> out(MAX_R * A16);
+    const float* qrow[MAX_R];
+    int64_t qs[MAX_R];
+    // feature by feature: u's slots and table row stay in cache while its rows are reduced
+    for (int64_t u = U * g / groups; u < U * (g + 1) / groups; ++u) {
+      if (!mode[u]) continue;
+      const bool with_abs = mode[u] == 2 && fa;
+      const int32_t* trow = table + u * U1;
+      for (int64_t i0 = row_ptr[u]; i0 < row_ptr[u + 1]; i0 += MAX_R) {
+        const int n = (int)std::min<int64_t>(MAX_R, row_ptr[u + 1] - i0);
+        for (int j = 0; j < n; ++j) {
+          qs[j] = row_of[i0 + j] / A;
+          qrow[j] = Qh + (int64_t)row_of[i0 + j] * E;
+        }
+        // key k is visible from the rows [lo, hi) of the group (q ascending): q >= k, q - k < window
+        const int64_t k_first = window > 0 ? std::max<int64_t>(0, qs[0] - window + 1) : 0;
+        int lo = 0, hi = 0;
+        for (int64_t k = k_first; k <= qs[n - 1]; ++k) {
+          while (lo < n && qs[lo] < k) ++lo;
+          while (hi < n && (window <= 0 || qs[hi] - k < window)) ++hi;
+          if (lo >= hi) continue;
+          tile(qrow + lo, hi - lo, Kh + k * E * A16, E, A16, out.data());
+          const int32_t* lk = local + k * A16;
+          for (int j = lo; j < hi; ++j) {
+            const int64_t q = qs[j];
+            const float acc = reduce_row(out.data() + (j - lo) * A16, A, lk, trow, (int32_t)((q << 16) | k),
+                                         ind[q * T + k] != 0, r);
+            if (with_abs) fa[q * T + k] += acc;
+          }
+        }
+      }
     }
+  });
+  // each slot's strongest entry, out of its key: best and bpos [H, S]
+  run_items(H, n_threads, [&](int64_t h) {
+    for (int64_t i = 0; i < S; ++i) entry_of(rec[h * P + i].best, best + h * S + i, bpos + h * S + i);
   });
 }
 

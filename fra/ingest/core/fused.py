@@ -27,8 +27,9 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fa_kernel.cpp")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
-KERNEL_VERSION = 6  # fra_kernel_version() of the source this module calls
+# built for the CPU it runs on (-march=native): the cache key includes that CPU's identity
+FLAGS = ("-O3", "-std=c++17", "-march=native", "-shared", "-fPIC", "-pthread")
+KERNEL_VERSION = 7  # fra_kernel_version() of the source this module calls
 
 _lib = None
 _tried = False
@@ -36,7 +37,7 @@ _tried = False
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "fra_reduce_block": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _P] + [_P] * 8 + [_I, _I],
+    "fra_fused_sample": [_P, _P, _P] + [_I] * 5 + [_P, _P, _I, _I, _I] + [_P] * 2 + [_P] * 7 + [_I, _I],
     "fra_merge_slots": [_I, _I, _I] + [_P] * 10 + [ctypes.c_int32],
 }
 
@@ -62,8 +63,19 @@ def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode()):
         key.update(part)
-    key.update(f"{platform.system()}-{platform.machine()}".encode())
+    key.update(f"{platform.system()}-{platform.machine()}-{cpu_identity()}".encode())
     return cache_dir() / f"fra_kernel-{key.hexdigest()[:16]}.so"
+
+
+def cpu_identity() -> str:
+    """What -march=native builds for: the CPU's model and feature flags (Linux), else its name."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return hashlib.sha256(
+            "\n".join(sorted({ln for ln in info if ln.startswith(("model name", "flags"))})).encode()
+        ).hexdigest()
+    except OSError:
+        return platform.processor()
 
 
 def build(cxx: str, dest: Path) -> None:
@@ -122,25 +134,21 @@ def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _slot_ptr(t, S: int) -> ctypes.c_void_p:
-    """A [.., S] view of storage with a trailing trash entry per row (`SlotStats.zeros`)."""
-    if t.device.type != "cpu" or t.stride(-1) != 1 or (t.ndim == 2 and t.stride(0) != S + 1):
-        raise ValueError("slot statistics must be SlotStats.zeros views on the CPU")
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def reduce_block(V, row_q, row_a, k0, local, table, window, ind, slots, ffabs, groups, n_threads) -> None:
-    """fra_reduce_block on tensors: V [H, rows, nk, A] float32 for the query slots (row_q, row_a)
-    (int32, in (q, a) order) and keys k0..; local [T, A] int32; table int32; ind [T, T] uint8;
-    `slots` a `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32 (partial sums of
-    |value| per group of query-side features)."""
-    H, n_rows, nk, A = V.shape
-    T, S = local.shape[0], slots.n_slots
+def fused_sample(Q, KT, kv, local, table, window, ind, mode, slots, ffabs, groups, n_threads):
+    """fra_fused_sample on tensors (see fa_kernel.cpp): Q [H, T, A, E] and KT [G, T, E, A16] float32,
+    kv [H] int64, local [T, A16] int32, table int32, ind [T, T] uint8, mode [U] uint8; `slots` a
+    `reduce.SlotStats` being filled; ffabs [groups, H, T, T] float32 or None."""
+    H, T, A, E = Q.shape
+    A16, S = KT.shape[-1], slots.n_slots
     U1 = int(round(table.numel() ** 0.5))
-    fields = ("sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS")
-    _lib.fra_reduce_block(
-        _ptr(V), H, n_rows, A, nk, _ptr(row_q), _ptr(row_a), k0, T, _ptr(local), _ptr(table), U1, S, window or 0,
-        _ptr(ind), *(_slot_ptr(getattr(slots, f), S) for f in fields), _ptr(ffabs), groups, n_threads,
+    if slots.record_HP3.device.type != "cpu" or not slots.record_HP3.is_contiguous():
+        raise ValueError("slot statistics must be made by SlotStats.zeros on the CPU")
+    ind_slots = (slots.ind_count_S, slots.ind_sum_HS, slots.ind_sumsq_HS)  # views of buffers with TRASH more entries
+    _lib.fra_fused_sample(
+        _ptr(Q), _ptr(KT), _ptr(kv), H, T, A, A16, E, _ptr(local), _ptr(table), U1, S, window or 0, _ptr(ind),
+        _ptr(mode), _ptr(slots.record_HP3), _ptr(slots.best_HS), _ptr(slots.best_pos_HS),
+        *(ctypes.c_void_p(t.data_ptr()) for t in ind_slots),
+        None if ffabs is None else _ptr(ffabs), groups, n_threads,
     )  # fmt: skip
 
 

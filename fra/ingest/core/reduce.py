@@ -141,9 +141,19 @@ class ReduceOptions:
     backend: str = "auto"  # "kernel" (C++ on the CPU), "torch" (any device), "auto": kernel where it can
 
 
+# entries of no kept channel go to one of TRASH scratch slots after the S real ones (by their key
+# feature, so that consecutive entries rarely share one and the kernel's updates do not queue)
+TRASH = 16
+
+
 @dataclass
 class SlotStats:
-    """One sample's statistics of the kept channels it touches, one slot per channel."""
+    """One sample's statistics of the kept channels it touches, one slot per channel.
+
+    The kernel's per-value record (sum, sum of squares, and the strongest entry as one integer
+    key) lies in one 24-byte record per (head, slot), `record_HP3` [H, S + TRASH, 3] float64, so
+    that one value touches one cache line; sum_HS and sumsq_HS are views of it, and the kernel
+    writes best_HS and best_pos_HS out of the keys when it is done."""
 
     keys_S: Tensor  # global channel key of each slot (feat_q * d_sae + feat_k), ascending
     sum_HS: Tensor  # float64
@@ -153,24 +163,24 @@ class SlotStats:
     ind_count_S: Tensor  # int64: entries on induction targets (the same for every head)
     ind_sum_HS: Tensor  # float64
     ind_sumsq_HS: Tensor  # float64
+    record_HP3: Tensor  # float64 [H, S + TRASH, 3]: sum, sumsq, the kernel's key of the strongest entry
 
     @classmethod
     def zeros(cls, keys_S: Tensor, H: int) -> "SlotStats":
         S, dev = keys_S.shape[0], keys_S.device
-
-        def z(dtype, *shape):  # one more trailing entry: the kernel's trash slot
-            return torch.zeros(*shape[:-1], shape[-1] + 1, dtype=dtype, device=dev)[..., :S]
-
         f64 = torch.float64
+        rec = torch.zeros(H, S + TRASH, 3, dtype=f64, device=dev)
+        ind = torch.zeros(2, H, S + TRASH, dtype=f64, device=dev)
         return cls(
             keys_S,
-            z(f64, H, S),
-            z(f64, H, S),
-            z(torch.float32, H, S),
-            z(torch.int32, H, S),
-            z(torch.long, S),
-            z(f64, H, S),
-            z(f64, H, S),
+            rec[:, :S, 0],
+            rec[:, :S, 1],
+            torch.zeros(H, S, dtype=torch.float32, device=dev),
+            torch.zeros(H, S, dtype=torch.int32, device=dev),
+            torch.zeros(S + TRASH, dtype=torch.long, device=dev)[:S],
+            ind[0, :, :S],
+            ind[1, :, :S],
+            rec,
         )
 
     @property
@@ -223,8 +233,8 @@ class SampleReduction:
 
 @dataclass(frozen=True)
 class _SlotTable:
-    """Local feature pair (u, w) -> slot: table[u * U1 + w], S (= no slot) where the channel is
-    not kept or u or w is a dead slot's U."""
+    """Local feature pair (u, w) -> slot: table[u * U1 + w], or a trash slot S + w % TRASH (>= S:
+    no slot) where the channel is not kept or u or w is a dead slot's U."""
 
     table: Tensor  # int32 [U1 * U1]
     local_TA: Tensor  # int32
@@ -247,7 +257,8 @@ def _slot_table(co: Cooccurrence, d_sae: int, kept_keys: Tensor | None) -> tuple
         here = co.count_UU[u, w] > 0
         keys, u, w = keys[here], u[here], w[here]
     S = keys.shape[0]
-    table = torch.full((U1 * U1,), S, dtype=torch.int32, device=co.feats_U.device)
+    dev = co.feats_U.device
+    table = (S + torch.arange(U1, dtype=torch.int32, device=dev) % TRASH).repeat(U1)
     table[u * U1 + w] = torch.arange(S, dtype=torch.int32, device=co.feats_U.device)
     return _SlotTable(table, co.local_TA.to(torch.int32).contiguous(), U1), keys
 
@@ -297,54 +308,45 @@ def reduce_sample(
 
 
 def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
-    """The blocks of values reduced by the C++ kernel: (ff_abs [H, T, T], rows per block).
-    Without rows (a later sweep over one chunk of the kept channels) only the query slots whose
-    feature has a kept channel here are formed, so a sweep costs about its share of the values."""
+    """The sample's values formed and reduced by the C++ kernel: (ff_abs [H, T, T] or None, rows).
+    Without rows (a later sweep over one chunk of the kept channels) only the query features with a
+    kept channel here are formed, so a sweep costs about its share of the values."""
     from . import fused
 
     H, T, A, E = x.qfeat_HTAE.shape
-    ind_u8 = x.ind_QK.to(torch.uint8).contiguous()
-    parts = torch.zeros(SLOT_GROUPS, H, T, T, dtype=torch.float32)
-    qf = x.qfeat_HTAE.reshape(H, T * A, E)
-    wanted_TA = None
+    U = st.U1 - 1
+    A16 = -(-A // 16) * 16  # key slots padded to whole vectors (zero values, dead local ids)
+    KT = torch.zeros(H, T, E, A16)
+    KT[..., :A] = x.kfeat_HTAE.transpose(-1, -2)
+    local = torch.full((T, A16), U, dtype=torch.int32)
+    local[:, :A] = st.local_TA
+    if opts.with_rows:  # every value is formed: the |FA| totals need them all
+        mode = torch.full((U,), 2, dtype=torch.uint8)
+        ffabs = torch.zeros(SLOT_GROUPS, H, T, T)
+    else:  # only the features with a slot here (the dead slots' U has none)
+        mode = (st.table.view(st.U1, st.U1)[:U] < slots.n_slots).any(1).to(torch.uint8)
+        ffabs = None
+    fused.fused_sample(
+        x.qfeat_HTAE.contiguous(), KT, torch.arange(H), local, st.table, x.window,
+        x.ind_QK.to(torch.uint8).contiguous(), mode.contiguous(), slots, ffabs, SLOT_GROUPS, torch.get_num_threads(),
+    )  # fmt: skip
     if not opts.with_rows:
-        has_slot_U = (st.table.view(st.U1, st.U1) < slots.n_slots).any(1)  # the dead slots' U has none
-        wanted_TA = has_slot_U[st.local_TA.long()]
-    rows = []
-    for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
-        nk = q1 - k0
-        i = torch.arange(q0 * A, q1 * A)  # query slots (q, a) as q * A + a
-        if wanted_TA is not None:
-            i = i[wanted_TA[q0:q1].flatten()]
-            if len(i) == 0:
-                continue
-        # V[h, i, k, b]: one batched matmul, laid out so that no copy is needed
-        Q = qf[:, q0 * A : q1 * A] if wanted_TA is None else qf[:, i]
-        V = torch.matmul(Q, x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)).view(H, -1, nk, A)
-        row_q, row_a = (i // A).int(), (i % A).int()
-        fused.reduce_block(V, row_q, row_a, k0, st.local_TA, st.table, x.window, ind_u8, slots, parts, SLOT_GROUPS,
-                           torch.get_num_threads())  # fmt: skip
-        if opts.with_rows:
-            rows.append(_rows_block(V.view(H, q1 - q0, A, nk, A), x, visible, q0, k0, opts))
-        del V
-    return parts.sum(0), rows
+        return None, []
+    return ffabs.sum(0), [_rows(x, visible, opts)]
 
 
 def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
     """The same blocks reduced by PyTorch ops, on any device: (ff_abs [H, T, T], rows per block)."""
     H, T, A, E = x.qfeat_HTAE.shape
     ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=x.qfeat_HTAE.device)
-    rows = []
     for q0, q1, k0 in query_blocks(T, opts.q_block, x.window):
         nq, nk = q1 - q0, q1 - k0
         V = torch.matmul(
             x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
         ).view(H, nq, A, nk, A)
         _torch_block(V, q0, k0, st, visible, x.ind_QK, slots, ff_abs)
-        if opts.with_rows:
-            rows.append(_rows_block(V, x, visible, q0, k0, opts))
         del V
-    return ff_abs, rows
+    return ff_abs, [_rows(x, visible, opts)] if opts.with_rows else []
 
 
 def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats, ff_abs_HQK) -> None:
@@ -388,24 +390,29 @@ def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats
     slots.best_pos_HS.copy_(torch.where(better, ((q << POS_SHIFT) | k).int(), slots.best_pos_HS))
 
 
-def _rows_block(V, x: SampleFA, visible_QK, q0: int, k0: int, opts: ReduceOptions) -> Rows:
-    """Rows of one query block: the `top_pairs` largest |FA| at each query's `top_keys` keys."""
-    H, nq, A, nk, _ = V.shape
-    dev = V.device
-    vis = visible_QK[q0 : q0 + nq, k0 : k0 + nk]
-    tk = min(opts.top_keys, nk)
-    attn = torch.where(vis[None], x.attn_HQK[:, q0 : q0 + nq, k0 : k0 + nk], -1.0)  # never pick a hidden key
-    top_k = attn.topk(tk, dim=-1).indices  # [H, nq, tk], relative to k0
-    blocks = V.gather(3, top_k[:, :, None, :, None].expand(H, nq, A, tk, A))  # [H, nq, A, tk, A]
-    blocks = blocks.permute(0, 1, 3, 2, 4).reshape(H, nq, tk, A * A)
-    tp = min(opts.top_pairs, A * A)
-    top_abs, ci = blocks.abs().topk(tp, dim=-1)  # [H, nq, tk, tp]
-    val = blocks.gather(3, ci)
-    a_i, b_i = ci // A, ci % A
-    k_i = k0 + top_k[..., None].expand_as(ci)
-    q_i = torch.arange(q0, q0 + nq, device=dev)[None, :, None, None].expand_as(ci)
-    h_i = torch.arange(H, device=dev)[:, None, None, None].expand_as(ci)
-    nz = (top_abs > 0) & vis.expand(H, -1, -1).gather(2, top_k)[..., None]
-    h_i, q_i, k_i = h_i[nz], q_i[nz], k_i[nz]
-    fq, fk = x.feat_idx_TA[q_i, a_i[nz]], x.feat_idx_TA[k_i, b_i[nz]]
-    return Rows(h_i, q_i, k_i, fq, fk, val[nz])
+def _rows(x: SampleFA, visible_QK, opts: ReduceOptions) -> Rows:
+    """The rows: at each (head, query)'s `top_keys` most-attended visible keys, the `top_pairs`
+    feature pairs of largest |FA|. Only those keys' values are formed, block by block of queries."""
+    H, T, A, E = x.qfeat_HTAE.shape
+    dev = x.qfeat_HTAE.device
+    tk, tp = min(opts.top_keys, T), min(opts.top_pairs, A * A)
+    attn = torch.where(visible_QK[None], x.attn_HQK, -1.0)  # never pick a hidden key
+    parts = []
+    for q0 in range(0, T, opts.q_block):
+        q1 = min(T, q0 + opts.q_block)
+        nq = q1 - q0
+        top_k = attn[:, q0:q1].topk(tk, dim=-1).indices  # [H, nq, tk]
+        keys = x.kfeat_HTAE[torch.arange(H, device=dev)[:, None, None], top_k]  # [H, nq, tk, A, E]
+        V = torch.matmul(x.qfeat_HTAE[:, q0:q1], keys.reshape(H, nq, tk * A, E).transpose(-1, -2))
+        blocks = V.view(H, nq, A, tk, A).permute(0, 1, 3, 2, 4).reshape(H, nq, tk, A * A)
+        top_abs, ci = blocks.abs().topk(tp, dim=-1)  # [H, nq, tk, tp]
+        val = blocks.gather(3, ci)
+        a_i, b_i = ci // A, ci % A
+        k_i = top_k[..., None].expand_as(ci)
+        q_i = torch.arange(q0, q1, device=dev)[None, :, None, None].expand_as(ci)
+        h_i = torch.arange(H, device=dev)[:, None, None, None].expand_as(ci)
+        nz = (top_abs > 0) & visible_QK[q0:q1].expand(H, -1, -1).gather(2, top_k)[..., None]
+        h_i, q_i, k_i = h_i[nz], q_i[nz], k_i[nz]
+        fq, fk = x.feat_idx_TA[q_i, a_i[nz]], x.feat_idx_TA[k_i, b_i[nz]]
+        parts.append(Rows(h_i, q_i, k_i, fq, fk, val[nz]))
+    return Rows.cat(parts, dev)
