@@ -345,6 +345,21 @@ def test_shards_and_merge_give_the_single_run_index(tmp_path):
         merge(MergeConfig(out=out))
 
 
+def test_one_block_merge_equals_the_general_merge(tmp_path, monkeypatch):
+    """With one block the merge skips the aggregation and the re-ranking (the partial already
+    holds the answer); the index is the one the general merge writes from the same partial."""
+    from fra.ingest.index import merge
+
+    opts = dict(model="tiny", min_count=1, top_keys=2, top_pairs=3, examples_per_channel=3, progress=False)
+    run(IngestConfig(out=tmp_path / "fast", **opts), tiny_inputs(n_samples=4))
+    for name in ("_channels_sql", "_examples_sql"):  # the general SQL, as for several blocks
+        general = getattr(merge, name)
+        monkeypatch.setattr(merge, name, lambda n, general=general: general(n + 1))
+    run(IngestConfig(out=tmp_path / "general", **opts), tiny_inputs(n_samples=4))
+    fast, slow = _tables(tmp_path / "fast"), _tables(tmp_path / "general")
+    assert fast == slow and len(fast["examples"]) > 100
+
+
 def test_merge_adds_block_sums_exactly():
     """Float addition depends on its order: (2^53 + 1) + 1 = 2^53 (each + 1 rounds back to even),
     but 2^53 + (1 + 1) = 2^53 + 2. The merge adds the blocks' sums in fixed point, exactly, so

@@ -120,6 +120,38 @@ def _exact_sum(column: str) -> str:
     return f"sum(({column} * {unit})::HUGEINT)::DOUBLE / {unit}"
 
 
+def _channels_sql(n_blocks: int) -> str:
+    """One head's channels, summed over the blocks' partials. With one block there is nothing to
+    add: each sum only goes through the same fixed point (so the index does not depend on the
+    number of blocks), without the aggregation."""
+    if n_blocks == 1:
+        unit = f"{int(FIXED_POINT)}::DOUBLE"
+
+        def exact(c):
+            return f"(({c} * {unit})::HUGEINT)::DOUBLE / {unit} AS {c}"
+
+        return f"""SELECT feat_q, feat_k, count::BIGINT AS count, {exact("sum")}, {exact("sumsq")},
+                          ind_count::BIGINT AS ind_count, {exact("ind_sum")}, {exact("ind_sumsq")}
+                   FROM read_parquet(?) WHERE head = ? ORDER BY feat_q, feat_k"""
+    return f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum("sum")} AS sum,
+                      {_exact_sum("sumsq")} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
+                      {_exact_sum("ind_sum")} AS ind_sum, {_exact_sum("ind_sumsq")} AS ind_sumsq
+               FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k"""
+
+
+def _examples_sql(n_blocks: int) -> str:
+    """One head's examples: the strongest `?` of each channel over the blocks' top examples, by
+    |value| descending, then sample ascending. A block's partial is already ranked that way and
+    cut to the top (`ChannelChunk.tables`), so with one block it is the answer."""
+    if n_blocks == 1:
+        return """SELECT feat_q, feat_k, rank::TINYINT AS rank, sample, q, k, value FROM read_parquet(?)
+                  WHERE head = ? AND rank < ? ORDER BY feat_q, feat_k, rank"""
+    return """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
+              FROM read_parquet(?) WHERE head = ?
+              WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
+              QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank"""
+
+
 def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -> dict:
     """Add up the statistics partials of all blocks into the layer's tables; returns its stats
     (`check=False`: the caller has just verified the partials)."""
@@ -136,20 +168,10 @@ def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -
     channels = _files(partials, job, "stats", layer, "channels.parquet")
     examples = _files(partials, job, "stats", layer, "examples.parquet")
     for head in job.heads:
-        chan = con.sql(
-            f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum("sum")} AS sum,
-                       {_exact_sum("sumsq")} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
-                       {_exact_sum("ind_sum")} AS ind_sum, {_exact_sum("ind_sumsq")} AS ind_sumsq
-                FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k""",
-            params=[channels, head],
-        ).to_arrow_table()
+        chan = con.sql(_channels_sql(len(todo)), params=[channels, head]).to_arrow_table()
         writer.write("channels", chan, layer, head)
         ex = con.sql(
-            """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
-               FROM read_parquet(?) WHERE head = ?
-               WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
-               QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank""",
-            params=[examples, head, job.policy.examples_per_channel],
+            _examples_sql(len(todo)), params=[examples, head, job.policy.examples_per_channel]
         ).to_arrow_table()
         writer.write("examples", ex, layer, head)
         for name in ("rows", "pairs"):
