@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -95,6 +97,56 @@ def smollm2_hf(dtype=None):
     return hf_model.eval(), tokenizer
 
 
+def _converted_dir() -> Path:
+    """Where the dequantised, converted weights are cached: keyed by the GGUF file and the versions
+    of the libraries that read and convert it."""
+    from importlib.metadata import version
+
+    gguf = smollm2_dir() / SMOLLM2_GGUF
+    st = gguf.stat()
+    key = f"{gguf}:{st.st_size}:{st.st_mtime_ns}:{version('transformers')}:{version('transformer-lens')}"
+    root = Path(os.environ.get("FRA_MODEL_CACHE", Path.home() / ".cache" / "fra" / "models"))
+    return root / f"smollm2-135m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def smollm2_converted():
+    """(hf config, TransformerLens state dict, tokenizer) of SmolLM2-135M-Instruct. The first call
+    dequantises the GGUF file and converts it (about 30 s on a CPU) and caches the result (540 MB
+    of safetensors, written to a temporary directory and renamed into place); later calls load
+    it in a second or two."""
+    import shutil
+    import uuid
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+    from transformers import AutoTokenizer, LlamaConfig
+
+    cache = _converted_dir()
+    if (cache / "weights.safetensors").exists():
+        try:
+            config = LlamaConfig.from_pretrained(cache)
+            return config, load_file(cache / "weights.safetensors"), AutoTokenizer.from_pretrained(cache)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not trusted
+            warnings.warn(f"the converted-model cache {cache} is unreadable ({exc}); rebuilding it", stacklevel=2)
+            shutil.rmtree(cache, ignore_errors=True)
+    hf_model, tokenizer = smollm2_hf(dtype=torch.float32)
+    state_dict = convert_llama_weights(hf_model, smollm2_cfg(hf_model.config, device="cpu", dtype=torch.float32))
+    state_dict = {k: v.contiguous().clone() for k, v in state_dict.items()}  # no shared storage
+    tmp = cache.with_name(f"{cache.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        hf_model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(state_dict, tmp / "weights.safetensors")
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only or full disk: the model still loads, uncached
+        warnings.warn(f"could not cache the converted model in {cache} ({exc})", stacklevel=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return hf_model.config, state_dict, tokenizer
+
+
 def smollm2_cfg(hf_config, n_layers: int | None = None, device: str = "cpu", dtype=None):
     import torch
     from transformer_lens import HookedTransformerConfig
@@ -134,20 +186,16 @@ def load_smollm2(device: str = "cpu", n_layers: int | None = None, dtype=None) -
     """
     import torch
     from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     dtype = dtype or torch.float32
-    hf_model, tokenizer = smollm2_hf(dtype=torch.float32)
-    full_cfg = smollm2_cfg(hf_model.config, device="cpu", dtype=torch.float32)
-    state_dict = convert_llama_weights(hf_model, full_cfg)
-    cfg = smollm2_cfg(hf_model.config, n_layers=n_layers, device=device, dtype=dtype)
+    hf_config, state_dict, tokenizer = smollm2_converted()
+    cfg = smollm2_cfg(hf_config, n_layers=n_layers, device=device, dtype=dtype)
     if n_layers is not None:
         keep = tuple(f"blocks.{l}." for l in range(n_layers))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("blocks.") or k.startswith(keep)}
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False)
     model.set_tokenizer(tokenizer, default_padding_side="right")
-    del hf_model
     return LoadedModel("smollm2-135m", model.to(device).eval(), tokenizer, SMOLLM2_BOS_ID)
 
 
