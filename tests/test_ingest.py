@@ -18,6 +18,7 @@ from fra.ingest.core.decompose import Decomposer, run_hooks
 from fra.ingest.core.reduce import induction_mask
 from fra.ingest.core.reference import naive_fa
 from fra.ingest.index.build import IngestConfig, Inputs, run
+from fra.ingest.index.job import Budget
 from fra.ingest.index.schema import IndexFormatError
 from fra.ingest.tools.testing import LAYERS, tiny_inputs
 from fra.queries import connect
@@ -358,6 +359,28 @@ def test_one_block_merge_equals_the_general_merge(tmp_path, monkeypatch):
     run(IngestConfig(out=tmp_path / "general", **opts), tiny_inputs(n_samples=4))
     fast, slow = _tables(tmp_path / "fast"), _tables(tmp_path / "general")
     assert fast == slow and len(fast["examples"]) > 100
+
+
+def test_one_forward_pass_per_sample_for_all_layers_and_passes(tmp_path, monkeypatch):
+    """Each sample's model forward runs once for every layer and both passes (the memo holds it),
+    and the index is the one computed with a forward pass per layer and pass."""
+    from fra.ingest.core import decompose
+
+    calls = []
+    real = decompose.run_hooks_layers
+
+    def counted(model, names, tokens_BT):
+        calls.append(sorted(names))
+        return real(model, names, tokens_BT)
+
+    monkeypatch.setattr(decompose, "run_hooks_layers", counted)
+    opts = dict(model="tiny", min_count=1, top_keys=2, top_pairs=3, progress=False)
+    run(IngestConfig(out=tmp_path / "memo", **opts), tiny_inputs(n_samples=3))
+    assert calls == [sorted(LAYERS)] * 3
+    monkeypatch.setattr(Budget, "forward_bytes", property(lambda self: 0))  # no memo
+    run(IngestConfig(out=tmp_path / "nomemo", **opts), tiny_inputs(n_samples=3))
+    assert len(calls) == 3 + 3 * 2 * 2  # a forward pass per sample, layer and pass
+    assert _tables(tmp_path / "memo") == _tables(tmp_path / "nomemo")
 
 
 def test_merge_adds_block_sums_exactly():

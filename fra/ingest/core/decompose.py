@@ -480,21 +480,33 @@ class HookActivations:
 def run_hooks(model, layer: int, hook_name: str, tokens_BT: Tensor) -> HookActivations:
     """One forward pass up to `layer`, caching the SAE hook, the ln1 scale, the QK-norm scales
     (if any) and the scores."""
-    pre = f"blocks.{layer}"
-    names = [hook_name, f"{pre}.ln1.hook_scale", f"{pre}.attn.hook_attn_scores"]
+    return run_hooks_layers(model, {layer: hook_name}, tokens_BT)[layer]
+
+
+@torch.no_grad()
+def run_hooks_layers(model, hook_names: dict[int, str], tokens_BT: Tensor) -> dict[int, HookActivations]:
+    """`run_hooks` for several layers ({layer: SAE hook}) from one forward pass, up to the last."""
     qk = qk_norm_kind(model)
-    if qk is not None:
-        names += [f"{pre}.attn.q_norm.hook_scale", f"{pre}.attn.k_norm.hook_scale"]
-    _, cache = model.run_with_cache(tokens_BT, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
-    q_scale = k_scale = None
-    if qk is not None:
-        B, T = tokens_BT.shape
-        attn = model.blocks[layer].attn
-        n_kv = (attn._W_K if hasattr(attn, "_W_K") else attn.W_K).shape[0]
-        # 'head': one RMS per (token, head), computed on [B * T * n, d_head]; 'flat': one per token
-        q_scale = cache[names[3]].reshape(B, T, -1).expand(B, T, model.cfg.n_heads)
-        k_scale = cache[names[4]].reshape(B, T, -1).expand(B, T, n_kv)
-    return HookActivations(cache[names[0]], cache[names[1]][..., 0], cache[names[2]], q_scale, k_scale)
+    names = {}
+    for layer, hook_name in hook_names.items():
+        pre = f"blocks.{layer}"
+        names[layer] = [hook_name, f"{pre}.ln1.hook_scale", f"{pre}.attn.hook_attn_scores"]
+        if qk is not None:
+            names[layer] += [f"{pre}.attn.q_norm.hook_scale", f"{pre}.attn.k_norm.hook_scale"]
+    wanted = {n for ns in names.values() for n in ns}
+    _, cache = model.run_with_cache(tokens_BT, names_filter=lambda n: n in wanted, stop_at_layer=max(names) + 1)
+    out = {}
+    for layer, ns in names.items():
+        q_scale = k_scale = None
+        if qk is not None:
+            B, T = tokens_BT.shape
+            attn = model.blocks[layer].attn
+            n_kv = (attn._W_K if hasattr(attn, "_W_K") else attn.W_K).shape[0]
+            # 'head': one RMS per (token, head), computed on [B * T * n, d_head]; 'flat': one per token
+            q_scale = cache[ns[3]].reshape(B, T, -1).expand(B, T, model.cfg.n_heads)
+            k_scale = cache[ns[4]].reshape(B, T, -1).expand(B, T, n_kv)
+        out[layer] = HookActivations(cache[ns[0]], cache[ns[1]][..., 0], cache[ns[2]], q_scale, k_scale)
+    return out
 
 
 @dataclass(frozen=True)
@@ -546,7 +558,12 @@ class Decomposer:
         tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
         validate_tokens(self.model, tokens_BT)
         hooks = run_hooks(self.model, self.layer, self.sae.cfg.metadata.hook_name, tokens_BT)
-        return tokens_BT, hooks, self.sae.encode(hooks.x_BTD.to(self.sae.W_dec.dtype))
+        return tokens_BT, hooks, self.encode_hooks(hooks)
+
+    @torch.no_grad()
+    def encode_hooks(self, hooks: HookActivations) -> Tensor:
+        """The SAE's activations [B, T, F] of this layer's hook values."""
+        return self.sae.encode(hooks.x_BTD.to(self.sae.W_dec.dtype))
 
     @torch.no_grad()
     def encode(self, tokens: Int[Tensor, "B T"] | Int[Tensor, " T"]) -> SparseActs:

@@ -123,8 +123,8 @@ class BlockWorker:
         self.decomposers = {layer: Decomposer(inp.lm.model, layer, inp.saes[layer]) for layer in job.layers}
         self.heads = job.heads
         self.budget = job.budget
-        # each sample's forward pass at a layer, kept from the count pass for the statistics pass
-        self._forwards = {layer: ForwardMemo(dec, self.budget.forward_bytes) for layer, dec in self.decomposers.items()}
+        # each sample's forward pass, once for every layer, kept from the count pass for the statistics pass
+        self._forward = SharedForward(inp.lm.model, self.decomposers, self.budget.forward_bytes * len(job.layers))
         self._kept = {}  # {layer: its kept keys, ascending}, for the layer being computed
 
     def run(self, task: Task) -> None:
@@ -138,13 +138,12 @@ class BlockWorker:
             shutil.rmtree(dest)
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
-        for layer, memo in self._forwards.items():
-            if layer != task.layer:
-                memo.clear()
         t0 = time.time()
         with torch.no_grad():
             stats = (self._count if task.phase == "count" else self._stats)(task, tmp)
         stats["seconds"] = time.time() - t0
+        if task.phase == "stats":  # the last pass over these samples at this layer
+            self._forward.drop(task.layer, [self.inp.tokens[s] for s in self._positions(task.block)])
         (tmp / "stats.json").write_text(json.dumps(stats))
         (tmp / RECORD).write_text(json.dumps(record_files(tmp, skip=(RECORD,))))
         try:
@@ -152,11 +151,14 @@ class BlockWorker:
         except OSError:  # another worker finished the same block first: its partial is identical
             shutil.rmtree(tmp)
 
+    def _positions(self, block: int) -> range:
+        return block_positions(block, self.job.policy.block_size, len(self.inp.tokens))
+
     def _samples(self, block: int, desc: str = ""):
         import torch
         from tqdm import tqdm
 
-        positions = block_positions(block, self.job.policy.block_size, len(self.inp.tokens))
+        positions = self._positions(block)
         bar = tqdm(positions, desc=f"  block {block} {desc}", unit="sample", leave=False, disable=not self.progress)
         for s in bar:
             yield s, torch.tensor(self.inp.tokens[s], device=self.device)
@@ -249,33 +251,60 @@ class BlockWorker:
         }
 
 
-class ForwardMemo:
-    """Each sample's forward pass at one layer (`Decomposer._forward`: the hook values and the
-    SAE activations), computed once and reused by the later passes over the same samples while
-    they fit in `budget_bytes` (about 1 MB per sample of 128 tokens: the activations are kept
-    sparse). It wraps the decomposer's own `_forward`, so every caller gets the same tensors
-    the decomposer would compute."""
+class SharedForward:
+    """Each sample's forward pass, run once for every layer of the job (`run_hooks_layers`, up to
+    the last layer) and kept for the later passes over the same sample while it fits in
+    `budget_bytes` (about 1 MB per sample of 128 tokens and layer: the hook values, and the SAE
+    activations kept sparse once a layer has encoded them). It stands in for each decomposer's
+    own `_forward`, so every caller gets the tensors the decomposer would compute."""
 
-    def __init__(self, dec, budget_bytes: int):
-        self.compute, self.budget, self.nbytes = dec._forward, budget_bytes, 0
-        self.memo: dict[bytes, tuple] = {}
-        dec._forward = self
+    def __init__(self, model, decomposers: dict, budget_bytes: int):
+        self.model, self.decs, self.budget, self.nbytes = model, decomposers, budget_bytes, 0
+        self.memo: dict[bytes, dict[int, list]] = {}  # tokens -> {layer: [tokens_BT, hooks, sparse acts | None]}
+        for layer, dec in decomposers.items():
+            dec._forward = lambda tokens, layer=layer: self(layer, tokens)
 
-    def __call__(self, tokens):
+    def __call__(self, layer: int, tokens):
+        from ..core.decompose import run_hooks_layers, validate_tokens
+
+        dec = self.decs[layer]
         key = tokens.cpu().numpy().tobytes()
+        entry = self.memo.get(key, {}).get(layer)
+        if entry is None:
+            tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
+            validate_tokens(self.model, tokens_BT)
+            names = {lay: d.sae.cfg.metadata.hook_name for lay, d in self.decs.items()}
+            hooks = run_hooks_layers(self.model, names, tokens_BT)
+            entries = {lay: [tokens_BT, h, None] for lay, h in hooks.items()}
+            size = sum(_nbytes(vars(h).values()) for h in hooks.values())
+            if self.nbytes + size <= self.budget:
+                self.memo[key] = entries
+                self.nbytes += size
+            entry = entries[layer]
+        tokens_BT, hooks, sparse = entry
+        if sparse is not None:
+            return tokens_BT, hooks, sparse.to_dense()
+        acts = dec.encode_hooks(hooks)
         if key in self.memo:
-            tokens_BT, hooks, acts = self.memo[key]
-            return tokens_BT, hooks, acts.to_dense()
-        tokens_BT, hooks, acts = self.compute(tokens)
-        sparse = acts.to_sparse()
-        size = _nbytes((tokens_BT, sparse.values(), sparse.indices(), *vars(hooks).values()))
-        if self.nbytes + size <= self.budget:
-            self.memo[key] = (tokens_BT, hooks, sparse)
-            self.nbytes += size
+            entry[2] = acts.to_sparse()
+            self.nbytes += _nbytes((entry[2].values(), entry[2].indices()))
         return tokens_BT, hooks, acts
 
-    def clear(self) -> None:
-        self.memo, self.nbytes = {}, 0
+    def drop(self, layer: int, samples) -> None:
+        """Forget `layer`'s part of the given samples' passes (token lists)."""
+        import torch
+
+        for tokens in samples:
+            key = torch.tensor(tokens).numpy().tobytes()
+            entries = self.memo.get(key)
+            if entries is None or layer not in entries:
+                continue
+            _, hooks, sparse = entries.pop(layer)
+            self.nbytes -= _nbytes(vars(hooks).values())
+            if sparse is not None:
+                self.nbytes -= _nbytes((sparse.values(), sparse.indices()))
+            if not entries:
+                del self.memo[key]
 
 
 def _nbytes(tensors) -> int:

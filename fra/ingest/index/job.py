@@ -52,8 +52,8 @@ class Budget:
 
     @property
     def forward_bytes(self) -> int:
-        """Each layer's memo of the samples' forward passes, kept from the count pass for the
-        statistics pass (`blocks.ForwardMemo`)."""
+        """Per layer, the memo of the samples' forward passes, kept from the count pass for the
+        statistics pass (`blocks.SharedForward`, which holds every layer's)."""
         return self.total_bytes // 8
 
     @property
