@@ -25,9 +25,10 @@ Per layer, two passes, each a set of block tasks:
          counts of all blocks and keeps channels with count >= min_count (`kept.parquet`).
   stats: `partials/layer=L/stats/block=B/`: for the kept channels the block touches (known from
          its count partial, so its accumulators are bounded by the block, not the corpus), the
-         float64 sums and the block's top examples per head (`channels.parquet`,
-         `examples.parquet`, swept in chunks that fit the memory budget), and the block's rows
-         and pairs (`rows/head=H/`, `pairs/head=H/`, already in the index's schema).
+         float64 sums (rounded to the merge's fixed point) and the block's top examples per head
+         (`channels/head=H/`, `examples/head=H/`, a part per sweep of chunks that fit the memory
+         budget), and the block's rows and pairs (`rows/head=H/`, `pairs/head=H/`), all in the
+         index's schema.
 """
 
 from __future__ import annotations
@@ -222,7 +223,6 @@ class BlockWorker:
         tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget.flush_bytes)
         opts = ReduceOptions(cfg.top_keys, cfg.top_pairs, self.q_block)
         window = getattr(dec, "sliding_window", None)  # None: full causal attention
-        channels, examples = _Appender(tmp / "channels.parquet"), _Appender(tmp / "examples.parquet")
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
             acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
@@ -234,14 +234,16 @@ class BlockWorker:
                 acc.add(red.slots, self.inp.sample_ids[s])
                 if first:
                     tables.add(self.inp.sample_ids[s], p, red, x)
+            # in the index's own schema, one part per sweep and head (sorted by channel, as the
+            # sweeps are), so that the merge of a single block only moves the files
             for j, h in enumerate(heads):
                 chan, ex = acc.tables(j, block_counts[lo : lo + chunk], F)
-                channels.add(_with(chan, head=h))
-                examples.add(_with(ex, head=h))
+                write_parquet(
+                    conform("channels", fixed_point(chan)), tmp / "channels" / f"head={h}" / f"part-{c:05d}.parquet"
+                )
+                write_parquet(conform("examples", ex), tmp / "examples" / f"head={h}" / f"part-{c:05d}.parquet")
             del acc
         tables.flush()
-        channels.close()
-        examples.close()
         return {
             "sweeps": len(starts),
             "kept_channels_per_sweep": int(min(chunk, max(len(block_keys), 1))),
@@ -311,27 +313,17 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
 
 
-class _Appender:
-    """One Parquet file written table by table, so that a block's statistics never sit in
-    memory twice."""
-
-    def __init__(self, path: Path):
-        self.path, self.writer = path, None
-
-    def add(self, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
-
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.writer.write_table(table, row_group_size=65536)
-
-    def close(self) -> None:
-        self.writer.close()
+# The float64 sums of a block are rounded to units of 2^-60 (as np.rint and DuckDB's cast to
+# HUGEINT both do: to nearest, ties to even), in which the merge adds blocks exactly
+FIXED_POINT = 2.0**60
+SUM_COLUMNS = ("sum", "sumsq", "ind_sum", "ind_sumsq")
 
 
-def _with(table: pa.Table, **columns) -> pa.Table:
-    for name, value in columns.items():
-        table = table.append_column(name, pa.array(np.full(table.num_rows, value, np.int32)))
+def fixed_point(table: pa.Table) -> pa.Table:
+    for name in SUM_COLUMNS:
+        i = table.schema.get_field_index(name)
+        x = table.column(name).to_numpy()
+        table = table.set_column(i, name, pa.array(np.rint(x * FIXED_POINT) / FIXED_POINT))
     return table
 
 

@@ -14,7 +14,9 @@ Every engine ends here, so there is no second implementation. Per layer:
   term above 1e-11; the range, |sum| < 2^66, is far above any score statistic.) Examples are
   re-ranked over the union of the blocks' top examples by |value| descending, then sample
   ascending (each block kept its strongest samples of each channel, so the union holds the
-  strongest of all). Rows and pairs are the blocks' part files, in block order.
+  strongest of all). Rows and pairs are the blocks' part files, in block order. A partial is
+  written in the index's own schema, its sums already in fixed point, so with a single block
+  its channels and examples are the answer: their files are linked into the index as they are.
 - `finish`: the samples table, the features table (fire counts summed over blocks), the
   manifest, and the commit that publishes the index (`store.IndexWriter.commit`, which survives
   a kill at any step).
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from .blocks import Task, describe, kept_path, layer_dir, missing, partial_dir, tasks, verify
+from .blocks import FIXED_POINT, Task, describe, kept_path, layer_dir, missing, partial_dir, tasks, verify
 from .job import Job
 from .schema import IndexFormatError, Manifest
 from .store import IndexWriter, OutLock, recover, write_parquet
@@ -110,46 +113,42 @@ def select_channels(partials: Path, job: Job, layer: int, check: bool = True) ->
     tmp.replace(dest)
 
 
-# The blocks' float64 sums are added as 128-bit integers in units of 2^-60: integer addition is
-# exact, so the total does not depend on the order DuckDB's threads add in. Range: |x| < 2^66.
-FIXED_POINT = 2.0**60
-
-
+# The blocks' float64 sums (already rounded to units of 2^-60, `blocks.fixed_point`) are added as
+# 128-bit integers: integer addition is exact, so the total does not depend on the order DuckDB's
+# threads add in. Range: |x| < 2^66.
 def _exact_sum(column: str) -> str:
     unit = f"{int(FIXED_POINT)}::DOUBLE"
     return f"sum(({column} * {unit})::HUGEINT)::DOUBLE / {unit}"
 
 
-def _channels_sql(n_blocks: int) -> str:
-    """One head's channels, summed over the blocks' partials. With one block there is nothing to
-    add: each sum only goes through the same fixed point (so the index does not depend on the
-    number of blocks), without the aggregation."""
-    if n_blocks == 1:
-        unit = f"{int(FIXED_POINT)}::DOUBLE"
-
-        def exact(c):
-            return f"(({c} * {unit})::HUGEINT)::DOUBLE / {unit} AS {c}"
-
-        return f"""SELECT feat_q, feat_k, count::BIGINT AS count, {exact("sum")}, {exact("sumsq")},
-                          ind_count::BIGINT AS ind_count, {exact("ind_sum")}, {exact("ind_sumsq")}
-                   FROM read_parquet(?) WHERE head = ? ORDER BY feat_q, feat_k"""
+def _channels_sql() -> str:
+    """One head's channels, summed over the blocks' partials (counts as integers, sums in fixed point)."""
     return f"""SELECT feat_q, feat_k, sum(count)::BIGINT AS count, {_exact_sum("sum")} AS sum,
                       {_exact_sum("sumsq")} AS sumsq, sum(ind_count)::BIGINT AS ind_count,
                       {_exact_sum("ind_sum")} AS ind_sum, {_exact_sum("ind_sumsq")} AS ind_sumsq
-               FROM read_parquet(?) WHERE head = ? GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k"""
+               FROM read_parquet(?) GROUP BY feat_q, feat_k ORDER BY feat_q, feat_k"""
 
 
-def _examples_sql(n_blocks: int) -> str:
+def _examples_sql() -> str:
     """One head's examples: the strongest `?` of each channel over the blocks' top examples, by
-    |value| descending, then sample ascending. A block's partial is already ranked that way and
-    cut to the top (`ChannelChunk.tables`), so with one block it is the answer."""
-    if n_blocks == 1:
-        return """SELECT feat_q, feat_k, rank::TINYINT AS rank, sample, q, k, value FROM read_parquet(?)
-                  WHERE head = ? AND rank < ? ORDER BY feat_q, feat_k, rank"""
+    |value| descending, then sample ascending."""
     return """SELECT feat_q, feat_k, (row_number() OVER w - 1)::TINYINT AS rank, sample, q, k, value
-              FROM read_parquet(?) WHERE head = ?
+              FROM read_parquet(?)
               WINDOW w AS (PARTITION BY feat_q, feat_k ORDER BY abs(value) DESC, sample)
               QUALIFY row_number() OVER w <= ? ORDER BY feat_q, feat_k, rank"""
+
+
+def _as_is(todo: list[Task]) -> bool:
+    """Whether the blocks' channels and examples need no merging: there is one block."""
+    return len(todo) == 1
+
+
+def _link(src: Path, dest: Path) -> None:
+    """`dest` as a hard link to the (immutable) partial file `src`, or a copy across file systems."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy(src, dest)
 
 
 def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -> dict:
@@ -165,21 +164,29 @@ def merge_layer(writer: IndexWriter, job: Job, layer: int, check: bool = True) -
     t0 = time.time()
     writer.begin_layer(layer)
     con = _connect(job.budget.merge_bytes, writer.work_dir(layer) / "_duckdb")
-    channels = _files(partials, job, "stats", layer, "channels.parquet")
-    examples = _files(partials, job, "stats", layer, "examples.parquet")
     for head in job.heads:
-        chan = con.sql(_channels_sql(len(todo)), params=[channels, head]).to_arrow_table()
-        writer.write("channels", chan, layer, head)
-        ex = con.sql(
-            _examples_sql(len(todo)), params=[examples, head, job.policy.examples_per_channel]
-        ).to_arrow_table()
-        writer.write("examples", ex, layer, head)
-        for name in ("rows", "pairs"):
+        parts = {
+            name: [
+                (t, f)
+                for t in todo
+                for f in sorted((partial_dir(partials, t) / name / f"head={head}").glob("*.parquet"))
+            ]
+            for name in ("channels", "examples", "rows", "pairs")
+        }
+        # a block's partial is in the index's schema: with one block, channels and examples are
+        # the answer as they are; with several they are added up and re-ranked
+        single = _as_is(todo)
+        linked = ("channels", "examples", "rows", "pairs") if single else ("rows", "pairs")
+        if not single:
+            files = {name: [str(f) for _, f in parts[name]] for name in ("channels", "examples")}
+            writer.write("channels", con.sql(_channels_sql(), params=[files["channels"]]).to_arrow_table(), layer, head)
+            ex = con.sql(_examples_sql(), params=[files["examples"], job.policy.examples_per_channel])
+            writer.write("examples", ex.to_arrow_table(), layer, head)
+        for name in linked:
             dest = writer.work_dir(layer) / name / f"layer={layer}" / f"head={head}"
             dest.mkdir(parents=True, exist_ok=True)
-            for t in todo:
-                for f in sorted((partial_dir(partials, t) / name / f"head={head}").glob("*.parquet")):
-                    shutil.copy(f, dest / f"part-{t.block:06d}-{f.stem[5:]}.parquet")
+            for t, f in parts[name]:
+                _link(f, dest / f"part-{t.block:06d}-{f.stem[5:]}.parquet")
     con.close()
 
     def block_stats(phase):
