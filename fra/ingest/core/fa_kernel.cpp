@@ -162,7 +162,7 @@ inline float reduce_row(const float* __restrict x, int64_t A, const int32_t* __r
 
 extern "C" {
 
-int fra_kernel_version() { return 7; }
+int fra_kernel_version() { return 8; }
 
 // Q [H, T, A, E] and KT [G, T, E, A16] float32 (key slots b >= A are zero), kv [H]: the key-value
 // head of each query head; local [T, A16] int32 (U for dead and padding slots); mode [U]: 0 skip
@@ -228,19 +228,25 @@ void fra_fused_sample(const float* Q, const float* KT, const int64_t* kv, int64_
 }
 
 // Merge one sample's slots into a chunk of global channels. Slot s goes to chunk row rowof[s]
-// (rows are distinct). Slot stats are [H, S]; chunk sums [n, H] float64; examples [n, H, E]
-// (value float32, sample int32, position int32), ordered by |value| descending then sample
-// ascending, an empty example (sample -1) being the worst: the slot's best entry replaces the
-// worst kept example when it ranks above it.
-void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, const double* lsum, const double* lsumsq,
-                     const float* lbest, const int32_t* lbpos, double* gsum, double* gsumsq, float* exval,
-                     int32_t* exsample, int32_t* expos, int32_t sample) {
+// (rows are distinct). The slots are `fra_fused_sample`'s: records rec [H, P] (P = S + TRASH),
+// best / bpos [H, S], ind_count [S], ind_sum / ind_sumsq [H, P]. Chunk sums are [n, H] float64,
+// ind_count [n]; examples [n, H, E] (value float32, sample int32, position int32), ordered by
+// |value| descending then sample ascending, an empty example (sample -1) being the worst: the
+// slot's best entry replaces the worst kept example when it ranks above it.
+void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, const Record* rec, const float* lbest,
+                     const int32_t* lbpos, const int64_t* lind_count, const double* lind_sum,
+                     const double* lind_sumsq, double* gsum, double* gsumsq, int64_t* gind_count, double* gind_sum,
+                     double* gind_sumsq, float* exval, int32_t* exsample, int32_t* expos, int32_t sample) {
+  const int64_t P = S + TRASH;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t row = rowof[s];
+    gind_count[row] += lind_count[s];
     for (int64_t h = 0; h < H; ++h) {
       const int64_t li = h * S + s, gi = row * H + h;
-      gsum[gi] += lsum[li];
-      gsumsq[gi] += lsumsq[li];
+      gsum[gi] += rec[h * P + s].sum;
+      gsumsq[gi] += rec[h * P + s].sumsq;
+      gind_sum[gi] += lind_sum[h * P + s];
+      gind_sumsq[gi] += lind_sumsq[h * P + s];
       const float x = lbest[li], ax = std::fabs(x);
       if (ax == 0.f) continue;
       float* e = exval + gi * E;

@@ -29,7 +29,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("fa_kernel.cpp")
 # built for the CPU it runs on (-march=native): the cache key includes that CPU's identity
 FLAGS = ("-O3", "-std=c++17", "-march=native", "-shared", "-fPIC", "-pthread")
-KERNEL_VERSION = 7  # fra_kernel_version() of the source this module calls
+KERNEL_VERSION = 8  # fra_kernel_version() of the source this module calls
 
 _lib = None
 _tried = False
@@ -38,7 +38,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "fra_fused_sample": [_P, _P, _P] + [_I] * 5 + [_P, _P, _I, _I, _I] + [_P] * 2 + [_P] * 7 + [_I, _I],
-    "fra_merge_slots": [_I, _I, _I] + [_P] * 10 + [ctypes.c_int32],
+    "fra_merge_slots": [_I, _I, _I] + [_P] * 15 + [ctypes.c_int32],
 }
 
 
@@ -152,8 +152,15 @@ def fused_sample(Q, KT, kv, local, table, window, ind, mode, slots, ffabs, group
     )  # fmt: skip
 
 
-def merge_slots(row_S, sum_HS, sumsq_HS, best_HS, best_pos_HS, gsum_NH, gsumsq_NH, ex_val, ex_sample, ex_pos, sample):
-    """fra_merge_slots on tensors (see fa_kernel.cpp)."""
-    H, S = sum_HS.shape
-    tensors = (row_S, sum_HS, sumsq_HS, best_HS, best_pos_HS, gsum_NH, gsumsq_NH, ex_val, ex_sample, ex_pos)
-    _lib.fra_merge_slots(S, H, ex_val.shape[2], *(_ptr(t) for t in tensors), int(sample))
+def merge_slots(row_S, slots, chunk, sample) -> None:
+    """fra_merge_slots: one sample's `slots` (a `reduce.SlotStats` the kernel filled) into the
+    `channels.ChannelChunk` rows `row_S` (int64)."""
+    H, S = slots.best_HS.shape
+    ind = (slots.ind_count_S, slots.ind_sum_HS, slots.ind_sumsq_HS)  # views of buffers with TRASH more entries
+    _lib.fra_merge_slots(
+        S, H, chunk.ex_val_NHE.shape[2], _ptr(row_S), _ptr(slots.record_HP3), _ptr(slots.best_HS),
+        _ptr(slots.best_pos_HS), *(ctypes.c_void_p(t.data_ptr()) for t in ind),
+        *(_ptr(t) for t in (chunk.sum_NH, chunk.sumsq_NH, chunk.ind_count_N, chunk.ind_sum_NH, chunk.ind_sumsq_NH,
+                            chunk.ex_val_NHE, chunk.ex_sample_NHE, chunk.ex_pos_NHE)),
+        int(sample),
+    )  # fmt: skip

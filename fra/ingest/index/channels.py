@@ -149,28 +149,14 @@ class ChannelChunk:
         """Merge one sample's slots (all of which belong to this chunk)."""
         from ..core import fused
 
-        cpu = {
-            f: getattr(slots, f).cpu().contiguous() for f in ("keys_S", "sum_HS", "sumsq_HS", "best_HS", "best_pos_HS")
-        }
-        row_S = torch.searchsorted(self.keys, cpu["keys_S"])
-        if use_fused and fused.available():
-            fused.merge_slots(
-                row_S,
-                cpu["sum_HS"],
-                cpu["sumsq_HS"],
-                cpu["best_HS"],
-                cpu["best_pos_HS"],
-                self.sum_NH,
-                self.sumsq_NH,
-                self.ex_val_NHE,
-                self.ex_sample_NHE,
-                self.ex_pos_NHE,
-                sample,
-            )
-        else:
-            self.sum_NH.index_add_(0, row_S, cpu["sum_HS"].T)
-            self.sumsq_NH.index_add_(0, row_S, cpu["sumsq_HS"].T)
-            self._add_examples(row_S, cpu["best_HS"].T, cpu["best_pos_HS"].T, sample)
+        on_cpu = slots.record_HP3.device.type == "cpu" and slots.record_HP3.is_contiguous()
+        row_S = torch.searchsorted(self.keys, slots.keys_S.cpu())
+        if use_fused and on_cpu and fused.available():
+            fused.merge_slots(row_S, slots, self, sample)
+            return
+        self.sum_NH.index_add_(0, row_S, slots.sum_HS.T.cpu())
+        self.sumsq_NH.index_add_(0, row_S, slots.sumsq_HS.T.cpu())
+        self._add_examples(row_S, slots.best_HS.T.cpu(), slots.best_pos_HS.T.cpu(), sample)
         self.ind_count_N.index_add_(0, row_S, slots.ind_count_S.cpu())
         self.ind_sum_NH.index_add_(0, row_S, slots.ind_sum_HS.T.cpu())
         self.ind_sumsq_NH.index_add_(0, row_S, slots.ind_sumsq_HS.T.cpu())
