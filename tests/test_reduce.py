@@ -90,6 +90,14 @@ def test_reduce_sample_matches_brute_force(backend, subset, window):
     # a later sweep (no rows) forms only the query slots it needs, and gives the same slots
     lean = reduce_sample(x, F, kept, replace(opts, with_rows=False))
     assert lean.rows is None and lean.totals is None
+    # sweeps split the |FA| totals by query feature: the parts add up to the whole
+    half = torch.zeros(F, dtype=torch.bool)
+    half[::2] = True
+    parts = [
+        reduce_sample(x, F, kept, replace(opts, with_rows=False), abs_features=m).ff_abs_HQK for m in (half, ~half)
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], tot.ff_abs_HQK, rtol=1e-5, atol=1e-5)
+    assert parts[0].abs().sum() > 0 and parts[1].abs().sum() > 0
     for f in ("keys_S", "sum_HS", "sumsq_HS", "best_HS", "best_pos_HS", "ind_count_S", "ind_sum_HS", "ind_sumsq_HS"):
         torch.testing.assert_close(getattr(lean.slots, f), getattr(res, f), rtol=1e-6, atol=1e-6)
     # the counts of the channels present, with the same mask

@@ -229,6 +229,7 @@ class SampleReduction:
     slots: SlotStats
     totals: PairTotals | None  # None without rows (ReduceOptions.with_rows)
     rows: Rows | None
+    ff_abs_HQK: Tensor | None = None  # sum of |FA| over the query slots of `abs_features` (None: none)
 
 
 @dataclass(frozen=True)
@@ -286,31 +287,40 @@ def query_blocks(T: int, q_block: int, window: int | None):
 
 @torch.no_grad()
 def reduce_sample(
-    x: SampleFA, d_sae: int, kept_keys: Tensor | None = None, opts: ReduceOptions = ReduceOptions()
+    x: SampleFA,
+    d_sae: int,
+    kept_keys: Tensor | None = None,
+    opts: ReduceOptions = ReduceOptions(),
+    abs_features: Tensor | None = None,
 ) -> SampleReduction:
-    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None), and
-    with `opts.with_rows` its per-(h, q, k) totals and rows."""
+    """One sample's channel slots (for the channels in sorted `kept_keys`, or all when None), the
+    sum of |FA| per (h, q, k) over the query slots whose feature is in `abs_features` (bool [d_sae];
+    None: every feature), and with `opts.with_rows` its per-(h, q, k) totals and rows (whose
+    ff_abs is that sum). Sweeps over chunks of the kept channels split the |FA| sum by feature, so
+    that each value is formed in one sweep only."""
     H, T, A, E = x.qfeat_HTAE.shape
     dev = x.qfeat_HTAE.device
     st, keys_S = _slot_table(cooccurrence(x.feat_idx_TA, x.live_TA, x.window), d_sae, kept_keys)
     slots = SlotStats.zeros(keys_S, H)
     visible = x.visible_QK
+    abs_TA = x.live_TA if abs_features is None else x.live_TA & abs_features[x.feat_idx_TA]
     loop = _kernel_loop if _use_kernel(x, opts.backend) else _torch_loop
-    ff_abs, rows = loop(x, st, slots, visible, opts)
+    ff_abs, rows = loop(x, st, slots, visible, opts, abs_TA)
     if not opts.with_rows:
-        return SampleReduction(slots, None, None)
+        return SampleReduction(slots, None, None, ff_abs)
     # the feature x feature total per (q, k) needs no pass over the values: it is the dot product
     # of the summed feature vectors (dead slots hold zero vectors)
     ff = torch.einsum("hqe,hke->hqk", x.qfeat_HTAE.sum(2), x.kfeat_HTAE.sum(2)) * visible
     rows = Rows.cat(rows, dev)
+    ff_abs = torch.zeros(H, T, T, device=dev) if ff_abs is None else ff_abs
     totals = PairTotals(ff, ff_abs, rows.per_pair(H, T), rows.per_pair(H, T, absolute=True))
-    return SampleReduction(slots, totals, rows)
+    return SampleReduction(slots, totals, rows, ff_abs)
 
 
-def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions, abs_TA):
     """The sample's values formed and reduced by the C++ kernel: (ff_abs [H, T, T] or None, rows).
-    Without rows (a later sweep over one chunk of the kept channels) only the query features with a
-    kept channel here are formed, so a sweep costs about its share of the values."""
+    Only the query features with a kept channel here or in `abs_TA` are formed, so a sweep over a
+    chunk of the kept channels costs about its share of the values."""
     from . import fused
 
     H, T, A, E = x.qfeat_HTAE.shape
@@ -320,22 +330,21 @@ def _kernel_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: R
     KT[..., :A] = x.kfeat_HTAE.transpose(-1, -2)
     local = torch.full((T, A16), U, dtype=torch.int32)
     local[:, :A] = st.local_TA
-    if opts.with_rows:  # every value is formed: the |FA| totals need them all
-        mode = torch.full((U,), 2, dtype=torch.uint8)
-        ffabs = torch.zeros(SLOT_GROUPS, H, T, T)
-    else:  # only the features with a slot here (the dead slots' U has none)
-        mode = (st.table.view(st.U1, st.U1)[:U] < slots.n_slots).any(1).to(torch.uint8)
-        ffabs = None
+    # mode per query feature: 2 its |FA| totals (and slots), 1 its slots only, 0 nothing to form
+    with_abs = torch.zeros(U + 1, dtype=torch.bool)
+    with_abs[st.local_TA[abs_TA].long()] = True
+    mode = (st.table.view(st.U1, st.U1)[:U] < slots.n_slots).any(1).to(torch.uint8)  # the dead U has none
+    mode[with_abs[:U]] = 2
+    ffabs = torch.zeros(SLOT_GROUPS, H, T, T) if bool(with_abs.any()) else None
     fused.fused_sample(
         x.qfeat_HTAE.contiguous(), KT, torch.arange(H), local, st.table, x.window,
         x.ind_QK.to(torch.uint8).contiguous(), mode.contiguous(), slots, ffabs, SLOT_GROUPS, torch.get_num_threads(),
     )  # fmt: skip
-    if not opts.with_rows:
-        return None, []
-    return ffabs.sum(0), [_rows(x, visible, opts)]
+    ff_abs = None if ffabs is None else ffabs.sum(0)
+    return ff_abs, [_rows(x, visible, opts)] if opts.with_rows else []
 
 
-def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions):
+def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: ReduceOptions, abs_TA):
     """The same blocks reduced by PyTorch ops, on any device: (ff_abs [H, T, T], rows per block)."""
     H, T, A, E = x.qfeat_HTAE.shape
     ff_abs = torch.zeros(H, T, T, dtype=torch.float32, device=x.qfeat_HTAE.device)
@@ -344,18 +353,18 @@ def _torch_loop(x: SampleFA, st: _SlotTable, slots: SlotStats, visible, opts: Re
         V = torch.matmul(
             x.qfeat_HTAE[:, q0:q1].reshape(H, nq * A, E), x.kfeat_HTAE[:, k0:q1].reshape(H, nk * A, E).transpose(1, 2)
         ).view(H, nq, A, nk, A)
-        _torch_block(V, q0, k0, st, visible, x.ind_QK, slots, ff_abs)
+        _torch_block(V, q0, k0, st, visible, x.ind_QK, slots, ff_abs, abs_TA[q0:q1])
         del V
-    return ff_abs, [_rows(x, visible, opts)] if opts.with_rows else []
+    return ff_abs if bool(abs_TA.any()) else None, [_rows(x, visible, opts)] if opts.with_rows else []
 
 
-def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats, ff_abs_HQK) -> None:
+def _torch_block(V, q0, k0, st: _SlotTable, visible_QK, ind_QK, slots: SlotStats, ff_abs_HQK, abs_QA) -> None:
     """The kernel's work on one block in PyTorch ops (any device; same results)."""
     H, nq, A, nk, _ = V.shape
     dev, S = V.device, slots.n_slots
     q1 = q0 + nq
     vis = visible_QK[q0:q1, k0:q1]  # [nq, nk]
-    ff_abs_HQK[:, q0:q1, k0:q1] += (V.abs() * vis[None, :, None, :, None]).sum((2, 4))
+    ff_abs_HQK[:, q0:q1, k0:q1] += (V.abs() * (abs_QA[:, :, None, None] & vis[:, None, :, None])).sum((2, 4))
     local = st.local_TA.long()
     slot = st.table.long()[local[q0:q1, :, None, None] * st.U1 + local[None, None, k0:q1, :]]  # [nq, A, nk, A]
     keep = (slot < S) & vis[:, None, :, None]

@@ -223,17 +223,36 @@ class BlockWorker:
         tables = RowsAndPairs(heads, tmp, flush_bytes=self.budget.flush_bytes)
         opts = ReduceOptions(cfg.top_keys, cfg.top_pairs, self.q_block)
         window = getattr(dec, "sliding_window", None)  # None: full causal attention
+        # Each value is formed in one sweep only: sweep c forms the query features of its chunk's
+        # channels and adds their |FA| totals, and the features of no kept channel go with the
+        # chunk their keys would sort into. The per-(h, q, k) totals are then complete after the
+        # last sweep, which writes the rows and pairs; where keeping them until then would pass
+        # the flush share of the budget, the first sweep forms every value instead.
+        positions = self._positions(task.block)
+        T = max(len(self.inp.tokens[s]) for s in positions)
+        split = len(starts) > 1 and len(positions) * len(heads) * T * T * 4 <= self.budget.flush_bytes
+        first_key = np.searchsorted(block_keys, np.arange(F, dtype=np.int64) * F)
+        abs_sweep = np.searchsorted(np.asarray(starts), first_key, side="right") - 1 if split else np.zeros(F, int)
+        rows_sweep = len(starts) - 1 if split else 0
+        ff_abs_before = {}  # sample position -> the |FA| totals of the earlier sweeps
         for c, lo in enumerate(starts):
             keys = torch.from_numpy(block_keys[lo : lo + chunk])
             acc = ChannelChunk(keys, len(heads), cfg.examples_per_channel)
-            first = c == 0
+            abs_features = torch.from_numpy(abs_sweep == c).to(self.device)
             for s, toks in self._samples(task.block, f"statistics, sweep {c + 1}/{len(starts)}"):
                 p = dec.prepare(toks)
                 x = SampleFA.of(p, head_pos, window)
-                red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=first))
+                red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=c == rows_sweep), abs_features)
                 acc.add(red.slots, self.inp.sample_ids[s])
-                if first:
+                before = ff_abs_before.pop(s, None)
+                if c == rows_sweep:
+                    if before is not None:
+                        red = replace(red, totals=replace(red.totals, ff_abs_HQK=red.totals.ff_abs_HQK + before))
                     tables.add(self.inp.sample_ids[s], p, red, x)
+                elif red.ff_abs_HQK is not None or before is not None:
+                    ff_abs_before[s] = (0 if before is None else before) + (
+                        0 if red.ff_abs_HQK is None else red.ff_abs_HQK
+                    )
             # in the index's own schema, one part per sweep and head (sorted by channel, as the
             # sweeps are), so that the merge of a single block only moves the files
             for j, h in enumerate(heads):
