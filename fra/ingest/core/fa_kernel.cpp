@@ -162,7 +162,7 @@ inline float reduce_row(const float* __restrict x, int64_t A, const int32_t* __r
 
 extern "C" {
 
-int fra_kernel_version() { return 8; }
+int fra_kernel_version() { return 9; }
 
 // Q [H, T, A, E] and KT [G, T, E, A16] float32 (key slots b >= A are zero), kv [H]: the key-value
 // head of each query head; local [T, A16] int32 (U for dead and padding slots); mode [U]: 0 skip
@@ -230,9 +230,9 @@ void fra_fused_sample(const float* Q, const float* KT, const int64_t* kv, int64_
 // Merge one sample's slots into a chunk of global channels. Slot s goes to chunk row rowof[s]
 // (rows are distinct). The slots are `fra_fused_sample`'s: records rec [H, P] (P = S + TRASH),
 // best / bpos [H, S], ind_count [S], ind_sum / ind_sumsq [H, P]. Chunk sums are [n, H] float64,
-// ind_count [n]; examples [n, H, E] (value float32, sample int32, position int32), ordered by
-// |value| descending then sample ascending, an empty example (sample -1) being the worst: the
-// slot's best entry replaces the worst kept example when it ranks above it.
+// ind_count [n]; examples [n, H, E] (value float32, sample int32, position int32), kept sorted by
+// |value| descending then sample ascending, empty examples (sample -1) last: the slot's best entry
+// goes in where it ranks, when it ranks above the last.
 void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, const Record* rec, const float* lbest,
                      const int32_t* lbpos, const int64_t* lind_count, const double* lind_sum,
                      const double* lind_sumsq, double* gsum, double* gsumsq, int64_t* gind_count, double* gind_sum,
@@ -249,20 +249,26 @@ void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, cons
       gind_sumsq[gi] += lind_sumsq[h * P + s];
       const float x = lbest[li], ax = std::fabs(x);
       if (ax == 0.f) continue;
+      // the chunk's examples stay sorted, best first: insert the candidate before the first
+      // example it ranks above, dropping the last
       float* e = exval + gi * E;
       int32_t* es = exsample + gi * E;
-      auto eff = [&](int64_t j) { return es[j] < 0 ? INT32_MAX : es[j]; };
-      int64_t lo = 0;
-      for (int64_t j = 1; j < E; ++j) {
-        const float aj = std::fabs(e[j]), al = std::fabs(e[lo]);
-        if (aj < al || (aj == al && eff(j) > eff(lo))) lo = j;
+      int32_t* ep = expos + gi * E;
+      int64_t j = 0;
+      for (; j < E; ++j) {
+        const float aj = std::fabs(e[j]);
+        const int32_t sj = es[j] < 0 ? INT32_MAX : es[j];
+        if (ax > aj || (ax == aj && sample < sj)) break;
       }
-      const float al = std::fabs(e[lo]);
-      if (ax > al || (ax == al && sample < eff(lo))) {
-        e[lo] = x;
-        es[lo] = sample;
-        expos[gi * E + lo] = lbpos[li];
+      if (j == E) continue;
+      for (int64_t m = E - 1; m > j; --m) {
+        e[m] = e[m - 1];
+        es[m] = es[m - 1];
+        ep[m] = ep[m - 1];
       }
+      e[j] = x;
+      es[j] = sample;
+      ep[j] = lbpos[li];
     }
   }
 }

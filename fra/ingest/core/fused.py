@@ -29,7 +29,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("fa_kernel.cpp")
 # built for the CPU it runs on (-march=native): the cache key includes that CPU's identity
 FLAGS = ("-O3", "-std=c++17", "-march=native", "-shared", "-fPIC", "-pthread")
-KERNEL_VERSION = 8  # fra_kernel_version() of the source this module calls
+KERNEL_VERSION = 9  # fra_kernel_version() of the source this module calls
 
 _lib = None
 _tried = False

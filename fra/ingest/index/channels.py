@@ -139,6 +139,7 @@ class ChannelChunk:
         self.ex_val_NHE = torch.zeros(n, H, E)
         self.ex_sample_NHE = torch.full((n, H, E), -1, dtype=torch.int32)
         self.ex_pos_NHE = torch.zeros(n, H, E, dtype=torch.int32)  # (q << 16) | k, q < 32768
+        self.examples_sorted = True  # by |value| descending, then sample (the kernel's merge keeps them so)
 
     @staticmethod
     def bytes_per_channel(n_heads: int, n_examples: int) -> int:
@@ -157,6 +158,7 @@ class ChannelChunk:
         self.sum_NH.index_add_(0, row_S, slots.sum_HS.T.cpu())
         self.sumsq_NH.index_add_(0, row_S, slots.sumsq_HS.T.cpu())
         self._add_examples(row_S, slots.best_HS.T.cpu(), slots.best_pos_HS.T.cpu(), sample)
+        self.examples_sorted = False
         self.ind_count_N.index_add_(0, row_S, slots.ind_count_S.cpu())
         self.ind_sum_NH.index_add_(0, row_S, slots.ind_sum_HS.T.cpu())
         self.ind_sumsq_NH.index_add_(0, row_S, slots.ind_sumsq_HS.T.cpu())
@@ -197,11 +199,13 @@ class ChannelChunk:
         )
         val = self.ex_val_NHE[:, h]  # [n, E]
         smp = self.ex_sample_NHE[:, h]
-        order = torch.sort(smp.long(), dim=-1, stable=True).indices  # sample ascending, then
-        order = order.gather(1, torch.sort(val.abs().gather(1, order), dim=-1, descending=True, stable=True).indices)
-        val = val.gather(1, order)
-        smp = smp.gather(1, order)
-        pos = self.ex_pos_NHE[:, h].gather(1, order)
+        pos = self.ex_pos_NHE[:, h]
+        if not self.examples_sorted:  # the PyTorch merge keeps them unordered
+            order = torch.sort(smp.long(), dim=-1, stable=True).indices  # sample ascending, then
+            order = order.gather(
+                1, torch.sort(val.abs().gather(1, order), dim=-1, descending=True, stable=True).indices
+            )
+            val, smp, pos = val.gather(1, order), smp.gather(1, order), pos.gather(1, order)
         n, E = val.shape
         have = (smp >= 0) & (val != 0)
         idx = have.flatten().numpy()
