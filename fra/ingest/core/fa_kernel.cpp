@@ -254,13 +254,13 @@ void fra_merge_slots(int64_t S, int64_t H, int64_t E, const int64_t* rowof, cons
       float* e = exval + gi * E;
       int32_t* es = exsample + gi * E;
       int32_t* ep = expos + gi * E;
-      int64_t j = 0;
-      for (; j < E; ++j) {
+      auto above = [&](int64_t j) {  // the candidate ranks above example j
         const float aj = std::fabs(e[j]);
-        const int32_t sj = es[j] < 0 ? INT32_MAX : es[j];
-        if (ax > aj || (ax == aj && sample < sj)) break;
-      }
-      if (j == E) continue;
+        return ax > aj || (ax == aj && sample < (es[j] < 0 ? INT32_MAX : es[j]));
+      };
+      if (!above(E - 1)) continue;  // most candidates, once the examples are full
+      int64_t j = 0;
+      while (!above(j)) ++j;
       for (int64_t m = E - 1; m > j; --m) {
         e[m] = e[m - 1];
         es[m] = es[m - 1];
