@@ -301,6 +301,38 @@ def _intro_lines(cfg, traces, done, acc, stats) -> list[str]:
     ]
 
 
+def receiver_layers(receivers, n: int) -> list[int]:
+    """The `n` layers holding the most receiver heads, ties broken by the strongest head (receivers
+    are in rank order)."""
+    count, best = {}, {}
+    for k, (l, _) in enumerate(receivers):
+        count[l] = count.get(l, 0) + 1
+        best.setdefault(l, k)
+    return sorted(count, key=lambda l: (-count[l], best[l]))[:n]
+
+
+def _sae_layer_lines(cfg, receivers, fa_heads) -> list[str]:
+    rank = {lh: k for k, lh in enumerate(receivers)}
+    top = receiver_layers(receivers, 2)
+    n_in = {l: sum(1 for rl, _ in receivers if rl == l) for l in top}
+    covered = [l for l in top if l in cfg.sae_layers]
+    return [
+        f"SAE layers: {list(cfg.sae_layers) or 'none'} (`--sae-layers`; by default every layer with a shipped SAE). "
+        f"The two layers holding the most of the {len(receivers)} receiver heads (ties broken by the strongest "
+        "head) are "
+        + " and ".join(
+            f"{l} ({n_in[l]} heads, the strongest ranked {min(k for lh, k in rank.items() if lh[0] == l) + 1})"
+            for l in top
+        )
+        + (
+            "; both have SAEs (trained for this study, MODEL_CARD.md)."
+            if len(covered) == len(top)
+            else f"; only {covered or 'none'} of them have SAEs: train the others with `fra train-sae`."
+        ),
+        "",
+    ]
+
+
 def _receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta) -> list[str]:
     rank = {lh: k for k, lh in enumerate(receivers)}
     return [
@@ -320,7 +352,8 @@ def _receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta) -> list[str
         "|---|---|---|",
         *[f"| {k + 1} | {l}.{h} | {mean_kurt[l, h]:.2f} |" for k, (l, h) in enumerate(receivers[:10])],
         "",
-        f"Resolved into channels (strongest receiver heads in the SAE layers {list(cfg.sae_layers)}): "
+        *_sae_layer_lines(cfg, receivers, fa_heads),
+        f"Resolved into channels (the {cfg.fa_heads} strongest receiver heads in the SAE layers): "
         + ", ".join(
             f"{l}.{h} (rank {rank.get((l, h), -1) + 1 if (l, h) in rank else '>' + str(len(receivers))}, "
             f"kurtosis {mean_kurt[l, h]:.2f})"
