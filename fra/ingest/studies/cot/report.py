@@ -225,6 +225,8 @@ def _anchor_stats(anc, ch) -> dict:
     stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
     stats["resid_share_of_delta"] = float((_resid(a) / a["delta"]).median())
     stats.update(_term_shares(anc))
+    stats["delta_positive_share"] = float((anc["delta"] > 0).mean())
+    stats["anchor_first3_share"] = float((anc["anchor"] <= 2).mean())
     stats["per_head"] = {
         f"{l}.{h}": {"n": len(d), **_term_shares(d), "delta_mean": float(d["delta"].mean())}
         for (l, h), d in anc.groupby(["layer", "head"])
@@ -508,6 +510,9 @@ def _resolution_lines(cfg, stats, receivers, fa_heads) -> list[str]:
         "average, and a positive channel value works for the anchor."
         if delta < 0
         else ""
+    ) + (
+        f" Delta > 0 in {stats['delta_positive_share']:.0%} of the anchor x head cases; the anchors are mostly "
+        f"a trace's first sentences ({stats['anchor_first3_share']:.0%} of the cases are sentences 0-2)."
     )
     return [
         "## What the feature resolution adds over the sentence-level view",
