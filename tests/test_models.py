@@ -89,7 +89,9 @@ def test_shipped_saes_load_and_reconstruct(smollm2):
         acts = sae.encode(x)
         fve = 1 - (sae.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         assert (acts > 0).sum(-1).float().mean() <= sae.cfg.k
-        assert fve > 0.6, f"layer {layer}: variance explained {fve:.3f}"
+        # about the sentence's own mean, on 25 tokens: 0.87, 0.68, 0.68, 0.52 at layers 3, 17, 18, 24 (held out:
+        # 0.84, 0.81, 0.81, 0.77; layer 24's SAE had half the tokens, MODEL_CARD.md); a wrongly loaded SAE gives <= 0
+        assert fve > (0.45 if layer == 24 else 0.6), f"layer {layer}: variance explained {fve:.3f}"
     with pytest.raises(FileNotFoundError, match="no shipped SAE for smollm2-135m layer 4"):
         load_shipped_sae("smollm2-135m", 4)
 
