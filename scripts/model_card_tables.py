@@ -22,8 +22,15 @@ def per_head(tih) -> str:
 
 
 def quality_rows(name, ev, tokens, seconds):
+    """`tokens` and `seconds`: numbers, or dicts by layer (layers of one file from different runs)."""
     rows = []
     for layer, m in ev["layers"].items():
+        if isinstance(tokens, dict):
+            if int(layer) not in tokens:
+                continue
+            name_l, tok_l, sec_l = name[int(layer)], tokens[int(layer)], seconds[int(layer)]
+            rows += quality_rows(name_l, {"layers": {layer: m}}, tok_l, sec_l)
+            continue
         qk, tih = m.get("qk_ve"), m.get("tih")
         rows.append(
             f"| {name} | {layer} | {m['d_sae']} | {m['k']} | {tokens:,} | {seconds / 60:.0f} min | {m['fve']:.3f} | "
@@ -45,6 +52,12 @@ def main():
     for layer, m in prev_ev["layers"].items():
         m.update(prev_attn["layers"][layer])
     ev, tr = load(saes / "eval_metrics.json"), load(saes / "train_metrics.json")
+    # every train_metrics*.json is one run; its layers take the run's tokens and time
+    runs = {p.name: load(p) for p in sorted(saes.glob("train_metrics*.json"))}
+    run_of = {l: (n, r) for n, r in runs.items() for l in r["config"]["layers"]}
+    names = {
+        l: "shipped" if n == "train_metrics.json" else "shipped (CoT receiver layers)" for l, (n, _) in run_of.items()
+    }
     prev_seconds = prev_tr["collect_seconds"] + sum(v["train_seconds"] for v in prev_tr["layers"].values())
     print("### Previous and shipped SAEs, held-out text\n")
     print(
@@ -54,7 +67,10 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in quality_rows("previous", prev_ev, 600_000, prev_seconds) + quality_rows(
-        "shipped", ev, tr["tokens_per_layer"], tr["seconds"]
+        names,
+        ev,
+        {l: r["tokens_per_layer"] for l, (_, r) in run_of.items()},
+        {l: r["seconds"] for l, (_, r) in run_of.items()},
     ):
         print(row)
 

@@ -283,3 +283,54 @@ def test_cli_has_cot_commands(capsys):
     with pytest.raises(SystemExit) as exc:  # config validation is a usage error, not a traceback
         main(["report", "cot", "--min-sentences", "2"])
     assert exc.value.code == 2 and "min_sentences must be >= proximity + 3" in capsys.readouterr().err
+
+
+def test_sae_layers_default_to_every_shipped_sae_and_refuse_missing_ones():
+    from fra.ingest.registry import shipped_sae_layers
+    from fra.ingest.studies.cot.config import CotReportConfig
+    from fra.ingest.studies.cot.study import resolve_sae_layers
+
+    shipped = shipped_sae_layers("smollm2-135m")
+    assert {3, 24} <= set(shipped)  # the layers holding the most receiver heads (reports/cot/heads.parquet)
+    assert resolve_sae_layers(CotReportConfig()) == shipped
+    assert resolve_sae_layers(CotReportConfig(sae_layers=(24,))) == (24,)
+    assert resolve_sae_layers(CotReportConfig(model="gpt2")) == ()  # no shipped SAEs: nothing resolved
+    with pytest.raises(ValueError, match=r"no shipped SAE for smollm2-135m at layer\(s\) \[4\]"):
+        resolve_sae_layers(CotReportConfig(sae_layers=(3, 4)))
+
+
+def test_receiver_layers_are_the_two_holding_most_receiver_heads():
+    """The shipped report's receiver heads put the most heads in layers 3 and 24 (ties broken by the
+    strongest head), the layers whose SAEs were trained for this study."""
+    import pandas as pd
+
+    from fra.ingest.studies.cot.report import receiver_layers
+
+    heads = pd.read_parquet("reports/cot/heads.parquet")
+    receivers = [
+        (int(r.layer), int(r.head)) for r in heads[heads.receiver_rank >= 0].sort_values("receiver_rank").itertuples()
+    ]
+    assert len(receivers) == 20
+    assert receiver_layers(receivers, 2) == [3, 24]
+    # hand-worked: two heads each in layers 5 and 9, 9 holds the strongest; one in layer 1
+    assert receiver_layers([(9, 0), (5, 1), (1, 2), (5, 3), (9, 4)], 2) == [9, 5]
+
+
+def test_term_shares_of_delta_by_hand():
+    """The report's 'who carries Delta' numbers on two hand-made anchor x head cases."""
+    import pandas as pd
+
+    from fra.ingest.studies.cot.report import _term_shares
+
+    zero = {f"g_{g}": [0.0, 0.0] for g in GROUPS}
+    d = pd.DataFrame(
+        {**zero, "g_ff": [1.0, 3.0], "g_bdec_f": [2.0, -1.0], "g_f_err": [0.0, -1.0], "g_bias": [0.0, 1.0]}
+    )
+    d["delta"] = d[[f"g_{g}" for g in GROUPS]].sum(1)  # 3, 2: the groups sum to Delta
+    s = _term_shares(d)
+    # summed Delta 5 = ff 4 + b_dec/error 0 + bias 1
+    assert (s["ff_share_of_sum"], s["resid_share_of_sum"], s["bias_share_of_sum"]) == pytest.approx((0.8, 0.0, 0.2))
+    # absolute mass: ff 1 + 3, b_dec/error 2 + 1 + 1, bias 1: 4 / 9, 4 / 9, 1 / 9
+    assert (s["ff_share_of_abs"], s["resid_share_of_abs"], s["bias_share_of_abs"]) == pytest.approx(
+        (4 / 9, 4 / 9, 1 / 9)
+    )

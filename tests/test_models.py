@@ -33,15 +33,19 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 def test_shipped_sae_files_match_the_model_card_metrics():
-    """The shipped files are the SAEs the model card's metrics were measured on."""
+    """The shipped files are the SAEs the model card's metrics were measured on: every shipped
+    layer has its eval metrics and the train metrics of the run that made it."""
     import json
 
-    from fra.ingest.registry import SAE_DIR
+    from fra.ingest.registry import PRESETS, SAE_DIR, shipped_sae_layers
 
     root = SAE_DIR / "smollm2-135m"
     ev = json.loads((root / "eval_metrics.json").read_text())
-    train = json.loads((root / "train_metrics.json").read_text())
-    for layer in (17, 18):
+    runs = [json.loads(p.read_text()) for p in sorted(root.glob("train_metrics*.json"))]
+    # 17, 18: the index's default layers; 3, 24: the layers holding the most CoT receiver heads
+    assert shipped_sae_layers("smollm2-135m") == (3, 17, 18, 24)
+    assert PRESETS["smollm2-135m"].default_layers == (17, 18)
+    for layer in (3, 17, 18, 24):
         path = root / f"blocks.{layer}.ln1.hook_normalized"
         cfg = json.loads((path / "cfg.json").read_text())
         assert cfg["architecture"] == "topk" and cfg["dtype"] == "float16"
@@ -49,7 +53,25 @@ def test_shipped_sae_files_match_the_model_card_metrics():
         assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.ln1.hook_normalized"
         assert (ev["layers"][str(layer)]["d_sae"], ev["layers"][str(layer)]["k"]) == (cfg["d_sae"], cfg["k"])
         assert (path / "sae_weights.safetensors").stat().st_size <= 20e6  # fp16 files stay under 20 MB
-    assert "4096x64:qk" in train["config"]["variants"] and train["tokens_per_layer"] >= 1_000_000
+        (train,) = [t for t in runs if layer in t["config"]["layers"]]
+        assert "4096x64:qk" in train["config"]["variants"] and train["tokens_per_layer"] >= 1_000_000
+
+
+def test_shipped_receiver_layer_saes_load_with_their_recorded_shape():
+    """The SAEs trained for the CoT receiver-head layers load (float32) with the shape and hook
+    their cfg records, and the index's default layers are unchanged."""
+    import json
+
+    from fra.ingest.registry import SAE_DIR, load_shipped_sae
+
+    for layer in (3, 24):
+        cfg = json.loads((SAE_DIR / "smollm2-135m" / f"blocks.{layer}.ln1.hook_normalized" / "cfg.json").read_text())
+        sae = load_shipped_sae("smollm2-135m", layer)
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln1.hook_normalized"
+        assert tuple(sae.W_enc.shape) == (cfg["d_in"], cfg["d_sae"]) == (576, 4096)
+        assert tuple(sae.W_dec.shape) == (4096, 576) and sae.W_dec.dtype == torch.float32
+        assert sae.cfg.k == 64
+        assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(4096), atol=2e-3)  # unit-norm decoder rows
 
 
 @pytest.mark.slow  # loads SmolLM2
@@ -58,7 +80,7 @@ def test_shipped_saes_load_and_reconstruct(smollm2):
 
     text = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
     ids = torch.tensor([[0] + smollm2.tokenizer(text)["input_ids"]])
-    for layer in (17, 18):
+    for layer in (3, 17, 18, 24):
         sae = load_shipped_sae("smollm2-135m", layer)
         assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln1.hook_normalized"
         assert sae.cfg.d_in == 576 and sae.W_dec.dtype == torch.float32
@@ -67,9 +89,11 @@ def test_shipped_saes_load_and_reconstruct(smollm2):
         acts = sae.encode(x)
         fve = 1 - (sae.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         assert (acts > 0).sum(-1).float().mean() <= sae.cfg.k
-        assert fve > 0.6, f"layer {layer}: variance explained {fve:.3f}"
-    with pytest.raises(FileNotFoundError, match="no shipped SAE for smollm2-135m layer 3"):
-        load_shipped_sae("smollm2-135m", 3)
+        # about the sentence's own mean, on 25 tokens: 0.87, 0.68, 0.68, 0.52 at layers 3, 17, 18, 24 (held out:
+        # 0.84, 0.81, 0.81, 0.77; layer 24's SAE had half the tokens, MODEL_CARD.md); a wrongly loaded SAE gives <= 0
+        assert fve > (0.45 if layer == 24 else 0.6), f"layer {layer}: variance explained {fve:.3f}"
+    with pytest.raises(FileNotFoundError, match="no shipped SAE for smollm2-135m layer 4"):
+        load_shipped_sae("smollm2-135m", 4)
 
 
 def test_gpt2_offline_error_says_what_is_missing(monkeypatch):

@@ -193,3 +193,32 @@ def test_streamed_training_resumes_and_saves_sae_lens_files(tmp_path):
         json.loads((tmp_path / "saes" / "train_metrics.json").read_text())["tokens_per_layer"]
         == second["tokens_per_layer"]
     )
+
+
+def test_evaluating_some_layers_keeps_the_other_layers_metrics_and_features(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fra.ingest.sae.evaluate import merge_with_existing
+
+    def rows(layer, n):
+        return [dict(layer=layer, feature=f, frequency=0.1 * f, label=f"L{layer}") for f in range(n)]
+
+    out = tmp_path / "eval_metrics.json"
+    old_cfg = {"n_samples": "200", "layers": "(17, 18)"}
+    out.write_text(json.dumps({"config": old_cfg, "layers": {"17": {"fve": 0.8}, "18": {"fve": 0.7}}}))
+    pq.write_table(pa.Table.from_pylist(rows(17, 3) + rows(18, 2)), tmp_path / "features.parquet")
+    new_cfg = {"n_samples": "100", "layers": "(3, 18)"}
+    merged, feats = merge_with_existing(
+        out, {"config": new_cfg, "layers": {"18": {"fve": 0.9}, "3": {"fve": 0.5}}}, rows(3, 2) + rows(18, 4)
+    )
+    assert list(merged["layers"]) == ["3", "17", "18"]
+    assert merged["layers"]["17"] == {"fve": 0.8, "config": old_cfg}  # kept, with the settings it was measured with
+    assert merged["layers"]["18"] == {"fve": 0.9, "config": new_cfg}  # replaced
+    assert merged["layers"]["3"]["config"] == new_cfg
+    assert [(r["layer"], r["feature"]) for r in feats] == [(3, 0), (3, 1), (17, 0), (17, 1), (17, 2)] + [
+        (18, f) for f in range(4)
+    ]
+    # no previous file: the new layers only, each with its config
+    fresh, feats = merge_with_existing(tmp_path / "none.json", {"config": new_cfg, "layers": {"3": {}}}, rows(3, 1))
+    assert fresh["layers"]["3"]["config"] == new_cfg and len(feats) == 1

@@ -455,6 +455,13 @@ def sae_source(model: str, spec: str | None) -> SAESource:
     return SAESource.parse(PRESETS[model].sae)
 
 
+def shipped_sae_layers(model_name: str) -> tuple[int, ...]:
+    """The layers with a shipped SAE for `model_name` (() when none ships); not its preset's
+    default ingest layers, which may be fewer."""
+    root = SAE_DIR / model_name
+    return SAESource(path=root).layers() if root.is_dir() else ()
+
+
 def load_shipped_sae(model_name: str, layer: int, device: str = "cpu"):
     """A shipped SAE (fp16 on disk), in float32."""
     path = SAE_DIR / model_name / shipped_hook(layer)

@@ -252,10 +252,33 @@ def run(cfg: EvalConfig) -> dict:
         feature_rows += feature_table(scan, l, tokens, lm.tokenizer)
     out = cfg.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
+    metrics, feature_rows = merge_with_existing(out, metrics, feature_rows)
     pq.write_table(pa.Table.from_pylist(feature_rows), out.parent / "features.parquet", compression="zstd")
     out.write_text(json.dumps(metrics, indent=1))
     (out.parent / "features_sample.md").write_text(feature_sample_table(feature_rows, 20, cfg.seed))
     return metrics
+
+
+def merge_with_existing(out: Path, metrics: dict, feature_rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Keep the other layers of an existing eval_metrics.json and features.parquet at `out`: an
+    evaluation of some layers replaces only theirs. Every layer entry records the settings it was
+    measured with (`config`), since layers of one file may come from different runs."""
+    import pyarrow.parquet as pq
+
+    for m in metrics["layers"].values():
+        m["config"] = metrics["config"]
+    if not out.exists():
+        return metrics, feature_rows
+    old = json.loads(out.read_text())
+    layers = {l: {"config": old.get("config"), **m} for l, m in old.get("layers", {}).items()}
+    layers.update(metrics["layers"])
+    merged = {"config": metrics["config"], "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0])))}
+    table = out.parent / "features.parquet"
+    if table.exists():
+        new = {r["layer"] for r in feature_rows}
+        feature_rows = [r for r in pq.read_table(table).to_pylist() if r["layer"] not in new] + feature_rows
+        feature_rows.sort(key=lambda r: (r["layer"], r["feature"]))
+    return merged, feature_rows
 
 
 def feature_sample_table(rows: list[dict], n: int, seed: int) -> str:

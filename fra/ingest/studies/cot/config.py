@@ -40,7 +40,11 @@ class CotReportConfig:
     traces: Path = opt(SHIPPED_TRACES, "traces JSONL (from `fra cot`); default: the shipped SmolLM2 traces")
     model: str = opt("smollm2-135m", "model that produced the traces (a preset or a TransformerLens name)")
     out: Path = opt(Path("reports/cot"), "directory for report.md, the figures and the explorer's tables")
-    sae_layers: tuple[int, ...] = opt((17, 18), "layers with shipped SAEs used for the feature-resolved step")
+    sae_layers: tuple[int, ...] | None = opt(
+        None,
+        "layers whose shipped SAEs resolve receiver heads into channels (default: every layer with a shipped "
+        "SAE: 3 and 24, the layers holding the most receiver heads, and 17 and 18)",
+    )
     max_tokens: int = opt(256, "prompt + trace tokens kept per trace (cut at a sentence boundary)")
     max_sentences: int = opt(24, "traces are cut after this many sentences (the cost grows with its square)")
     min_sentences: int = opt(
@@ -48,7 +52,7 @@ class CotReportConfig:
     )
     proximity: int = opt(4, "vertical scores use rows at least this many sentences later (Thought Anchors: 4)")
     top_receivers: int = opt(20, "receiver heads: the top heads by mean kurtosis (Thought Anchors: 20)")
-    fa_heads: int = opt(2, "strongest receiver heads in the SAE layers that are resolved into channels")
+    fa_heads: int = opt(3, "strongest receiver heads in the SAE layers that are resolved into channels")
     anchors: int = opt(3, "anchor sentences per trace resolved into channels (top receiver scores)")
     n_shuffles: int = opt(1, "null draws per trace: the same tokens with the sentence lengths shuffled")
     n_perm: int = opt(10000, "label permutations of the correct-vs-incorrect test")

@@ -223,10 +223,38 @@ def _anchor_stats(anc, ch) -> dict:
         (ch[ch["rank"] == 0].set_index(key)["value"].clip(lower=0) / pos_tot.set_axis(a.index)).median()
     )
     stats["ff_share_of_delta"] = float((a["g_ff"] / a["delta"]).median())
-    stats["resid_share_of_delta"] = float(
-        ((a["g_bdec_f"] + a["g_f_bdec"] + a["g_err_f"] + a["g_f_err"] + a["g_resid_resid"]) / a["delta"]).median()
-    )
+    stats["resid_share_of_delta"] = float((_resid(a) / a["delta"]).median())
+    stats.update(_term_shares(anc))
+    stats["delta_positive_share"] = float((anc["delta"] > 0).mean())
+    stats["anchor_first3_share"] = float((anc["anchor"] <= 2).mean())
+    stats["per_head"] = {
+        f"{l}.{h}": {"n": len(d), **_term_shares(d), "delta_mean": float(d["delta"].mean())}
+        for (l, h), d in anc.groupby(["layer", "head"])
+    }
     return stats
+
+
+def _resid(d):
+    """The b_dec / SAE-error terms of the split: every group but ff and bias."""
+    return d["g_bdec_f"] + d["g_f_bdec"] + d["g_err_f"] + d["g_f_err"] + d["g_resid_resid"]
+
+
+def _term_shares(d) -> dict:
+    """Who carries Delta, summed over the anchor x head cases of `d`: the share of the summed Delta
+    (signed; the three add up to 1) and the share of the absolute mass (|ff|, |b_dec / error|, |bias|
+    summed per case over groups, so opposite signs do not cancel)."""
+    parts = {"ff": d["g_ff"], "resid": _resid(d), "bias": d["g_bias"]}
+    total = d["delta"].sum()
+    absolute = {k: d[[f"g_{g}" for g in GROUPS if _family(g) == k]].abs().sum(1).sum() for k in parts}
+    mass = sum(absolute.values())
+    return {
+        **{f"{k}_share_of_sum": float(v.sum() / total) if total else float("nan") for k, v in parts.items()},
+        **{f"{k}_share_of_abs": float(v / mass) if mass else float("nan") for k, v in absolute.items()},
+    }
+
+
+def _family(group: str) -> str:
+    return "ff" if group == "ff" else "bias" if group == "bias" else "resid"
 
 
 def _accuracy(traces):
@@ -301,6 +329,38 @@ def _intro_lines(cfg, traces, done, acc, stats) -> list[str]:
     ]
 
 
+def receiver_layers(receivers, n: int) -> list[int]:
+    """The `n` layers holding the most receiver heads, ties broken by the strongest head (receivers
+    are in rank order)."""
+    count, best = {}, {}
+    for k, (l, _) in enumerate(receivers):
+        count[l] = count.get(l, 0) + 1
+        best.setdefault(l, k)
+    return sorted(count, key=lambda l: (-count[l], best[l]))[:n]
+
+
+def _sae_layer_lines(cfg, receivers, fa_heads) -> list[str]:
+    rank = {lh: k for k, lh in enumerate(receivers)}
+    top = receiver_layers(receivers, 2)
+    n_in = {l: sum(1 for rl, _ in receivers if rl == l) for l in top}
+    covered = [l for l in top if l in cfg.sae_layers]
+    return [
+        f"SAE layers: {list(cfg.sae_layers) or 'none'} (`--sae-layers`; by default every layer with a shipped SAE). "
+        f"The two layers holding the most of the {len(receivers)} receiver heads (ties broken by the strongest "
+        "head) are "
+        + " and ".join(
+            f"{l} ({n_in[l]} heads, the strongest ranked {min(k for lh, k in rank.items() if lh[0] == l) + 1})"
+            for l in top
+        )
+        + (
+            "; both have SAEs (trained for this study, MODEL_CARD.md)."
+            if len(covered) == len(top)
+            else f"; only {covered or 'none'} of them have SAEs: train the others with `fra train-sae`."
+        ),
+        "",
+    ]
+
+
 def _receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta) -> list[str]:
     rank = {lh: k for k, lh in enumerate(receivers)}
     return [
@@ -320,7 +380,8 @@ def _receiver_lines(cfg, done, mean_kurt, receivers, fa_heads, meta) -> list[str
         "|---|---|---|",
         *[f"| {k + 1} | {l}.{h} | {mean_kurt[l, h]:.2f} |" for k, (l, h) in enumerate(receivers[:10])],
         "",
-        f"Resolved into channels (strongest receiver heads in the SAE layers {list(cfg.sae_layers)}): "
+        *_sae_layer_lines(cfg, receivers, fa_heads),
+        f"Resolved into channels (the {cfg.fa_heads} strongest receiver heads in the SAE layers): "
         + ", ".join(
             f"{l}.{h} (rank {rank.get((l, h), -1) + 1 if (l, h) in rank else '>' + str(len(receivers))}, "
             f"kurtosis {mean_kurt[l, h]:.2f})"
@@ -339,8 +400,9 @@ def _sentence_lines() -> list[str]:
     ]
 
 
-def _anchor_lines(cfg, stats, tables, sent) -> list[str]:
+def _anchor_lines(cfg, stats, tables, sent, receivers) -> list[str]:
     anc = tables["anchors"]
+    rank = {f"{l}.{h}": k + 1 for k, (l, h) in enumerate(receivers)}
     g = stats["anchor_groups_mean"]
     lines = [
         "## Channels behind the top anchors",
@@ -355,6 +417,26 @@ def _anchor_lines(cfg, stats, tables, sent) -> list[str]:
         "|---|---|",
         f"| Delta (model) | {stats['anchor_delta_mean']:.3f} |",
         *[f"| {k} | {v:.3f} |" for k, v in g.items()],
+        "",
+        "Who carries Delta, per resolved head: feature x feature terms (ff), the terms with the SAE's b_dec "
+        "or error on either side (b_dec / error: f_bdec, f_err, bdec_f, err_f, resid_resid) and the bias "
+        "terms; as a share of the summed Delta (signed, the three add up to 1) and of the absolute mass "
+        "(|part| summed over groups and anchors, so that opposite signs do not cancel).",
+        "",
+        "| head | receiver rank | anchors | mean Delta | ff / b_dec+error / bias, share of summed Delta "
+        "| ff / b_dec+error / bias, share of absolute mass |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {h} | {rank.get(h, '>' + str(len(rank)))} | {d['n']} | {d['delta_mean']:.2f} | "
+            f"{_fmt(d['ff_share_of_sum'], 2)} / {_fmt(d['resid_share_of_sum'], 2)} / "
+            f"{_fmt(d['bias_share_of_sum'], 2)} | {_fmt(d['ff_share_of_abs'], 2)} / "
+            f"{_fmt(d['resid_share_of_abs'], 2)} / {_fmt(d['bias_share_of_abs'], 2)} |"
+            for h, d in stats["per_head"].items()
+        ],
+        f"| all | | {len(anc)} | {stats['anchor_delta_mean']:.2f} | {_fmt(stats['ff_share_of_sum'], 2)} / "
+        f"{_fmt(stats['resid_share_of_sum'], 2)} / {_fmt(stats['bias_share_of_sum'], 2)} | "
+        f"{_fmt(stats['ff_share_of_abs'], 2)} / {_fmt(stats['resid_share_of_abs'], 2)} / "
+        f"{_fmt(stats['bias_share_of_abs'], 2)} |",
         "",
         "Classes of the channels' positive values (mean share over anchors, all channels): "
         + ", ".join(f"{k} {v:.2f}" for k, v in stats["positive_ff_by_class"].items())
@@ -403,30 +485,60 @@ def _consistency_lines(cfg, stats, receivers) -> list[str]:
     ]
 
 
-def _resolution_lines(cfg, stats) -> list[str]:
+def _resolution_lines(cfg, stats, receivers, fa_heads) -> list[str]:
+    rank = {lh: k + 1 for k, lh in enumerate(receivers)}
+    heads = ", ".join(f"{l}.{h}" for l, h in fa_heads)
+    outside = [f"{l}.{h}" for l, h in fa_heads if (l, h) not in rank]
+    groups = stats["anchor_groups_mean"]
+    biggest = max(groups, key=lambda g: abs(groups[g]))
+    delta = stats["anchor_delta_mean"]
+    if outside:
+        which = (
+            f"Of the resolved heads ({heads}), {', '.join(outside)} are not among the top {len(receivers)} "
+            "receiver heads: they are only the strongest heads of the SAE layers, so their channels say why "
+            "*they* attend to an anchor, not why the receiver heads do."
+        )
+    else:
+        which = (
+            f"The resolved heads ({heads}) are receiver heads themselves (ranks "
+            f"{', '.join(str(rank[lh]) for lh in fa_heads)} of {len(receivers)}), so their channels say why "
+            "receiver heads attend to an anchor."
+        )
+    sign = (
+        " It is negative: the anchors' keys score below the row's attention-weighted average key (which "
+        "includes the position-0 sink), so the split explains why the anchor is attended *less* than that "
+        "average, and a positive channel value works for the anchor."
+        if delta < 0
+        else ""
+    ) + (
+        f" Delta > 0 in {stats['delta_positive_share']:.0%} of the anchor x head cases; the anchors are mostly "
+        f"a trace's first sentences ({stats['anchor_first3_share']:.0%} of the cases are sentences 0-2)."
+    )
     return [
         "## What the feature resolution adds over the sentence-level view",
         "",
         f"Thought Anchors' view says which sentences receive attention (receiver heads) and which ones matter "
         f"causally (suppression); here they agree with Spearman {_fmt(stats['agreement_mean'], 2)} on average "
         f"against {_fmt(stats['null_agreement_mean'], 2)} on shuffled boundaries (p = "
-        f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a receiver head "
-        f"attends to an anchor: the feature x feature terms carry a median {_fmt(stats['ff_share_of_delta'], 2)} "
-        f"of the anchor's score advantage Delta (the b_dec / error terms {_fmt(stats['resid_share_of_delta'], 2)})"
-        f"; that ff part is spread over many channels (the top {cfg.top_channels} carry a median "
+        f"{_fmt(stats['agreement_vs_null_p'], 3)}). The feature-resolved split says *why* a head attends to an "
+        f"anchor. Summed over the anchor x head cases, the feature x feature terms give "
+        f"{_fmt(stats['ff_share_of_sum'], 2)} of the summed score advantage Delta, the b_dec / error terms "
+        f"{_fmt(stats['resid_share_of_sum'], 2)} and the bias terms {_fmt(stats['bias_share_of_sum'], 2)}; of "
+        f"the absolute mass (opposite signs not cancelling) the feature terms carry "
+        f"{_fmt(stats['ff_share_of_abs'], 2)} and the b_dec / error terms {_fmt(stats['resid_share_of_abs'], 2)} "
+        f"(per anchor, the median ff share of Delta is {_fmt(stats['ff_share_of_delta'], 2)}, unstable where "
+        f"Delta is near 0). The ff part is spread over many channels (the top {cfg.top_channels} carry a median "
         f"{_fmt(stats['top_channels_share_of_ff'], 2)} of it, the top one "
         f"{_fmt(stats['top1_share_of_positive'], 2)} of the positive mass); and content channels carry "
         f"{_fmt(stats['content_share_mean'], 2)} of the positive channel mass against "
         f"{_fmt(stats['null_content_share_mean'], 2)} on shuffled boundaries (p = "
         f"{_fmt(stats['content_vs_null_p'], 3)}). None of these numbers exists at sentence level.",
         "",
-        f"Read with care: the resolved heads are the strongest receiver heads *of the SAE layers*, and their "
-        f"ranks among all heads are given above. Their mean Delta at the anchors is "
-        f"{stats['anchor_delta_mean']:.2f}, and the group with the largest mean |part| is "
-        f"`{max(stats['anchor_groups_mean'], key=lambda g: abs(stats['anchor_groups_mean'][g]))}` "
-        f"({max(stats['anchor_groups_mean'].values(), key=abs):.2f}): what sets these heads' attention to an "
-        "anchor is visible only after the split, and so is whether feature pairs or the SAE's b_dec / error "
-        "carry it.",
+        f"Read with care. {which} Their mean Delta at the anchors is {delta:.2f}.{sign} The group with the "
+        f"largest mean |part| is `{biggest}` ({groups[biggest]:.2f}). The b_dec / error share belongs to the SAE "
+        "as much as to the head: an SAE that keeps more of what W_Q and W_K read moves part of it into "
+        "feature terms (MODEL_CARD.md gives each SAE's QK variance explained; the per-head table above "
+        "separates the layers).",
         "",
     ]
 
@@ -469,7 +581,8 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
 
     # ---- figures
     _receiver_figure(out, mean_kurt, receivers, fa_heads, len(done))
-    sentence_figure(out, receivers[0], fa_heads[0] if fa_heads else receivers[0])
+    # second panel: the strongest resolved head other than the top receiver head (that is the first panel)
+    sentence_figure(out, receivers[0], next((h for h in fa_heads if h != receivers[0]), receivers[0]))
     _consistency_figure(out, v)
 
     # ---- report.md
@@ -479,10 +592,10 @@ def write_report(cfg, traces, done, resolved, rows, mean_kurt, receivers, fa_hea
         *_sentence_lines(),
     ]
     if len(anc):
-        lines += _anchor_lines(cfg, stats, tables, sent)
+        lines += _anchor_lines(cfg, stats, tables, sent, receivers)
     lines += _consistency_lines(cfg, stats, receivers)
     if len(anc):
-        lines += _resolution_lines(cfg, stats)
+        lines += _resolution_lines(cfg, stats, receivers, fa_heads)
     lines += _correctness_lines(traces, stats)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return dict(meta=meta, stats=stats, accuracy=acc.to_dict("records"))

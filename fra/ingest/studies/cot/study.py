@@ -355,6 +355,23 @@ def _run_phase1(model, results, cfg: CotReportConfig, rng) -> list[TraceResult]:
     return done
 
 
+def resolve_sae_layers(cfg: CotReportConfig) -> tuple[int, ...]:
+    """The layers whose SAEs resolve heads: `--sae-layers`, else every layer with a shipped SAE
+    (none for a model without shipped SAEs)."""
+    from fra.ingest.registry import shipped_sae_layers
+
+    shipped = shipped_sae_layers(cfg.model) if cfg.model == "smollm2-135m" else ()
+    if cfg.sae_layers is None:
+        return shipped
+    missing = sorted(set(cfg.sae_layers) - set(shipped))
+    if missing:
+        raise ValueError(
+            f"--sae-layers {' '.join(map(str, cfg.sae_layers))}: no shipped SAE for {cfg.model} at layer(s) "
+            f"{missing}; shipped: {list(shipped) or 'none'} (train one with `fra train-sae --layers ...`)"
+        )
+    return tuple(cfg.sae_layers)
+
+
 def _pick_heads(done: list[TraceResult], cfg: CotReportConfig):
     """Mean kurtosis [L, H], the number of traces that vote, the receiver heads and the FA heads."""
     # kurtosis needs 4 vertical scores (its bound is n - 5 + 1/(n - 1)): shorter traces do not vote
@@ -427,6 +444,7 @@ def run(cfg: CotReportConfig) -> dict:
 
     if cfg.quick:
         cfg = replace(cfg, max_traces=cfg.max_traces or 6)
+    cfg = replace(cfg, sae_layers=resolve_sae_layers(cfg))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     lm = load_cot_model(cfg.model)
