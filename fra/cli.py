@@ -111,17 +111,7 @@ def cmd_census(args):
 def cmd_ingest(args):
     from fra.ingest.index.build import IngestConfig, run
 
-    run(preset_ingest_layers(config_from_args(IngestConfig, args)))
-
-
-def preset_ingest_layers(cfg):
-    """Without --layers and --sae, a preset indexes its default layers: its SAE directory also
-    holds SAEs for other studies' layers (SmolLM2: 3 and 24, for `fra report cot`)."""
-    from fra.ingest.registry import PRESETS
-
-    if cfg.layers is None and cfg.sae is None and cfg.model in PRESETS:
-        return dataclasses.replace(cfg, layers=PRESETS[cfg.model].default_layers)
-    return cfg
+    run(config_from_args(IngestConfig, args))
 
 
 def cmd_merge(args):

@@ -67,12 +67,12 @@ def test_corpus_config_validation():
 def test_preset_ingest_indexes_its_default_layers_not_every_shipped_sae():
     """SmolLM2's SAE directory also ships layers 3 and 24 (for `fra report cot`); `fra ingest`
     without --layers still indexes 17 and 18, and --layers 3 24 or --sae are kept as given."""
-    from fra.cli import preset_ingest_layers
-    from fra.ingest.index.job import IngestConfig
+    from fra.ingest.index.job import IngestConfig, ingest_layers
     from fra.ingest.registry import shipped_sae_layers
 
-    assert {3, 17, 18, 24} <= set(shipped_sae_layers("smollm2-135m"))
-    assert preset_ingest_layers(IngestConfig()).layers == (17, 18)
-    assert preset_ingest_layers(IngestConfig(layers=(3, 24))).layers == (3, 24)
-    assert preset_ingest_layers(IngestConfig(sae="some/dir")).layers is None  # the SAEs' own layers
-    assert preset_ingest_layers(IngestConfig(model="gemma3-270m")).layers == (5, 11)
+    shipped = shipped_sae_layers("smollm2-135m")
+    assert {3, 17, 18, 24} <= set(shipped)
+    assert ingest_layers(IngestConfig(), shipped) == (17, 18)
+    assert ingest_layers(IngestConfig(layers=(3, 24)), shipped) == (3, 24)
+    assert ingest_layers(IngestConfig(sae="some/dir"), (5,)) == (5,)  # the SAEs' own layers
+    assert ingest_layers(IngestConfig(model="gemma3-270m"), None) == (5, 11)

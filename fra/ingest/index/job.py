@@ -335,12 +335,22 @@ def _weights_hash(sae) -> str:
     return h.hexdigest()[:16]
 
 
+def ingest_layers(cfg: IngestConfig, fixed: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The layers to index: --layers; else a preset's default layers when its own SAEs are used
+    (its SAE directory also ships other studies' layers: SmolLM2's 3 and 24, for `fra report
+    cot`); else the layers of the SAEs given (`fixed`)."""
+    from ..registry import PRESETS
+
+    preset = PRESETS[cfg.model].default_layers if cfg.sae is None and cfg.model in PRESETS else None
+    return cfg.layers or preset or fixed
+
+
 def load_inputs(cfg: IngestConfig, device: str, check_saes=None) -> Inputs:
     """SAEs (their layers and hooks checked), then the model, then the tokenised samples (the
     first max_samples). Everything that can be checked without the model is checked first,
     `check_saes({str(layer): SAE identity})` too (e.g. that --out is not another SAE's index)."""
     from ..corpus import DEMO_CORPUS, read_corpus, tokenize_samples
-    from ..registry import PRESETS, file_hash, load_model, sae_source
+    from ..registry import file_hash, load_model, sae_source
 
     corpus = Path(cfg.corpus or DEMO_CORPUS)
     table = read_corpus(corpus, cfg.split)  # raises on missing / empty
@@ -355,7 +365,7 @@ def load_inputs(cfg: IngestConfig, device: str, check_saes=None) -> Inputs:
                 "and --hook when their cfg.json names no hook"
             ) from None
         fixed = None
-    layers = cfg.layers or fixed or (PRESETS[cfg.model].default_layers if cfg.model in PRESETS else None)
+    layers = ingest_layers(cfg, fixed)
     if not layers:
         raise ValueError(f"cannot tell which layers the SAEs {cfg.sae!r} are for; pass --layers")
     if fixed is not None and set(layers) - set(fixed):
