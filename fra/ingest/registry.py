@@ -144,7 +144,23 @@ def smollm2_converted():
         warnings.warn(f"could not cache the converted model in {cache} ({exc})", stacklevel=2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return hf_model.config, state_dict, tokenizer
+    config = hf_model.config
+    del hf_model  # the dequantised model is twice the weights: give it back before the caller builds its own
+    release_memory()
+    return config, state_dict, tokenizer
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and
+    the peak RSS of a run would include a model that is gone)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def smollm2_cfg(hf_config, n_layers: int | None = None, device: str = "cpu", dtype=None):
@@ -196,6 +212,8 @@ def load_smollm2(device: str = "cpu", n_layers: int | None = None, dtype=None) -
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False)
     model.set_tokenizer(tokenizer, default_padding_side="right")
+    del state_dict
+    release_memory()
     return LoadedModel("smollm2-135m", model.to(device).eval(), tokenizer, SMOLLM2_BOS_ID)
 
 
