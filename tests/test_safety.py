@@ -127,7 +127,7 @@ def test_a_file_fra_did_not_write_or_a_changed_file_is_refused(index):
     extra.unlink()
     part = next((index / "examples" / "layer=1" / "head=2").glob("*.parquet"))
     part.write_bytes(part.read_bytes()[:-10])
-    with pytest.raises(IndexFormatError, match=r"head=2/part-00000.parquet has \d+ bytes, \d+ were written"):
+    with pytest.raises(IndexFormatError, match=r"head=2/part-[\d-]+\.parquet has \d+ bytes, \d+ were written"):
         connect(index)
 
 
