@@ -244,15 +244,13 @@ class BlockWorker:
                 x = SampleFA.of(p, head_pos, window)
                 red = reduce_sample(x, F, keys.to(self.device), replace(opts, with_rows=c == rows_sweep), abs_features)
                 acc.add(red.slots, self.inp.sample_ids[s])
-                before = ff_abs_before.pop(s, None)
                 if c == rows_sweep:
+                    before = ff_abs_before.pop(s, None)
                     if before is not None:
                         red = replace(red, totals=replace(red.totals, ff_abs_HQK=red.totals.ff_abs_HQK + before))
                     tables.add(self.inp.sample_ids[s], p, red, x)
-                elif red.ff_abs_HQK is not None or before is not None:
-                    ff_abs_before[s] = (0 if before is None else before) + (
-                        0 if red.ff_abs_HQK is None else red.ff_abs_HQK
-                    )
+                elif red.ff_abs_HQK is not None:
+                    ff_abs_before[s] = ff_abs_before.get(s, 0) + red.ff_abs_HQK
             # in the index's own schema, one part per sweep and head (sorted by channel, as the
             # sweeps are), so that the merge of a single block only moves the files
             for j, h in enumerate(heads):
@@ -289,7 +287,7 @@ class SharedForward:
         from ..core.decompose import run_hooks_layers, validate_tokens
 
         dec = self.decs[layer]
-        key = tokens.cpu().numpy().tobytes()
+        key = self._key(tokens)
         entry = self.memo.get(key, {}).get(layer)
         if entry is None:
             tokens_BT = tokens[None] if tokens.ndim == 1 else tokens
@@ -311,12 +309,16 @@ class SharedForward:
             self.nbytes += _nbytes((entry[2].values(), entry[2].indices()))
         return tokens_BT, hooks, acts
 
+    @staticmethod
+    def _key(tokens) -> bytes:
+        return tokens.cpu().numpy().tobytes()
+
     def drop(self, layer: int, samples) -> None:
         """Forget `layer`'s part of the given samples' passes (token lists)."""
         import torch
 
         for tokens in samples:
-            key = torch.tensor(tokens).numpy().tobytes()
+            key = self._key(torch.tensor(tokens))
             entries = self.memo.get(key)
             if entries is None or layer not in entries:
                 continue
